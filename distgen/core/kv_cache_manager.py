@@ -1,0 +1,92 @@
+"""Per-request block tables on top of the block pool, with prefix-cache lookups."""
+
+from __future__ import annotations
+
+from distgen.core.block_pool import BlockPool, KVCacheBlock, hash_block
+from distgen.core.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.enable_caching = enable_caching
+        self.req_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.num_cached_blocks: dict[str, int] = {}
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def _update_hashes(self, request: Request) -> None:
+        """Extend the request's hash chain to cover every full block of its known tokens."""
+        bs = self.block_size
+        hashes = request.block_hashes
+        tokens = request.all_token_ids
+        while (len(hashes) + 1) * bs <= len(tokens):
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs]))
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """Longest cached prefix of ``request`` in full blocks, and how many tokens it covers.
+
+        The last token is always recomputed (its logits are needed), so a full hit stops one
+        block short. Requests that want prompt logprobs skip the cache: those need every position.
+        """
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        self._update_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVCacheBlock] = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        self.pool.num_queries += request.num_tokens
+        self.pool.num_hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed: list[KVCacheBlock] | None = None
+    ) -> list[KVCacheBlock] | None:
+        """Make room for ``num_new_tokens`` more tokens of ``request``; None if the pool is short.
+
+        ``computed`` are prefix-cache hits found by :meth:`get_computed_blocks` for a request that
+        is being scheduled for the first time (or again after preemption).
+        """
+        computed = computed or []
+        blocks = self.req_blocks.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed) * self.block_size
+        need = cdiv(num_computed + num_new_tokens, self.block_size) - len(blocks) - len(computed)
+        # Hit blocks with no other user sit in the free list: taking them shrinks what is left.
+        num_evictable_hits = sum(1 for b in computed if b.ref_cnt == 0)
+        if need > self.pool.num_free_blocks - num_evictable_hits:
+            return None
+        if computed:
+            self.pool.touch(computed)
+        new_blocks = self.pool.allocate(max(need, 0))
+        blocks = self.req_blocks.setdefault(request.request_id, blocks)
+        blocks.extend(computed)
+        blocks.extend(new_blocks)
+        if self.enable_caching:
+            # Blocks that will be full of computed tokens after this step become shareable.
+            self._update_hashes(request)
+            num_full = min((num_computed + num_new_tokens) // self.block_size, len(request.block_hashes))
+            start = self.num_cached_blocks.get(request.request_id, 0)
+            for i in range(start, num_full):
+                self.pool.cache_block(blocks[i], request.block_hashes[i])
+            self.num_cached_blocks[request.request_id] = max(start, num_full)
+        return new_blocks
+
+    def free(self, request: Request) -> None:
+        blocks = self.req_blocks.pop(request.request_id, [])
+        self.num_cached_blocks.pop(request.request_id, None)
+        self.pool.release(list(reversed(blocks)))
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, [])]

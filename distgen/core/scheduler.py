@@ -1,0 +1,213 @@
+"""Continuous batching with a token budget, chunked prefill and preemption by recompute.
+
+There are no separate prefill and decode phases: each step every running request asks for the
+tokens it has not computed yet (one for a decoding request, a chunk of the prompt for a new one),
+running requests first, then waiting ones, until the token budget or the sequence limit is spent.
+When the KV cache runs out, the most recently admitted running request is preempted: its blocks
+are freed and it goes back to the head of the waiting queue, to be recomputed later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from distgen.config import CacheConfig, SchedulerConfig
+from distgen.core.kv_cache_manager import KVCacheManager
+from distgen.core.request import Request, RequestStatus
+from distgen.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+
+logger = logging.getLogger("distgen")
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+class Scheduler:
+    def __init__(self, sched_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+                 max_model_len: int) -> None:
+        self.config = sched_config
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished_req_ids: list[str] = []   # to tell the workers at the next step
+        self.num_preemptions = 0
+
+    # -- queue management ------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """End requests from outside the step (aborts, stop strings found by the front end)."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self._free(req)
+            done.append(req)
+        return done
+
+    def _free(self, req: Request) -> None:
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+        self.finished_req_ids.append(req.request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- the step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_blocks: dict[str, list[int]] = {}
+        new_reqs: list[Request] = []
+        preempted = False
+
+        # 1. Running requests, oldest first; preempt from the back when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:   # all known tokens computed (should not happen between steps)
+                i += 1
+                continue
+            while True:
+                blocks = self.kv.allocate_slots(req, n)
+                if blocks is not None:
+                    break
+                victim = self.running.pop()
+                self._preempt(victim, num_scheduled, new_blocks, new_reqs)
+                preempted = True
+                budget += num_scheduled.pop(victim.request_id, 0)
+                if victim is req:
+                    break
+            if blocks is None:
+                break
+            num_scheduled[req.request_id] = n
+            new_blocks[req.request_id] = [b.block_id for b in blocks]
+            budget -= n
+            i += 1
+
+        # 2. Waiting requests, in arrival order (preempted ones were put back at the head).
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            computed, num_hit = self.kv.get_computed_blocks(req)
+            n = req.num_tokens - num_hit
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            blocks = self.kv.allocate_slots(req, n, computed)
+            if blocks is None:
+                break
+            self.waiting.popleft()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            new_reqs.append(req)
+            num_scheduled[req.request_id] = n
+            budget -= n
+
+        return self._make_output(num_scheduled, new_blocks, new_reqs)
+
+    def _preempt(self, req: Request, num_scheduled, new_blocks, new_reqs) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        new_blocks.pop(req.request_id, None)
+        self.waiting.appendleft(req)
+        logger.debug("preempted %s (KV cache full)", req.request_id)
+
+    def _make_output(self, num_scheduled: dict[str, int], new_blocks: dict[str, list[int]],
+                     new_reqs: list[Request]) -> SchedulerOutput:
+        new_ids = {r.request_id for r in new_reqs}
+        new_data = []
+        for req in new_reqs:
+            new_data.append(NewRequestData(
+                req_id=req.request_id,
+                token_ids=list(req.all_token_ids),
+                num_prompt_tokens=req.num_prompt_tokens,
+                sampling_params=req.sampling_params,
+                block_ids=self.kv.block_ids(req.request_id),
+                num_computed_tokens=req.num_computed_tokens,
+            ))
+            req.num_tokens_sent = req.num_tokens
+        cached_data = []
+        for req in self.running:
+            rid = req.request_id
+            if rid in new_ids or rid not in num_scheduled:
+                continue
+            cached_data.append(CachedRequestData(
+                req_id=rid,
+                new_token_ids=req.all_token_ids[req.num_tokens_sent:],
+                new_block_ids=new_blocks.get(rid, []),
+                num_computed_tokens=req.num_computed_tokens,
+            ))
+            req.num_tokens_sent = req.num_tokens
+        finished, self.finished_req_ids = self.finished_req_ids, []
+        return SchedulerOutput(
+            new_reqs=new_data,
+            cached_reqs=cached_data,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_req_ids=finished,
+        )
+
+    def update_from_output(self, sched: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, apply stop/length rules.
+
+        Returns the requests that received a token this step (finished or not).
+        """
+        out = []
+        for rid, n in sched.num_scheduled_tokens.items():
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue   # preempted or aborted while the step ran
+            req.num_computed_tokens += n
+            token = sampled.get(rid)
+            if token is None:
+                continue   # a partial prefill chunk: nothing sampled yet
+            req.append_output_token(token)
+            if req.check_stop():
+                self.running.remove(req)
+                self._free(req)
+            out.append(req)
+        return out
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            prefix_cache_queries=self.kv.pool.num_queries,
+            prefix_cache_hits=self.kv.pool.num_hits,
+            num_preemptions=self.num_preemptions,
+        )
+

@@ -1,0 +1,77 @@
+"""User-facing engine knobs (vLLM's names) and their resolution into an ``EngineConfig``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from distgen.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_dtype,
+)
+from distgen.model_loader.loader import ModelSource, resolve_model
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    generation_config: str = "auto"
+    served_model_name: str | None = None
+    device: str | None = None
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def create_config(self) -> tuple[EngineConfig, ModelSource]:
+        source = resolve_model(self.model)
+        hf = source.hf_config
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        max_pos = int(hf.get("max_position_embeddings") or 2048)
+        max_len = self.max_model_len or max_pos
+        if max_len > max_pos:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {max_pos}")
+        gen = self.generation_config
+        if gen == "vllm":
+            gen = "distgen"
+        model_cfg = ModelConfig(
+            model=source.path, hf_config=hf,
+            dtype=parse_dtype(self.dtype, device, hf.get("torch_dtype") or hf.get("dtype")),
+            max_model_len=max_len, seed=self.seed, tokenizer=self.tokenizer, generation_config=gen,
+            served_model_name=self.served_model_name or self.model or "SmolLM2-135M-Instruct",
+        )
+        batched = self.max_num_batched_tokens
+        if batched is None:
+            batched = 2048 if self.enable_chunked_prefill else max(2048, max_len)
+        return EngineConfig(
+            model=model_cfg,
+            cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
+                              self.enable_prefix_caching, self.num_gpu_blocks_override),
+            scheduler=SchedulerConfig(self.max_num_seqs, batched, self.enable_chunked_prefill),
+            parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend),
+            device=device,
+        ), source

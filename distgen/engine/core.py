@@ -1,0 +1,108 @@
+"""The engine core: scheduler + executor, one step at a time. It sees token ids, never text."""
+
+from __future__ import annotations
+
+import logging
+
+from distgen.config import EngineConfig
+from distgen.core.request import FINISH_REASONS, Request, RequestStatus
+from distgen.core.scheduler import Scheduler
+from distgen.core.scheduler_output import ModelRunnerOutput
+from distgen.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    Logprobs,
+    SchedulerStatsMsg,
+)
+from distgen.executor.base import Executor
+from distgen.model_loader.loader import ModelSource
+
+logger = logging.getLogger("distgen")
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+        self.config = config
+        self.executor = Executor.create(config, source)
+        try:
+            num_blocks = self.executor.determine_num_blocks()
+            self.executor.init_kv_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.num_blocks = num_blocks
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, config.model.max_model_len)
+        self._aborted_outputs: list[EngineCoreOutput] = []
+
+    # -- requests in ------------------------------------------------------------------------
+    def add_request(self, req: EngineCoreRequest) -> None:
+        n = len(req.prompt_token_ids)
+        limit = self.config.model.max_model_len
+        if n == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if n >= limit:
+            raise ValueError(f"the prompt has {n} tokens, but the maximum model length is {limit} "
+                             f"(prompt plus at least one generated token)")
+        vocab = self.config.model.vocab_size
+        bad = [t for t in req.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of the vocabulary range [0, {vocab})")
+        params = req.sampling_params
+        max_tokens = limit - n if params.max_tokens is None else min(params.max_tokens, limit - n)
+        self.scheduler.add_request(Request(req.request_id, req.prompt_token_ids, params, max_tokens,
+                                           req.arrival_time))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for req in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
+            self._aborted_outputs.append(EngineCoreOutput(req.request_id, [], finish_reason="abort"))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self) -> EngineCoreOutputs:
+        outputs, self._aborted_outputs = self._aborted_outputs, []
+        if not self.scheduler.has_unfinished():
+            return EngineCoreOutputs(outputs=outputs, stats=self._stats())
+        sched = self.scheduler.schedule()
+        result = self.executor.execute_model(sched)
+        outputs.extend(self._make_outputs(sched, result))
+        return EngineCoreOutputs(outputs=outputs, stats=self._stats())
+
+    def _make_outputs(self, sched, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        sampled = dict(zip(result.req_ids, result.sampled_token_ids))
+        row = {rid: i for i, rid in enumerate(result.req_ids)}
+        updated = self.scheduler.update_from_output(sched, sampled)
+        outs = []
+        for req in updated:
+            out = EngineCoreOutput(req.request_id, [req.output_token_ids[-1]],
+                                   num_cached_tokens=max(req.num_cached_tokens, 0))
+            if req.is_finished:
+                out.finish_reason = FINISH_REASONS[req.status]
+                out.stop_reason = req.stop_reason
+            if result.logprobs is not None and req.sampling_params.logprobs is not None:
+                i, k = row[req.request_id], req.sampling_params.logprobs
+                out.new_logprobs = Logprobs([result.logprob_token_ids[i][: k + 1]],
+                                            [result.logprobs[i][: k + 1]], [result.sampled_ranks[i]])
+            plp = result.prompt_logprobs.get(req.request_id)
+            if plp is not None:
+                out.new_prompt_logprobs = _prompt_lp(plp)
+            outs.append(out)
+        # Prompt logprobs of chunks that did not sample yet still travel with an empty token list.
+        for rid, plp in result.prompt_logprobs.items():
+            if rid not in sampled and plp:
+                outs.append(EngineCoreOutput(rid, [], new_prompt_logprobs=_prompt_lp(plp)))
+        return outs
+
+    def _stats(self) -> SchedulerStatsMsg:
+        s = self.scheduler.stats()
+        return SchedulerStatsMsg(s.num_running, s.num_waiting, s.kv_cache_usage, s.prefix_cache_queries,
+                                 s.prefix_cache_hits, s.num_preemptions)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _prompt_lp(plp: list) -> Logprobs:
+    return Logprobs([p[0] for p in plp], [p[1] for p in plp], [p[2] for p in plp])

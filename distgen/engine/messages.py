@@ -1,0 +1,51 @@
+"""Messages between the front end and the engine core (msgspec Structs, msgpack on the wire)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from distgen.sampling_params import SamplingParams
+
+
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+
+
+class EngineCoreAbort(msgspec.Struct, array_like=True):
+    request_ids: list[str]
+
+
+class Logprobs(msgspec.Struct, array_like=True):
+    """Per token: the ids (chosen token first, then the top-k), their logprobs, the chosen one's rank."""
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[int]
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None      # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    new_logprobs: Logprobs | None = None
+    new_prompt_logprobs: Logprobs | None = None
+    num_cached_tokens: int = 0
+
+
+class SchedulerStatsMsg(msgspec.Struct, array_like=True):
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
+    outputs: list[EngineCoreOutput] = []
+    stats: SchedulerStatsMsg | None = None
+    error: str | None = None     # set when the engine core died; every request is then failed

@@ -1,0 +1,99 @@
+"""``LLM``: offline batch generation, with vLLM's interface."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from distgen.engine.args import EngineArgs
+from distgen.engine.llm_engine import LLMEngine, PromptType
+from distgen.outputs import RequestOutput
+from distgen.sampling_params import SamplingParams
+
+logger = logging.getLogger("distgen")
+
+
+class LLM:
+    """Generate text for batches of prompts.
+
+    ``LLM()`` loads the embedded default model (SmolLM2-135M-Instruct); ``model`` may be a Hugging
+    Face directory or a ``.gguf`` file. Keyword arguments are the engine's (vLLM's names):
+    ``dtype``, ``seed``, ``max_model_len``, ``tensor_parallel_size``, ``kv_cache_memory``,
+    ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ``generation_config``...
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.engine_args = EngineArgs.from_kwargs(model=model, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.llm_engine.default_sampling_params()
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt; outputs come back in the order of ``prompts``."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; "
+                                 "pass one, or one per prompt")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.llm_engine.add_request(prompt, p))
+        except BaseException:
+            self.llm_engine.abort_request(ids)
+            raise
+        return self._run_engine(ids, use_tqdm)
+
+    def _run_engine(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        out_tokens = 0
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        bar.update(1)
+                        bar.set_postfix_str(f"{out_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s",
+                                            refresh=False)
+        except BaseException:
+            engine.abort_request([i for i in ids if i not in done])
+            raise
+        finally:
+            bar.close()
+        return [done[i] for i in ids]
+
+    def shutdown(self) -> None:
+        engine = getattr(self, "llm_engine", None)
+        if engine is not None:
+            engine.shutdown()
+            self.llm_engine = None
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass

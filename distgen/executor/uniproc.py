@@ -1,0 +1,29 @@
+"""One worker inside the engine-core process (tensor_parallel_size == 1)."""
+
+from __future__ import annotations
+
+from distgen.config import EngineConfig
+from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from distgen.executor.base import Executor
+from distgen.model_loader.loader import ModelSource
+from distgen.workers.worker import Worker
+
+
+class UniProcExecutor(Executor):
+    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+        super().__init__(config, source)
+        self.worker = Worker(config, source, rank=0)
+
+    def determine_num_blocks(self) -> int:
+        return self.worker.determine_num_blocks()
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.worker.init_kv_cache(num_blocks)
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        out = self.worker.execute_model(sched)
+        assert out is not None
+        return out
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()

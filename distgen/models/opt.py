@@ -1,0 +1,125 @@
+"""OPT: learned absolute positions (offset by 2), LayerNorm, ReLU, biases everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distgen.layers.attention import Attention, AttentionMetadata
+from distgen.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from distgen.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from distgen.layers.weights import LoadedWeight, default_weight_loader
+
+_POS_OFFSET = 2   # OPT's position table starts two rows in
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+        super().__init__()
+        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        self.head_dim = hidden // heads
+        bias = cfg.get("enable_bias", True)
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=bias, dtype=dtype)
+        self.out_proj = RowParallelLinear(hidden, hidden, bias=bias, dtype=dtype)
+        self.num_heads = self.qkv_proj.num_heads
+        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        shape = (t, self.num_heads, self.head_dim)
+        return self.out_proj(self.attn(q.view(shape), k.view(shape), v.view(shape), meta))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+        super().__init__()
+        hidden, ffn = cfg["hidden_size"], cfg["ffn_dim"]
+        bias = cfg.get("enable_bias", True)
+        act = cfg.get("activation_function", "relu")
+        if act != "relu":
+            raise ValueError(f"OPT activation_function {act!r} is not supported (relu)")
+        self.pre_ln = cfg.get("do_layer_norm_before", True)
+        affine = cfg.get("layer_norm_elementwise_affine", True)
+        self.self_attn = OPTAttention(cfg, dtype)
+        self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine, dtype=dtype)
+        self.fc1 = ColumnParallelLinear(hidden, ffn, bias=bias, dtype=dtype)
+        self.fc2 = RowParallelLinear(ffn, hidden, bias=bias, dtype=dtype)
+        self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        residual = x
+        if self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        x = residual + self.self_attn(x, meta)
+        if not self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        residual = x
+        if self.pre_ln:
+            x = self.final_layer_norm(x)
+        x = residual + self.fc2(F.relu(self.fc1(x)))
+        if not self.pre_ln:
+            x = self.final_layer_norm(x)
+        return x
+
+
+class OPTForCausalLM(nn.Module):
+    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+        super().__init__()
+        hidden = cfg["hidden_size"]
+        proj = cfg.get("word_embed_proj_dim") or hidden
+        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], proj, dtype)
+        self.embed_positions = nn.Embedding(cfg["max_position_embeddings"] + _POS_OFFSET, hidden, dtype=dtype)
+        self.project_in = ReplicatedLinear(proj, hidden, bias=False, dtype=dtype) if proj != hidden else None
+        self.project_out = ReplicatedLinear(hidden, proj, bias=False, dtype=dtype) if proj != hidden else None
+        self.layers = nn.ModuleList(OPTDecoderLayer(cfg, dtype) for _ in range(cfg["num_hidden_layers"]))
+        final_ln = cfg.get("do_layer_norm_before", True) and not cfg.get("_remove_final_layer_norm", False)
+        self.final_layer_norm = nn.LayerNorm(hidden, dtype=dtype) if final_ln else None
+        self.lm_head = ParallelLMHead(cfg["vocab_size"], proj, dtype=dtype)
+        self.tied = bool(cfg.get("tie_word_embeddings", True))
+        if self.tied:
+            self.lm_head.tie(self.embed_tokens)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x = x + self.embed_positions(positions + _POS_OFFSET)
+        for layer in self.layers:
+            x = layer(x, meta)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> set[str]:
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, w in weights:
+            for prefix in ("model.decoder.", "decoder."):
+                if name.startswith(prefix):
+                    name = name[len(prefix):]
+            if name == "lm_head.weight" and self.tied:
+                continue
+            shard_id = None
+            for src in ("q", "k", "v"):
+                if f".self_attn.{src}_proj." in name:
+                    name, shard_id = name.replace(f".{src}_proj.", ".qkv_proj."), src
+                    break
+            if name not in params:
+                raise ValueError(f"checkpoint weight {name!r} has no parameter in OPTForCausalLM")
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, w, shard_id)
+            loaded.add(name)
+        return loaded

@@ -1,0 +1,28 @@
+"""Architecture name (config.json ``architectures``) -> model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from distgen.models.llama import LlamaForCausalLM
+from distgen.models.opt import OPTForCausalLM
+from distgen.models.qwen2 import Qwen2ForCausalLM
+from distgen.models.qwen3 import Qwen3ForCausalLM
+
+MODELS: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "OPTForCausalLM": OPTForCausalLM,
+}
+
+
+def resolve_model_class(architectures: list[str] | None) -> type[nn.Module]:
+    for arch in architectures or []:
+        if arch in MODELS:
+            return MODELS[arch]
+    raise ValueError(
+        f"model architecture {architectures!r} is not supported; supported architectures: "
+        f"{', '.join(sorted(MODELS))}"
+    )

@@ -1,0 +1,248 @@
+"""Turns a scheduler step into tensors, runs the model shard, and (on rank 0) samples.
+
+Per step: fold the diff into the request states, lay the batch out as decodes first then prefill
+chunks, build the attention metadata once for all layers, run the forward, compute logits only
+for the rows that sample (and prompt-logprob positions), and sample them in one batched call.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from distgen.config import EngineConfig
+from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from distgen.distributed import parallel_state as ps
+from distgen.layers.attention import AttentionMetadata
+from distgen.layers.sampler import Sampler, SamplingMetadata
+from distgen.model_loader.loader import ModelSource, build_model
+from distgen.workers.input_batch import CachedRequestState, RequestStates
+
+logger = logging.getLogger("distgen")
+
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = config.model.dtype
+        self.block_size = config.cache.block_size
+        self.model = build_model(source, self.dtype, config.device)
+        self.vocab_size = config.model.vocab_size
+        self.sampler = Sampler()
+        self.states = RequestStates()
+        self.kv_caches: list[torch.Tensor] = []
+        self.is_driver = ps.tp_rank() == 0
+
+    # -- KV cache -------------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        attn = self.model.attention_layers()
+        a = attn[0]
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * len(attn) * self.block_size * a.num_kv_heads * a.head_dim * elem
+
+    def num_blocks_for(self) -> int:
+        """How many blocks fit the configured KV cache memory (this rank's slice)."""
+        cc = self.config.cache
+        if cc.num_blocks is not None:
+            return cc.num_blocks
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * cc.gpu_memory_utilization) - (total - free)
+        else:
+            budget = cc.kv_cache_memory if cc.kv_cache_memory is not None else 4 << 30
+        n = budget // self.kv_bytes_per_block()
+        if n < 1:
+            raise ValueError(f"the KV cache budget ({budget} bytes) does not fit one block "
+                             f"({self.kv_bytes_per_block()} bytes); raise kv_cache_memory")
+        return int(n)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = []
+        for attn in self.model.attention_layers():
+            cache = torch.empty(2, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim,
+                                dtype=self.dtype, device=self.device)
+            attn.kv_cache = cache
+            self.kv_caches.append(cache)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB per rank)", num_blocks, self.block_size,
+                    num_blocks * self.kv_bytes_per_block() / 2**20)
+
+    # -- the step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+        self.states.apply(sched)
+        if sched.is_empty:
+            return ModelRunnerOutput([], [])
+        rows = [self.states[rid] for rid in sched.num_scheduled_tokens]
+        counts = [sched.num_scheduled_tokens[s.req_id] for s in rows]
+        # Decodes (one token) first, then prefill chunks.
+        order = sorted(range(len(rows)), key=lambda i: counts[i] != 1)
+        rows = [rows[i] for i in order]
+        counts = [counts[i] for i in order]
+        batch = self._prepare(rows, counts)
+        hidden = self.model(batch["input_ids"], batch["positions"], batch["meta"])
+        return self._sample(rows, counts, hidden, batch)
+
+    def _prepare(self, rows: list[CachedRequestState], counts: list[int]) -> dict:
+        bs, dev = self.block_size, self.device
+        starts = [s.num_computed_tokens for s in rows]
+        ids: list[int] = []
+        for s, st, n in zip(rows, starts, counts):
+            ids.extend(s.token_ids[st:st + n])
+        counts_np = np.asarray(counts, dtype=np.int64)
+        starts_np = np.asarray(starts, dtype=np.int64)
+        row_of_tok = np.repeat(np.arange(len(rows)), counts_np)
+        cu = np.concatenate(([0], np.cumsum(counts_np)))
+        offs = np.arange(cu[-1]) - cu[row_of_tok]
+        positions = starts_np[row_of_tok] + offs
+        max_blocks = max(len(s.block_ids) for s in rows)
+        table = np.zeros((len(rows), max_blocks), dtype=np.int64)
+        for i, s in enumerate(rows):
+            table[i, : len(s.block_ids)] = s.block_ids
+        slots = table[row_of_tok, positions // bs] * bs + positions % bs
+
+        nd = 0
+        while nd < len(counts) and counts[nd] == 1:
+            nd += 1
+        seq_lens = starts_np + counts_np
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev), num_decode=nd,
+            decode_block_table=None, decode_mask=None, num_prefill=len(rows) - nd,
+            prefill_max_q=0, prefill_q_index=None, prefill_block_table=None, prefill_mask=None)
+        if nd:
+            nb = int(-(-seq_lens[:nd].max() // bs))
+            meta.decode_block_table = torch.from_numpy(table[:nd, :nb]).to(dev)
+            kv_pos = torch.arange(nb * bs, device=dev)
+            meta.decode_mask = (kv_pos[None, :] < torch.from_numpy(seq_lens[:nd]).to(dev)[:, None]) \
+                .view(nd, 1, 1, nb * bs)
+        if len(rows) > nd:
+            p_counts, p_starts, p_lens = counts_np[nd:], starts_np[nd:], seq_lens[nd:]
+            mq = int(p_counts.max())
+            bp = len(p_counts)
+            p_row = row_of_tok[cu[nd]:] - nd
+            q_index = p_row * mq + offs[cu[nd]:]
+            meta.prefill_max_q = mq
+            meta.prefill_q_index = torch.from_numpy(q_index).to(dev)
+            q_pos = torch.arange(mq, device=dev)
+            starts_t = torch.from_numpy(p_starts).to(dev)[:, None, None]
+            lens_t = torch.from_numpy(p_lens).to(dev)[:, None, None]
+            if p_starts.max() == 0:
+                # Fresh prompts: keys are the new tokens themselves, padded like the queries.
+                kv_pos = torch.arange(mq, device=dev)
+            else:
+                nb = int(-(-p_lens.max() // bs))
+                meta.prefill_block_table = torch.from_numpy(table[nd:, :nb]).to(dev)
+                kv_pos = torch.arange(nb * bs, device=dev)
+            mask = (kv_pos[None, None, :] <= starts_t + q_pos[None, :, None]) & (kv_pos[None, None, :] < lens_t)
+            meta.prefill_mask = mask.view(bp, 1, mq, -1)
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long, device=dev),
+            "positions": torch.from_numpy(positions).to(dev),
+            "meta": meta,
+            "cu": cu,
+        }
+
+    # -- sampling --------------------------------------------------------------------------
+    def _sample(self, rows, counts, hidden: torch.Tensor, batch: dict) -> ModelRunnerOutput | None:
+        cu = batch["cu"]
+        sample_rows = [i for i, s in enumerate(rows)
+                       if s.num_computed_tokens + counts[i] == len(s.token_ids)]
+        prompt_lp_rows = [i for i, s in enumerate(rows)
+                          if s.sampling_params.prompt_logprobs is not None
+                          and s.num_computed_tokens < s.num_prompt_tokens]
+        idx = [int(cu[i + 1]) - 1 for i in sample_rows]
+        logits = self.model.compute_logits(hidden[idx]) if idx else None
+        prompt_lp = self._prompt_logprobs(rows, counts, hidden, cu, prompt_lp_rows)
+        if not self.is_driver:
+            return None
+        if logits is None:
+            return ModelRunnerOutput([], [], prompt_logprobs=prompt_lp)
+        srows = [rows[i] for i in sample_rows]
+        out = self.sampler(logits.float(), self._sampling_metadata(srows))
+        result = ModelRunnerOutput(
+            req_ids=[s.req_id for s in srows],
+            sampled_token_ids=out.sampled_token_ids.tolist(),
+            prompt_logprobs=prompt_lp,
+        )
+        if out.logprobs is not None:
+            result.logprob_token_ids = out.logprob_token_ids.tolist()
+            result.logprobs = out.logprobs.tolist()
+            result.sampled_ranks = out.sampled_token_ranks.tolist()
+        return result
+
+    def _prompt_logprobs(self, rows, counts, hidden, cu, lp_rows) -> dict:
+        """Logprobs of each prompt token given the ones before it, for this step's chunk."""
+        out: dict = {}
+        for i in lp_rows:
+            s = rows[i]
+            start = s.num_computed_tokens
+            # Hidden state at position p predicts token p + 1; stay inside the prompt.
+            n = min(counts[i], s.num_prompt_tokens - 1 - start)
+            if n <= 0:
+                out[s.req_id] = []
+                continue
+            logits = self.model.compute_logits(hidden[int(cu[i]): int(cu[i]) + n])
+            if logits is None:
+                continue
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            targets = torch.tensor(s.token_ids[start + 1: start + 1 + n], device=lp.device)
+            tgt_lp = lp.gather(1, targets[:, None])
+            ranks = (lp > tgt_lp).sum(-1) + 1
+            k = s.sampling_params.prompt_logprobs
+            top_lp, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], targets[:, None][:, :0])
+            ids = torch.cat([targets[:, None], top_ids], 1).tolist()
+            vals = torch.cat([tgt_lp, top_lp], 1).tolist()
+            out[s.req_id] = [(a, b, r) for a, b, r in zip(ids, vals, ranks.tolist())]
+        return out
+
+    def _sampling_metadata(self, rows: list[CachedRequestState]) -> SamplingMetadata:
+        dev = self.device
+        params = [s.sampling_params for s in rows]
+        temps = [0.0 if p.is_greedy else p.temperature for p in params]
+        all_greedy = all(t == 0.0 for t in temps)
+        all_random = all(t != 0.0 for t in temps)
+        top_p = top_k = min_p = None
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        if any(p.top_k > 0 for p in params):
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=dev)
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+        generators = {}
+        for i, (s, p) in enumerate(zip(rows, params)):
+            if p.seed is not None and not p.is_greedy:
+                # Seeded per output position: the same tokens whatever the batch or preemptions.
+                g = torch.Generator(device=dev)
+                g.manual_seed((p.seed * _SEED_MIX + len(s.token_ids) - s.num_prompt_tokens) % (1 << 63))
+                generators[i] = g
+        logprob_ks = [p.logprobs for p in params if p.logprobs is not None]
+        no_pen = all(p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1
+                     for p in params)
+        pres = freq = rep = prompt_ids = None
+        outputs: list[list[int]] = [[] for _ in rows]
+        if not no_pen:
+            pres = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev)
+            freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev)
+            rep = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
+            outputs = [s.output_token_ids for s in rows]
+            plen = max(s.num_prompt_tokens for s in rows)
+            prompt_ids = torch.full((len(rows), plen), self.vocab_size, dtype=torch.long)
+            for i, s in enumerate(rows):
+                prompt_ids[i, : s.num_prompt_tokens] = torch.tensor(s.token_ids[: s.num_prompt_tokens])
+            prompt_ids = prompt_ids.to(dev)
+        blocked = {}
+        for i, (s, p) in enumerate(zip(rows, params)):
+            if p.min_tokens and len(s.token_ids) - s.num_prompt_tokens < p.min_tokens:
+                blocked[i] = p.all_stop_token_ids
+        return SamplingMetadata(
+            temperature=torch.tensor(temps, dtype=torch.float32, device=dev),
+            all_greedy=all_greedy, all_random=all_random, top_p=top_p, top_k=top_k, min_p=min_p,
+            generators=generators, max_num_logprobs=max(logprob_ks) if logprob_ks else None,
+            no_penalties=no_pen, presence_penalties=pres, frequency_penalties=freq,
+            repetition_penalties=rep, prompt_token_ids=prompt_ids, output_token_ids=outputs,
+            min_tokens_blocked=blocked,
+        )

@@ -1,0 +1,42 @@
+"""One tensor-parallel rank: joins the group, holds a model shard and its KV cache slice."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from distgen.config import EngineConfig
+from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from distgen.distributed import parallel_state as ps
+from distgen.model_loader.loader import ModelSource
+from distgen.workers.model_runner import ModelRunner
+
+logger = logging.getLogger("distgen")
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, source: ModelSource, rank: int = 0,
+                 init_method: str | None = None) -> None:
+        self.config = config
+        self.rank = rank
+        world = config.parallel.tensor_parallel_size
+        if world > 1:
+            backend = "nccl" if config.device.startswith("cuda") else "gloo"
+            ps.init_tp_group(rank, world, init_method or "", backend)
+        if config.device.startswith("cuda"):
+            torch.cuda.set_device(rank)
+        torch.manual_seed(config.model.seed)
+        self.runner = ModelRunner(config, source)
+
+    def determine_num_blocks(self) -> int:
+        return self.runner.num_blocks_for()
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.runner.init_kv_cache(num_blocks)
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+        return self.runner.execute_model(sched)
+
+    def shutdown(self) -> None:
+        ps.destroy_tp_group()

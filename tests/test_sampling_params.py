@@ -1,0 +1,123 @@
+"""SamplingParams / BeamSearchParams: validation names the field, greedy resets knobs, stop normalisation."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from distgen.sampling_params import BeamSearchParams, SamplingParams
+
+INVALID = [
+    ("n", {"n": 0}),
+    ("n", {"n": 1.5}),
+    ("presence_penalty", {"presence_penalty": 2.5}),
+    ("presence_penalty", {"presence_penalty": "0.1"}),
+    ("frequency_penalty", {"frequency_penalty": -2.01}),
+    ("repetition_penalty", {"repetition_penalty": 0.0}),
+    ("repetition_penalty", {"repetition_penalty": -1.0}),
+    ("temperature", {"temperature": -0.1}),
+    ("temperature", {"temperature": float("nan")}),
+    ("top_p", {"top_p": 0.0}),
+    ("top_p", {"top_p": 1.01}),
+    ("top_k", {"top_k": -2}),
+    ("top_k", {"top_k": 2.5}),
+    ("min_p", {"min_p": -0.1}),
+    ("min_p", {"min_p": 1.5}),
+    ("seed", {"seed": "7"}),
+    ("max_tokens", {"max_tokens": 0}),
+    ("max_tokens", {"max_tokens": 3.0}),
+    ("min_tokens", {"min_tokens": -1}),
+    ("min_tokens", {"min_tokens": 10, "max_tokens": 5}),
+    ("logprobs", {"logprobs": -1}),
+    ("prompt_logprobs", {"prompt_logprobs": -3}),
+    ("stop", {"stop": [""]}),
+    ("stop", {"stop": ["ok", 3]}),
+    ("stop_token_ids", {"stop_token_ids": [-1]}),
+    ("stop_token_ids", {"stop_token_ids": ["2"]}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", INVALID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(INVALID)])
+def test_invalid_field_raises_naming_it(name, kwargs):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**kwargs)
+    message = str(err.value)
+    assert re.search(rf"\b{re.escape(name)}\b", message), message
+    # The first field the message names is the offending one (min_tokens may mention max_tokens after).
+    named = re.findall(r"SamplingParams\.(\w+)", message)
+    assert named and named[0] == name, message
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"top_k": -1},
+        {"top_k": 0},
+        {"top_k": 1},
+        {"top_p": 1.0},
+        {"min_p": 0.0},
+        {"min_p": 1.0},
+        {"presence_penalty": -2.0, "frequency_penalty": 2.0},
+        {"temperature": 0.0},
+        {"max_tokens": None, "min_tokens": 100},
+        {"max_tokens": 5, "min_tokens": 5},
+        {"logprobs": 0, "prompt_logprobs": 0},
+        {"seed": 0},
+    ],
+)
+def test_boundary_values_are_accepted(kwargs):
+    SamplingParams(**kwargs)
+
+
+def test_greedy_resets_truncation_knobs():
+    p = SamplingParams(temperature=0.0, top_p=0.5, top_k=7, min_p=0.3)
+    assert p.is_greedy
+    assert (p.top_p, p.top_k, p.min_p) == (1.0, 0, 0.0)
+    q = SamplingParams(temperature=0.8, top_p=0.5, top_k=7, min_p=0.3)
+    assert not q.is_greedy
+    assert (q.top_p, q.top_k, q.min_p) == (0.5, 7, 0.3)
+
+
+def test_stop_normalised_to_list():
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams().stop == []
+    assert SamplingParams(stop_token_ids=(4, 5)).stop_token_ids == [4, 5]
+    assert SamplingParams().stop_token_ids == []
+
+
+def test_defaults_follow_vllm():
+    p = SamplingParams()
+    assert (p.n, p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens) == (1, 1.0, 1.0, 0, 0.0, 16)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert p.seed is None and p.logprobs is None and not p.ignore_eos
+
+
+def test_all_stop_token_ids_respects_ignore_eos():
+    p = SamplingParams(stop_token_ids=[5])
+    p._eos_token_ids = [2]
+    assert p.all_stop_token_ids == {2, 5}
+    p.ignore_eos = True
+    assert p.all_stop_token_ids == {5}
+
+
+def test_from_optional_drops_none_and_clone_is_deep():
+    p = SamplingParams.from_optional(temperature=None, top_p=0.9, stop=None, max_tokens=None)
+    assert p.temperature == 1.0 and p.top_p == 0.9 and p.stop == [] and p.max_tokens == 16
+    c = p.clone()
+    c.stop.append("x")
+    assert p.stop == []
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("beam_width", {"beam_width": 0, "max_tokens": 4}),
+        ("max_tokens", {"beam_width": 2, "max_tokens": 0}),
+        ("temperature", {"beam_width": 2, "max_tokens": 4, "temperature": -1.0}),
+    ],
+)
+def test_beam_search_params_validation(name, kwargs):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        BeamSearchParams(**kwargs)
