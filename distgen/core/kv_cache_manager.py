@@ -47,8 +47,6 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.pool.num_queries += request.num_tokens
-        self.pool.num_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
     def allocate_slots(

@@ -77,16 +77,19 @@ class Request:
         self.all_token_ids.append(token_id)
 
     def check_stop(self) -> bool:
-        """Apply stop-token and length rules after a new token; set status and return True if finished."""
-        last = self.output_token_ids[-1]
+        """Apply length and stop-token rules after a new token, in vLLM's order; set status and
+        return True if finished. An EOS on the last allowed token counts as "length", as in vLLM."""
         params = self.sampling_params
-        if last in self.stop_token_ids and self.num_output_tokens >= params.min_tokens:
-            self.status = RequestStatus.FINISHED_STOPPED
-            self.stop_reason = None if last in params._eos_token_ids and last not in params.stop_token_ids \
-                else last
-            return True
         if self.num_output_tokens >= self.max_tokens:
             self.status = RequestStatus.FINISHED_LENGTH
+            return True
+        if self.num_output_tokens < params.min_tokens:
+            return False
+        last = self.output_token_ids[-1]
+        if last in self.stop_token_ids:
+            self.status = RequestStatus.FINISHED_STOPPED
+            is_eos = not params.ignore_eos and last in params._eos_token_ids
+            self.stop_reason = None if is_eos else last
             return True
         return False
 

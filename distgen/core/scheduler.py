@@ -124,8 +124,10 @@ class Scheduler:
             if blocks is None:
                 break
             self.waiting.popleft()
-            if req.num_cached_tokens < 0:
+            if req.num_cached_tokens < 0:   # first admission: count it for the prefix-cache stats
                 req.num_cached_tokens = num_hit
+                self.kv.pool.num_queries += req.num_tokens
+                self.kv.pool.num_hits += num_hit
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)

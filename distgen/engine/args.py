@@ -67,6 +67,9 @@ class EngineArgs:
         batched = self.max_num_batched_tokens
         if batched is None:
             batched = 2048 if self.enable_chunked_prefill else max(2048, max_len)
+        if not self.enable_chunked_prefill and batched < max_len:
+            raise ValueError(f"without chunked prefill, max_num_batched_tokens ({batched}) must be at least "
+                             f"max_model_len ({max_len}), or a long prompt could never be scheduled")
         return EngineConfig(
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,

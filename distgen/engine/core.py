@@ -32,13 +32,20 @@ class EngineCore:
             self.executor.shutdown()
             raise
         self.num_blocks = num_blocks
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, config.model.max_model_len)
+        # A sequence longer than the whole cache could never be scheduled: cap the length.
+        capacity = num_blocks * config.cache.block_size
+        self.max_model_len = min(config.model.max_model_len, capacity)
+        if self.max_model_len < config.model.max_model_len:
+            logger.warning("the KV cache holds %d tokens, fewer than max_model_len=%d: sequences are capped "
+                           "at %d tokens (raise kv_cache_memory to allow more)", capacity,
+                           config.model.max_model_len, capacity)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
         self._aborted_outputs: list[EngineCoreOutput] = []
 
     # -- requests in ------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:
         n = len(req.prompt_token_ids)
-        limit = self.config.model.max_model_len
+        limit = self.max_model_len
         if n == 0:
             raise ValueError("the prompt is empty: give at least one token")
         if n >= limit:

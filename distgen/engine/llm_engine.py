@@ -38,7 +38,7 @@ class LLMEngine:
         self.last_stats = None
         logger.info("engine ready in %.1fs: %s, %s, max_model_len=%d, %d KV blocks", time.time() - t0,
                     config.model.architecture, str(config.model.dtype).replace("torch.", ""),
-                    config.model.max_model_len, self.core.num_blocks)
+                    self.core.max_model_len, self.core.num_blocks)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -87,7 +87,7 @@ class LLMEngine:
         return request_id
 
     def _validate(self, req: EngineCoreRequest) -> None:
-        n, limit = len(req.prompt_token_ids), self.config.model.max_model_len
+        n, limit = len(req.prompt_token_ids), self.core.max_model_len
         if n == 0:
             raise ValueError("the prompt is empty: give at least one token")
         if n >= limit:

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random-weight models of each architecture, saved as Hugging Face directories,
+and greedy references computed by ``transformers`` on the same weights."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+TINY_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
+VOCAB = 49152   # the SmolLM2 tokenizer's, saved beside every tiny model
+
+
+def _tiny_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=1024, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        return tf.LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True)
+    if arch == "mistral":
+        return tf.MistralConfig(**common, intermediate_size=128, num_key_value_heads=1, sliding_window=None,
+                                tie_word_embeddings=False)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=False,
+                              use_sliding_window=False)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, intermediate_size=128, num_key_value_heads=2, head_dim=32,
+                              tie_word_embeddings=True, use_sliding_window=False)
+    if arch == "opt":
+        return tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            ffn_dim=128, max_position_embeddings=1024, word_embed_proj_dim=64, init_std=0.1,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from distgen.model_loader.gguf import default_model_path, read_gguf
+    return read_gguf(default_model_path()).load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """``tiny_model_dir(arch)`` -> path of a saved tiny random model (built once per session)."""
+    import transformers as tf
+
+    cache: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in cache:
+            torch.manual_seed(0)
+            model = tf.AutoModelForCausalLM.from_config(_tiny_config(arch), dtype=torch.float32)
+            path = str(tmp_path_factory.mktemp(f"tiny-{arch}"))
+            model.save_pretrained(path)
+            smollm2_tokenizer.save_pretrained(path)
+            cache[arch] = path
+        return cache[arch]
+
+    return make
+
+
+def random_prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 60) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], list[list[int]]]]:
+    """Greedy continuation of each prompt (one at a time, no padding) and the top-5 ids at each step."""
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p])
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                               min_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True, pad_token_id=0)
+            toks = g.sequences[0, len(p):].tolist()
+            top5 = [s[0].topk(5).indices.tolist() for s in g.scores]
+            out.append((toks, top5))
+    return out
+
+
+def check_greedy_close(refs, outputs, tag: str = "") -> float:
+    """DESIGN.md's rule: identical tokens, or at the first divergence our token is in the reference's
+    top-5 there (a float near-tie flip; the rest of that sequence is not compared). Returns the
+    exact-match rate (sequences identical to the reference)."""
+    exact = 0
+    for i, ((ref, top5), ours) in enumerate(zip(refs, outputs)):
+        assert len(ours) == len(ref), f"{tag} prompt {i}: {len(ours)} tokens, reference has {len(ref)}"
+        for j, (a, b) in enumerate(zip(ref, ours)):
+            if a != b:
+                assert b in top5[j], (f"{tag} prompt {i}: token {j} is {b}, reference {a}; "
+                                      f"not in the reference top-5 {top5[j]}")
+                break
+        else:
+            exact += 1
+    rate = exact / len(refs)
+    print(f"[{tag}] exact-match rate {rate:.2%} ({exact}/{len(refs)})")
+    return rate
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
