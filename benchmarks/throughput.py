@@ -23,6 +23,7 @@ import argparse
 import cProfile
 import gc
 import logging
+import os
 import random
 import sys
 import time
@@ -47,7 +48,7 @@ class Result:
     num_requests: int
     output_tokens: int
     seconds: float
-    outputs: list[list[int]]    # the requested tokens of each request, in request order
+    outputs: list[list[int]]  # the requested tokens of each request, in request order
 
     @property
     def tok_per_s(self) -> float:
@@ -70,8 +71,9 @@ def special_token_ids(hf_config: dict, tokenizer) -> set[int]:
     return ids
 
 
-def make_requests(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: list[int],
-                  seed: int) -> list[Request]:
+def make_requests(
+    n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: list[int], seed: int
+) -> list[Request]:
     """``n`` requests with uniform random lengths (inclusive ranges) and random prompt tokens."""
     rng = random.Random(seed)
     reqs = []
@@ -101,13 +103,16 @@ def run_distgen(llm, requests: list[Request], profile: str | None = None) -> Res
     seconds = time.perf_counter() - t0
     if prof is not None:
         prof.dump_stats(profile)
-        logger.info("cProfile of distgen's generate written to %s (read with `python -m pstats %s`)",
-                    profile, profile)
+        logger.info(
+            "cProfile of distgen's generate written to %s (read with `python -m pstats %s`)", profile, profile
+        )
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     for r, t in zip(requests, tokens, strict=True):
         if len(t) != r.max_tokens:
-            raise RuntimeError(f"distgen returned {len(t)} tokens for a request of {r.max_tokens} "
-                               "(ignore_eos should make them equal)")
+            raise RuntimeError(
+                f"distgen returned {len(t)} tokens for a request of {r.max_tokens} "
+                "(ignore_eos should make them equal)"
+            )
     return Result("distgen", len(requests), sum(len(t) for t in tokens), seconds, tokens)
 
 
@@ -154,8 +159,8 @@ def hf_generate_batch(model, batch: list[Request], pad_id: int) -> list[list[int
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, r in enumerate(batch):
         n = len(r.prompt_token_ids)
-        input_ids[i, width - n:] = torch.tensor(r.prompt_token_ids)
-        mask[i, width - n:] = 1
+        input_ids[i, width - n :] = torch.tensor(r.prompt_token_ids)
+        mask[i, width - n :] = 1
     new = max(r.max_tokens for r in batch)
     out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new)
     gen = out[:, width:]
@@ -169,10 +174,11 @@ def run_hf(model, requests: list[Request], batch_size: int, pad_id: int) -> Resu
     t0 = time.perf_counter()
     tokens: list[list[int]] = []
     for i in range(0, len(requests), batch_size):
-        tokens.extend(hf_generate_batch(model, requests[i:i + batch_size], pad_id))
+        tokens.extend(hf_generate_batch(model, requests[i : i + batch_size], pad_id))
     seconds = time.perf_counter() - t0
-    return Result(f"HF transformers (batch {batch_size})", len(requests), sum(len(t) for t in tokens),
-                  seconds, tokens)
+    return Result(
+        f"HF transformers (batch {batch_size})", len(requests), sum(len(t) for t in tokens), seconds, tokens
+    )
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -181,19 +187,26 @@ def run_hf(model, requests: list[Request], batch_size: int, pad_id: int) -> Resu
 def print_report(results: list[Result], args: argparse.Namespace, requests: list[Request]) -> None:
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     print()
-    print(f"model: SmolLM2-135M-Instruct (GGUF, dequantized)  dtype: {args.dtype}  "
-          f"torch threads: {torch.get_num_threads()}  seed: {args.seed}")
-    print(f"workload: {len(requests)} requests, prompt {args.min_prompt_len}-{args.max_prompt_len} tokens "
-          f"({prompt_tokens} in all), output {args.min_output_len}-{args.max_output_len} tokens, "
-          "greedy, ignore_eos")
+    print(
+        f"model: SmolLM2-135M-Instruct (GGUF, dequantized)  dtype: {args.dtype}  "
+        f"torch threads: {torch.get_num_threads()}  seed: {args.seed}"
+    )
+    print(
+        f"workload: {len(requests)} requests, prompt {args.min_prompt_len}-{args.max_prompt_len} tokens "
+        f"({prompt_tokens} in all), output {args.min_output_len}-{args.max_output_len} tokens, "
+        "greedy, ignore_eos"
+    )
     name_w = max(len("engine"), *(len(r.engine) for r in results))
-    header = (f"{'engine':<{name_w}}  {'requests':>8}  {'output tokens':>13}  {'seconds':>8}  "
-              f"{'output tok/s':>12}")
+    header = (
+        f"{'engine':<{name_w}}  {'requests':>8}  {'output tokens':>13}  {'seconds':>8}  {'output tok/s':>12}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.engine:<{name_w}}  {r.num_requests:>8}  {r.output_tokens:>13}  {r.seconds:>8.2f}  "
-              f"{r.tok_per_s:>12.1f}")
+        print(
+            f"{r.engine:<{name_w}}  {r.num_requests:>8}  {r.output_tokens:>13}  {r.seconds:>8.2f}  "
+            f"{r.tok_per_s:>12.1f}"
+        )
     if len(results) == 2:
         dg, hf = results
         print(f"ratio distgen/HF (output tok/s): {dg.tok_per_s / hf.tok_per_s:.2f}x")
@@ -208,26 +221,35 @@ def print_report(results: list[Result], args: argparse.Namespace, requests: list
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="Offline generation throughput of distgen against Hugging Face transformers, on the "
-                    "default model (SmolLM2-135M-Instruct), same prompts and weights, in one run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "default model (SmolLM2-135M-Instruct), same prompts and weights, in one run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--num-requests", type=int, default=64, help="number of requests")
     ap.add_argument("--min-prompt-len", type=int, default=16, help="shortest prompt (tokens)")
     ap.add_argument("--max-prompt-len", type=int, default=512, help="longest prompt (tokens)")
     ap.add_argument("--min-output-len", type=int, default=16, help="fewest output tokens of a request")
     ap.add_argument("--max-output-len", type=int, default=256, help="most output tokens of a request")
-    ap.add_argument("--llamacpp-shape", action="store_true",
-                    help="llama.cpp's batched-bench shape: 64 requests of 32 prompt and 64 new tokens "
-                         "(overrides the four length flags and --num-requests)")
+    ap.add_argument(
+        "--llamacpp-shape",
+        action="store_true",
+        help="llama.cpp's batched-bench shape: 64 requests of 32 prompt and 64 new tokens "
+        "(overrides the four length flags and --num-requests)",
+    )
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of both engines")
     ap.add_argument("--hf-batch-size", type=int, default=16, help="requests per transformers generate call")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts and lengths")
     ap.add_argument("--skip-hf", action="store_true", help="run distgen only")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads for both engines; None keeps torch's choice (one per "
-                         "core). On a machine shared with other busy processes, fewer threads than cores "
-                         "avoids OpenMP threads spinning while they wait on each other")
-    ap.add_argument("--profile", metavar="PATH", default=None,
-                    help="write a cProfile of distgen's timed generate to PATH")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for both engines; None keeps torch's choice (one per "
+        "core). On a machine shared with other busy processes, fewer threads than cores "
+        "avoids OpenMP threads spinning while they wait on each other",
+    )
+    ap.add_argument(
+        "--profile", metavar="PATH", default=None, help="write a cProfile of distgen's timed generate to PATH"
+    )
     args = ap.parse_args(argv)
     if args.llamacpp_shape:
         args.num_requests = 64
@@ -244,28 +266,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if torch.get_num_threads() > 1 and load > 0.5:
+        logger.warning(
+            "load average %.1f before start with %d torch threads: if other processes keep cores "
+            "busy, every op can get many times slower; consider --threads 1",
+            load,
+            torch.get_num_threads(),
+        )
     from distgen import LLM, SamplingParams
     from distgen.model_loader.gguf import default_model_path
 
     path = default_model_path()
     t0 = time.perf_counter()
-    llm = LLM(dtype=args.dtype)   # the default model, the GGUF file at `path`
+    llm = LLM(dtype=args.dtype)  # the default model, the GGUF file at `path`
     logger.info("distgen loaded in %.1fs", time.perf_counter() - t0)
     hf_config = llm.llm_engine.config.model.hf_config
     bad = special_token_ids(hf_config, llm.get_tokenizer())
     vocab = [i for i in range(int(hf_config["vocab_size"])) if i not in bad]
-    requests = make_requests(args.num_requests, (args.min_prompt_len, args.max_prompt_len),
-                             (args.min_output_len, args.max_output_len), vocab, args.seed)
+    requests = make_requests(
+        args.num_requests,
+        (args.min_prompt_len, args.max_prompt_len),
+        (args.min_output_len, args.max_output_len),
+        vocab,
+        args.seed,
+    )
     # Warm-up prompts come from another seed, so they share no prefix (cache) with the measured ones.
     warmup = make_requests(2, (16, 16), (4, 4), vocab, args.seed + 1_000_003)
 
     logger.info("distgen: warm-up")
-    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warmup],
-                 SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    llm.generate(
+        [{"prompt_token_ids": r.prompt_token_ids} for r in warmup],
+        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+        use_tqdm=False,
+    )
     logger.info("distgen: %d requests", len(requests))
     results = [run_distgen(llm, requests, args.profile)]
     logger.info("distgen: %.2fs", results[0].seconds)

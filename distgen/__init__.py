@@ -7,7 +7,14 @@ from distgen.outputs import BeamSearchOutput, CompletionOutput, RequestOutput
 from distgen.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
-           "BeamSearchOutput", "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "BeamSearchParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "BeamSearchOutput",
+    "__version__",
+]
 
 logging.getLogger("distgen").addHandler(logging.NullHandler())

@@ -8,9 +8,14 @@ from typing import Any
 import torch
 
 _DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
 }
 
 
@@ -33,8 +38,8 @@ def parse_dtype(dtype: str | torch.dtype, device: str, checkpoint_dtype: str | N
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str                        # HF directory or .gguf file (resolved path)
-    hf_config: dict[str, Any]         # config.json contents (or the GGUF's equivalent)
+    model: str  # HF directory or .gguf file (resolved path)
+    hf_config: dict[str, Any]  # config.json contents (or the GGUF's equivalent)
     dtype: torch.dtype
     max_model_len: int
     seed: int = 0
@@ -72,10 +77,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    kv_cache_memory: int | None = None          # bytes (CPU); None = derive from gpu_memory_utilization
+    kv_cache_memory: int | None = None  # bytes (CPU); None = derive from gpu_memory_utilization
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
-    num_blocks: int | None = None               # forced block count (tests); None = from memory
+    num_blocks: int | None = None  # forced block count (tests); None = from memory
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -102,7 +107,7 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
-    distributed_executor_backend: str | None = None   # None | "uni" | "mp" | "ray"
+    distributed_executor_backend: str | None = None  # None | "uni" | "mp" | "ray"
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

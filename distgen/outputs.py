@@ -23,7 +23,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: SampleLogprobs | None
-    finish_reason: str | None = None     # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
 
     def finished(self) -> bool:
@@ -55,8 +55,10 @@ class RequestOutput:
     num_cached_tokens: int = 0
 
     def __repr__(self) -> str:
-        return (f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "
-                f"outputs={self.outputs!r}, finished={self.finished})")
+        return (
+            f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "
+            f"outputs={self.outputs!r}, finished={self.finished})"
+        )
 
 
 @dataclass

@@ -10,35 +10,72 @@ import pytest
 import torch
 
 TINY_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
-VOCAB = 49152   # the SmolLM2 tokenizer's, saved beside every tiny model
+VOCAB = 49152  # the SmolLM2 tokenizer's, saved beside every tiny model
 
 
 def _tiny_config(arch: str):
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=1024, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if arch == "llama":
-        return tf.LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True)
+        return tf.LlamaConfig(
+            **common, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True
+        )
     if arch == "mistral":
-        return tf.MistralConfig(**common, intermediate_size=128, num_key_value_heads=1, sliding_window=None,
-                                tie_word_embeddings=False)
+        return tf.MistralConfig(
+            **common,
+            intermediate_size=128,
+            num_key_value_heads=1,
+            sliding_window=None,
+            tie_word_embeddings=False,
+        )
     if arch == "qwen2":
-        return tf.Qwen2Config(**common, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=False,
-                              use_sliding_window=False)
+        return tf.Qwen2Config(
+            **common,
+            intermediate_size=128,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+        )
     if arch == "qwen3":
-        return tf.Qwen3Config(**common, intermediate_size=128, num_key_value_heads=2, head_dim=32,
-                              tie_word_embeddings=True, use_sliding_window=False)
+        return tf.Qwen3Config(
+            **common,
+            intermediate_size=128,
+            num_key_value_heads=2,
+            head_dim=32,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+        )
     if arch == "opt":
-        return tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            ffn_dim=128, max_position_embeddings=1024, word_embed_proj_dim=64, init_std=0.1,
-                            bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        return tf.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=128,
+            max_position_embeddings=1024,
+            word_embed_proj_dim=64,
+            init_std=0.1,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
     raise ValueError(arch)
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     from distgen.model_loader.gguf import default_model_path, read_gguf
+
     return read_gguf(default_model_path()).load_tokenizer()
 
 
@@ -67,17 +104,22 @@ def random_prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 60) -> list[lis
     return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], list[list[int]]]]:
-    """Greedy continuation of each prompt (one at a time, no padding) and the top-5 ids at each step."""
+def hf_greedy(
+    model, prompts: list[list[int]], max_new_tokens: int
+) -> list[tuple[list[int], list[list[int]]]]:
+    """Greedy continuation of each prompt by the transformers model (one at a time, no padding, its own
+    KV cache, never stopping at EOS) and the top-5 ids at each step."""
     out = []
     with torch.inference_mode():
         for p in prompts:
-            ids = torch.tensor([p])
-            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                               min_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
-                               return_dict_in_generate=True, pad_token_id=0)
-            toks = g.sequences[0, len(p):].tolist()
-            top5 = [s[0].topk(5).indices.tolist() for s in g.scores]
+            res = model(torch.tensor([p]), use_cache=True)
+            toks, top5 = [], []
+            for _ in range(max_new_tokens):
+                logits = res.logits[0, -1].float()
+                t = int(logits.argmax())
+                toks.append(t)
+                top5.append(logits.topk(5).indices.tolist())
+                res = model(torch.tensor([[t]]), past_key_values=res.past_key_values, use_cache=True)
             out.append((toks, top5))
     return out
 
@@ -91,8 +133,9 @@ def check_greedy_close(refs, outputs, tag: str = "") -> float:
         assert len(ours) == len(ref), f"{tag} prompt {i}: {len(ours)} tokens, reference has {len(ref)}"
         for j, (a, b) in enumerate(zip(ref, ours)):
             if a != b:
-                assert b in top5[j], (f"{tag} prompt {i}: token {j} is {b}, reference {a}; "
-                                      f"not in the reference top-5 {top5[j]}")
+                assert b in top5[j], (
+                    f"{tag} prompt {i}: token {j} is {b}, reference {a}; not in the reference top-5 {top5[j]}"
+                )
                 break
         else:
             exact += 1

@@ -40,8 +40,8 @@ class BlockPool:
         # block_id -> block, in eviction order (head = evicted first).
         self.free: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[BlockHash, KVCacheBlock] = {}
-        self.num_queries = 0   # prefix-cache lookups (tokens)
-        self.num_hits = 0      # prefix-cache hits (tokens)
+        self.num_queries = 0  # prefix-cache lookups (tokens)
+        self.num_hits = 0  # prefix-cache hits (tokens)
 
     @property
     def num_free_blocks(self) -> int:

@@ -48,10 +48,10 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
-        self.num_cached_tokens = -1          # prefix-cache hits at first scheduling (-1: not yet)
+        self.num_cached_tokens = -1  # prefix-cache hits at first scheduling (-1: not yet)
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
-        self.block_hashes: list[int] = []    # hash chain over the full blocks of all_token_ids
+        self.block_hashes: list[int] = []  # hash chain over the full blocks of all_token_ids
         self.stop_token_ids = sampling_params.all_stop_token_ids
         # How many of all_token_ids the workers already hold (for diff-based step messages).
         self.num_tokens_sent = 0
@@ -94,5 +94,7 @@ class Request:
         return False
 
     def __repr__(self) -> str:
-        return (f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens})")
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens})"
+        )

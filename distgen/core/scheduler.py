@@ -33,15 +33,16 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, sched_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
-                 max_model_len: int) -> None:
+    def __init__(
+        self, sched_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int, max_model_len: int
+    ) -> None:
         self.config = sched_config
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.finished_req_ids: list[str] = []   # to tell the workers at the next step
+        self.finished_req_ids: list[str] = []  # to tell the workers at the next step
         self.num_preemptions = 0
 
     # -- queue management ------------------------------------------------------------------
@@ -92,7 +93,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n <= 0:   # all known tokens computed (should not happen between steps)
+            if n <= 0:  # all known tokens computed (should not happen between steps)
                 i += 1
                 continue
             while True:
@@ -124,7 +125,7 @@ class Scheduler:
             if blocks is None:
                 break
             self.waiting.popleft()
-            if req.num_cached_tokens < 0:   # first admission: count it for the prefix-cache stats
+            if req.num_cached_tokens < 0:  # first admission: count it for the prefix-cache stats
                 req.num_cached_tokens = num_hit
                 self.kv.pool.num_queries += req.num_tokens
                 self.kv.pool.num_hits += num_hit
@@ -147,31 +148,36 @@ class Scheduler:
         self.waiting.appendleft(req)
         logger.debug("preempted %s (KV cache full)", req.request_id)
 
-    def _make_output(self, num_scheduled: dict[str, int], new_blocks: dict[str, list[int]],
-                     new_reqs: list[Request]) -> SchedulerOutput:
+    def _make_output(
+        self, num_scheduled: dict[str, int], new_blocks: dict[str, list[int]], new_reqs: list[Request]
+    ) -> SchedulerOutput:
         new_ids = {r.request_id for r in new_reqs}
         new_data = []
         for req in new_reqs:
-            new_data.append(NewRequestData(
-                req_id=req.request_id,
-                token_ids=list(req.all_token_ids),
-                num_prompt_tokens=req.num_prompt_tokens,
-                sampling_params=req.sampling_params,
-                block_ids=self.kv.block_ids(req.request_id),
-                num_computed_tokens=req.num_computed_tokens,
-            ))
+            new_data.append(
+                NewRequestData(
+                    req_id=req.request_id,
+                    token_ids=list(req.all_token_ids),
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    sampling_params=req.sampling_params,
+                    block_ids=self.kv.block_ids(req.request_id),
+                    num_computed_tokens=req.num_computed_tokens,
+                )
+            )
             req.num_tokens_sent = req.num_tokens
         cached_data = []
         for req in self.running:
             rid = req.request_id
             if rid in new_ids or rid not in num_scheduled:
                 continue
-            cached_data.append(CachedRequestData(
-                req_id=rid,
-                new_token_ids=req.all_token_ids[req.num_tokens_sent:],
-                new_block_ids=new_blocks.get(rid, []),
-                num_computed_tokens=req.num_computed_tokens,
-            ))
+            cached_data.append(
+                CachedRequestData(
+                    req_id=rid,
+                    new_token_ids=req.all_token_ids[req.num_tokens_sent :],
+                    new_block_ids=new_blocks.get(rid, []),
+                    num_computed_tokens=req.num_computed_tokens,
+                )
+            )
             req.num_tokens_sent = req.num_tokens
         finished, self.finished_req_ids = self.finished_req_ids, []
         return SchedulerOutput(
@@ -191,11 +197,11 @@ class Scheduler:
         for rid, n in sched.num_scheduled_tokens.items():
             req = self.requests.get(rid)
             if req is None or req.status != RequestStatus.RUNNING:
-                continue   # preempted or aborted while the step ran
+                continue  # preempted or aborted while the step ran
             req.num_computed_tokens += n
             token = sampled.get(rid)
             if token is None:
-                continue   # a partial prefill chunk: nothing sampled yet
+                continue  # a partial prefill chunk: nothing sampled yet
             req.append_output_token(token)
             if req.check_stop():
                 self.running.remove(req)
@@ -212,4 +218,3 @@ class Scheduler:
             prefix_cache_hits=self.kv.pool.num_hits,
             num_preemptions=self.num_preemptions,
         )
-

@@ -14,7 +14,7 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
     """A request the workers have not seen (or must rebuild after preemption)."""
 
     req_id: str
-    token_ids: list[int]           # every known token: prompt, then outputs so far
+    token_ids: list[int]  # every known token: prompt, then outputs so far
     num_prompt_tokens: int
     sampling_params: SamplingParams
     block_ids: list[int]
@@ -35,7 +35,7 @@ class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     cached_reqs: list[CachedRequestData]
     num_scheduled_tokens: dict[str, int]
     total_num_scheduled_tokens: int
-    finished_req_ids: list[str] = []   # workers drop their state for these
+    finished_req_ids: list[str] = []  # workers drop their state for these
 
     @property
     def is_empty(self) -> bool:

@@ -20,7 +20,7 @@ logger = logging.getLogger("distgen")
 class _TPGroup:
     rank: int
     size: int
-    group: object | None   # a torch.distributed ProcessGroup when size > 1
+    group: object | None  # a torch.distributed ProcessGroup when size > 1
 
 
 _STATE = {"tp": _TPGroup(0, 1, None)}

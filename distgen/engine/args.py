@@ -59,21 +59,32 @@ class EngineArgs:
         if gen == "vllm":
             gen = "distgen"
         model_cfg = ModelConfig(
-            model=source.path, hf_config=hf,
+            model=source.path,
+            hf_config=hf,
             dtype=parse_dtype(self.dtype, device, hf.get("torch_dtype") or hf.get("dtype")),
-            max_model_len=max_len, seed=self.seed, tokenizer=self.tokenizer, generation_config=gen,
+            max_model_len=max_len,
+            seed=self.seed,
+            tokenizer=self.tokenizer,
+            generation_config=gen,
             served_model_name=self.served_model_name or self.model or "SmolLM2-135M-Instruct",
         )
         batched = self.max_num_batched_tokens
         if batched is None:
             batched = 2048 if self.enable_chunked_prefill else max(2048, max_len)
         if not self.enable_chunked_prefill and batched < max_len:
-            raise ValueError(f"without chunked prefill, max_num_batched_tokens ({batched}) must be at least "
-                             f"max_model_len ({max_len}), or a long prompt could never be scheduled")
+            raise ValueError(
+                f"without chunked prefill, max_num_batched_tokens ({batched}) must be at least "
+                f"max_model_len ({max_len}), or a long prompt could never be scheduled"
+            )
         return EngineConfig(
             model=model_cfg,
-            cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
-                              self.enable_prefix_caching, self.num_gpu_blocks_override),
+            cache=CacheConfig(
+                self.block_size,
+                self.kv_cache_memory,
+                self.gpu_memory_utilization,
+                self.enable_prefix_caching,
+                self.num_gpu_blocks_override,
+            ),
             scheduler=SchedulerConfig(self.max_num_seqs, batched, self.enable_chunked_prefill),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend),
             device=device,

@@ -36,9 +36,13 @@ class EngineCore:
         capacity = num_blocks * config.cache.block_size
         self.max_model_len = min(config.model.max_model_len, capacity)
         if self.max_model_len < config.model.max_model_len:
-            logger.warning("the KV cache holds %d tokens, fewer than max_model_len=%d: sequences are capped "
-                           "at %d tokens (raise kv_cache_memory to allow more)", capacity,
-                           config.model.max_model_len, capacity)
+            logger.warning(
+                "the KV cache holds %d tokens, fewer than max_model_len=%d: sequences are capped "
+                "at %d tokens (raise kv_cache_memory to allow more)",
+                capacity,
+                config.model.max_model_len,
+                capacity,
+            )
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
         self._aborted_outputs: list[EngineCoreOutput] = []
 
@@ -49,16 +53,19 @@ class EngineCore:
         if n == 0:
             raise ValueError("the prompt is empty: give at least one token")
         if n >= limit:
-            raise ValueError(f"the prompt has {n} tokens, but the maximum model length is {limit} "
-                             f"(prompt plus at least one generated token)")
+            raise ValueError(
+                f"the prompt has {n} tokens, but the maximum model length is {limit} "
+                f"(prompt plus at least one generated token)"
+            )
         vocab = self.config.model.vocab_size
         bad = [t for t in req.prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is out of the vocabulary range [0, {vocab})")
         params = req.sampling_params
         max_tokens = limit - n if params.max_tokens is None else min(params.max_tokens, limit - n)
-        self.scheduler.add_request(Request(req.request_id, req.prompt_token_ids, params, max_tokens,
-                                           req.arrival_time))
+        self.scheduler.add_request(
+            Request(req.request_id, req.prompt_token_ids, params, max_tokens, req.arrival_time)
+        )
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for req in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
@@ -83,15 +90,19 @@ class EngineCore:
         updated = self.scheduler.update_from_output(sched, sampled)
         outs = []
         for req in updated:
-            out = EngineCoreOutput(req.request_id, [req.output_token_ids[-1]],
-                                   num_cached_tokens=max(req.num_cached_tokens, 0))
+            out = EngineCoreOutput(
+                req.request_id, [req.output_token_ids[-1]], num_cached_tokens=max(req.num_cached_tokens, 0)
+            )
             if req.is_finished:
                 out.finish_reason = FINISH_REASONS[req.status]
                 out.stop_reason = req.stop_reason
             if result.logprobs is not None and req.sampling_params.logprobs is not None:
                 i, k = row[req.request_id], req.sampling_params.logprobs
-                out.new_logprobs = Logprobs([result.logprob_token_ids[i][: k + 1]],
-                                            [result.logprobs[i][: k + 1]], [result.sampled_ranks[i]])
+                out.new_logprobs = Logprobs(
+                    [result.logprob_token_ids[i][: k + 1]],
+                    [result.logprobs[i][: k + 1]],
+                    [result.sampled_ranks[i]],
+                )
             plp = result.prompt_logprobs.get(req.request_id)
             if plp is not None:
                 out.new_prompt_logprobs = _prompt_lp(plp)
@@ -104,8 +115,14 @@ class EngineCore:
 
     def _stats(self) -> SchedulerStatsMsg:
         s = self.scheduler.stats()
-        return SchedulerStatsMsg(s.num_running, s.num_waiting, s.kv_cache_usage, s.prefix_cache_queries,
-                                 s.prefix_cache_hits, s.num_preemptions)
+        return SchedulerStatsMsg(
+            s.num_running,
+            s.num_waiting,
+            s.kv_cache_usage,
+            s.prefix_cache_queries,
+            s.prefix_cache_hits,
+            s.num_preemptions,
+        )
 
     def shutdown(self) -> None:
         self.executor.shutdown()

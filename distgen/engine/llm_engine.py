@@ -36,9 +36,14 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.last_stats = None
-        logger.info("engine ready in %.1fs: %s, %s, max_model_len=%d, %d KV blocks", time.time() - t0,
-                    config.model.architecture, str(config.model.dtype).replace("torch.", ""),
-                    self.core.max_model_len, self.core.num_blocks)
+        logger.info(
+            "engine ready in %.1fs: %s, %s, max_model_len=%d, %d KV blocks",
+            time.time() - t0,
+            config.model.architecture,
+            str(config.model.dtype).replace("torch.", ""),
+            self.core.max_model_len,
+            self.core.num_blocks,
+        )
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -62,8 +67,13 @@ class LLMEngine:
             return None, list(prompt)
         raise TypeError(f"a prompt must be a string, a token-id list or a dict, got {type(prompt).__name__}")
 
-    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
-                    arrival_time: float | None = None) -> str:
+    def add_request(
+        self,
+        prompt: PromptType,
+        params: SamplingParams,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -79,11 +89,15 @@ class LLMEngine:
                 child.seed = params.seed + i
             children.append((request_id if params.n == 1 else f"{i}_{request_id}", child))
         reqs = [EngineCoreRequest(cid, ids, p, arrival_time) for cid, p in children]
-        for r in reqs:   # validate every child before any enters the queue
+        for r in reqs:  # validate every child before any enters the queue
             self._validate(r)
         self.output_processor.add_request(request_id, text, ids, params, children, arrival_time)
-        for r in reqs:
-            self.core.add_request(r)
+        try:
+            for r in reqs:
+                self.core.add_request(r)
+        except BaseException:
+            self.abort_request([request_id])
+            raise
         return request_id
 
     def _validate(self, req: EngineCoreRequest) -> None:
@@ -91,8 +105,14 @@ class LLMEngine:
         if n == 0:
             raise ValueError("the prompt is empty: give at least one token")
         if n >= limit:
-            raise ValueError(f"the prompt has {n} tokens, but the maximum model length is {limit} "
-                             "(the prompt plus at least one generated token must fit)")
+            raise ValueError(
+                f"the prompt has {n} tokens, but the maximum model length is {limit} "
+                "(the prompt plus at least one generated token must fit)"
+            )
+        vocab = self.config.model.vocab_size
+        bad = next((t for t in req.prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is out of the vocabulary range [0, {vocab})")
 
     def abort_request(self, request_ids: list[str]) -> None:
         children = []

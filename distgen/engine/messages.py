@@ -29,7 +29,7 @@ class Logprobs(msgspec.Struct, array_like=True):
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None = None      # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     new_logprobs: Logprobs | None = None
     new_prompt_logprobs: Logprobs | None = None
@@ -48,4 +48,4 @@ class SchedulerStatsMsg(msgspec.Struct, array_like=True):
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     outputs: list[EngineCoreOutput] = []
     stats: SchedulerStatsMsg | None = None
-    error: str | None = None     # set when the engine core died; every request is then failed
+    error: str | None = None  # set when the engine core died; every request is then failed

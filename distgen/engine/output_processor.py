@@ -26,7 +26,7 @@ class SequenceState:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    num_sent: int = 0     # token ids already handed out (delta outputs)
+    num_sent: int = 0  # token ids already handed out (delta outputs)
 
 
 @dataclass
@@ -52,11 +52,19 @@ class OutputProcessor:
         self.parents: dict[str, ParentState] = {}
         self.child_to_parent: dict[str, tuple[ParentState, SequenceState]] = {}
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, child_params: list[tuple[str, SamplingParams]],
-                    arrival_time: float) -> None:
-        seqs = [SequenceState(cid, i, p, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, p))
-                for i, (cid, p) in enumerate(child_params)]
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        child_params: list[tuple[str, SamplingParams]],
+        arrival_time: float,
+    ) -> None:
+        seqs = [
+            SequenceState(cid, i, p, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, p))
+            for i, (cid, p) in enumerate(child_params)
+        ]
         for s in seqs:
             if s.params.logprobs is not None:
                 s.logprobs, s.cumulative_logprob = [], 0.0
@@ -79,8 +87,9 @@ class OutputProcessor:
             self.child_to_parent.pop(s.child_id, None)
         return [s.child_id for s in parent.seqs if s.finish_reason is None]
 
-    def process_outputs(self, outputs: list[EngineCoreOutput], delta: bool = False
-                        ) -> tuple[list[RequestOutput], list[str]]:
+    def process_outputs(
+        self, outputs: list[EngineCoreOutput], delta: bool = False
+    ) -> tuple[list[RequestOutput], list[str]]:
         """Fold one step's outputs in. Returns (outputs for updated requests, child ids to abort
         because a stop string ended them here)."""
         now = time.time()
@@ -146,10 +155,21 @@ class OutputProcessor:
         comps = []
         for s in parent.seqs:
             text = s.detok.get_next_output_text(s.finish_reason is not None, delta)
-            ids = s.token_ids[s.num_sent:] if delta else s.token_ids
+            ids = s.token_ids[s.num_sent :] if delta else s.token_ids
             if delta:
                 s.num_sent = len(s.token_ids)
-            comps.append(CompletionOutput(s.index, text, list(ids), s.cumulative_logprob, s.logprobs,
-                                          s.finish_reason, s.stop_reason))
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
-                             comps, parent.finished, parent.metrics, parent.num_cached_tokens)
+            comps.append(
+                CompletionOutput(
+                    s.index, text, list(ids), s.cumulative_logprob, s.logprobs, s.finish_reason, s.stop_reason
+                )
+            )
+        return RequestOutput(
+            parent.request_id,
+            parent.prompt,
+            parent.prompt_token_ids,
+            parent.prompt_logprobs,
+            comps,
+            parent.finished,
+            parent.metrics,
+            parent.num_cached_tokens,
+        )

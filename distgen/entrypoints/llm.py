@@ -54,8 +54,10 @@ class LLM:
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
-                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; "
-                                 "pass one, or one per prompt")
+                raise ValueError(
+                    f"got {len(params)} SamplingParams for {len(prompts)} prompts; "
+                    "pass one, or one per prompt"
+                )
         ids = []
         try:
             for prompt, p in zip(prompts, params):
@@ -77,8 +79,9 @@ class LLM:
                         done[out.request_id] = out
                         out_tokens += sum(len(c.token_ids) for c in out.outputs)
                         bar.update(1)
-                        bar.set_postfix_str(f"{out_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s",
-                                            refresh=False)
+                        bar.set_postfix_str(
+                            f"{out_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s", refresh=False
+                        )
         except BaseException:
             engine.abort_request([i for i in ids if i not in done])
             raise

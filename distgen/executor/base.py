@@ -36,7 +36,10 @@ class Executor(ABC):
             backend = "uni" if tp == 1 else "mp"
         if backend == "uni":
             if tp != 1:
-                raise ValueError(f"the 'uni' executor runs one worker; tensor_parallel_size={tp} needs 'mp' or 'ray'")
+                raise ValueError(
+                    f"the 'uni' executor runs one worker; tensor_parallel_size={tp} needs 'mp' or 'ray'"
+                )
             from distgen.executor.uniproc import UniProcExecutor
+
             return UniProcExecutor(config, source)
         raise NotImplementedError(f"distributed_executor_backend={backend!r} is not available yet")

@@ -17,15 +17,15 @@ from torch import nn
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor            # [T] cache slot of each new token
-    num_decode: int                       # the first num_decode tokens are single-token decodes
-    decode_block_table: torch.Tensor | None   # [Bd, nb]
-    decode_mask: torch.Tensor | None          # [Bd, 1, 1, nb*bs] bool: slot holds a real token
-    num_prefill: int                      # number of prefill sequences after the decodes
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    num_decode: int  # the first num_decode tokens are single-token decodes
+    decode_block_table: torch.Tensor | None  # [Bd, nb]
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, nb*bs] bool: slot holds a real token
+    num_prefill: int  # number of prefill sequences after the decodes
     prefill_max_q: int
-    prefill_q_index: torch.Tensor | None      # [Tp] position of each prefill token in [Bp * max_q]
+    prefill_q_index: torch.Tensor | None  # [Tp] position of each prefill token in [Bp * max_q]
     prefill_block_table: torch.Tensor | None  # [Bp, nb]; None when no prefill has cached context
-    prefill_mask: torch.Tensor | None         # [Bp, 1, max_q, L] bool (causal + lengths)
+    prefill_mask: torch.Tensor | None  # [Bp, 1, max_q, L] bool (causal + lengths)
 
 
 class Attention(nn.Module):
@@ -36,9 +36,11 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
         self.scale = scale
-        self.kv_cache: torch.Tensor | None = None   # [2, num_blocks, block_size, Hkv, D], bound by the runner
+        self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, Hkv, D], bound by the runner
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
         assert self.kv_cache is not None, "KV cache not bound"
         t = q.shape[0]
@@ -54,7 +56,7 @@ class Attention(nn.Module):
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         b = q.shape[0]
-        k = gather_kv(k_cache, meta.decode_block_table)   # [B, Hkv, L, D]
+        k = gather_kv(k_cache, meta.decode_block_table)  # [B, Hkv, L, D]
         v = gather_kv(v_cache, meta.decode_block_table)
         # Queries of one KV group ride in the "length" dim: [B, Hkv, group, D] against [B, Hkv, L, D].
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)
@@ -66,23 +68,30 @@ class Attention(nn.Module):
         if bp == 1 and meta.prefill_block_table is None:
             # One fresh prompt chunk: plain causal attention on the new K/V, nothing to read back.
             o = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0), k_new.transpose(0, 1).unsqueeze(0),
-                v_new.transpose(0, 1).unsqueeze(0), is_causal=True, scale=self.scale, enable_gqa=True)
+                q.transpose(0, 1).unsqueeze(0),
+                k_new.transpose(0, 1).unsqueeze(0),
+                v_new.transpose(0, 1).unsqueeze(0),
+                is_causal=True,
+                scale=self.scale,
+                enable_gqa=True,
+            )
             return o[0].transpose(0, 1)
-        qp = pad_tokens(q, meta.prefill_q_index, bp, mq).transpose(1, 2)   # [Bp, H, mq, D]
+        qp = pad_tokens(q, meta.prefill_q_index, bp, mq).transpose(1, 2)  # [Bp, H, mq, D]
         if meta.prefill_block_table is None:
             k = pad_tokens(k_new, meta.prefill_q_index, bp, mq).transpose(1, 2)
             v = pad_tokens(v_new, meta.prefill_q_index, bp, mq).transpose(1, 2)
         else:
             k = gather_kv(k_cache, meta.prefill_block_table)
             v = gather_kv(v_cache, meta.prefill_block_table)
-        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=meta.prefill_mask, scale=self.scale,
-                                           enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            qp, k, v, attn_mask=meta.prefill_mask, scale=self.scale, enable_gqa=True
+        )
         return o.transpose(1, 2).reshape(bp * mq, h, d)[meta.prefill_q_index]
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Store new K/V [T, Hkv, D] at their slots of the paged cache [num_blocks, block_size, Hkv, D]."""
     hkv, d = k_cache.shape[-2:]
     k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))

@@ -20,7 +20,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp_rank, self.tp_size = ps.tp_rank(), ps.tp_size()
         self.vocab_size = vocab_size
-        self.rows_per_rank = -(-vocab_size // self.tp_size)   # padded so every rank has the same count
+        self.rows_per_rank = -(-vocab_size // self.tp_size)  # padded so every rank has the same count
         self.start = self.tp_rank * self.rows_per_rank
         self.end = min(self.start + self.rows_per_rank, vocab_size)
         self.weight = nn.Parameter(torch.zeros(self.rows_per_rank, hidden, dtype=dtype), requires_grad=False)
@@ -28,7 +28,9 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
         if shape_of(loaded)[0] != self.vocab_size:
-            raise ValueError(f"embedding has {shape_of(loaded)[0]} rows, the config says vocab {self.vocab_size}")
+            raise ValueError(
+                f"embedding has {shape_of(loaded)[0]} rows, the config says vocab {self.vocab_size}"
+            )
         n = self.end - self.start
         copy_into(param.data.narrow(0, 0, n), narrow(loaded, 0, self.start, n), type(self).__name__)
 
@@ -44,7 +46,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits from the final hidden states; full logits exist only on rank 0."""
 
-    def __init__(self, vocab_size: int, hidden: int, bias: bool = False, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, vocab_size: int, hidden: int, bias: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__(vocab_size, hidden, dtype)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.rows_per_rank, dtype=dtype), requires_grad=False)
@@ -55,7 +59,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:   # type: ignore[override]
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         logits = F.linear(hidden, self.weight, self.bias)
         if self.tp_size > 1:
             logits = ps.gather(logits, dim=-1)

@@ -46,8 +46,9 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; the output stays sharded (no communication)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
         self.tp_rank, self.tp_size = ps.tp_rank(), ps.tp_size()
         self.out_per_rank = _divide(out_features, self.tp_size, "output features")
         super().__init__(in_features, self.out_per_rank, bias, dtype)
@@ -60,8 +61,9 @@ class ColumnParallelLinear(LinearBase):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs stored as one (gate and up projections)."""
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_sizes: list[int], bias: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
         self.out_sizes = out_sizes
         super().__init__(in_features, sum(out_sizes), bias, dtype)
 
@@ -80,8 +82,15 @@ class QKVParallelLinear(ColumnParallelLinear):
     replicated on ``tp_size // num_kv_heads`` consecutive ranks.
     """
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         tp = ps.tp_size()
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp, "attention heads")
@@ -104,9 +113,14 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             raise ValueError(f"QKVParallelLinear shard_id must be q, k or v, got {shard_id!r}")
         if shape_of(loaded)[0] < (rank + 1) * size:
-            raise ValueError(f"{shard_id}_proj has {shape_of(loaded)[0]} rows, too few for rank {self.tp_rank}")
-        copy_into(param.data.narrow(0, offset, size), narrow(loaded, 0, rank * size, size),
-                  f"QKVParallelLinear[{shard_id}]")
+            raise ValueError(
+                f"{shard_id}_proj has {shape_of(loaded)[0]} rows, too few for rank {self.tp_rank}"
+            )
+        copy_into(
+            param.data.narrow(0, offset, size),
+            narrow(loaded, 0, rank * size, size),
+            f"QKVParallelLinear[{shard_id}]",
+        )
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -118,13 +132,14 @@ class RowParallelLinear(LinearBase):
     The bias is added once, after the reduction.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
         self.tp_rank, self.tp_size = ps.tp_rank(), ps.tp_size()
         super().__init__(_divide(in_features, self.tp_size, "input features"), out_features, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
-        if param.dim() == 1:   # bias: replicated
+        if param.dim() == 1:  # bias: replicated
             copy_into(param.data, loaded, "RowParallelLinear.bias")
             return
         n = param.shape[1]

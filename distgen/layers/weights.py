@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-LoadedWeight = Any   # torch.Tensor | safetensors PySafeSlice
+LoadedWeight = Any  # torch.Tensor | safetensors PySafeSlice
 
 
 def shape_of(w: LoadedWeight) -> tuple[int, ...]:
@@ -34,8 +34,10 @@ def copy_into(param: torch.Tensor, w: LoadedWeight, what: str) -> None:
     """Copy ``w`` into ``param`` after checking shapes; ``what`` names the weight in errors."""
     t = materialize(w)
     if tuple(t.shape) != tuple(param.shape):
-        raise ValueError(f"weight {what}: checkpoint shape {tuple(t.shape)} does not fit the "
-                         f"parameter shape {tuple(param.shape)}")
+        raise ValueError(
+            f"weight {what}: checkpoint shape {tuple(t.shape)} does not fit the "
+            f"parameter shape {tuple(param.shape)}"
+        )
     with torch.no_grad():
         param.copy_(t)
 

@@ -29,15 +29,18 @@ class ModelSource:
     def iter_weights(self):
         if self.is_gguf:
             from distgen.model_loader.gguf import read_gguf
+
             return read_gguf(self.path).iter_weights()
         return iter_safetensors(self.path)
 
     def load_tokenizer(self, tokenizer: str | None = None):
         from transformers import AutoTokenizer
+
         if tokenizer is not None:
             return AutoTokenizer.from_pretrained(tokenizer)
         if self.is_gguf:
             from distgen.model_loader.gguf import read_gguf
+
             return read_gguf(self.path).load_tokenizer()
         return AutoTokenizer.from_pretrained(self.path)
 
@@ -46,16 +49,19 @@ def resolve_model(model: str | None) -> ModelSource:
     """``None`` -> the embedded SmolLM2 default; a ``.gguf`` file; or a Hugging Face directory."""
     if model is None:
         from distgen.model_loader.gguf import default_model_path
+
         model = default_model_path()
     path = os.path.abspath(os.path.expanduser(model))
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"model {model!r} not found: give a local Hugging Face directory or a .gguf file "
-            "(nothing is downloaded from a model hub)")
+            "(nothing is downloaded from a model hub)"
+        )
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise ValueError(f"model file {path!r} is not a .gguf file")
         from distgen.model_loader.gguf import read_gguf
+
         return ModelSource(path, read_gguf(path).hf_config, is_gguf=True)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
@@ -98,8 +104,11 @@ def generation_eos_ids(source: ModelSource, generation_config: str) -> list[int]
     """EOS ids listed by generation_config.json (they end generation like the tokenizer's EOS)."""
     if source.is_gguf or generation_config in ("distgen", "vllm"):
         return []
-    path = os.path.join(source.path, "generation_config.json") if generation_config == "auto" \
+    path = (
+        os.path.join(source.path, "generation_config.json")
+        if generation_config == "auto"
         else generation_config
+    )
     if not os.path.exists(path):
         return []
     with open(path) as f:

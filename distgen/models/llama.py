@@ -25,15 +25,20 @@ class LlamaAttention(nn.Module):
         kv_heads = cfg.get("num_key_value_heads") or heads
         self.head_dim = cfg.get("head_dim") or hidden // heads
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, kv_heads, bias=qkv_bias, dtype=dtype)
-        self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, bias=bool(cfg.get("o_bias", False)),
-                                        dtype=dtype)
+        self.o_proj = RowParallelLinear(
+            heads * self.head_dim, hidden, bias=bool(cfg.get("o_bias", False)), dtype=dtype
+        )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.rotary = RotaryEmbedding(self.head_dim, cfg.get("max_position_embeddings", 4096),
-                                      cfg.get("rope_theta", 10000.0), cfg.get("rope_scaling"))
+        self.rotary = RotaryEmbedding(
+            self.head_dim,
+            cfg.get("max_position_embeddings", 4096),
+            cfg.get("rope_theta", 10000.0),
+            cfg.get("rope_scaling"),
+        )
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
@@ -91,7 +96,8 @@ class LlamaForCausalLM(nn.Module):
         qkv_bias = self.qkv_bias or bool(cfg.get("attention_bias", False))
         self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], dtype)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, dtype, qkv_bias, self.qk_norm) for _ in range(cfg["num_hidden_layers"]))
+            LlamaDecoderLayer(cfg, dtype, qkv_bias, self.qk_norm) for _ in range(cfg["num_hidden_layers"])
+        )
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), dtype)
         self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], dtype=dtype)
         self.tied = bool(cfg.get("tie_word_embeddings", False))
@@ -101,7 +107,9 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
@@ -112,8 +120,13 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     # -- weights ------------------------------------------------------------------------------
-    _stacked = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    _stacked = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
 
     def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> set[str]:
         """Load Hugging Face-named weights; returns the names of the parameters that were filled."""
@@ -123,7 +136,7 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb.inv_freq" in name:
                 continue
             if name.startswith("model."):
-                name = name[len("model."):]
+                name = name[len("model.") :]
             if name == "lm_head.weight" and self.tied:
                 continue
             shard_id = None

@@ -14,7 +14,7 @@ from distgen.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distgen.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from distgen.layers.weights import LoadedWeight, default_weight_loader
 
-_POS_OFFSET = 2   # OPT's position table starts two rows in
+_POS_OFFSET = 2  # OPT's position table starts two rows in
 
 
 class OPTAttention(nn.Module):
@@ -26,7 +26,7 @@ class OPTAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=bias, dtype=dtype)
         self.out_proj = RowParallelLinear(hidden, hidden, bias=bias, dtype=dtype)
         self.num_heads = self.qkv_proj.num_heads
-        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim ** -0.5)
+        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
@@ -87,7 +87,9 @@ class OPTForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
@@ -109,7 +111,7 @@ class OPTForCausalLM(nn.Module):
         for name, w in weights:
             for prefix in ("model.decoder.", "decoder."):
                 if name.startswith(prefix):
-                    name = name[len(prefix):]
+                    name = name[len(prefix) :]
             if name == "lm_head.weight" and self.tied:
                 continue
             shard_id = None

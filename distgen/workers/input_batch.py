@@ -19,7 +19,7 @@ class CachedRequestState:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
 
 class RequestStates(dict[str, CachedRequestState]):
@@ -30,8 +30,13 @@ class RequestStates(dict[str, CachedRequestState]):
             self.pop(rid, None)
         for new in sched.new_reqs:
             self[new.req_id] = CachedRequestState(
-                new.req_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
-                list(new.block_ids), new.num_computed_tokens)
+                new.req_id,
+                list(new.token_ids),
+                new.num_prompt_tokens,
+                new.sampling_params,
+                list(new.block_ids),
+                new.num_computed_tokens,
+            )
         for c in sched.cached_reqs:
             st = self[c.req_id]
             st.token_ids.extend(c.new_token_ids)

@@ -57,19 +57,34 @@ class ModelRunner:
             budget = cc.kv_cache_memory if cc.kv_cache_memory is not None else 4 << 30
         n = budget // self.kv_bytes_per_block()
         if n < 1:
-            raise ValueError(f"the KV cache budget ({budget} bytes) does not fit one block "
-                             f"({self.kv_bytes_per_block()} bytes); raise kv_cache_memory")
+            raise ValueError(
+                f"the KV cache budget ({budget} bytes) does not fit one block "
+                f"({self.kv_bytes_per_block()} bytes); raise kv_cache_memory"
+            )
         return int(n)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = []
         for attn in self.model.attention_layers():
-            cache = torch.empty(2, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim,
-                                dtype=self.dtype, device=self.device)
+            # Zeroed: attention reads whole blocks and masks the unused slots, and a masked NaN
+            # left in fresh memory would still poison the weighted sum (0 * NaN).
+            cache = torch.zeros(
+                2,
+                num_blocks,
+                self.block_size,
+                attn.num_kv_heads,
+                attn.head_dim,
+                dtype=self.dtype,
+                device=self.device,
+            )
             attn.kv_cache = cache
             self.kv_caches.append(cache)
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB per rank)", num_blocks, self.block_size,
-                    num_blocks * self.kv_bytes_per_block() / 2**20)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB per rank)",
+            num_blocks,
+            self.block_size,
+            num_blocks * self.kv_bytes_per_block() / 2**20,
+        )
 
     # -- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -92,7 +107,7 @@ class ModelRunner:
         starts = [s.num_computed_tokens for s in rows]
         ids: list[int] = []
         for s, st, n in zip(rows, starts, counts):
-            ids.extend(s.token_ids[st:st + n])
+            ids.extend(s.token_ids[st : st + n])
         counts_np = np.asarray(counts, dtype=np.int64)
         starts_np = np.asarray(starts, dtype=np.int64)
         row_of_tok = np.repeat(np.arange(len(rows)), counts_np)
@@ -110,21 +125,29 @@ class ModelRunner:
             nd += 1
         seq_lens = starts_np + counts_np
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev), num_decode=nd,
-            decode_block_table=None, decode_mask=None, num_prefill=len(rows) - nd,
-            prefill_max_q=0, prefill_q_index=None, prefill_block_table=None, prefill_mask=None)
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            num_decode=nd,
+            decode_block_table=None,
+            decode_mask=None,
+            num_prefill=len(rows) - nd,
+            prefill_max_q=0,
+            prefill_q_index=None,
+            prefill_block_table=None,
+            prefill_mask=None,
+        )
         if nd:
             nb = int(-(-seq_lens[:nd].max() // bs))
             meta.decode_block_table = torch.from_numpy(table[:nd, :nb]).to(dev)
             kv_pos = torch.arange(nb * bs, device=dev)
-            meta.decode_mask = (kv_pos[None, :] < torch.from_numpy(seq_lens[:nd]).to(dev)[:, None]) \
-                .view(nd, 1, 1, nb * bs)
+            meta.decode_mask = (kv_pos[None, :] < torch.from_numpy(seq_lens[:nd]).to(dev)[:, None]).view(
+                nd, 1, 1, nb * bs
+            )
         if len(rows) > nd:
             p_counts, p_starts, p_lens = counts_np[nd:], starts_np[nd:], seq_lens[nd:]
             mq = int(p_counts.max())
             bp = len(p_counts)
-            p_row = row_of_tok[cu[nd]:] - nd
-            q_index = p_row * mq + offs[cu[nd]:]
+            p_row = row_of_tok[cu[nd] :] - nd
+            q_index = p_row * mq + offs[cu[nd] :]
             meta.prefill_max_q = mq
             meta.prefill_q_index = torch.from_numpy(q_index).to(dev)
             q_pos = torch.arange(mq, device=dev)
@@ -137,7 +160,9 @@ class ModelRunner:
                 nb = int(-(-p_lens.max() // bs))
                 meta.prefill_block_table = torch.from_numpy(table[nd:, :nb]).to(dev)
                 kv_pos = torch.arange(nb * bs, device=dev)
-            mask = (kv_pos[None, None, :] <= starts_t + q_pos[None, :, None]) & (kv_pos[None, None, :] < lens_t)
+            mask = (kv_pos[None, None, :] <= starts_t + q_pos[None, :, None]) & (
+                kv_pos[None, None, :] < lens_t
+            )
             meta.prefill_mask = mask.view(bp, 1, mq, -1)
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long, device=dev),
@@ -149,11 +174,12 @@ class ModelRunner:
     # -- sampling --------------------------------------------------------------------------
     def _sample(self, rows, counts, hidden: torch.Tensor, batch: dict) -> ModelRunnerOutput | None:
         cu = batch["cu"]
-        sample_rows = [i for i, s in enumerate(rows)
-                       if s.num_computed_tokens + counts[i] == len(s.token_ids)]
-        prompt_lp_rows = [i for i, s in enumerate(rows)
-                          if s.sampling_params.prompt_logprobs is not None
-                          and s.num_computed_tokens < s.num_prompt_tokens]
+        sample_rows = [i for i, s in enumerate(rows) if s.num_computed_tokens + counts[i] == len(s.token_ids)]
+        prompt_lp_rows = [
+            i
+            for i, s in enumerate(rows)
+            if s.sampling_params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens
+        ]
         idx = [int(cu[i + 1]) - 1 for i in sample_rows]
         logits = self.model.compute_logits(hidden[idx]) if idx else None
         prompt_lp = self._prompt_logprobs(rows, counts, hidden, cu, prompt_lp_rows)
@@ -185,11 +211,11 @@ class ModelRunner:
             if n <= 0:
                 out[s.req_id] = []
                 continue
-            logits = self.model.compute_logits(hidden[int(cu[i]): int(cu[i]) + n])
+            logits = self.model.compute_logits(hidden[int(cu[i]) : int(cu[i]) + n])
             if logits is None:
                 continue
             lp = torch.log_softmax(logits.float(), dim=-1)
-            targets = torch.tensor(s.token_ids[start + 1: start + 1 + n], device=lp.device)
+            targets = torch.tensor(s.token_ids[start + 1 : start + 1 + n], device=lp.device)
             tgt_lp = lp.gather(1, targets[:, None])
             ranks = (lp > tgt_lp).sum(-1) + 1
             k = s.sampling_params.prompt_logprobs
@@ -220,8 +246,9 @@ class ModelRunner:
                 g.manual_seed((p.seed * _SEED_MIX + len(s.token_ids) - s.num_prompt_tokens) % (1 << 63))
                 generators[i] = g
         logprob_ks = [p.logprobs for p in params if p.logprobs is not None]
-        no_pen = all(p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1
-                     for p in params)
+        no_pen = all(
+            p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1 for p in params
+        )
         pres = freq = rep = prompt_ids = None
         outputs: list[list[int]] = [[] for _ in rows]
         if not no_pen:
@@ -240,9 +267,18 @@ class ModelRunner:
                 blocked[i] = p.all_stop_token_ids
         return SamplingMetadata(
             temperature=torch.tensor(temps, dtype=torch.float32, device=dev),
-            all_greedy=all_greedy, all_random=all_random, top_p=top_p, top_k=top_k, min_p=min_p,
-            generators=generators, max_num_logprobs=max(logprob_ks) if logprob_ks else None,
-            no_penalties=no_pen, presence_penalties=pres, frequency_penalties=freq,
-            repetition_penalties=rep, prompt_token_ids=prompt_ids, output_token_ids=outputs,
+            all_greedy=all_greedy,
+            all_random=all_random,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            generators=generators,
+            max_num_logprobs=max(logprob_ks) if logprob_ks else None,
+            no_penalties=no_pen,
+            presence_penalties=pres,
+            frequency_penalties=freq,
+            repetition_penalties=rep,
+            prompt_token_ids=prompt_ids,
+            output_token_ids=outputs,
             min_tokens_blocked=blocked,
         )

@@ -16,8 +16,9 @@ logger = logging.getLogger("distgen")
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, source: ModelSource, rank: int = 0,
-                 init_method: str | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, source: ModelSource, rank: int = 0, init_method: str | None = None
+    ) -> None:
         self.config = config
         self.rank = rank
         world = config.parallel.tensor_parallel_size

@@ -23,7 +23,7 @@ def test_allocate_takes_from_head_release_appends_to_tail():
     assert [b.block_id for b in a] == [0, 1]
     assert all(b.ref_cnt == 1 for b in a)
     assert free_ids(pool) == [2, 3, 4]
-    pool.release([a[1], a[0]])                # in the given order, at the tail
+    pool.release([a[1], a[0]])  # in the given order, at the tail
     assert free_ids(pool) == [2, 3, 4, 1, 0]
     # LRU: the blocks freed longest ago (never-used 2, 3, 4) are taken before 1, then 0.
     assert [b.block_id for b in pool.allocate(4)] == [2, 3, 4, 1]
@@ -63,10 +63,10 @@ def test_touch_takes_a_free_block_out_of_the_free_list():
     pool.cache_block(b, 123)
     pool.release([b])
     assert b.block_id in pool.free and pool.num_free_blocks == 3
-    pool.touch([b])                           # a prefix-cache hit revives it
+    pool.touch([b])  # a prefix-cache hit revives it
     assert b.ref_cnt == 1
     assert b.block_id not in pool.free and pool.num_free_blocks == 2
-    assert pool.lookup(123) is b              # still cached while in use
+    assert pool.lookup(123) is b  # still cached while in use
     # The revived block is not handed out by allocate.
     assert b not in pool.allocate(2)
 
@@ -97,10 +97,10 @@ def test_cached_hash_survives_release_until_reallocation():
     assert pool.lookup(h) is a
     pool.release([a])
     assert a.ref_cnt == 0 and a.block_hash == h
-    assert pool.lookup(h) is a                # hit after free
-    pool.release([b, c])                      # free order: a, b, c
+    assert pool.lookup(h) is a  # hit after free
+    pool.release([b, c])  # free order: a, b, c
     assert pool.lookup(h) is a
-    (again,) = pool.allocate(1)               # a is at the head: evicted now
+    (again,) = pool.allocate(1)  # a is at the head: evicted now
     assert again is a
     assert pool.lookup(h) is None
     assert a.block_hash is None
@@ -111,8 +111,8 @@ def test_eviction_of_other_blocks_keeps_hash():
     pool = BlockPool(3, enable_caching=True)
     a, b, c = pool.allocate(3)
     pool.cache_block(c, 7)
-    pool.release([c, a, b])                   # c goes to the head
-    pool.touch([c])                           # reuse it, then free it again: now at the tail
+    pool.release([c, a, b])  # c goes to the head
+    pool.touch([c])  # reuse it, then free it again: now at the tail
     pool.release([c])
     assert free_ids(pool) == [0, 1, 2]
     pool.allocate(2)
@@ -123,12 +123,12 @@ def test_cache_block_keeps_first_block_for_a_hash():
     pool = BlockPool(3, enable_caching=True)
     a, b = pool.allocate(2)
     pool.cache_block(a, 5)
-    pool.cache_block(b, 5)                    # same content computed twice: first one stays the index entry
+    pool.cache_block(b, 5)  # same content computed twice: first one stays the index entry
     assert pool.lookup(5) is a
-    pool.cache_block(a, 6)                    # a block's hash is set once
+    pool.cache_block(a, 6)  # a block's hash is set once
     assert a.block_hash == 5 and pool.lookup(6) is None
     pool.release([b])
-    assert pool.allocate(2)[1] is b           # evicting the duplicate must not drop a's entry
+    assert pool.allocate(2)[1] is b  # evicting the duplicate must not drop a's entry
     assert pool.lookup(5) is a
 
 
@@ -151,7 +151,7 @@ def test_reset_prefix_cache_only_when_all_free():
     pool.cache_block(b, 2)
     pool.release([a])
     assert pool.reset_prefix_cache() is False
-    assert pool.lookup(1) is a and pool.lookup(2) is b   # untouched by the refused reset
+    assert pool.lookup(1) is a and pool.lookup(2) is b  # untouched by the refused reset
     pool.release([b])
     assert pool.reset_prefix_cache() is True
     assert pool.lookup(1) is None and pool.lookup(2) is None

@@ -63,9 +63,9 @@ def test_chunks_allocate_incrementally():
     r = req("a", list(range(10)))
     assert len(kv.allocate_slots(r, 3)) == 1
     r.num_computed_tokens = 3
-    assert len(kv.allocate_slots(r, 3)) == 1      # tokens 3..5 -> 2 blocks in all
+    assert len(kv.allocate_slots(r, 3)) == 1  # tokens 3..5 -> 2 blocks in all
     r.num_computed_tokens = 6
-    assert len(kv.allocate_slots(r, 4)) == 1      # tokens 6..9 -> 3 blocks in all
+    assert len(kv.allocate_slots(r, 4)) == 1  # tokens 6..9 -> 3 blocks in all
     assert len(kv.block_ids("a")) == 3
 
 
@@ -88,7 +88,7 @@ def test_full_block_prompt_never_hits_its_last_token():
     prompt = list(range(3 * BS))
     admit(kv, req("a", prompt))
     hits, num_hit, new = admit(kv, req("b", prompt))
-    assert num_hit == 2 * BS                       # k*block_size tokens -> k-1 blocks
+    assert num_hit == 2 * BS  # k*block_size tokens -> k-1 blocks
     assert len(hits) == 2 and len(new) == 1
 
 
@@ -119,7 +119,7 @@ def test_same_block_after_different_prefix_is_not_a_hit():
     kv = KVCacheManager(32, BS, enable_caching=True)
     x, y, z = [1] * BS, [2] * BS, [3] * BS
     admit(kv, req("a", x + y + [9]))
-    hits, num_hit, _ = admit(kv, req("b", z + y + [9]))    # block y again, but after z
+    hits, num_hit, _ = admit(kv, req("b", z + y + [9]))  # block y again, but after z
     assert hits == [] and num_hit == 0
     assert set(kv.block_ids("a")).isdisjoint(kv.block_ids("b"))
     # And a request that shares x but not y hits only x.
@@ -131,7 +131,7 @@ def test_output_tokens_extend_the_hash_chain():
     kv = KVCacheManager(32, BS, enable_caching=True)
     a = req("a", list(range(BS + 2)))
     admit(kv, a)
-    for t in (70, 71, 72):                 # fill the second block with prompt + sampled tokens
+    for t in (70, 71, 72):  # fill the second block with prompt + sampled tokens
         a.append_output_token(t)
         kv.allocate_slots(a, 1)
         a.num_computed_tokens += 1
@@ -157,7 +157,7 @@ def test_shared_blocks_have_two_references_and_free_tail_first():
 
     kv.free(b)
     assert [pool.blocks[i].ref_cnt for i in a_ids] == [1, 1, 1]
-    assert list(pool.free)[-2:] == [b_ids[3], b_ids[2]]    # b's own blocks, last block first
+    assert list(pool.free)[-2:] == [b_ids[3], b_ids[2]]  # b's own blocks, last block first
     assert "b" not in kv.req_blocks and "b" not in kv.num_cached_blocks
 
     kv.free(a)
@@ -197,17 +197,22 @@ def test_no_hits_when_caching_disabled():
 
 def _snapshot(kv: KVCacheManager):
     pool = kv.pool
-    return (list(pool.free), [(b.ref_cnt, b.block_hash) for b in pool.blocks], dict(pool.cached),
-            {k: list(v) for k, v in kv.req_blocks.items()}, dict(kv.num_cached_blocks))
+    return (
+        list(pool.free),
+        [(b.ref_cnt, b.block_hash) for b in pool.blocks],
+        dict(pool.cached),
+        {k: list(v) for k, v in kv.req_blocks.items()},
+        dict(kv.num_cached_blocks),
+    )
 
 
 def test_allocate_slots_short_pool_has_no_side_effects():
     kv = KVCacheManager(4, BS, enable_caching=True)
     a = req("a", list(range(2 * BS)))
-    admit(kv, a)                             # 2 of 4 blocks in use
+    admit(kv, a)  # 2 of 4 blocks in use
     before = _snapshot(kv)
     b = req("b", list(range(100, 100 + 2 * BS + 1)))
-    assert kv.allocate_slots(b, 2 * BS + 1) is None     # needs 3, 2 free
+    assert kv.allocate_slots(b, 2 * BS + 1) is None  # needs 3, 2 free
     assert _snapshot(kv) == before
     assert "b" not in kv.req_blocks
     # A running request asking for more than is left also gets None and keeps what it had.
@@ -224,7 +229,7 @@ def test_allocate_slots_counts_free_hit_blocks_as_unavailable():
     prompt = list(range(2 * BS + 1))
     a = req("a", prompt)
     admit(kv, a)
-    kv.free(a)                               # 2 cached full blocks with ref 0 sit in the free list
+    kv.free(a)  # 2 cached full blocks with ref 0 sit in the free list
     pool = kv.pool
     assert pool.num_free_blocks == 5
 
@@ -251,8 +256,8 @@ def test_allocate_slots_counts_free_hit_blocks_as_unavailable():
 def test_hit_blocks_held_by_others_do_not_reduce_free_space():
     kv = KVCacheManager(5, BS, enable_caching=True)
     prompt = list(range(2 * BS + 1))
-    admit(kv, req("a", prompt))              # 3 blocks held, 2 free
-    b = req("b", prompt + [60] * (2 * BS - 1))   # hits 2 (held by a), needs 2 more
+    admit(kv, req("a", prompt))  # 3 blocks held, 2 free
+    b = req("b", prompt + [60] * (2 * BS - 1))  # hits 2 (held by a), needs 2 more
     hits, num_hit = kv.get_computed_blocks(b)
     assert num_hit == 2 * BS and all(h.ref_cnt == 1 for h in hits)
     new = kv.allocate_slots(b, b.num_tokens - num_hit, hits)
@@ -264,11 +269,11 @@ def test_blocks_are_cached_only_when_full_of_computed_tokens():
     kv = KVCacheManager(16, BS, enable_caching=True)
     prompt = list(range(3 * BS))
     a = req("a", prompt)
-    kv.allocate_slots(a, BS + 2)             # a chunk: block 0 full, block 1 half
+    kv.allocate_slots(a, BS + 2)  # a chunk: block 0 full, block 1 half
     a.num_computed_tokens = BS + 2
     blocks = [kv.pool.blocks[i] for i in kv.block_ids("a")]
     assert blocks[0].block_hash is not None and blocks[1].block_hash is None
     assert kv.get_computed_blocks(req("b", prompt))[1] == BS
-    kv.allocate_slots(a, 2 * BS - 2)         # the rest of the prompt
+    kv.allocate_slots(a, 2 * BS - 2)  # the rest of the prompt
     assert all(kv.pool.blocks[i].block_hash is not None for i in kv.block_ids("a"))
     assert kv.get_computed_blocks(req("c", prompt))[1] == 2 * BS

@@ -24,17 +24,27 @@ from distgen.sampling_params import SamplingParams
 EOS = 2
 
 
-def make_scheduler(num_blocks: int, block_size: int = 4, max_num_seqs: int = 16, max_batched: int = 64,
-                   chunked: bool = True, caching: bool = True) -> Scheduler:
+def make_scheduler(
+    num_blocks: int,
+    block_size: int = 4,
+    max_num_seqs: int = 16,
+    max_batched: int = 64,
+    chunked: bool = True,
+    caching: bool = True,
+) -> Scheduler:
     return Scheduler(
-        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
-                        enable_chunked_prefill=chunked),
+        SchedulerConfig(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched, enable_chunked_prefill=chunked
+        ),
         CacheConfig(block_size=block_size, enable_prefix_caching=caching, num_blocks=num_blocks),
-        num_blocks, max_model_len=4096)
+        num_blocks,
+        max_model_len=4096,
+    )
 
 
-def make_request(rid: str, prompt: list[int], max_tokens: int = 8, eos: tuple[int, ...] = (EOS,),
-                 **params) -> Request:
+def make_request(
+    rid: str, prompt: list[int], max_tokens: int = 8, eos: tuple[int, ...] = (EOS,), **params
+) -> Request:
     sp = SamplingParams(max_tokens=max_tokens, **params)
     sp._eos_token_ids = list(eos)
     return Request(rid, prompt, sp, max_tokens)
@@ -61,7 +71,7 @@ class FakeWorker:
         self.bs = block_size
         self.kv: list[int | None] = [None] * (num_blocks * block_size)
         self.reqs: dict[str, _WorkerReq] = {}
-        self.seen_new: list = []       # every NewRequestData received, in order
+        self.seen_new: list = []  # every NewRequestData received, in order
         self.num_context_checks = 0
 
     def slot(self, st: _WorkerReq, pos: int) -> int:
@@ -123,8 +133,9 @@ class Sim:
         self.s.add_request(req)
         return req
 
-    def step(self, between: Callable[[SchedulerOutput], None] | None = None
-             ) -> tuple[SchedulerOutput, dict[str, int]]:
+    def step(
+        self, between: Callable[[SchedulerOutput], None] | None = None
+    ) -> tuple[SchedulerOutput, dict[str, int]]:
         """One engine step; ``between`` runs after schedule() and before the model (e.g. an abort)."""
         s = self.s
         out = s.schedule()
@@ -139,15 +150,18 @@ class Sim:
             assert req.num_computed_tokens + n <= req.num_tokens
             assert len(s.kv.req_blocks[rid]) * s.kv.block_size >= req.num_computed_tokens + n
         # The model samples exactly for the requests whose chunk reaches their last known token.
-        expect = {rid for rid, n in out.num_scheduled_tokens.items()
-                  if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens}
+        expect = {
+            rid
+            for rid, n in out.num_scheduled_tokens.items()
+            if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens
+        }
         if between is not None:
             between(out)
             check_invariants(s)
-        gone = set(out.num_scheduled_tokens) - set(s.requests)    # finished while the step was out
+        gone = set(out.num_scheduled_tokens) - set(s.requests)  # finished while the step was out
         sampled = self.w.execute(out, self.choose)
         assert set(sampled) == expect
-        for rid in set(out.num_scheduled_tokens) - gone:    # the diffs rebuilt the scheduler's view exactly
+        for rid in set(out.num_scheduled_tokens) - gone:  # the diffs rebuilt the scheduler's view exactly
             req, st = s.requests[rid], self.w.reqs[rid]
             assert st.tokens == req.all_token_ids
             assert st.block_ids == s.kv.block_ids(rid)
@@ -223,6 +237,7 @@ def assert_no_leaks(sim: Sim) -> None:
 
 # -- budget, chunking, ordering ---------------------------------------------------------------------
 
+
 def test_token_budget_and_max_num_seqs_every_step():
     sim = Sim(make_scheduler(num_blocks=200, max_num_seqs=3, max_batched=10))
     for i in range(7):
@@ -231,7 +246,7 @@ def test_token_budget_and_max_num_seqs_every_step():
     for out in sim.outputs:
         assert out.total_num_scheduled_tokens <= 10
         assert len(out.num_scheduled_tokens) <= 3
-    assert max(o.total_num_scheduled_tokens for o in sim.outputs) == 10     # the budget gets used
+    assert max(o.total_num_scheduled_tokens for o in sim.outputs) == 10  # the budget gets used
     assert max(len(o.num_scheduled_tokens) for o in sim.outputs) == 3
     assert all(len(r.output_token_ids) == 5 for r in sim.finished.values())
     assert len(sim.finished) == 7
@@ -246,7 +261,7 @@ def test_chunked_prefill_splits_a_long_prompt():
         out, sampled = sim.step()
         chunks.append(out.num_scheduled_tokens["long"])
         if len(chunks) <= 3:
-            assert sampled == {}                 # partial prefill chunks sample nothing
+            assert sampled == {}  # partial prefill chunks sample nothing
     assert chunks == [16, 16, 16, 2, 1, 1]
     assert r.num_output_tokens == 3 and r.status == RequestStatus.FINISHED_LENGTH
     assert_no_leaks(sim)
@@ -257,7 +272,7 @@ def test_without_chunked_prefill_prompts_are_scheduled_whole():
     sim.add(make_request("a", list(range(10)), max_tokens=2))
     sim.add(make_request("b", list(range(100, 110)), max_tokens=2))
     out, _ = sim.step()
-    assert out.num_scheduled_tokens == {"a": 10}        # b does not fit in the 6 left: not chunked
+    assert out.num_scheduled_tokens == {"a": 10}  # b does not fit in the 6 left: not chunked
     out, _ = sim.step()
     assert out.num_scheduled_tokens == {"a": 1, "b": 10}
     sim.run()
@@ -268,7 +283,7 @@ def test_decodes_are_scheduled_before_new_prefills():
     sim = Sim(make_scheduler(num_blocks=64, max_batched=5))
     for i in range(3):
         sim.add(make_request(f"d{i}", [i + 1], max_tokens=20))
-    out, sampled = sim.step()                           # three 1-token prompts: prefilled together
+    out, sampled = sim.step()  # three 1-token prompts: prefilled together
     assert set(sampled) == {"d0", "d1", "d2"}
     sim.add(make_request("p", list(range(100, 120)), max_tokens=2))
     out, _ = sim.step()
@@ -276,7 +291,7 @@ def test_decodes_are_scheduled_before_new_prefills():
     assert list(out.num_scheduled_tokens)[:3] == ["d0", "d1", "d2"]
     assert [n.req_id for n in out.new_reqs] == ["p"]
     out, _ = sim.step()
-    assert out.num_scheduled_tokens == {"d0": 1, "d1": 1, "d2": 1, "p": 2}   # p keeps its chunk behind
+    assert out.num_scheduled_tokens == {"d0": 1, "d1": 1, "d2": 1, "p": 2}  # p keeps its chunk behind
 
 
 def test_budget_spent_on_decodes_leaves_prefill_waiting():
@@ -313,9 +328,10 @@ def test_duplicate_request_id_rejected():
 
 # -- prefix cache through the scheduler ------------------------------------------------------------
 
+
 def test_second_request_with_same_prompt_starts_from_cache():
     sim = Sim(make_scheduler(num_blocks=64, block_size=4))
-    prompt = list(range(30, 45))                          # 15 tokens: 3 full blocks
+    prompt = list(range(30, 45))  # 15 tokens: 3 full blocks
     a = sim.add(make_request("a", prompt, max_tokens=5))
     sim.step()
     b = sim.add(make_request("b", prompt, max_tokens=2))
@@ -332,6 +348,7 @@ def test_second_request_with_same_prompt_starts_from_cache():
 
 
 # -- preemption -------------------------------------------------------------------------------------
+
 
 def test_preemption_resends_full_request_and_everything_finishes():
     # 6 blocks of 4 tokens; three requests of 6 prompt tokens growing to 6 + 10 = 16 tokens (4 blocks) each.
@@ -351,7 +368,7 @@ def test_preemption_resends_full_request_and_everything_finishes():
     assert resent, "a preempted request came back with its outputs"
     for n in resent:
         r = sim.finished[n.req_id]
-        assert n.token_ids == r.all_token_ids[:len(n.token_ids)]
+        assert n.token_ids == r.all_token_ids[: len(n.token_ids)]
         assert n.num_prompt_tokens == 6
     assert_no_leaks(sim)
 
@@ -378,8 +395,8 @@ def test_preempted_request_resumes_from_its_cached_blocks():
     assert first.token_ids == b.prompt_token_ids and first.num_computed_tokens == 0
     assert resend.token_ids == tokens_at_preemption == b.prompt_token_ids + b.output_token_ids[:4]
     assert resend.num_prompt_tokens == 9
-    assert resend.num_computed_tokens == 8                 # resumed from the prefix cache
-    assert b.num_cached_tokens == 0                        # the first admission's hit count is kept
+    assert resend.num_computed_tokens == 8  # resumed from the prefix cache
+    assert b.num_cached_tokens == 0  # the first admission's hit count is kept
     assert a.num_output_tokens == 8 and b.num_output_tokens == 6
     assert_no_leaks(sim)
 
@@ -396,13 +413,14 @@ def test_preemption_without_prefix_caching_recomputes_everything():
 
 def test_lone_request_that_fills_the_pool_finishes():
     sim = Sim(make_scheduler(num_blocks=4, block_size=4, max_batched=8))
-    r = sim.add(make_request("r", list(range(9)), max_tokens=8))          # 9 + 8 - 1 = 16 computed tokens
+    r = sim.add(make_request("r", list(range(9)), max_tokens=8))  # 9 + 8 - 1 = 16 computed tokens
     sim.run()
     assert r.num_output_tokens == 8 and sim.s.num_preemptions == 0
     assert_no_leaks(sim)
 
 
 # -- finishing, aborts, leaks -----------------------------------------------------------------------
+
 
 def test_abort_while_waiting_and_while_running():
     sim = Sim(make_scheduler(num_blocks=32, max_num_seqs=2))
@@ -415,7 +433,7 @@ def test_abort_while_waiting_and_while_running():
     done = sim.s.finish_requests(["c", "a", "nope"], RequestStatus.FINISHED_ABORTED)
     assert [r.request_id for r in done] == ["c", "a"]
     assert a.status == c.status == RequestStatus.FINISHED_ABORTED
-    assert sim.s.finish_requests(["a"], RequestStatus.FINISHED_ABORTED) == []    # idempotent
+    assert sim.s.finish_requests(["a"], RequestStatus.FINISHED_ABORTED) == []  # idempotent
     out, _ = sim.step()
     assert sorted(out.finished_req_ids) == ["a", "c"]
     assert "a" not in sim.w.reqs and "b" in sim.w.reqs
@@ -445,8 +463,8 @@ def test_abort_while_the_step_is_in_flight():
     b = sim.add(make_request("b", list(range(9)), max_tokens=5))
     sim.step()
     out, sampled = sim.step(lambda out: sim.s.finish_requests(["a"], RequestStatus.FINISHED_ABORTED))
-    assert "a" in out.num_scheduled_tokens and "a" in sampled       # the model did sample it...
-    assert a.num_output_tokens == 1 and a.status == RequestStatus.FINISHED_ABORTED   # ...but it is dropped
+    assert "a" in out.num_scheduled_tokens and "a" in sampled  # the model did sample it...
+    assert a.num_output_tokens == 1 and a.status == RequestStatus.FINISHED_ABORTED  # ...but it is dropped
     assert b.num_output_tokens == 2
     out, _ = sim.step()
     assert out.finished_req_ids == ["a"] and "a" not in sim.w.reqs
@@ -470,6 +488,7 @@ def test_finished_ids_reach_the_workers_once():
 
 
 # -- stop rules --------------------------------------------------------------------------------------
+
 
 def run_one(tokens: list[int], **kwargs) -> Request:
     it = iter(tokens)
@@ -544,14 +563,15 @@ def test_prefix_cache_stats_count_each_request_once():
 
 # -- diff messages ----------------------------------------------------------------------------------
 
+
 def test_cached_request_data_carries_only_the_new_tokens_and_blocks():
     sim = Sim(make_scheduler(num_blocks=64, block_size=4, max_batched=5))
     r = sim.add(make_request("r", list(range(7)), max_tokens=12))
-    out, sampled = sim.step()                                # chunk of 5: 2 blocks
+    out, sampled = sim.step()  # chunk of 5: 2 blocks
     (nr,) = out.new_reqs
     assert nr.token_ids == list(range(7)) and nr.block_ids == sim.s.kv.block_ids("r")
     assert len(nr.block_ids) == 2 and sampled == {}
-    out, sampled = sim.step()                       # the last 2 prompt tokens: no new token, no block
+    out, sampled = sim.step()  # the last 2 prompt tokens: no new token, no block
     (cr,) = out.cached_reqs
     assert cr.new_token_ids == [] and cr.new_block_ids == [] and cr.num_computed_tokens == 5
     seen_blocks = list(sim.s.kv.block_ids("r"))
@@ -563,12 +583,12 @@ def test_cached_request_data_carries_only_the_new_tokens_and_blocks():
         assert not out.new_reqs
         assert cr.new_token_ids == [last]
         after = sim.s.kv.block_ids("r")
-        assert cr.new_block_ids == after[len(before):]
+        assert cr.new_block_ids == after[len(before) :]
         assert not set(cr.new_block_ids) & set(seen_blocks)
         seen_blocks += cr.new_block_ids
         assert cr.num_computed_tokens == r.num_computed_tokens - 1
     assert seen_blocks == sim.s.kv.block_ids("r")
-    assert len(seen_blocks) == 5                              # 17 computed tokens
+    assert len(seen_blocks) == 5  # 17 computed tokens
 
 
 def test_unscheduled_running_request_gets_all_missed_tokens_later():
@@ -576,12 +596,13 @@ def test_unscheduled_running_request_gets_all_missed_tokens_later():
     sim = Sim(make_scheduler(num_blocks=64, max_batched=1))
     sim.add(make_request("a", [1], max_tokens=4))
     sim.add(make_request("b", [2], max_tokens=4))
-    sim.run()                     # the worker asserts every diff rebuilds the scheduler's tokens
+    sim.run()  # the worker asserts every diff rebuilds the scheduler's tokens
     assert len(sim.finished) == 2 and all(r.num_output_tokens == 4 for r in sim.finished.values())
     assert_no_leaks(sim)
 
 
 # -- randomized property test -----------------------------------------------------------------------
+
 
 def _random_run(seed: int) -> dict[str, int]:
     rng = random.Random(seed)
@@ -590,9 +611,15 @@ def _random_run(seed: int) -> dict[str, int]:
     capacity = num_blocks * bs
     chunked = rng.random() < 0.8
     max_batched = rng.randint(max(2, capacity // 4), capacity + 8)
-    cfg = dict(num_blocks=num_blocks, block_size=bs, max_num_seqs=rng.randint(1, 8), max_batched=max_batched,
-               chunked=chunked, caching=rng.random() < 0.8)
-    vocab = rng.randint(3, 8)                      # small: equal blocks after different prefixes happen
+    cfg = dict(
+        num_blocks=num_blocks,
+        block_size=bs,
+        max_num_seqs=rng.randint(1, 8),
+        max_batched=max_batched,
+        chunked=chunked,
+        caching=rng.random() < 0.8,
+    )
+    vocab = rng.randint(3, 8)  # small: equal blocks after different prefixes happen
     eos = (0,) if rng.random() < 0.5 else ()
     limit = capacity if chunked else min(capacity, max_batched)
     bases = [[rng.randrange(vocab) for _ in range(rng.randint(1, 3 * bs + 2))] for _ in range(3)]
@@ -600,8 +627,9 @@ def _random_run(seed: int) -> dict[str, int]:
 
     pending = []
     for i in range(rng.randint(15, 40)):
-        prompt = (list(rng.choice(bases)) if rng.random() < 0.7 else []) + \
-            [rng.randrange(vocab) for _ in range(rng.randint(0, 2 * bs + 3))]
+        prompt = (list(rng.choice(bases)) if rng.random() < 0.7 else []) + [
+            rng.randrange(vocab) for _ in range(rng.randint(0, 2 * bs + 3))
+        ]
         prompt = (prompt or [1])[: max(1, limit - 1)]
         max_tokens = rng.randint(1, min(20, limit - len(prompt)))
         params = {}
@@ -630,11 +658,13 @@ def _random_run(seed: int) -> dict[str, int]:
             check_invariants(sim.s)
         between = None
         if rng.random() < 0.04:
-            def between(out: SchedulerOutput) -> None:      # abort a request whose step is in flight
+
+            def between(out: SchedulerOutput) -> None:  # abort a request whose step is in flight
                 if out.num_scheduled_tokens:
                     rid = rng.choice(sorted(out.num_scheduled_tokens))
                     assert sim.s.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
                     aborted.add(rid)
+
         sim.step(between)
         steps += 1
         assert steps < 3000, "no progress"
@@ -647,8 +677,8 @@ def _random_run(seed: int) -> dict[str, int]:
         out, params = r.output_token_ids, r.sampling_params
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos))
         # No stop token after min_tokens before the last one, and the finish reason matches the rules.
-        assert not any(t in stops for t in out[max(params.min_tokens, 1) - 1:-1])
-        if len(out) == r.max_tokens:   # length is checked first, as in vLLM
+        assert not any(t in stops for t in out[max(params.min_tokens, 1) - 1 : -1])
+        if len(out) == r.max_tokens:  # length is checked first, as in vLLM
             assert r.status == RequestStatus.FINISHED_LENGTH
         elif out[-1] in stops and len(out) >= params.min_tokens:
             assert r.status == RequestStatus.FINISHED_STOPPED
@@ -657,8 +687,12 @@ def _random_run(seed: int) -> dict[str, int]:
         assert len(out) <= r.max_tokens
         assert r.all_token_ids == r.prompt_token_ids + out
     assert_no_leaks(sim)
-    return {"preemptions": sim.s.num_preemptions, "hits": sim.s.kv.pool.num_hits,
-            "aborted": len(aborted), "checks": sim.w.num_context_checks}
+    return {
+        "preemptions": sim.s.num_preemptions,
+        "hits": sim.s.kv.pool.num_hits,
+        "aborted": len(aborted),
+        "checks": sim.w.num_context_checks,
+    }
 
 
 def test_randomized_invariants():

@@ -58,7 +58,7 @@ def test_greedy_matches_transformers(arch, scenario, tiny_model_dir, references)
     elif scenario == "prefix-cache":
         # Every prompt twice in one batch, then the whole batch again: later copies hit the cache.
         got = _generate(llm, PROMPTS + PROMPTS)
-        check_greedy_close(refs, got[len(PROMPTS):], f"{arch}/{scenario}/dup")
+        check_greedy_close(refs, got[len(PROMPTS) :], f"{arch}/{scenario}/dup")
         got = _generate(llm, PROMPTS)
         assert core.scheduler.kv.pool.num_hits > 0
     else:

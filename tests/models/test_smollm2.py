@@ -12,11 +12,21 @@ from tests.conftest import check_greedy_close, hf_greedy
 
 MAX_NEW = 10
 TEXTS = [
-    "Hello, my name is", "The capital of France is", "Write a haiku about the sea.",
-    "def fibonacci(n):", "In 1969, the first humans", "List three primary colors:",
-    "The quick brown fox", "Translate to French: good morning", "Why is the sky blue?",
-    "Once upon a time, in a small village,", "The derivative of x squared is", "import numpy as np\n",
-    "Q: What is 12 times 7?\nA:", "My favourite food is", "Climate change is caused by",
+    "Hello, my name is",
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "def fibonacci(n):",
+    "In 1969, the first humans",
+    "List three primary colors:",
+    "The quick brown fox",
+    "Translate to French: good morning",
+    "Why is the sky blue?",
+    "Once upon a time, in a small village,",
+    "The derivative of x squared is",
+    "import numpy as np\n",
+    "Q: What is 12 times 7?\nA:",
+    "My favourite food is",
+    "Climate change is caused by",
     "Dear hiring manager, I am writing to apply for the position of software engineer at your company, "
     "where I hope to bring my experience in distributed systems and machine learning. " * 3,
 ]
@@ -41,18 +51,20 @@ def smol():
 @pytest.mark.parametrize("scenario", ["one-batch", "chunked-prefill+prefix-cache", "preemption"])
 def test_smollm2_greedy_matches_transformers(smol, scenario):
     prompts, refs = smol
-    kwargs = {"one-batch": dict(enable_prefix_caching=False),
-              "chunked-prefill+prefix-cache": dict(max_num_batched_tokens=32, block_size=8),
-              "preemption": dict(num_gpu_blocks_override=16, block_size=16)}[scenario]
+    kwargs = {
+        "one-batch": dict(enable_prefix_caching=False),
+        "chunked-prefill+prefix-cache": dict(max_num_batched_tokens=32, block_size=8),
+        "preemption": dict(num_gpu_blocks_override=16, block_size=16),
+    }[scenario]
     llm = LLM(dtype="float32", **kwargs)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     reqs = [{"prompt_token_ids": p} for p in prompts]
     if scenario == "chunked-prefill+prefix-cache":
-        reqs = reqs[::-1] + reqs   # reversed order, then again: the second half hits the cache
+        reqs = reqs[::-1] + reqs  # reversed order, then again: the second half hits the cache
         outs = llm.generate(reqs, params, use_tqdm=False)
         got = [o.outputs[0].token_ids for o in outs]
         check_greedy_close(refs, got[: len(prompts)][::-1], f"smollm2/{scenario}/reversed")
-        got = got[len(prompts):]
+        got = got[len(prompts) :]
         assert llm.llm_engine.core.scheduler.kv.pool.num_hits > 0
     else:
         got = [o.outputs[0].token_ids for o in llm.generate(reqs, params, use_tqdm=False)]
@@ -67,7 +79,9 @@ def test_smollm2_greedy_matches_transformers(smol, scenario):
 def test_default_model_text_generation():
     """LLM() with no model loads SmolLM2 and answers a factual prompt sensibly, ending on EOS or length."""
     llm = LLM(kv_cache_memory=64 << 20)
-    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    out = llm.generate(
+        "The capital of France is", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False
+    )[0]
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason in ("stop", "length")
     assert torch.is_tensor(torch.tensor(out.prompt_token_ids))

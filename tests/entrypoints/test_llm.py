@@ -1,0 +1,231 @@
+"""``LLM.generate`` end to end on a tiny Llama: inputs, outputs, sampling features, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from distgen import LLM, SamplingParams
+from tests.conftest import random_prompts
+
+KV = 16 << 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(model_dir, dtype="float32", kv_cache_memory=KV)
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+PROMPTS = random_prompts(6, seed=7, lo=4, hi=30)
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def tok_prompts(prompts=PROMPTS):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def test_input_forms_and_order(llm):
+    tok = llm.get_tokenizer()
+    texts = ["Hello, my name is", "The capital of France is", "a"]
+    by_text = llm.generate(texts, GREEDY, use_tqdm=False)
+    assert [o.prompt for o in by_text] == texts
+    assert [o.request_id for o in by_text] == sorted({o.request_id for o in by_text}, key=int)
+    single = llm.generate(texts[1], GREEDY, use_tqdm=False)
+    assert len(single) == 1 and single[0].outputs[0].token_ids == by_text[1].outputs[0].token_ids
+    ids = tok(texts[0]).input_ids
+    as_ids = llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0]
+    assert as_ids.prompt_token_ids == ids and as_ids.outputs[0].token_ids == by_text[0].outputs[0].token_ids
+    # One SamplingParams per prompt.
+    outs = llm.generate(texts, [GREEDY, SamplingParams(temperature=0, max_tokens=3), GREEDY], use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [12, 3, 12]
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
+    with pytest.raises(ValueError, match="SamplingParams for 3 prompts"):
+        llm.generate(texts, [GREEDY, GREEDY], use_tqdm=False)
+
+
+def test_text_is_the_detokenized_tokens(llm):
+    tok = llm.get_tokenizer()
+    out = llm.generate(tok_prompts(), GREEDY, use_tqdm=False)
+    for o in out:
+        c = o.outputs[0]
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+        assert o.metrics.arrival_time <= o.metrics.first_token_time <= o.metrics.finished_time
+
+
+def test_seeded_sampling_is_reproducible_across_batches(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234, ignore_eos=True)
+    alone = llm.generate(tok_prompts(PROMPTS[:1]), p, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=0.7, max_tokens=14, ignore_eos=True)
+    mixed = llm.generate(
+        tok_prompts(PROMPTS[1:4]) + tok_prompts(PROMPTS[:1]), [others] * 3 + [p], use_tqdm=False
+    )
+    assert mixed[-1].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=99, ignore_eos=True)
+    assert llm.generate(tok_prompts(PROMPTS[:1]), other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_n_samples(llm):
+    p = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=5, ignore_eos=True)
+    (out,) = llm.generate(tok_prompts(PROMPTS[:1]), p, use_tqdm=False)
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 6 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    greedy = llm.generate(
+        tok_prompts(PROMPTS[:1]), SamplingParams(n=2, temperature=0, max_tokens=6), use_tqdm=False
+    )[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+
+
+def test_stop_string_ends_output_where_it_occurs(llm):
+    base = llm.generate(
+        tok_prompts(PROMPTS[:1]),
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    text = base.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), f"pick a visible stop string from {text!r}"
+    cut = text.index(stop)
+    out = llm.generate(
+        tok_prompts(PROMPTS[:1]), SamplingParams(temperature=0, max_tokens=20, stop=[stop]), use_tqdm=False
+    )[0].outputs[0]
+    assert out.text == text[:cut] and out.finish_reason == "stop" and out.stop_reason == stop
+    inc = llm.generate(
+        tok_prompts(PROMPTS[:1]),
+        SamplingParams(temperature=0, max_tokens=20, stop=[stop], include_stop_str_in_output=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert inc.text == text[: cut + len(stop)]
+    # The token that completed the stop string is the last one returned.
+    assert inc.token_ids == base.token_ids[: len(inc.token_ids)]
+
+
+def test_stop_token_ids(llm):
+    base = llm.generate(tok_prompts(PROMPTS[:1]), GREEDY, use_tqdm=False)[0].outputs[0]
+    stop_id = base.token_ids[4]
+    first = base.token_ids.index(stop_id)
+    out = llm.generate(
+        tok_prompts(PROMPTS[:1]),
+        SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_id]),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert out.token_ids == base.token_ids[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    tok = llm.get_tokenizer()
+    assert out.text == tok.decode(base.token_ids[:first], skip_special_tokens=True)
+
+
+def test_logprobs_match_transformers(llm, hf_model):
+    prompt = PROMPTS[2]
+    out = llm.generate(
+        tok_prompts([prompt]),
+        SamplingParams(temperature=0, max_tokens=5, logprobs=3, prompt_logprobs=2, ignore_eos=True),
+        use_tqdm=False,
+    )[0]
+    c = out.outputs[0]
+    full = torch.tensor([prompt + c.token_ids[:-1]])
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf_model(full).logits[0].float(), -1)
+    n = len(prompt)
+    assert len(c.logprobs) == 5
+    total = 0.0
+    for j, (tid, d) in enumerate(zip(c.token_ids, c.logprobs)):
+        assert tid in d and d[tid].rank == 1 and 3 <= len(d) <= 4
+        assert math.isclose(d[tid].logprob, ref[n - 1 + j, tid].item(), abs_tol=1e-4)
+        top = ref[n - 1 + j].topk(3).indices.tolist()
+        assert set(top) <= set(d)
+        total += d[tid].logprob
+    assert math.isclose(c.cumulative_logprob, total, abs_tol=1e-4)
+    plp = out.prompt_logprobs
+    assert len(plp) == n and plp[0] is None
+    for p in range(1, n):
+        actual = prompt[p]
+        assert actual in plp[p]
+        assert math.isclose(plp[p][actual].logprob, ref[p - 1, actual].item(), abs_tol=1e-4)
+        assert plp[p][actual].rank == int((ref[p - 1] > ref[p - 1, actual]).sum()) + 1
+
+
+def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate({"prompt_token_ids": []}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"prompt has 2000 tokens.*maximum model length is 1024"):
+        llm.generate({"prompt_token_ids": [5] * 2000}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="out of the vocabulary"):
+        llm.generate({"prompt_token_ids": [5, 10**7]}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    out = llm.generate(tok_prompts(PROMPTS[:2]), GREEDY, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 12 for o in out)
+    core = llm.llm_engine.core
+    assert not core.has_unfinished() and core.scheduler.kv.pool.num_free_blocks == core.num_blocks
+
+
+def test_unsupported_architecture(tmp_path, model_dir):
+    d = tmp_path / "gpt2ish"
+    shutil.copytree(model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*supported architectures: .*LlamaForCausalLM"):
+        LLM(str(d), kv_cache_memory=KV)
+
+
+def test_missing_model_path():
+    with pytest.raises(FileNotFoundError, match="not found"):
+        LLM("/nonexistent/model", kv_cache_memory=KV)
+
+
+def test_generation_config_defaults(tmp_path, model_dir):
+    d = tmp_path / "with-genconfig"
+    shutil.copytree(model_dir, d)
+    (d / "generation_config.json").write_text(
+        json.dumps(
+            {"temperature": 0.25, "top_k": 7, "top_p": 0.5, "repetition_penalty": 1.1, "max_new_tokens": 5}
+        )
+    )
+    llm = LLM(str(d), kv_cache_memory=KV)
+    p = llm.get_default_sampling_params()
+    assert (p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.max_tokens) == (0.25, 7, 0.5, 1.1, 5)
+    out = llm.generate(tok_prompts(PROMPTS[:1]), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) <= 5
+    for off in ("distgen", "vllm"):
+        llm2 = LLM(str(d), kv_cache_memory=KV, generation_config=off)
+        assert llm2.get_default_sampling_params() == SamplingParams()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 3}))
+    llm3 = LLM(str(d), kv_cache_memory=KV, generation_config=str(other))
+    assert llm3.get_default_sampling_params().max_tokens == 3
+
+
+def test_sharded_safetensors_with_index(tmp_path, model_dir, llm):
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    d = tmp_path / "sharded"
+    model.save_pretrained(d, max_shard_size="2MB")
+    for f in os.listdir(model_dir):
+        if f.startswith("tokenizer") or f.endswith(".jinja") or f == "special_tokens_map.json":
+            shutil.copy(os.path.join(model_dir, f), d)
+    assert (d / "model.safetensors.index.json").exists()
+    assert len(list(d.glob("*.safetensors"))) > 1
+    sharded = LLM(str(d), kv_cache_memory=KV)
+    a = [o.outputs[0].token_ids for o in sharded.generate(tok_prompts(), GREEDY, use_tqdm=False)]
+    b = [o.outputs[0].token_ids for o in llm.generate(tok_prompts(), GREEDY, use_tqdm=False)]
+    assert a == b
