@@ -10,8 +10,10 @@ from tqdm.auto import tqdm
 
 from distgen.engine.args import EngineArgs
 from distgen.engine.llm_engine import LLMEngine, PromptType
-from distgen.outputs import RequestOutput
-from distgen.sampling_params import SamplingParams
+from distgen.entrypoints.beam_search import beam_search
+from distgen.entrypoints.chat_utils import Conversation, render_chat, validate_conversation
+from distgen.outputs import BeamSearchOutput, RequestOutput
+from distgen.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("distgen")
 
@@ -66,6 +68,42 @@ class LLM:
             self.llm_engine.abort_request(ids)
             raise
         return self._run_engine(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, rendered with the model's chat
+        template (or ``chat_template``: a Jinja string, see ``load_chat_template``)."""
+        if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+            raise ValueError("messages must be a conversation (a list of message dicts) or a list of them")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in conversations:
+            text, ids = render_chat(
+                self.get_tokenizer(),
+                validate_conversation(conv),
+                chat_template,
+                add_generation_prompt,
+                continue_final_message,
+                chat_template_kwargs,
+            )
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(
+        self, prompts: Sequence[PromptType], params: BeamSearchParams, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """Beam search per prompt; each output's ``sequences`` are sorted best first."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        return beam_search(self.llm_engine, list(prompts), params, use_tqdm)
 
     def _run_engine(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

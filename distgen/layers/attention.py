@@ -1,9 +1,13 @@
 """Paged attention over the KV cache, in plain batched torch (the CPU path and the kernels' reference).
 
-Every step the model runner lays the batch out as decode tokens first (one query each), then the
-prefill chunks. :class:`AttentionMetadata` is built once per step and shared by all layers:
-it holds where each new token's K/V goes in the cache (``slot_mapping``) and, per group, the block
-tables and masks needed to read the cached context back.
+The cache of one layer is ``[2, num_blocks, Hkv, block_size, D]`` (head-major inside a block), so
+reading a sequence's blocks back for one KV head is a gather of contiguous ``[block_size, D]`` tiles
+and lands as a contiguous ``[B, Hkv, L, D]`` tensor, ready for SDPA without a transpose copy.
+
+Every step the model runner lays the batch out as decode tokens first (one query each, shortest
+context first), then the prefill chunks. :class:`AttentionMetadata` is built once per step and
+shared by all layers. Gathered K/V land in a workspace the runner keeps across steps and layers:
+allocating tens of MB per layer per step costs more in page faults than the copy itself on the CPU.
 """
 
 from __future__ import annotations
@@ -16,16 +20,28 @@ from torch import nn
 
 
 @dataclass
+class ContextRead:
+    """Which cached tiles to read for a group of sequences, and how to mask them."""
+
+    tile_index: torch.Tensor  # [b * Hkv * nb] rows of the cache viewed as [num_blocks * Hkv, bs, D]
+    num_seqs: int
+    length: int  # nb * block_size: every sequence of the group is padded to this
+    mask: torch.Tensor  # bool, broadcastable to [b, H or Hkv, q, length]: True = attend
+
+
+@dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    num_decode: int  # the first num_decode tokens are single-token decodes
-    decode_block_table: torch.Tensor | None  # [Bd, nb]
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, nb*bs] bool: slot holds a real token
+    slot_block: torch.Tensor  # [T] block of each new token's slot
+    slot_offset: torch.Tensor  # [T] offset inside the block
+    num_decode: int
+    # Decodes in groups of similar context length, each padded only to its own longest context.
+    decode_groups: list[tuple[int, int, ContextRead]]
     num_prefill: int  # number of prefill sequences after the decodes
     prefill_max_q: int
     prefill_q_index: torch.Tensor | None  # [Tp] position of each prefill token in [Bp * max_q]
-    prefill_block_table: torch.Tensor | None  # [Bp, nb]; None when no prefill has cached context
-    prefill_mask: torch.Tensor | None  # [Bp, 1, max_q, L] bool (causal + lengths)
+    prefill_context: ContextRead | None  # None when every prefill starts fresh (no cached context)
+    prefill_mask: torch.Tensor | None  # [Bp, 1, max_q, max_q] for fresh prefills
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None  # flat K and V scratch, reused
 
 
 class Attention(nn.Module):
@@ -36,7 +52,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
         self.scale = scale
-        self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, Hkv, D], bound by the runner
+        self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, Hkv, block_size, D], bound by the runner
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -45,27 +61,34 @@ class Attention(nn.Module):
         assert self.kv_cache is not None, "KV cache not bound"
         t = q.shape[0]
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        write_kv(k_cache, v_cache, k, v, meta.slot_block, meta.slot_offset)
         out = q.new_empty(t, self.num_heads, self.head_dim)
         nd = meta.num_decode
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
+            self._decode(q[:nd], k_cache, v_cache, meta, out)
         if meta.num_prefill:
             out[nd:] = self._prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta)
         return out.view(t, self.num_heads * self.head_dim)
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        b = q.shape[0]
-        k = gather_kv(k_cache, meta.decode_block_table)  # [B, Hkv, L, D]
-        v = gather_kv(v_cache, meta.decode_block_table)
-        # Queries of one KV group ride in the "length" dim: [B, Hkv, group, D] against [B, Hkv, L, D].
-        qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=self.scale)
-        return o.reshape(b, self.num_heads, self.head_dim)
+    def _read(self, k_cache, v_cache, ctx: ContextRead, meta: AttentionMetadata):
+        ws = meta.workspace
+        k = read_context(k_cache, ctx, None if ws is None else ws[0])
+        v = read_context(v_cache, ctx, None if ws is None else ws[1])
+        return k, v
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, out: torch.Tensor) -> None:
+        for start, end, ctx in meta.decode_groups:
+            b = end - start
+            k, v = self._read(k_cache, v_cache, ctx, meta)  # [b, Hkv, L, D]
+            # Queries sharing a KV head ride in the "length" dim: [b, Hkv, group, D] against [b, Hkv, L, D].
+            qg = q[start:end].view(b, self.num_kv_heads, self.group, self.head_dim)
+            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=ctx.mask, scale=self.scale)
+            out[start:end] = o.view(b, self.num_heads, self.head_dim)
 
     def _prefill(self, q, k_new, v_new, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         bp, mq, h, d = meta.num_prefill, meta.prefill_max_q, self.num_heads, self.head_dim
-        if bp == 1 and meta.prefill_block_table is None:
+        ctx = meta.prefill_context
+        if bp == 1 and ctx is None:
             # One fresh prompt chunk: plain causal attention on the new K/V, nothing to read back.
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1).unsqueeze(0),
@@ -77,32 +100,47 @@ class Attention(nn.Module):
             )
             return o[0].transpose(0, 1)
         qp = pad_tokens(q, meta.prefill_q_index, bp, mq).transpose(1, 2)  # [Bp, H, mq, D]
-        if meta.prefill_block_table is None:
+        if ctx is None:
             k = pad_tokens(k_new, meta.prefill_q_index, bp, mq).transpose(1, 2)
             v = pad_tokens(v_new, meta.prefill_q_index, bp, mq).transpose(1, 2)
+            mask = meta.prefill_mask
         else:
-            k = gather_kv(k_cache, meta.prefill_block_table)
-            v = gather_kv(v_cache, meta.prefill_block_table)
-        o = F.scaled_dot_product_attention(
-            qp, k, v, attn_mask=meta.prefill_mask, scale=self.scale, enable_gqa=True
-        )
+            k, v = self._read(k_cache, v_cache, ctx, meta)
+            mask = ctx.mask
+        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return o.transpose(1, 2).reshape(bp * mq, h, d)[meta.prefill_q_index]
 
 
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_block: torch.Tensor,
+    slot_offset: torch.Tensor,
 ) -> None:
-    """Store new K/V [T, Hkv, D] at their slots of the paged cache [num_blocks, block_size, Hkv, D]."""
-    hkv, d = k_cache.shape[-2:]
-    k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    """Store new K/V [T, Hkv, D] at their slots of the paged cache [num_blocks, Hkv, block_size, D]."""
+    k_cache[slot_block, :, slot_offset] = k.to(k_cache.dtype)
+    v_cache[slot_block, :, slot_offset] = v.to(v_cache.dtype)
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """Read whole blocks back: [num_blocks, bs, Hkv, D] x [B, nb] -> [B, Hkv, nb * bs, D] (a strided view)."""
-    b, nb = block_table.shape
-    _, bs, hkv, d = cache.shape
-    return cache[block_table].view(b, nb * bs, hkv, d).transpose(1, 2)
+def tile_index(block_table: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Cache rows (viewed as [num_blocks * Hkv, bs, D]) of [B, nb] blocks, in (seq, head, block) order."""
+    heads = torch.arange(num_kv_heads, device=block_table.device)
+    return (block_table[:, None, :] * num_kv_heads + heads[None, :, None]).flatten()
+
+
+def read_context(cache: torch.Tensor, ctx: ContextRead, workspace: torch.Tensor | None) -> torch.Tensor:
+    """Gather a group's blocks: -> contiguous [b, Hkv, length, D], in the workspace when one is given."""
+    _, hkv, bs, d = cache.shape
+    tiles = cache.view(-1, bs, d)
+    n = ctx.tile_index.numel()
+    if workspace is None or workspace.numel() < n * bs * d:
+        out = tiles.index_select(0, ctx.tile_index)
+    else:
+        out = workspace[: n * bs * d].view(n, bs, d)
+        torch.index_select(tiles, 0, ctx.tile_index, out=out)
+    return out.view(ctx.num_seqs, hkv, ctx.length, d)
 
 
 def pad_tokens(x: torch.Tensor, index: torch.Tensor, b: int, max_len: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from distgen.config import EngineConfig
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.distributed import parallel_state as ps
-from distgen.layers.attention import AttentionMetadata
+from distgen.layers.attention import AttentionMetadata, ContextRead, tile_index
 from distgen.layers.sampler import Sampler, SamplingMetadata
 from distgen.model_loader.loader import ModelSource, build_model
 from distgen.workers.input_batch import CachedRequestState, RequestStates
@@ -36,6 +36,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.states = RequestStates()
         self.kv_caches: list[torch.Tensor] = []
+        self._ws: tuple[torch.Tensor, torch.Tensor] | None = None
+        attn = self.model.attention_layers()[0]
+        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.is_driver = ps.tp_rank() == 0
 
     # -- KV cache -------------------------------------------------------------------------------
@@ -68,15 +71,8 @@ class ModelRunner:
         for attn in self.model.attention_layers():
             # Zeroed: attention reads whole blocks and masks the unused slots, and a masked NaN
             # left in fresh memory would still poison the weighted sum (0 * NaN).
-            cache = torch.zeros(
-                2,
-                num_blocks,
-                self.block_size,
-                attn.num_kv_heads,
-                attn.head_dim,
-                dtype=self.dtype,
-                device=self.device,
-            )
+            shape = (2, num_blocks, attn.num_kv_heads, self.block_size, attn.head_dim)
+            cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.kv_cache = cache
             self.kv_caches.append(cache)
         logger.info(
@@ -94,8 +90,8 @@ class ModelRunner:
             return ModelRunnerOutput([], [])
         rows = [self.states[rid] for rid in sched.num_scheduled_tokens]
         counts = [sched.num_scheduled_tokens[s.req_id] for s in rows]
-        # Decodes (one token) first, then prefill chunks.
-        order = sorted(range(len(rows)), key=lambda i: counts[i] != 1)
+        # Decodes (one token) first, shortest context first; then prefill chunks.
+        order = sorted(range(len(rows)), key=lambda i: (counts[i] != 1, rows[i].num_computed_tokens))
         rows = [rows[i] for i in order]
         counts = [counts[i] for i in order]
         batch = self._prepare(rows, counts)
@@ -118,30 +114,27 @@ class ModelRunner:
         table = np.zeros((len(rows), max_blocks), dtype=np.int64)
         for i, s in enumerate(rows):
             table[i, : len(s.block_ids)] = s.block_ids
-        slots = table[row_of_tok, positions // bs] * bs + positions % bs
+        slot_block = table[row_of_tok, positions // bs]
 
         nd = 0
         while nd < len(counts) and counts[nd] == 1:
             nd += 1
         seq_lens = starts_np + counts_np
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev),
+            slot_block=torch.from_numpy(slot_block).to(dev),
+            slot_offset=torch.from_numpy(positions % bs).to(dev),
             num_decode=nd,
-            decode_block_table=None,
-            decode_mask=None,
+            decode_groups=[],
             num_prefill=len(rows) - nd,
             prefill_max_q=0,
             prefill_q_index=None,
-            prefill_block_table=None,
+            prefill_context=None,
             prefill_mask=None,
         )
+        need = 0  # workspace elements for the largest context read
         if nd:
-            nb = int(-(-seq_lens[:nd].max() // bs))
-            meta.decode_block_table = torch.from_numpy(table[:nd, :nb]).to(dev)
-            kv_pos = torch.arange(nb * bs, device=dev)
-            meta.decode_mask = (kv_pos[None, :] < torch.from_numpy(seq_lens[:nd]).to(dev)[:, None]).view(
-                nd, 1, 1, nb * bs
-            )
+            meta.decode_groups = self._decode_groups(table[:nd], seq_lens[:nd])
+            need = max(g[2].tile_index.numel() for g in meta.decode_groups)
         if len(rows) > nd:
             p_counts, p_starts, p_lens = counts_np[nd:], starts_np[nd:], seq_lens[nd:]
             mq = int(p_counts.max())
@@ -153,23 +146,55 @@ class ModelRunner:
             q_pos = torch.arange(mq, device=dev)
             starts_t = torch.from_numpy(p_starts).to(dev)[:, None, None]
             lens_t = torch.from_numpy(p_lens).to(dev)[:, None, None]
-            if p_starts.max() == 0:
-                # Fresh prompts: keys are the new tokens themselves, padded like the queries.
-                kv_pos = torch.arange(mq, device=dev)
-            else:
-                nb = int(-(-p_lens.max() // bs))
-                meta.prefill_block_table = torch.from_numpy(table[nd:, :nb]).to(dev)
-                kv_pos = torch.arange(nb * bs, device=dev)
+            fresh = p_starts.max() == 0
+            # Fresh prompts: keys are the new tokens themselves, padded like the queries.
+            nb = 0 if fresh else int(-(-p_lens.max() // bs))
+            kv_pos = torch.arange(mq if fresh else nb * bs, device=dev)
             mask = (kv_pos[None, None, :] <= starts_t + q_pos[None, :, None]) & (
                 kv_pos[None, None, :] < lens_t
             )
-            meta.prefill_mask = mask.view(bp, 1, mq, -1)
+            mask = mask.view(bp, 1, mq, -1)
+            if fresh:
+                meta.prefill_mask = mask
+            else:
+                block_table = torch.from_numpy(table[nd:, :nb]).to(dev)
+                meta.prefill_context = ContextRead(
+                    tile_index(block_table, self.num_kv_heads), bp, nb * bs, mask
+                )
+                need = max(need, meta.prefill_context.tile_index.numel())
+        if need:
+            meta.workspace = self._workspace(need * bs * self.head_dim)
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long, device=dev),
             "positions": torch.from_numpy(positions).to(dev),
             "meta": meta,
             "cu": cu,
         }
+
+    def _decode_groups(self, table: np.ndarray, seq_lens: np.ndarray) -> list:
+        """Split decode rows (sorted by context length) into up to 4 equal-count groups when their
+        lengths differ enough that padding everything to the longest would waste real work."""
+        bs, dev, nd = self.block_size, self.device, len(seq_lens)
+        num_groups = 1
+        if nd >= 8 and seq_lens[-1] > 2 * seq_lens[0] + 4 * bs:
+            num_groups = 4 if nd >= 32 else 2
+        bounds = [round(i * nd / num_groups) for i in range(num_groups + 1)]
+        groups = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            nb = int(-(-seq_lens[end - 1] // bs))
+            kv_pos = torch.arange(nb * bs, device=dev)
+            lens = torch.from_numpy(seq_lens[start:end]).to(dev)
+            mask = (kv_pos[None, :] < lens[:, None]).view(end - start, 1, 1, nb * bs)
+            tiles = tile_index(torch.from_numpy(table[start:end, :nb]).to(dev), self.num_kv_heads)
+            groups.append((start, end, ContextRead(tiles, end - start, nb * bs, mask)))
+        return groups
+
+    def _workspace(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V scratch for context reads, grown (by half again) when a step needs more."""
+        if self._ws is None or self._ws[0].numel() < numel:
+            numel = int(numel * 1.5)
+            self._ws = tuple(torch.empty(numel, dtype=self.dtype, device=self.device) for _ in range(2))
+        return self._ws
 
     # -- sampling --------------------------------------------------------------------------
     def _sample(self, rows, counts, hidden: torch.Tensor, batch: dict) -> ModelRunnerOutput | None:
