@@ -13,10 +13,14 @@ Supported GGUF architectures: ``llama`` (also Mistral and SmolLM2, which llama.c
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -256,25 +260,66 @@ class GGUFCheckpoint:
         """
         from transformers import AutoTokenizer
 
+        cached = _tokenizer_cache_dir(self.path)
+        if cached is not None and os.path.isdir(cached):
+            try:
+                return AutoTokenizer.from_pretrained(cached)
+            except Exception:   # a damaged cache entry: rebuild it below
+                shutil.rmtree(cached, ignore_errors=True)
         directory, filename = os.path.split(os.path.abspath(self.path))
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
         if self.chat_template is not None:
             tokenizer.chat_template = self.chat_template
+        if cached is not None:
+            _save_atomically(tokenizer, cached)
         return tokenizer
+
+
+def _tokenizer_cache_dir(path: str) -> str | None:
+    """Where the converted tokenizer of ``path`` is kept (converting a GGUF vocabulary takes seconds).
+
+    Keyed by the file's path, size and modification time; ``DISTGEN_CACHE_DIR`` moves the cache and
+    ``DISTGEN_CACHE_DIR=""`` turns it off.
+    """
+    root = os.environ.get("DISTGEN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "distgen"))
+    if not root:
+        return None
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return os.path.join(root, "gguf-tokenizers", key)
+
+
+def _save_atomically(tokenizer, target: str) -> None:
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(target))
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:   # read-only home, a concurrent writer won the race...: the cache is optional
+        pass
 
 
 def read_gguf(path: str) -> GGUFCheckpoint:
     """Open a GGUF file and read its metadata; tensor data is read later, by ``iter_weights``.
 
+    Parsing the metadata takes seconds (the vocabulary arrays), so the result is kept per
+    (path, size, mtime) for the life of the process.
+
     Raises:
         FileNotFoundError: if ``path`` does not exist.
         ValueError: if the file's architecture is not supported.
     """
-    from gguf import GGUFReader
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path!r}")
+    st = os.stat(path)
+    return _read_gguf_cached(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf_cached(path: str, size: int, mtime_ns: int) -> GGUFCheckpoint:
+    from gguf import GGUFReader
+
     reader = GGUFReader(path)
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:

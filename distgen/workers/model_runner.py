@@ -69,12 +69,14 @@ class ModelRunner:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = []
         for attn in self.model.attention_layers():
-            # Zeroed: attention reads whole blocks and masks the unused slots, and a masked NaN
-            # left in fresh memory would still poison the weighted sum (0 * NaN).
             shape = (2, num_blocks, attn.num_kv_heads, self.block_size, attn.head_dim)
-            cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            cache = torch.empty(shape, dtype=self.dtype, device=self.device)
             attn.kv_cache = cache
             self.kv_caches.append(cache)
+        # Attention reads whole blocks and masks the slots past a sequence's end, but a NaN left in
+        # never-written memory would still poison the weighted sum (0 * NaN): each block is zeroed the
+        # first time it is handed out (cheaper at start than zeroing gigabytes up front).
+        self._never_used = np.ones(num_blocks, dtype=bool)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB per rank)",
             num_blocks,
@@ -86,6 +88,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         self.states.apply(sched)
+        self._zero_fresh_blocks(sched)
         if sched.is_empty:
             return ModelRunnerOutput([], [])
         rows = [self.states[rid] for rid in sched.num_scheduled_tokens]
@@ -97,6 +100,19 @@ class ModelRunner:
         batch = self._prepare(rows, counts)
         hidden = self.model(batch["input_ids"], batch["positions"], batch["meta"])
         return self._sample(rows, counts, hidden, batch)
+
+    def _zero_fresh_blocks(self, sched: SchedulerOutput) -> None:
+        ids = [b for r in sched.new_reqs for b in r.block_ids]
+        ids += [b for r in sched.cached_reqs for b in r.new_block_ids]
+        if not ids:
+            return
+        ids_np = np.unique(np.asarray(ids, dtype=np.int64))
+        fresh = ids_np[self._never_used[ids_np]]
+        if len(fresh):
+            self._never_used[fresh] = False
+            index = torch.from_numpy(fresh).to(self.device)
+            for cache in self.kv_caches:
+                cache.index_fill_(1, index, 0)
 
     def _prepare(self, rows: list[CachedRequestState], counts: list[int]) -> dict:
         bs, dev = self.block_size, self.device
