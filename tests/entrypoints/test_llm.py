@@ -229,3 +229,15 @@ def test_sharded_safetensors_with_index(tmp_path, model_dir, llm):
     a = [o.outputs[0].token_ids for o in sharded.generate(tok_prompts(), GREEDY, use_tqdm=False)]
     b = [o.outputs[0].token_ids for o in llm.generate(tok_prompts(), GREEDY, use_tqdm=False)]
     assert a == b
+
+
+def test_n_samples_share_the_prompt_blocks(llm):
+    prompt = random_prompts(1, seed=3, lo=40, hi=40)[0]
+    pool = llm.llm_engine.core.scheduler.kv.pool
+    before = pool.num_hits
+    p = SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=1, ignore_eos=True)
+    llm.generate({"prompt_token_ids": prompt}, p, use_tqdm=False)
+    bs = llm.llm_engine.config.cache.block_size
+    # The second and third samples reuse the first one's full prompt blocks.
+    assert pool.num_hits - before >= 2 * ((len(prompt) - 1) // bs) * bs
+    assert pool.num_free_blocks == llm.llm_engine.core.num_blocks
