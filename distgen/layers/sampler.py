@@ -150,9 +150,38 @@ def apply_top_k_top_p(
             head, order = head.flip(-1), order.flip(-1)
             head = head.masked_fill(_sorted_mask(head, top_k, top_p), float("-inf"))
             return torch.full_like(logits, float("-inf")).scatter(-1, order, head)
+    if top_k is None and logits.device.type == "cpu":
+        masked = _top_p_from_head(logits, top_p)
+        if masked is not None:
+            return masked
     sorted_logits, order = logits.sort(dim=-1)
     mask = _sorted_mask(sorted_logits, top_k, top_p)
     return logits.masked_fill(mask.scatter(-1, order, mask), float("-inf"))
+
+
+_TOP_P_HEAD = 1024
+
+
+def _top_p_from_head(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor | None:
+    """Top-p from each row's largest ``_TOP_P_HEAD`` logits when every nucleus fits in them (the usual
+    case), else None. Sorting a whole 50k-128k vocabulary is the CPU sampler's largest cost.
+
+    Tokens outside the head are dropped, which the full rule would do too: together they weigh
+    ``1 - covered <= 1 - top_p``.
+    """
+    n = min(_TOP_P_HEAD, logits.shape[-1])
+    head, order = logits.topk(n, dim=-1)  # descending
+    probs = (head - logits.logsumexp(dim=-1, keepdim=True)).exp()
+    covered = probs.sum(dim=-1)
+    top_p = top_p.to(logits)
+    if not bool((covered >= top_p).all()):
+        return None
+    ascending, order = probs.flip(-1), order.flip(-1)
+    cum = (1.0 - covered).unsqueeze(1) + ascending.cumsum(dim=-1)
+    drop = cum <= 1.0 - top_p.unsqueeze(1)
+    drop[:, -1] = False
+    kept = logits.gather(-1, order).masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, kept)
 
 
 def _sorted_mask(
@@ -182,13 +211,19 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """Sample one id per row from ``probs`` as ``argmax(probs / q)``, ``q ~ Exp(1)``; no host sync."""
-    q = torch.empty_like(probs)
+    """Sample one id per row from ``probs`` as ``argmax(probs / q)``, ``q ~ Exp(1)``; no host sync.
+
+    ``q = -log(u)`` with ``u`` uniform in ``(0, 1)``: the inverse CDF of Exp(1), and several times
+    faster on the CPU than ``exponential_``. ``u`` starts at the smallest normal float, so ``q`` is
+    finite and never zero.
+    """
+    u = torch.empty_like(probs)
+    lo = torch.finfo(u.dtype).tiny
     if len(generators) < probs.shape[0]:
-        q.exponential_()
+        u.uniform_(lo, 1.0)
     for row, gen in generators.items():
-        q[row].exponential_(generator=gen)
-    return probs.div(q).argmax(dim=-1)
+        u[row].uniform_(lo, 1.0, generator=gen)
+    return probs.div(u.log_().neg_()).argmax(dim=-1)
 
 
 def sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -401,3 +401,24 @@ def test_build_metadata_fields():
     torch.testing.assert_close(meta.min_p, torch.tensor([0.1, 0.0]))
     assert meta.max_num_logprobs is None
     assert math.isclose(float(meta.temperature[0]), 1.0)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.9, 0.99])
+def test_top_p_head_path_equals_full_sort(p):
+    from distgen.layers import sampler as smp
+
+    torch.manual_seed(3)
+    logits = torch.randn(6, 5000) * 4
+    top_p = torch.full((6,), p)
+    fast = smp._top_p_from_head(logits, top_p)
+    assert fast is not None  # peaked rows: every nucleus fits in the head
+    ascending, order = logits.sort(dim=-1)
+    mask = smp._sorted_mask(ascending, None, top_p)
+    full = logits.masked_fill(mask.scatter(-1, order, mask), float("-inf"))
+    # The two sum the same probabilities in a different order: at most the one token that sits on the
+    # top_p boundary may flip by float rounding.
+    differ = (torch.isinf(fast) != torch.isinf(full)).sum(dim=-1)
+    assert int(differ.max()) <= 1 and int(differ.sum()) <= 2
+    assert (~torch.isinf(fast)).sum() > 6  # real nuclei, not just the top token
+    # A flat row whose nucleus does not fit in the head falls back to the full sort.
+    assert smp._top_p_from_head(torch.zeros(1, 5000), torch.tensor([0.9])) is None
