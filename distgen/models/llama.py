@@ -14,7 +14,8 @@ from distgen.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distgen.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from distgen.layers.norm import RMSNorm
 from distgen.layers.rotary import RotaryEmbedding
-from distgen.layers.weights import LoadedWeight, default_weight_loader
+from distgen.layers.weights import LoadedWeight
+from distgen.models.weight_mapping import load_hf_weights
 
 
 class LlamaAttention(nn.Module):
@@ -130,23 +131,4 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> set[str]:
         """Load Hugging Face-named weights; returns the names of the parameters that were filled."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for name, w in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name.startswith("model."):
-                name = name[len("model.") :]
-            if name == "lm_head.weight" and self.tied:
-                continue
-            shard_id = None
-            for src, (dst, sid) in self._stacked.items():
-                if f".{src}." in name:
-                    name, shard_id = name.replace(f".{src}.", f".{dst}."), sid
-                    break
-            if name not in params:
-                raise ValueError(f"checkpoint weight {name!r} has no parameter in {type(self).__name__}")
-            param = params[name]
-            getattr(param, "weight_loader", default_weight_loader)(param, w, shard_id)
-            loaded.add(name)
-        return loaded
+        return load_hf_weights(self, weights, ("model.",), self._stacked, self.tied)

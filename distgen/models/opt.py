@@ -12,7 +12,8 @@ from torch import nn
 from distgen.layers.attention import Attention, AttentionMetadata
 from distgen.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distgen.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
-from distgen.layers.weights import LoadedWeight, default_weight_loader
+from distgen.layers.weights import LoadedWeight
+from distgen.models.weight_mapping import load_hf_weights
 
 _POS_OFFSET = 2  # OPT's position table starts two rows in
 
@@ -105,23 +106,8 @@ class OPTForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head(hidden)
 
+    _stacked = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v")}
+
     def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> set[str]:
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for name, w in weights:
-            for prefix in ("model.decoder.", "decoder."):
-                if name.startswith(prefix):
-                    name = name[len(prefix) :]
-            if name == "lm_head.weight" and self.tied:
-                continue
-            shard_id = None
-            for src in ("q", "k", "v"):
-                if f".self_attn.{src}_proj." in name:
-                    name, shard_id = name.replace(f".{src}_proj.", ".qkv_proj."), src
-                    break
-            if name not in params:
-                raise ValueError(f"checkpoint weight {name!r} has no parameter in OPTForCausalLM")
-            param = params[name]
-            getattr(param, "weight_loader", default_weight_loader)(param, w, shard_id)
-            loaded.add(name)
-        return loaded
+        """Load Hugging Face-named weights; returns the names of the parameters that were filled."""
+        return load_hf_weights(self, weights, ("model.decoder.", "decoder."), self._stacked, self.tied)

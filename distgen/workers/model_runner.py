@@ -16,7 +16,7 @@ from distgen.config import EngineConfig
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.distributed import parallel_state as ps
 from distgen.layers.attention import AttentionMetadata, ContextRead, tile_index
-from distgen.layers.sampler import Sampler, SamplingMetadata
+from distgen.layers.sampler import Sampler, SamplingMetadata, build_sampling_metadata
 from distgen.model_loader.loader import ModelSource, build_model
 from distgen.workers.input_batch import CachedRequestState, RequestStates
 
@@ -267,59 +267,19 @@ class ModelRunner:
         return out
 
     def _sampling_metadata(self, rows: list[CachedRequestState]) -> SamplingMetadata:
-        dev = self.device
         params = [s.sampling_params for s in rows]
-        temps = [0.0 if p.is_greedy else p.temperature for p in params]
-        all_greedy = all(t == 0.0 for t in temps)
-        all_random = all(t != 0.0 for t in temps)
-        top_p = top_k = min_p = None
-        if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-        if any(p.top_k > 0 for p in params):
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=dev)
-        if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
         generators = {}
         for i, (s, p) in enumerate(zip(rows, params)):
             if p.seed is not None and not p.is_greedy:
                 # Seeded per output position: the same tokens whatever the batch or preemptions.
-                g = torch.Generator(device=dev)
+                g = torch.Generator(device=self.device)
                 g.manual_seed((p.seed * _SEED_MIX + len(s.token_ids) - s.num_prompt_tokens) % (1 << 63))
                 generators[i] = g
-        logprob_ks = [p.logprobs for p in params if p.logprobs is not None]
-        no_pen = all(
-            p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1 for p in params
-        )
-        pres = freq = rep = prompt_ids = None
-        outputs: list[list[int]] = [[] for _ in rows]
-        if not no_pen:
-            pres = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev)
-            freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev)
-            rep = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
-            outputs = [s.output_token_ids for s in rows]
-            plen = max(s.num_prompt_tokens for s in rows)
-            prompt_ids = torch.full((len(rows), plen), self.vocab_size, dtype=torch.long)
-            for i, s in enumerate(rows):
-                prompt_ids[i, : s.num_prompt_tokens] = torch.tensor(s.token_ids[: s.num_prompt_tokens])
-            prompt_ids = prompt_ids.to(dev)
-        blocked = {}
-        for i, (s, p) in enumerate(zip(rows, params)):
-            if p.min_tokens and len(s.token_ids) - s.num_prompt_tokens < p.min_tokens:
-                blocked[i] = p.all_stop_token_ids
-        return SamplingMetadata(
-            temperature=torch.tensor(temps, dtype=torch.float32, device=dev),
-            all_greedy=all_greedy,
-            all_random=all_random,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            generators=generators,
-            max_num_logprobs=max(logprob_ks) if logprob_ks else None,
-            no_penalties=no_pen,
-            presence_penalties=pres,
-            frequency_penalties=freq,
-            repetition_penalties=rep,
-            prompt_token_ids=prompt_ids,
-            output_token_ids=outputs,
-            min_tokens_blocked=blocked,
+        return build_sampling_metadata(
+            params,
+            [s.token_ids[: s.num_prompt_tokens] for s in rows],
+            [s.output_token_ids for s in rows],
+            generators,
+            self.vocab_size,
+            self.device,
         )
