@@ -73,6 +73,16 @@ class ModelConfig:
     def vocab_size(self) -> int:
         return int(self.hf_config["vocab_size"])
 
+    def verify_tensor_parallel(self, tp: int) -> None:
+        """Heads split evenly over ``tp`` ranks; KV heads split evenly or are replicated evenly."""
+        heads, kv = self.num_heads, self.num_kv_heads
+        if heads % tp or (kv % tp and tp % kv):
+            raise ValueError(
+                f"tensor_parallel_size={tp} does not fit the model: it has {heads} attention heads and "
+                f"{kv} KV heads; the TP size must divide the attention heads, and either divide the KV "
+                "heads or be a multiple of them"
+            )
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -126,3 +136,6 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.model.verify_tensor_parallel(self.parallel.tensor_parallel_size)

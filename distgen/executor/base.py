@@ -42,4 +42,13 @@ class Executor(ABC):
             from distgen.executor.uniproc import UniProcExecutor
 
             return UniProcExecutor(config, source)
-        raise NotImplementedError(f"distributed_executor_backend={backend!r} is not available yet")
+        if backend == "mp":
+            from distgen.executor.multiproc import MultiprocExecutor
+
+            return MultiprocExecutor(config, source)
+        if backend == "ray":
+            raise NotImplementedError(
+                "distributed_executor_backend='ray' is not implemented yet; use 'mp' for tensor "
+                "parallelism on one host"
+            )
+        raise ValueError(f"unknown distributed_executor_backend {backend!r}: use 'uni', 'mp' or 'ray'")

@@ -1,0 +1,11 @@
+"""Errors the engine raises when its worker processes fail."""
+
+from __future__ import annotations
+
+
+class EngineDeadError(RuntimeError):
+    """A worker process died or raised: the engine cannot run any more steps."""
+
+
+class WorkerStartupError(RuntimeError):
+    """A worker process failed to start (for example while loading its model shard)."""

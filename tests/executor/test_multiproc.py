@@ -1,0 +1,311 @@
+"""The ``mp`` executor: tensor-parallel greedy outputs match tp=1 and transformers, each rank holds only
+its shard, and startup failures, dead workers and shutdown leave no process or socket file behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distgen import LLM, SamplingParams
+from distgen.core.scheduler_output import NewRequestData, SchedulerOutput
+from distgen.distributed import parallel_state as ps
+from distgen.engine.args import EngineArgs
+from distgen.engine.exceptions import EngineDeadError, WorkerStartupError
+from distgen.model_loader.loader import build_model, resolve_model
+from tests.conftest import check_greedy_close, hf_greedy, random_prompts
+
+MAX_NEW = 10
+PROMPTS = random_prompts(12, seed=3)
+KV = 16 << 20
+PREEMPTION = dict(num_gpu_blocks_override=40, block_size=4, max_num_batched_tokens=64)
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+
+
+def _spawned_children() -> list[int]:
+    """Live or unreaped worker processes of this process (multiprocessing's resource tracker excluded)."""
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+        if int(ppid) == os.getpid() and (b"spawn_main" in cmd or state == "Z"):
+            found.append(int(d))
+    return found
+
+
+def _assert_gone(pids: list[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        if not alive:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes still alive: {alive}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _tp2(path: str) -> LLM:
+    return LLM(path, tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=KV)
+
+
+def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dir):
+    import transformers as tf
+
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            model = tf.AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.float32).eval()
+            cache[arch] = hf_greedy(model, PROMPTS, MAX_NEW)
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch,tp,scenario",
+    [
+        ("llama", 2, "plain"),
+        ("llama", 4, "preemption"),  # 2 KV heads on 4 ranks: each KV head replicated twice
+        ("qwen2", 2, "preemption"),
+        ("qwen2", 4, "plain"),
+        ("opt", 2, "prefix-cache"),
+        ("opt", 4, "plain"),
+        ("mistral", 4, "plain"),  # 1 KV head on every rank
+        ("qwen3", 2, "plain"),
+    ],
+)
+def test_tp_greedy_matches_tp1(arch, tp, scenario, tiny_model_dir, references):
+    kwargs = dict(dtype="float32", kv_cache_memory=KV, **(PREEMPTION if scenario == "preemption" else {}))
+    # prefix-cache: every prompt twice in one batch, so the later copies hit the cache.
+    prompts, refs = PROMPTS, references(arch)
+    if scenario == "prefix-cache":
+        prompts, refs, kwargs["block_size"] = PROMPTS * 2, refs * 2, 4
+    llm1 = LLM(tiny_model_dir(arch), **kwargs)
+    base = _generate(llm1, prompts)
+    llm1.shutdown()
+    t0 = time.monotonic()
+    llm = LLM(tiny_model_dir(arch), tensor_parallel_size=tp, distributed_executor_backend="mp", **kwargs)
+    t_start = time.monotonic() - t0
+    core = llm.llm_engine.core
+    pids = core.executor.worker_pids
+    t0 = time.monotonic()
+    got = _generate(llm, prompts)
+    print(f"[{arch} tp={tp} {scenario}] start {t_start:.1f}s, generate {time.monotonic() - t0:.1f}s")
+    if scenario == "preemption":
+        assert core.scheduler.num_preemptions > 0
+    if scenario == "prefix-cache":
+        assert core.scheduler.kv.pool.num_hits > 0
+    assert core.scheduler.kv.pool.num_free_blocks == core.num_blocks
+    same = sum(a == b for a, b in zip(got, base)) / len(base)
+    print(f"[{arch} tp={tp} {scenario}] identical to tp=1: {same:.0%}")
+    rate = check_greedy_close(refs, got, f"{arch}/tp{tp}/{scenario}")
+    assert rate >= 0.5 and same >= 0.5
+    llm.shutdown()
+    _assert_gone(pids)
+
+
+@pytest.mark.slow
+def test_smollm2_tp3_matches_tp1():
+    """The default model (9 heads, 3 KV heads) on 3 ranks: 3 heads and 1 KV head each."""
+    texts = ["The capital of France is", "def fibonacci(n):", "Why is the sky blue?", "Once upon a time,"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    got = {}
+    for tp in (1, 3):
+        llm = LLM(tensor_parallel_size=tp, kv_cache_memory=64 << 20, block_size=4)
+        outs = llm.generate(texts + texts, params, use_tqdm=False)  # the second copies hit the cache
+        got[tp] = [o.outputs[0].token_ids for o in outs]
+        assert llm.llm_engine.core.scheduler.kv.pool.num_hits > 0
+        llm.shutdown()
+    assert got[3] == got[1]
+    assert _spawned_children() == []
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_each_rank_loads_only_its_shard(tp, tiny_model_dir, monkeypatch):
+    """Build the tp-way model in-process as each rank would and compare its tensors to the full ones."""
+    path = tiny_model_dir("llama")
+    full = load_file(os.path.join(path, "model.safetensors"))
+    source = resolve_model(path)
+    heads, kv_heads, hd = 4, 2, 16
+    for rank in range(tp):
+        monkeypatch.setitem(ps._STATE, "tp", ps._TPGroup(rank, tp, None))
+        model = build_model(source, torch.float32, "cpu")
+        attn = model.layers[0].self_attn
+        qkv = attn.qkv_proj.weight
+        q_rows, kv_rows = heads // tp * hd, max(1, kv_heads // tp) * hd
+        assert qkv.shape == (q_rows + 2 * kv_rows, 64)
+        kv_rank = rank // max(1, tp // kv_heads)  # the KV head this rank holds (replicated when tp > kv)
+        p = "model.layers.0.self_attn."
+        torch.testing.assert_close(
+            qkv[:q_rows], full[p + "q_proj.weight"][rank * q_rows : (rank + 1) * q_rows]
+        )
+        k = full[p + "k_proj.weight"][kv_rank * kv_rows : (kv_rank + 1) * kv_rows]
+        torch.testing.assert_close(qkv[q_rows : q_rows + kv_rows], k)
+        o = attn.o_proj.weight
+        assert o.shape == (64, q_rows)
+        torch.testing.assert_close(o, full[p + "o_proj.weight"][:, rank * q_rows : (rank + 1) * q_rows])
+        emb = model.embed_tokens.weight
+        rows = 49152 // tp
+        torch.testing.assert_close(emb, full["model.embed_tokens.weight"][rank * rows : (rank + 1) * rows])
+
+
+def test_tp_that_does_not_divide_heads_fails_before_any_process(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 .* 4 attention heads and 2 KV heads"):
+        LLM(tiny_model_dir("llama"), tensor_parallel_size=3, distributed_executor_backend="mp")
+    assert _spawned_children() == []
+    # SmolLM2: 9 heads, 3 KV heads.
+    EngineArgs(tensor_parallel_size=3).create_config()
+    with pytest.raises(ValueError, match="9 attention heads and 3 KV heads"):
+        EngineArgs(tensor_parallel_size=2).create_config()
+
+
+def test_ray_backend_is_not_available_yet(tiny_model_dir):
+    with pytest.raises(NotImplementedError, match="ray"):
+        LLM(tiny_model_dir("llama"), tensor_parallel_size=2, distributed_executor_backend="ray")
+
+
+@pytest.mark.slow
+def test_startup_failure_names_the_rank(tiny_model_dir, tmp_path):
+    """A checkpoint whose k_proj is too short for rank 1 (rank 0's rows are there)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir("llama"), bad)
+    weights = load_file(bad / "model.safetensors")
+    name = "model.layers.1.self_attn.k_proj.weight"
+    weights[name] = weights[name][:16].contiguous()
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    t0 = time.monotonic()
+    with pytest.raises(WorkerStartupError, match=r"rank 1[\s\S]*too few for rank 1"):
+        LLM(str(bad), tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=KV)
+    assert time.monotonic() - t0 < 30
+    assert _spawned_children() == []
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_generation_raises_engine_dead(tiny_model_dir):
+    llm = LLM(
+        tiny_model_dir("llama"), tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=KV
+    )
+    executor = llm.llm_engine.core.executor
+    pids, ipc_dir = executor.worker_pids, executor.ipc_dir
+    broadcast, calls = executor._broadcast, []
+
+    def broadcast_then_kill(msg):
+        broadcast(msg)
+        calls.append(msg)
+        if len(calls) == 3:  # rank 1 dies while the step it was just sent is in flight
+            os.kill(pids[1], signal.SIGKILL)
+
+    executor._broadcast = broadcast_then_kill
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    t0 = time.monotonic()
+    with pytest.raises(EngineDeadError, match=r"rank 1 .*killed by SIGKILL"):
+        llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    assert time.monotonic() - t0 < 30
+    _assert_gone(pids, timeout=1)
+    assert _spawned_children() == [] and not os.path.exists(ipc_dir)
+    with pytest.raises(EngineDeadError):  # new requests fail the same way
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
+    llm.shutdown()
+
+
+@pytest.mark.slow
+def test_worker_raising_makes_engine_dead(tiny_model_dir):
+    """A step the workers cannot run (a block id past the cache) raises in every rank's forward."""
+    llm = _tp2(tiny_model_dir("llama"))
+    executor = llm.llm_engine.core.executor
+    pids = executor.worker_pids
+    bad = NewRequestData("x", [5, 6, 7], 3, SamplingParams(temperature=0), [10**6], 0)
+    with pytest.raises(EngineDeadError, match=r"worker rank \d raised IndexError"):
+        executor.execute_model(SchedulerOutput([bad], [], {"x": 3}, 3))
+    _assert_gone(pids, timeout=1)
+    with pytest.raises(EngineDeadError):
+        _generate(llm, PROMPTS[:1])
+    llm.shutdown()
+
+
+@pytest.mark.slow
+def test_del_llm_leaves_no_process_or_socket_file(tiny_model_dir):
+    llm = LLM(
+        tiny_model_dir("qwen2"), tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=KV
+    )
+    _generate(llm, PROMPTS[:2])
+    executor = llm.llm_engine.core.executor
+    pids, ipc_dir = executor.worker_pids, executor.ipc_dir
+    assert os.path.isdir(ipc_dir) and all(_alive(p) for p in pids)
+    del llm, executor
+    gc.collect()
+    _assert_gone(pids, timeout=1)
+    assert _spawned_children() == [] and not os.path.exists(ipc_dir)
+
+
+_SCRIPT = """
+import os, sys
+from distgen import LLM
+llm = LLM(sys.argv[1], tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=16 << 20)
+ex = llm.llm_engine.core.executor
+print(" ".join(map(str, ex.worker_pids)), ex.ipc_dir, flush=True)
+if sys.argv[2] == "hang":
+    import time
+    time.sleep(600)
+elif sys.argv[2] == "generate":
+    while True:
+        llm.generate(["Hello"] * 8, use_tqdm=False)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["exit", "parent-killed", "ctrl-c"])
+def test_no_orphans_when_the_parent_goes(how, tiny_model_dir):
+    """Interpreter exit without shutdown, a SIGKILLed parent, and Ctrl-C mid-generation (SIGINT to
+    the whole process group): the workers and the socket directory go too."""
+    mode = {"exit": "exit", "parent-killed": "hang", "ctrl-c": "generate"}[how]
+    cmd = [sys.executable, "-c", textwrap.dedent(_SCRIPT), tiny_model_dir("llama"), mode]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline().split()
+        assert line, "the child script printed nothing"
+        pids, ipc_dir = [int(p) for p in line[:-1]], line[-1]
+        if how == "parent-killed":
+            proc.kill()
+        elif how == "ctrl-c":
+            time.sleep(1.0)
+            os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+        _assert_gone(pids, timeout=15)
+        assert not os.path.exists(ipc_dir)
+    finally:
+        proc.kill()
+        proc.wait()
