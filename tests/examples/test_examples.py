@@ -16,6 +16,7 @@ EXPECT = {
     "chat.py": "----",
     "custom_chat_template.py": "<|im_start|>user",
     "beam_search.py": "0: cum_logprob=",
+    "tensor_parallel.py": "Paris",
 }
 
 
