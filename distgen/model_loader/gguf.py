@@ -264,7 +264,7 @@ class GGUFCheckpoint:
         if cached is not None and os.path.isdir(cached):
             try:
                 return AutoTokenizer.from_pretrained(cached)
-            except Exception:   # a damaged cache entry: rebuild it below
+            except Exception:  # a damaged cache entry: rebuild it below
                 shutil.rmtree(cached, ignore_errors=True)
         directory, filename = os.path.split(os.path.abspath(self.path))
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
@@ -295,7 +295,7 @@ def _save_atomically(tokenizer, target: str) -> None:
         tmp = tempfile.mkdtemp(dir=os.path.dirname(target))
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except OSError:   # read-only home, a concurrent writer won the race...: the cache is optional
+    except OSError:  # read-only home, a concurrent writer won the race...: the cache is optional
         pass
 
 
