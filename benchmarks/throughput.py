@@ -189,7 +189,8 @@ def print_report(results: list[Result], args: argparse.Namespace, requests: list
     print()
     print(
         f"model: SmolLM2-135M-Instruct (GGUF, dequantized)  dtype: {args.dtype}  "
-        f"torch threads: {torch.get_num_threads()}  seed: {args.seed}"
+        f"torch threads: {torch.get_num_threads()}  seed: {args.seed}  distgen tp: {args.tp} "
+        f"({args.backend or ('uni' if args.tp == 1 else 'mp')})"
     )
     print(
         f"workload: {len(requests)} requests, prompt {args.min_prompt_len}-{args.max_prompt_len} tokens "
@@ -237,6 +238,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of both engines")
     ap.add_argument("--hf-batch-size", type=int, default=16, help="requests per transformers generate call")
+    ap.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="distgen's tensor_parallel_size (SmolLM2: 1, 3 or 9: it has 9 heads)",
+    )
+    ap.add_argument(
+        "--backend",
+        choices=["uni", "mp", "ray"],
+        default=None,
+        help="distgen's distributed_executor_backend (default: uni for --tp 1, mp above)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts and lengths")
     ap.add_argument("--skip-hf", action="store_true", help="run distgen only")
     ap.add_argument(
@@ -284,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
 
     path = default_model_path()
     t0 = time.perf_counter()
-    llm = LLM(dtype=args.dtype)  # the default model, the GGUF file at `path`
+    # The default model, the GGUF file at `path`.
+    llm = LLM(dtype=args.dtype, tensor_parallel_size=args.tp, distributed_executor_backend=args.backend)
     logger.info("distgen loaded in %.1fs", time.perf_counter() - t0)
     hf_config = llm.llm_engine.config.model.hf_config
     bad = special_token_ids(hf_config, llm.get_tokenizer())
