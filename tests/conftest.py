@@ -99,6 +99,24 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     return make
 
 
+@pytest.fixture(scope="session")
+def hf_reference(tiny_model_dir):
+    """``hf_reference(arch, prompts, max_new)`` -> transformers' greedy continuations (see ``hf_greedy``),
+    computed once per session for each (arch, prompts, max_new)."""
+    import transformers as tf
+
+    cache: dict = {}
+
+    def get(arch: str, prompts: list[list[int]], max_new: int):
+        key = (arch, tuple(map(tuple, prompts)), max_new)
+        if key not in cache:
+            model = tf.AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.float32).eval()
+            cache[key] = hf_greedy(model, prompts, max_new)
+        return cache[key]
+
+    return get
+
+
 def random_prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 60) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]

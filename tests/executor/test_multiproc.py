@@ -22,7 +22,7 @@ from distgen.distributed import parallel_state as ps
 from distgen.engine.args import EngineArgs
 from distgen.engine.exceptions import EngineDeadError, WorkerStartupError
 from distgen.model_loader.loader import build_model, resolve_model
-from tests.conftest import check_greedy_close, hf_greedy, random_prompts
+from tests.conftest import check_greedy_close, random_prompts
 
 MAX_NEW = 10
 PROMPTS = random_prompts(12, seed=3)
@@ -79,18 +79,8 @@ def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def references(tiny_model_dir):
-    import transformers as tf
-
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            model = tf.AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.float32).eval()
-            cache[arch] = hf_greedy(model, PROMPTS, MAX_NEW)
-        return cache[arch]
-
-    return get
+def references(hf_reference):
+    return lambda arch: hf_reference(arch, PROMPTS, MAX_NEW)
 
 
 @pytest.mark.slow

@@ -4,10 +4,9 @@ prefix-cache hits or preemptions (DESIGN.md's rule for near-tie flips)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from distgen import LLM, SamplingParams
-from tests.conftest import TINY_ARCHS, check_greedy_close, hf_greedy, random_prompts
+from tests.conftest import TINY_ARCHS, check_greedy_close, random_prompts
 
 MAX_NEW = 12
 PROMPTS = random_prompts(16, seed=1) + [random_prompts(1, seed=2, lo=150, hi=150)[0]]
@@ -22,18 +21,8 @@ SCENARIOS = {
 
 
 @pytest.fixture(scope="module")
-def references(tiny_model_dir):
-    import transformers as tf
-
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            model = tf.AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.float32).eval()
-            cache[arch] = hf_greedy(model, PROMPTS, MAX_NEW)
-        return cache[arch]
-
-    return get
+def references(hf_reference):
+    return lambda arch: hf_reference(arch, PROMPTS, MAX_NEW)
 
 
 def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
