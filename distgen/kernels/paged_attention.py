@@ -1,0 +1,222 @@
+"""Paged-attention decode kernel (Triton) and its plain-torch reference.
+
+One query token per sequence attends over that sequence's cached K/V, stored in the paged layout of
+:mod:`distgen.layers.attention`: ``k_cache``/``v_cache`` are ``[num_blocks, Hkv, block_size, D]``
+(head-major inside a block) and ``block_tables[b, i]`` is the cache block holding tokens
+``i * block_size .. (i + 1) * block_size - 1`` of sequence ``b``.
+
+The kernel runs one program per (sequence, KV head). The program loads the ``H // Hkv`` query heads
+that share that KV head (padded to a power of two), then walks the sequence's blocks once with an
+online softmax, accumulating in float32, so each K/V tile is read from memory once per group rather
+than once per query head. Scores and the weighted sum use broadcast-and-reduce rather than ``tl.dot``
+so any group size, block size and head dim work, on the GPU and in the interpreter alike.
+
+Triton is imported lazily: on a CPU-only machine set ``TRITON_INTERPRET=1`` before the first call
+(before triton is imported anywhere) to run the kernel in the interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> tuple[int, int, int, int, int]:
+    """Validate shapes; return (B, H, Hkv, block_size, D)."""
+    assert q.dim() == 3, f"q must be [B, H, D], got {tuple(q.shape)}"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches must be [num_blocks, Hkv, bs, D]"
+    b, h, d = q.shape
+    _, hkv, bs, dk = k_cache.shape
+    assert dk == d, f"head_dim mismatch: q {d}, cache {dk}"
+    assert h % hkv == 0, f"num_heads {h} not a multiple of num_kv_heads {hkv}"
+    assert block_tables.dim() == 2 and block_tables.shape[0] == b, "block_tables must be [B, max_blocks]"
+    assert seq_lens.shape == (b,), "seq_lens must be [B]"
+    return b, h, hkv, bs, d
+
+
+def paged_attention_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Plain-torch reference of :func:`paged_attention_decode`, one sequence at a time.
+
+    For each sequence, gathers its blocks into dense ``[Hkv, L, D]`` K/V, keeps the first
+    ``seq_lens[b]`` tokens, repeats each KV head for its ``H // Hkv`` query heads and computes
+    ``softmax(q k^T * scale) v`` in float32. Returns ``[B, H, D]`` in ``q.dtype``.
+    """
+    b, h, hkv, bs, d = _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    group = h // hkv
+    out = torch.empty_like(q)
+    for i in range(b):
+        n = int(seq_lens[i])
+        nb = (n + bs - 1) // bs
+        blocks = block_tables[i, :nb].long()
+        # [nb, Hkv, bs, D] -> [Hkv, nb * bs, D] -> first n tokens.
+        k = k_cache[blocks].transpose(0, 1).reshape(hkv, nb * bs, d)[:, :n].float()
+        v = v_cache[blocks].transpose(0, 1).reshape(hkv, nb * bs, d)[:, :n].float()
+        k = k.repeat_interleave(group, dim=0)  # [H, n, D]: query head j uses KV head j // group
+        v = v.repeat_interleave(group, dim=0)
+        scores = torch.einsum("hd,hnd->hn", q[i].float(), k) * scale
+        probs = torch.softmax(scores, dim=-1)
+        out[i] = torch.einsum("hn,hnd->hd", probs, v).to(q.dtype)
+    return out
+
+
+@functools.cache
+def _kernel() -> Any:
+    """Build (once) the Triton kernel; deferred so importing this module never needs triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _paged_attention_decode_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        bt_ptr,
+        lens_ptr,
+        out_ptr,
+        scale,
+        stride_qb,
+        stride_qh,
+        stride_qd,
+        stride_kn,
+        stride_kh,
+        stride_kt,
+        stride_kd,
+        stride_vn,
+        stride_vh,
+        stride_vt,
+        stride_vd,
+        stride_btb,
+        stride_btn,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        GROUP: tl.constexpr,
+        GROUP_P2: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
+        offs_g = tl.arange(0, GROUP_P2)
+        offs_t = tl.arange(0, BLOCK_SIZE)
+        offs_d = tl.arange(0, HEAD_DIM)
+        head_ok = offs_g < GROUP
+        heads = kvh * GROUP + offs_g
+
+        q_ptrs = q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=head_ok[:, None], other=0.0).to(tl.float32)  # [G, D]
+        q = q * scale
+
+        seq_len = tl.load(lens_ptr + seq)
+        num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
+
+        m_i = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_P2], dtype=tl.float32)
+        acc = tl.zeros([GROUP_P2, HEAD_DIM], dtype=tl.float32)
+
+        for i in range(0, num_blocks):
+            block = tl.load(bt_ptr + seq * stride_btb + i * stride_btn).to(tl.int64)
+            tok_ok = i * BLOCK_SIZE + offs_t < seq_len  # [T]
+            k_ptrs = (
+                k_ptr
+                + block * stride_kn
+                + kvh * stride_kh
+                + offs_t[:, None] * stride_kt
+                + offs_d[None, :] * stride_kd
+            )
+            v_ptrs = (
+                v_ptr
+                + block * stride_vn
+                + kvh * stride_vh
+                + offs_t[:, None] * stride_vt
+                + offs_d[None, :] * stride_vd
+            )
+            k = tl.load(k_ptrs, mask=tok_ok[:, None], other=0.0).to(tl.float32)  # [T, D]
+            v = tl.load(v_ptrs, mask=tok_ok[:, None], other=0.0).to(tl.float32)  # [T, D]
+
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, T]
+            s = tl.where(tok_ok[None, :], s, float("-inf"))
+            # Every visited block holds at least one valid token, so m_new is finite from block 0 on.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])  # [G, T]
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m_i = m_new
+
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len 0 -> zeros rather than NaN
+        o = acc / l_safe[:, None]
+        o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+
+    return _paged_attention_decode_kernel
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention over a paged KV cache, in Triton.
+
+    Args:
+        q: ``[B, H, D]``, one query token per sequence.
+        k_cache, v_cache: ``[num_blocks, Hkv, block_size, D]``; ``H % Hkv == 0``; ``block_size``
+            and ``D`` powers of two.
+        block_tables: ``[B, max_blocks]`` int32/int64 cache block ids of each sequence.
+        seq_lens: ``[B]`` number of valid cached tokens of each sequence (including the current one,
+            already written to the cache); at least 1.
+        scale: softmax scale applied to ``q . k``.
+
+    Returns:
+        ``[B, H, D]`` in ``q.dtype``; accumulation is float32.
+    """
+    b, h, hkv, bs, d = _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    assert bs & (bs - 1) == 0 and d & (d - 1) == 0, f"block_size {bs} and head_dim {d} must be powers of 2"
+    group = h // hkv
+    out = torch.empty_like(q)
+    if b == 0:
+        return out
+    seq_lens = seq_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    block_tables = block_tables.to(q.device)
+    _kernel()[(b, hkv)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        float(scale),
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *block_tables.stride(),
+        *out.stride(),
+        GROUP=group,
+        GROUP_P2=_next_power_of_2(group),
+        BLOCK_SIZE=bs,
+        HEAD_DIM=d,
+    )
+    return out

@@ -1,0 +1,169 @@
+"""Triton RMSNorm / rotary / KV-store kernels vs their torch references, and the references vs the layers.
+
+Runs on the CPU through the Triton interpreter (``TRITON_INTERPRET=1``, set before triton is imported).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+
+from distgen.kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
+from distgen.kernels.rmsnorm import (  # noqa: E402
+    fused_add_rmsnorm,
+    fused_add_rmsnorm_ref,
+    rmsnorm,
+    rmsnorm_ref,
+)
+from distgen.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
+from distgen.layers.attention import write_kv  # noqa: E402
+from distgen.layers.norm import RMSNorm  # noqa: E402
+from distgen.layers.rotary import RotaryEmbedding  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET is off and there is no CUDA device to compile for", allow_module_level=True)
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _tol(dtype: torch.dtype) -> dict:
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+def _ulp(dtype: torch.dtype) -> dict:
+    """Exact in float32; one bfloat16 ulp otherwise (the interpreter truncates float32 -> bfloat16
+    casts where CUDA and torch round to nearest even)."""
+    return dict(atol=0, rtol=0) if dtype == torch.float32 else dict(atol=1e-6, rtol=2**-7)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 96, 576])
+def test_rmsnorm(hidden: int, dtype: torch.dtype) -> None:
+    g = _gen(hidden)
+    x = torch.randn(5, hidden, generator=g).to(dtype)
+    res = torch.randn(5, hidden, generator=g).to(dtype)
+    layer = RMSNorm(hidden, eps=1e-5, dtype=dtype)
+    layer.weight.data = (1 + 0.5 * torch.randn(hidden, generator=g)).to(dtype)
+    w = layer.weight.data
+
+    ref = rmsnorm_ref(x, w, 1e-5)
+    torch.testing.assert_close(ref, layer(x), atol=0, rtol=0)
+    out = rmsnorm(x.to(DEVICE), w.to(DEVICE), 1e-5).cpu()
+    assert out.dtype == dtype and out.shape == x.shape
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+
+    ref_out, ref_res = fused_add_rmsnorm_ref(x, res, w, 1e-5)
+    lay_out, lay_res = layer(x, res)
+    torch.testing.assert_close(ref_out, lay_out, atol=0, rtol=0)
+    torch.testing.assert_close(ref_res, lay_res, atol=0, rtol=0)
+    x_before, res_before = x.clone(), res.clone()
+    out, new_res = fused_add_rmsnorm(x.to(DEVICE), res.to(DEVICE), w.to(DEVICE), 1e-5)
+    assert out.dtype == dtype and new_res.dtype == dtype
+    torch.testing.assert_close(new_res.cpu(), ref_res, **_ulp(dtype))  # one rounded add
+    torch.testing.assert_close(out.cpu(), ref_out, **_tol(dtype))
+    torch.testing.assert_close(x, x_before, atol=0, rtol=0)  # out of place
+    torch.testing.assert_close(res, res_before, atol=0, rtol=0)
+
+
+def test_rmsnorm_3d_and_strided_rows() -> None:
+    g = _gen(7)
+    x = torch.randn(2, 3, 2 * 96, generator=g)[..., :96]  # non-contiguous rows
+    w = torch.randn(96, generator=g)
+    torch.testing.assert_close(rmsnorm(x, w, 1e-6), rmsnorm_ref(x, w, 1e-6), atol=1e-5, rtol=1e-5)
+    assert rmsnorm(x[:0], w, 1e-6).shape == (0, 3, 96)
+
+
+# ---------------------------------------------------------------- rotary
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("h", "hkv", "d"), [(9, 3, 64), (8, 1, 96), (4, 2, 32)])
+def test_rotary(h: int, hkv: int, d: int, dtype: torch.dtype) -> None:
+    g = _gen(h * 100 + d)
+    t, max_pos = 7, 300
+    rope = RotaryEmbedding(d, max_pos, base=10000.0)
+    positions = torch.tensor([5, 0, 299, 17, 17, 3, 128])  # ragged, unsorted, repeated
+    # q as a strided view of a fused QKV buffer, like the model produces.
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g).to(dtype)
+    q = qkv[:, : h * d].view(t, h, d)
+    k = qkv[:, h * d : (h + hkv) * d].view(t, hkv, d)
+
+    ref_q, ref_k = apply_rotary_ref(q, k, positions, rope.cos, rope.sin)
+    lay_q, lay_k = rope(positions, q, k)
+    torch.testing.assert_close(ref_q, lay_q, atol=0, rtol=0)
+    torch.testing.assert_close(ref_k, lay_k, atol=0, rtol=0)
+
+    qkv_before = qkv.clone()
+    out_q, out_k = apply_rotary(
+        q.to(DEVICE), k.to(DEVICE), positions.to(DEVICE), rope.cos.to(DEVICE), rope.sin.to(DEVICE)
+    )
+    assert out_q.shape == q.shape and out_k.shape == k.shape and out_q.dtype == dtype
+    torch.testing.assert_close(out_q.cpu(), ref_q, **_tol(dtype))
+    torch.testing.assert_close(out_k.cpu(), ref_k, **_tol(dtype))
+    torch.testing.assert_close(qkv, qkv_before, atol=0, rtol=0)  # out of place
+
+
+# ---------------------------------------------------------------- KV store
+
+
+@pytest.mark.parametrize("cache_dtype", DTYPES)
+@pytest.mark.parametrize(("hkv", "d", "block_size"), [(3, 64, 4), (1, 96, 16), (2, 32, 16)])
+def test_store_kv(hkv: int, d: int, block_size: int, cache_dtype: torch.dtype) -> None:
+    g = _gen(hkv * 1000 + d + block_size)
+    t, num_blocks = 9, 6
+    k = torch.randn(t, hkv, d, generator=g).to(cache_dtype)
+    v = torch.randn(t, hkv, d, generator=g).to(cache_dtype)
+    # Distinct slots, in a random (unsorted, block-crossing) order.
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:t]
+    slot_block, slot_offset = slots // block_size, slots % block_size
+    base = torch.randn(num_blocks, hkv, block_size, d, generator=g).to(cache_dtype)
+
+    kc_ref, vc_ref = base.clone(), base.clone() * 2
+    store_kv_ref(k, v, kc_ref, vc_ref, slot_block, slot_offset)
+    kc_lay, vc_lay = base.clone(), base.clone() * 2
+    write_kv(kc_lay, vc_lay, k, v, slot_block, slot_offset)
+    torch.testing.assert_close(kc_ref, kc_lay, atol=0, rtol=0)
+    torch.testing.assert_close(vc_ref, vc_lay, atol=0, rtol=0)
+
+    kc, vc = base.clone().to(DEVICE), (base.clone() * 2).to(DEVICE)
+    store_kv(k.to(DEVICE), v.to(DEVICE), kc, vc, slot_block.to(DEVICE), slot_offset.to(DEVICE))
+    torch.testing.assert_close(kc.cpu(), kc_ref, atol=0, rtol=0)  # a copy (plus cast): exact
+    torch.testing.assert_close(vc.cpu(), vc_ref, atol=0, rtol=0)
+
+
+def test_store_kv_into_layer_cache_view() -> None:
+    """The runner binds ``kv_cache[0]`` / ``kv_cache[1]`` of one [2, nb, Hkv, bs, D] tensor."""
+    g = _gen(3)
+    kv = torch.zeros(2, 4, 2, 4, 16)
+    k, v = torch.randn(3, 2, 16, generator=g), torch.randn(3, 2, 16, generator=g)
+    blk, off = torch.tensor([3, 0, 3]), torch.tensor([1, 2, 0])
+    store_kv(k, v, kv[0], kv[1], blk, off)
+    ref = torch.zeros_like(kv)
+    write_kv(ref[0], ref[1], k, v, blk, off)
+    torch.testing.assert_close(kv, ref, atol=0, rtol=0)
+
+
+def test_store_kv_casts_to_cache_dtype() -> None:
+    g = _gen(5)
+    k, v = torch.randn(4, 3, 32, generator=g), torch.randn(4, 3, 32, generator=g)
+    blk, off = torch.tensor([1, 0, 1, 2]), torch.tensor([3, 3, 0, 1])
+    kc, vc = torch.zeros(3, 3, 4, 32, dtype=torch.bfloat16), torch.zeros(3, 3, 4, 32, dtype=torch.bfloat16)
+    kr, vr = kc.clone(), vc.clone()
+    store_kv(k, v, kc, vc, blk, off)
+    write_kv(kr, vr, k, v, blk, off)
+    torch.testing.assert_close(kc, kr, **_ulp(torch.bfloat16))
+    torch.testing.assert_close(vc, vr, **_ulp(torch.bfloat16))
