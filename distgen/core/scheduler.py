@@ -100,10 +100,11 @@ class Scheduler:
                 blocks = self.kv.allocate_slots(req, n)
                 if blocks is not None:
                     break
+                # The newest running request gives way; it sits after req, so nothing of it is
+                # scheduled in this step yet.
                 victim = self.running.pop()
-                self._preempt(victim, num_scheduled, new_blocks, new_reqs)
+                self._preempt(victim)
                 preempted = True
-                budget += num_scheduled.pop(victim.request_id, 0)
                 if victim is req:
                     break
             if blocks is None:
@@ -138,13 +139,12 @@ class Scheduler:
 
         return self._make_output(num_scheduled, new_blocks, new_reqs)
 
-    def _preempt(self, req: Request, num_scheduled, new_blocks, new_reqs) -> None:
+    def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        new_blocks.pop(req.request_id, None)
         self.waiting.appendleft(req)
         logger.debug("preempted %s (KV cache full)", req.request_id)
 

@@ -47,20 +47,24 @@ class EngineCore:
         self._aborted_outputs: list[EngineCoreOutput] = []
 
     # -- requests in ------------------------------------------------------------------------
-    def add_request(self, req: EngineCoreRequest) -> None:
-        n = len(req.prompt_token_ids)
-        limit = self.max_model_len
+    def validate_request(self, req: EngineCoreRequest) -> None:
+        """Raise ValueError for a prompt that can never run: empty, too long, or out of the vocabulary."""
+        n, limit = len(req.prompt_token_ids), self.max_model_len
         if n == 0:
             raise ValueError("the prompt is empty: give at least one token")
         if n >= limit:
             raise ValueError(
                 f"the prompt has {n} tokens, but the maximum model length is {limit} "
-                f"(prompt plus at least one generated token)"
+                "(the prompt plus at least one generated token must fit)"
             )
         vocab = self.config.model.vocab_size
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is out of the vocabulary range [0, {vocab})")
+        bad = next((t for t in req.prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is out of the vocabulary range [0, {vocab})")
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        self.validate_request(req)
+        n, limit = len(req.prompt_token_ids), self.max_model_len
         params = req.sampling_params
         max_tokens = limit - n if params.max_tokens is None else min(params.max_tokens, limit - n)
         self.scheduler.add_request(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from distgen.config import EngineConfig
@@ -90,7 +91,7 @@ class LLMEngine:
             children.append((request_id if params.n == 1 else f"{i}_{request_id}", child))
         reqs = [EngineCoreRequest(cid, ids, p, arrival_time) for cid, p in children]
         for r in reqs:  # validate every child before any enters the queue
-            self._validate(r)
+            self.core.validate_request(r)
         self.output_processor.add_request(request_id, text, ids, params, children, arrival_time)
         try:
             for r in reqs:
@@ -99,20 +100,6 @@ class LLMEngine:
             self.abort_request([request_id])
             raise
         return request_id
-
-    def _validate(self, req: EngineCoreRequest) -> None:
-        n, limit = len(req.prompt_token_ids), self.core.max_model_len
-        if n == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        if n >= limit:
-            raise ValueError(
-                f"the prompt has {n} tokens, but the maximum model length is {limit} "
-                "(the prompt plus at least one generated token must fit)"
-            )
-        vocab = self.config.model.vocab_size
-        bad = next((t for t in req.prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is out of the vocabulary range [0, {vocab})")
 
     def abort_request(self, request_ids: list[str]) -> None:
         children = []
@@ -131,6 +118,26 @@ class LLMEngine:
         if to_abort:
             self.core.abort_requests(to_abort)
         return outputs
+
+    def run_to_completion(
+        self, ids: list[str], on_finished: Callable[[RequestOutput], None] | None = None
+    ) -> list[RequestOutput]:
+        """Step until the requests ``ids`` finish; their final outputs in the order of ``ids``.
+
+        On any exception (Ctrl-C included) the unfinished ones are aborted before it propagates.
+        """
+        done: dict[str, RequestOutput] = {}
+        try:
+            while self.has_unfinished_requests():
+                for out in self.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if on_finished is not None:
+                            on_finished(out)
+        except BaseException:
+            self.abort_request([i for i in ids if i not in done])
+            raise
+        return [done[i] for i in ids]
 
     def shutdown(self) -> None:
         self.core.shutdown()

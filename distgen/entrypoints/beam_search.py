@@ -47,7 +47,7 @@ def beam_search(
         if not flat:
             break
         ids = [engine.add_request({"prompt_token_ids": b.tokens}, step_params) for _, b in flat]
-        outs = _run(engine, ids)
+        outs = engine.run_to_completion(ids)
         candidates: list[list[BeamSearchSequence]] = [[] for _ in prompts]
         for (i, beam), out in zip(flat, outs):
             for tid, lp in out.outputs[0].logprobs[0].items():
@@ -76,16 +76,3 @@ def beam_search(
             b.text = tok.decode(ids + gen, skip_special_tokens=True)
         results.append(BeamSearchOutput(sequences=best))
     return results
-
-
-def _run(engine, ids: list[str]):
-    done = {}
-    try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-    except BaseException:
-        engine.abort_request([i for i in ids if i not in done])
-        raise
-    return [done[i] for i in ids]

@@ -106,26 +106,21 @@ class LLM:
         return beam_search(self.llm_engine, list(prompts), params, use_tqdm)
 
     def _run_engine(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        engine = self.llm_engine
-        done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         out_tokens = 0
+
+        def progress(out: RequestOutput) -> None:
+            nonlocal out_tokens
+            out_tokens += sum(len(c.token_ids) for c in out.outputs)
+            bar.update(1)
+            bar.set_postfix_str(
+                f"{out_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s", refresh=False
+            )
+
         try:
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
-                        bar.update(1)
-                        bar.set_postfix_str(
-                            f"{out_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s", refresh=False
-                        )
-        except BaseException:
-            engine.abort_request([i for i in ids if i not in done])
-            raise
+            return self.llm_engine.run_to_completion(ids, progress)
         finally:
             bar.close()
-        return [done[i] for i in ids]
 
     def shutdown(self) -> None:
         engine = getattr(self, "llm_engine", None)

@@ -72,11 +72,11 @@ def resolve_model(model: str | None) -> ModelSource:
 
 
 def load_generation_config(source: ModelSource, generation_config: str) -> dict[str, Any]:
-    """Sampling defaults from ``generation_config.json`` ("auto"), none ("distgen"/"vllm"), or a path.
+    """Sampling defaults from ``generation_config.json`` ("auto"), none ("distgen"), or a path.
 
     Returns the keys that map onto SamplingParams, with ``max_new_tokens`` renamed ``max_tokens``.
     """
-    if generation_config in ("distgen", "vllm"):
+    if generation_config == "distgen":
         return {}
     if generation_config == "auto":
         if source.is_gguf:
@@ -102,7 +102,7 @@ def load_generation_config(source: ModelSource, generation_config: str) -> dict[
 
 def generation_eos_ids(source: ModelSource, generation_config: str) -> list[int]:
     """EOS ids listed by generation_config.json (they end generation like the tokenizer's EOS)."""
-    if source.is_gguf or generation_config in ("distgen", "vllm"):
+    if source.is_gguf or generation_config == "distgen":
         return []
     path = (
         os.path.join(source.path, "generation_config.json")
