@@ -105,33 +105,37 @@ def _kernel() -> Any:
         stride_ob,
         stride_oh,
         stride_od,
+        block_size,
+        head_dim,
         GROUP: tl.constexpr,
         GROUP_P2: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        HEAD_DIM_P2: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
         offs_g = tl.arange(0, GROUP_P2)
-        offs_t = tl.arange(0, BLOCK_SIZE)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, HEAD_DIM_P2)
+        d_ok = offs_d < head_dim
         head_ok = offs_g < GROUP
         heads = kvh * GROUP + offs_g
 
         q_ptrs = q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=head_ok[:, None], other=0.0).to(tl.float32)  # [G, D]
+        q = tl.load(q_ptrs, mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [G, D]
         q = q * scale
 
         seq_len = tl.load(lens_ptr + seq)
-        num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
+        num_blocks = tl.cdiv(seq_len, block_size)
 
         m_i = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([GROUP_P2], dtype=tl.float32)
-        acc = tl.zeros([GROUP_P2, HEAD_DIM], dtype=tl.float32)
+        acc = tl.zeros([GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
 
         for i in range(0, num_blocks):
             block = tl.load(bt_ptr + seq * stride_btb + i * stride_btn).to(tl.int64)
-            tok_ok = i * BLOCK_SIZE + offs_t < seq_len  # [T]
+            tok_ok = (offs_t < block_size) & (i * block_size + offs_t < seq_len)  # [T]
+            kv_mask = tok_ok[:, None] & d_ok[None, :]
             k_ptrs = (
                 k_ptr
                 + block * stride_kn
@@ -146,8 +150,8 @@ def _kernel() -> Any:
                 + offs_t[:, None] * stride_vt
                 + offs_d[None, :] * stride_vd
             )
-            k = tl.load(k_ptrs, mask=tok_ok[:, None], other=0.0).to(tl.float32)  # [T, D]
-            v = tl.load(v_ptrs, mask=tok_ok[:, None], other=0.0).to(tl.float32)  # [T, D]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [T, D]
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [T, D]
 
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, T]
             s = tl.where(tok_ok[None, :], s, float("-inf"))
@@ -162,7 +166,7 @@ def _kernel() -> Any:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len 0 -> zeros rather than NaN
         o = acc / l_safe[:, None]
         o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :])
 
     return _paged_attention_decode_kernel
 
@@ -178,28 +182,33 @@ def paged_attention_decode(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache, in Triton.
 
     Args:
         q: ``[B, H, D]``, one query token per sequence.
-        k_cache, v_cache: ``[num_blocks, Hkv, block_size, D]``; ``H % Hkv == 0``; ``block_size``
-            and ``D`` powers of two.
+        k_cache, v_cache: ``[num_blocks, Hkv, block_size, D]``; ``H % Hkv == 0``; any block size
+            and head dim (tiles are padded to powers of two and masked).
         block_tables: ``[B, max_blocks]`` int32/int64 cache block ids of each sequence.
-        seq_lens: ``[B]`` number of valid cached tokens of each sequence (including the current one,
-            already written to the cache); at least 1.
+        seq_lens: ``[B]`` int32/int64 number of valid cached tokens of each sequence (including the
+            current one, already written to the cache); at least 1.
         scale: softmax scale applied to ``q . k``.
+        out: optional ``[B, H, D]`` destination (e.g. a slice of a larger buffer).
 
     Returns:
         ``[B, H, D]`` in ``q.dtype``; accumulation is float32.
     """
     b, h, hkv, bs, d = _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
-    assert bs & (bs - 1) == 0 and d & (d - 1) == 0, f"block_size {bs} and head_dim {d} must be powers of 2"
     group = h // hkv
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape, f"out {tuple(out.shape)} must have q's shape {tuple(q.shape)}"
     if b == 0:
         return out
-    seq_lens = seq_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    if seq_lens.dtype not in (torch.int32, torch.int64) or seq_lens.device != q.device:
+        seq_lens = seq_lens.to(device=q.device, dtype=torch.int32)
+    seq_lens = seq_lens.contiguous()
     block_tables = block_tables.to(q.device)
     _kernel()[(b, hkv)](
         q,
@@ -214,9 +223,11 @@ def paged_attention_decode(
         *v_cache.stride(),
         *block_tables.stride(),
         *out.stride(),
+        bs,
+        d,
         GROUP=group,
         GROUP_P2=_next_power_of_2(group),
-        BLOCK_SIZE=bs,
-        HEAD_DIM=d,
+        BLOCK_T=_next_power_of_2(bs),
+        HEAD_DIM_P2=_next_power_of_2(d),
     )
     return out

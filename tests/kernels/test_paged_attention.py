@@ -152,3 +152,18 @@ def test_kernel_head_dim_128_and_noncontiguous_q():
     torch.testing.assert_close(
         out.cpu(), paged_attention_decode_ref(q, kc, vc, table, sl, 0.1), atol=1e-5, rtol=1e-5
     )
+
+
+@needs_triton
+def test_kernel_odd_block_size_and_head_dim_into_out_slice():
+    """Block size 6 and head dim 48 (not powers of two), int64 lengths, written into a slice of a
+    larger buffer whose other rows stay untouched."""
+    lens = [1, 6, 13, 20]
+    q, kc, vc, table, sl = make_inputs(lens, 6, 2, 48, 6, torch.float32, seed=6)
+    args = [t.to(DEVICE) for t in (q, kc, vc, table, sl.long())]
+    buf = torch.full((len(lens) + 2, 6, 48), float("nan"), device=DEVICE)
+    res = paged_attention_decode(*args, 0.15, out=buf[1:-1])
+    assert res.data_ptr() == buf[1:-1].data_ptr()
+    ref = paged_attention_decode_ref(q, kc, vc, table, sl, 0.15)
+    torch.testing.assert_close(buf[1:-1].cpu(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.isnan(buf[0]).all() and torch.isnan(buf[-1]).all()
