@@ -142,6 +142,13 @@ def hf_greedy(
     return out
 
 
+def assert_engine_idle_and_empty(llm) -> None:
+    """No request left in the engine core and every KV block back in the free list (no leak)."""
+    st = llm.llm_engine.get_stats()
+    assert (st.num_running, st.num_waiting) == (0, 0)
+    assert st.kv_cache_usage == 0.0, f"{st.kv_cache_usage:.1%} of the KV cache is still held"
+
+
 def check_greedy_close(refs, outputs, tag: str = "") -> float:
     """DESIGN.md's rule: identical tokens, or at the first divergence our token is in the reference's
     top-5 there (a float near-tie flip; the rest of that sequence is not compared). Returns the

@@ -48,19 +48,7 @@ class EngineCore:
 
     # -- requests in ------------------------------------------------------------------------
     def validate_request(self, req: EngineCoreRequest) -> None:
-        """Raise ValueError for a prompt that can never run: empty, too long, or out of the vocabulary."""
-        n, limit = len(req.prompt_token_ids), self.max_model_len
-        if n == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        if n >= limit:
-            raise ValueError(
-                f"the prompt has {n} tokens, but the maximum model length is {limit} "
-                "(the prompt plus at least one generated token must fit)"
-            )
-        vocab = self.config.model.vocab_size
-        bad = next((t for t in req.prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is out of the vocabulary range [0, {vocab})")
+        validate_prompt(req.prompt_token_ids, self.max_model_len, self.config.model.vocab_size)
 
     def add_request(self, req: EngineCoreRequest) -> None:
         self.validate_request(req)
@@ -75,18 +63,30 @@ class EngineCore:
         for req in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
             self._aborted_outputs.append(EngineCoreOutput(req.request_id, [], finish_reason="abort"))
 
+    def reject_request(self, request_id: str) -> None:
+        """End a request that never entered the scheduler (its outputs say "abort")."""
+        self._aborted_outputs.append(EngineCoreOutput(request_id, [], finish_reason="abort"))
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def has_work(self) -> bool:
+        """Requests to run, or abort notices still to hand out."""
+        return bool(self._aborted_outputs) or self.scheduler.has_unfinished()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p for p in getattr(self.executor, "worker_pids", []) if p is not None]
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
         outputs, self._aborted_outputs = self._aborted_outputs, []
         if not self.scheduler.has_unfinished():
-            return EngineCoreOutputs(outputs=outputs, stats=self._stats())
+            return EngineCoreOutputs(outputs=outputs, stats=self.stats())
         sched = self.scheduler.schedule()
         result = self.executor.execute_model(sched)
         outputs.extend(self._make_outputs(sched, result))
-        return EngineCoreOutputs(outputs=outputs, stats=self._stats())
+        return EngineCoreOutputs(outputs=outputs, stats=self.stats())
 
     def _make_outputs(self, sched, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         sampled = dict(zip(result.req_ids, result.sampled_token_ids))
@@ -117,7 +117,7 @@ class EngineCore:
                 outs.append(EngineCoreOutput(rid, [], new_prompt_logprobs=_prompt_lp(plp)))
         return outs
 
-    def _stats(self) -> SchedulerStatsMsg:
+    def stats(self) -> SchedulerStatsMsg:
         s = self.scheduler.stats()
         return SchedulerStatsMsg(
             s.num_running,
@@ -130,6 +130,21 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def validate_prompt(token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """Raise ValueError for a prompt that can never run: empty, too long, or out of the vocabulary."""
+    n = len(token_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if n >= max_model_len:
+        raise ValueError(
+            f"the prompt has {n} tokens, but the maximum model length is {max_model_len} "
+            "(the prompt plus at least one generated token must fit)"
+        )
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is out of the vocabulary range [0, {vocab_size})")
 
 
 def _prompt_lp(plp: list) -> Logprobs:

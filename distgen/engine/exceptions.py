@@ -1,4 +1,4 @@
-"""Errors the engine raises when its worker processes fail."""
+"""Errors the engine raises when its processes fail."""
 
 from __future__ import annotations
 
@@ -9,3 +9,7 @@ class EngineDeadError(RuntimeError):
 
 class WorkerStartupError(RuntimeError):
     """A worker process failed to start (for example while loading its model shard)."""
+
+
+class EngineStartupError(RuntimeError):
+    """The engine-core process failed before it was ready (its error is in the message)."""

@@ -1,4 +1,4 @@
-"""The synchronous engine behind ``LLM``: input processing, the engine core, output processing."""
+"""The synchronous engine behind ``LLM``: input processing, the engine-core client, output processing."""
 
 from __future__ import annotations
 
@@ -6,20 +6,19 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from distgen.config import EngineConfig
 from distgen.engine.args import EngineArgs
-from distgen.engine.core import EngineCore
-from distgen.engine.messages import EngineCoreOutputs, EngineCoreRequest
+from distgen.engine.core_client import EngineCoreClient
+from distgen.engine.input_processor import InputProcessor, PromptType
 from distgen.engine.output_processor import OutputProcessor
-from distgen.model_loader.loader import ModelSource, generation_eos_ids, load_generation_config
+from distgen.model_loader.loader import ModelSource
 from distgen.outputs import RequestOutput
 from distgen.sampling_params import SamplingParams
 
 logger = logging.getLogger("distgen")
 
-PromptType = str | dict[str, Any] | list[int]
+__all__ = ["LLMEngine", "PromptType"]
 
 
 class LLMEngine:
@@ -27,13 +26,8 @@ class LLMEngine:
         self.config = config
         self.source = source
         t0 = time.time()
-        self.tokenizer = source.load_tokenizer(config.model.tokenizer)
-        self.generation_defaults = load_generation_config(source, config.model.generation_config)
-        eos = set(generation_eos_ids(source, config.model.generation_config))
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = sorted(eos)
-        self.core = EngineCore(config, source)
+        self.input_processor = InputProcessor(config, source)
+        self.client = EngineCoreClient.make(config, source)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.last_stats = None
@@ -42,8 +36,8 @@ class LLMEngine:
             time.time() - t0,
             config.model.architecture,
             str(config.model.dtype).replace("torch.", ""),
-            self.core.max_model_len,
-            self.core.num_blocks,
+            self.max_model_len,
+            self.client.num_blocks,
         )
 
     @classmethod
@@ -51,22 +45,24 @@ class LLMEngine:
         config, source = args.create_config()
         return cls(config, source)
 
+    @property
+    def tokenizer(self):
+        return self.input_processor.tokenizer
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.input_processor.eos_token_ids
+
+    @property
+    def max_model_len(self) -> int:
+        return self.client.max_model_len
+
     # -- input --------------------------------------------------------------------------------
     def default_sampling_params(self) -> SamplingParams:
-        return SamplingParams(**self.generation_defaults) if self.generation_defaults else SamplingParams()
+        return self.input_processor.default_sampling_params()
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer(prompt).input_ids
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer(prompt["prompt"]).input_ids
-            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise TypeError(f"a prompt must be a string, a token-id list or a dict, got {type(prompt).__name__}")
+        return self.input_processor.tokenize_prompt(prompt)
 
     def add_request(
         self,
@@ -79,23 +75,14 @@ class LLMEngine:
         if request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
-        params = params.clone()
-        params._eos_token_ids = list(self.eos_token_ids)
         arrival_time = time.time() if arrival_time is None else arrival_time
-        children = []
-        for i in range(params.n):
-            child = params.clone()
-            child.n = 1
-            if params.seed is not None:
-                child.seed = params.seed + i
-            children.append((request_id if params.n == 1 else f"{i}_{request_id}", child))
-        reqs = [EngineCoreRequest(cid, ids, p, arrival_time) for cid, p in children]
-        for r in reqs:  # validate every child before any enters the queue
-            self.core.validate_request(r)
+        params, children, reqs = self.input_processor.process(
+            request_id, ids, params, arrival_time, self.max_model_len
+        )
         self.output_processor.add_request(request_id, text, ids, params, children, arrival_time)
         try:
             for r in reqs:
-                self.core.add_request(r)
+                self.client.add_request(r)
         except BaseException:
             self.abort_request([request_id])
             raise
@@ -105,18 +92,19 @@ class LLMEngine:
         children = []
         for rid in request_ids:
             children.extend(self.output_processor.abort_request(rid))
-        self.core.abort_requests(children)
+        self.client.abort_requests(children)
 
     # -- the loop ------------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        core_out: EngineCoreOutputs = self.core.step()
-        self.last_stats = core_out.stats
+        core_out = self.client.get_output()
+        if core_out.stats is not None:
+            self.last_stats = core_out.stats
         outputs, to_abort = self.output_processor.process_outputs(core_out.outputs)
         if to_abort:
-            self.core.abort_requests(to_abort)
+            self.client.abort_requests(to_abort)
         return outputs
 
     def run_to_completion(
@@ -135,9 +123,25 @@ class LLMEngine:
                         if on_finished is not None:
                             on_finished(out)
         except BaseException:
-            self.abort_request([i for i in ids if i not in done])
+            self._abort_quietly([i for i in ids if i not in done])
             raise
         return [done[i] for i in ids]
 
+    def _abort_quietly(self, request_ids: list[str]) -> None:
+        """Abort ``request_ids``; if the engine core is already dead, only forget them here."""
+        try:
+            self.abort_request(request_ids)
+        except Exception:
+            for rid in request_ids:
+                self.output_processor.abort_request(rid)
+
+    def get_stats(self):
+        """The engine core's scheduler stats (running/waiting requests, KV cache usage, prefix cache
+        queries and hits, preemptions); between ``generate`` calls."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("get_stats() is for an idle engine: requests are still in flight")
+        self.last_stats = self.client.get_stats()
+        return self.last_stats
+
     def shutdown(self) -> None:
-        self.core.shutdown()
+        self.client.shutdown()

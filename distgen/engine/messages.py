@@ -1,4 +1,9 @@
-"""Messages between the front end and the engine core (msgspec Structs, msgpack on the wire)."""
+"""Messages between the front end and the engine core (msgspec Structs, msgpack on the wire).
+
+Front end -> engine core: one :data:`EngineCoreInput` per message (add, abort, shutdown).
+Engine core -> front end: :class:`EngineCoreReady` once (the startup handshake), then one
+:class:`EngineCoreOutputs` per step; an ``EngineCoreOutputs`` with ``error`` set is the last one.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,36 @@ import msgspec
 from distgen.sampling_params import SamplingParams
 
 
-class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+class EngineCoreRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True):
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float
 
 
-class EngineCoreAbort(msgspec.Struct, array_like=True):
+class EngineCoreAbort(msgspec.Struct, tag="abort", array_like=True):
     request_ids: list[str]
+
+
+class EngineCoreShutdown(msgspec.Struct, tag="shutdown", array_like=True):
+    pass
+
+
+class EngineCoreGetStats(msgspec.Struct, tag="get_stats", array_like=True):
+    """Ask for the scheduler's stats now; answered by an ``EngineCoreOutputs`` with ``stats_reply``."""
+
+
+EngineCoreInput = EngineCoreRequest | EngineCoreAbort | EngineCoreShutdown | EngineCoreGetStats
+
+
+class EngineCoreReady(msgspec.Struct, tag="ready", array_like=True):
+    """The handshake: what the front end needs to validate prompts without asking again."""
+
+    num_blocks: int
+    max_model_len: int
+    vocab_size: int
+    pid: int
+    worker_pids: list[int] = []
 
 
 class Logprobs(msgspec.Struct, array_like=True):
@@ -45,7 +71,12 @@ class SchedulerStatsMsg(msgspec.Struct, array_like=True):
     num_preemptions: int
 
 
-class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
+class EngineCoreOutputs(msgspec.Struct, tag="outputs", array_like=True, omit_defaults=True):
     outputs: list[EngineCoreOutput] = []
     stats: SchedulerStatsMsg | None = None
     error: str | None = None  # set when the engine core died; every request is then failed
+    error_type: str | None = None  # the exception's class name, to re-raise a startup error as itself
+    stats_reply: bool = False  # the answer to EngineCoreGetStats
+
+
+EngineCoreMessage = EngineCoreReady | EngineCoreOutputs

@@ -155,14 +155,14 @@ class OutputProcessor:
         comps = []
         for s in parent.seqs:
             text = s.detok.get_next_output_text(s.finish_reason is not None, delta)
-            ids = s.token_ids[s.num_sent :] if delta else s.token_ids
+            start = s.num_sent if delta else 0
+            ids, lps = s.token_ids[start:], s.logprobs
             if delta:
                 s.num_sent = len(s.token_ids)
-            comps.append(
-                CompletionOutput(
-                    s.index, text, list(ids), s.cumulative_logprob, s.logprobs, s.finish_reason, s.stop_reason
-                )
-            )
+                if lps is not None:
+                    lps = lps[start:]
+            cum, reason = s.cumulative_logprob, s.finish_reason
+            comps.append(CompletionOutput(s.index, text, ids, cum, lps, reason, s.stop_reason))
         return RequestOutput(
             parent.request_id,
             parent.prompt,

@@ -41,7 +41,7 @@ def beam_search(
         prompt_ids.append(engine.tokenize_prompt(p)[1])
     live = [[BeamSearchSequence(tokens=list(ids))] for ids in prompt_ids]
     done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-    limit = engine.core.max_model_len
+    limit = engine.max_model_len
     for _ in tqdm(range(params.max_tokens), desc="Beam search", disable=not use_tqdm):
         flat = [(i, b) for i, beams in enumerate(live) for b in beams if len(b.tokens) < limit]
         if not flat:

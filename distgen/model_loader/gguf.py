@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from distgen.envs import envs
+
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor
     from transformers import PreTrainedTokenizerFast
@@ -281,7 +283,7 @@ def _tokenizer_cache_dir(path: str) -> str | None:
     Keyed by the file's path, size and modification time; ``DISTGEN_CACHE_DIR`` moves the cache and
     ``DISTGEN_CACHE_DIR=""`` turns it off.
     """
-    root = os.environ.get("DISTGEN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "distgen"))
+    root = envs().cache_dir
     if not root:
         return None
     st = os.stat(path)

@@ -15,7 +15,7 @@ import torch
 
 from distgen import LLM
 from distgen.sampling_params import BeamSearchParams
-from tests.conftest import random_prompts
+from tests.conftest import assert_engine_idle_and_empty, random_prompts
 
 UNUSED_EOS = 49151
 PROMPTS = random_prompts(3, seed=11, lo=5, hi=20)
@@ -72,17 +72,15 @@ def test_best_beam_matches_transformers(llm, model_dir, width, length_penalty):
         if scores is not None:
             ours_scores = [s.cum_logprob / 8**length_penalty for s in out.sequences]
             assert ours_scores == pytest.approx(scores, abs=1e-4)
-    core = llm.llm_engine.core
-    assert core.scheduler.kv.pool.num_free_blocks == core.num_blocks
+    assert_engine_idle_and_empty(llm)
 
 
 def test_beams_share_prefix_blocks_and_eos_ends_beams(llm):
     tok = llm.get_tokenizer()
-    pool = llm.llm_engine.core.scheduler.kv.pool
-    hits = pool.num_hits
+    hits = llm.llm_engine.get_stats().prefix_cache_hits
     (out,) = llm.beam_search(["Hello, my name is "], BeamSearchParams(beam_width=3, max_tokens=12))
-    assert pool.num_hits > hits  # later steps reuse the earlier steps' blocks
-    assert pool.num_free_blocks == llm.llm_engine.core.num_blocks
+    assert llm.llm_engine.get_stats().prefix_cache_hits > hits  # later steps reuse earlier blocks
+    assert_engine_idle_and_empty(llm)
     seqs = out.sequences
     assert 1 <= len(seqs) <= 3
     assert all(s.text.startswith("Hello, my name is") for s in seqs)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distgen import LLM, SamplingParams
-from tests.conftest import random_prompts
+from tests.conftest import assert_engine_idle_and_empty, random_prompts
 
 KV = 16 << 20
 
@@ -173,8 +173,7 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
         SamplingParams(temperature=-1)
     out = llm.generate(tok_prompts(PROMPTS[:2]), GREEDY, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 12 for o in out)
-    core = llm.llm_engine.core
-    assert not core.has_unfinished() and core.scheduler.kv.pool.num_free_blocks == core.num_blocks
+    assert_engine_idle_and_empty(llm)
 
 
 def test_unsupported_architecture(tmp_path, model_dir):
@@ -233,11 +232,10 @@ def test_sharded_safetensors_with_index(tmp_path, model_dir, llm):
 
 def test_n_samples_share_the_prompt_blocks(llm):
     prompt = random_prompts(1, seed=3, lo=40, hi=40)[0]
-    pool = llm.llm_engine.core.scheduler.kv.pool
-    before = pool.num_hits
+    before = llm.llm_engine.get_stats().prefix_cache_hits
     p = SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=1, ignore_eos=True)
     llm.generate({"prompt_token_ids": prompt}, p, use_tqdm=False)
     bs = llm.llm_engine.config.cache.block_size
     # The second and third samples reuse the first one's full prompt blocks.
-    assert pool.num_hits - before >= 2 * ((len(prompt) - 1) // bs) * bs
-    assert pool.num_free_blocks == llm.llm_engine.core.num_blocks
+    assert llm.llm_engine.get_stats().prefix_cache_hits - before >= 2 * ((len(prompt) - 1) // bs) * bs
+    assert_engine_idle_and_empty(llm)

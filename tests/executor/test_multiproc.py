@@ -31,6 +31,13 @@ PREEMPTION = dict(num_gpu_blocks_override=40, block_size=4, max_num_batched_toke
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
 
 
+@pytest.fixture(autouse=True)
+def _engine_core_in_process(monkeypatch):
+    """These tests reach into the executor, so the engine core runs in the test's process (the split
+    into an engine-core process is tested in tests/engine/test_core_client.py)."""
+    monkeypatch.setenv("DISTGEN_ENABLE_MULTIPROCESSING", "0")
+
+
 def _spawned_children() -> list[int]:
     """Live or unreaped worker processes of this process (multiprocessing's resource tracker excluded)."""
     found = []
@@ -109,7 +116,7 @@ def test_tp_greedy_matches_tp1(arch, tp, scenario, tiny_model_dir, references):
     t0 = time.monotonic()
     llm = LLM(tiny_model_dir(arch), tensor_parallel_size=tp, distributed_executor_backend="mp", **kwargs)
     t_start = time.monotonic() - t0
-    core = llm.llm_engine.core
+    core = llm.llm_engine.client.core
     pids = core.executor.worker_pids
     t0 = time.monotonic()
     got = _generate(llm, prompts)
@@ -137,7 +144,7 @@ def test_smollm2_tp3_matches_tp1():
         llm = LLM(tensor_parallel_size=tp, kv_cache_memory=64 << 20, block_size=4)
         outs = llm.generate(texts + texts, params, use_tqdm=False)  # the second copies hit the cache
         got[tp] = [o.outputs[0].token_ids for o in outs]
-        assert llm.llm_engine.core.scheduler.kv.pool.num_hits > 0
+        assert llm.llm_engine.client.core.scheduler.kv.pool.num_hits > 0
         llm.shutdown()
     assert got[3] == got[1]
     assert _spawned_children() == []
@@ -208,7 +215,7 @@ def test_worker_killed_mid_generation_raises_engine_dead(tiny_model_dir):
     llm = LLM(
         tiny_model_dir("llama"), tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=KV
     )
-    executor = llm.llm_engine.core.executor
+    executor = llm.llm_engine.client.core.executor
     pids, ipc_dir = executor.worker_pids, executor.ipc_dir
     broadcast, calls = executor._broadcast, []
 
@@ -235,7 +242,7 @@ def test_worker_killed_mid_generation_raises_engine_dead(tiny_model_dir):
 def test_worker_raising_makes_engine_dead(tiny_model_dir):
     """A step the workers cannot run (a block id past the cache) raises in every rank's forward."""
     llm = _tp2(tiny_model_dir("llama"))
-    executor = llm.llm_engine.core.executor
+    executor = llm.llm_engine.client.core.executor
     pids = executor.worker_pids
     bad = NewRequestData("x", [5, 6, 7], 3, SamplingParams(temperature=0), [10**6], 0)
     with pytest.raises(EngineDeadError, match=r"worker rank \d raised IndexError"):
@@ -252,7 +259,7 @@ def test_del_llm_leaves_no_process_or_socket_file(tiny_model_dir):
         tiny_model_dir("qwen2"), tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=KV
     )
     _generate(llm, PROMPTS[:2])
-    executor = llm.llm_engine.core.executor
+    executor = llm.llm_engine.client.core.executor
     pids, ipc_dir = executor.worker_pids, executor.ipc_dir
     assert os.path.isdir(ipc_dir) and all(_alive(p) for p in pids)
     del llm, executor
@@ -265,7 +272,7 @@ _SCRIPT = """
 import os, sys
 from distgen import LLM
 llm = LLM(sys.argv[1], tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=16 << 20)
-ex = llm.llm_engine.core.executor
+ex = llm.llm_engine.client.core.executor
 print(" ".join(map(str, ex.worker_pids)), ex.ipc_dir, flush=True)
 if sys.argv[2] == "hang":
     import time

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from distgen import LLM, SamplingParams
-from tests.conftest import TINY_ARCHS, check_greedy_close, random_prompts
+from tests.conftest import TINY_ARCHS, assert_engine_idle_and_empty, check_greedy_close, random_prompts
 
 MAX_NEW = 12
 PROMPTS = random_prompts(16, seed=1) + [random_prompts(1, seed=2, lo=150, hi=150)[0]]
@@ -37,7 +37,6 @@ def test_greedy_matches_transformers(arch, scenario, tiny_model_dir, references)
     refs = references(arch)
     kwargs = {"kv_cache_memory": 16 << 20, **SCENARIOS[scenario]}
     llm = LLM(tiny_model_dir(arch), dtype="float32", seed=0, **kwargs)
-    core = llm.llm_engine.core
     if scenario == "reordered":
         order = list(range(len(PROMPTS)))[::2] + list(range(len(PROMPTS)))[1::2][::-1]
         outs = _generate(llm, [PROMPTS[i] for i in order])
@@ -49,12 +48,11 @@ def test_greedy_matches_transformers(arch, scenario, tiny_model_dir, references)
         got = _generate(llm, PROMPTS + PROMPTS)
         check_greedy_close(refs, got[len(PROMPTS) :], f"{arch}/{scenario}/dup")
         got = _generate(llm, PROMPTS)
-        assert core.scheduler.kv.pool.num_hits > 0
+        assert llm.llm_engine.get_stats().prefix_cache_hits > 0
     else:
         got = _generate(llm, PROMPTS)
     if scenario == "preemption":
-        assert core.scheduler.num_preemptions > 0
+        assert llm.llm_engine.get_stats().num_preemptions > 0
     rate = check_greedy_close(refs, got, f"{arch}/{scenario}")
     assert rate >= 0.5, f"{arch}/{scenario}: only {rate:.0%} of sequences match exactly"
-    # Nothing leaked: every block is back in the free list.
-    assert core.scheduler.kv.pool.num_free_blocks == core.num_blocks
+    assert_engine_idle_and_empty(llm)

@@ -8,7 +8,7 @@ import torch
 
 from distgen import LLM, SamplingParams
 from distgen.model_loader.gguf import default_model_path, read_gguf
-from tests.conftest import check_greedy_close, hf_greedy
+from tests.conftest import assert_engine_idle_and_empty, check_greedy_close, hf_greedy
 
 MAX_NEW = 10
 TEXTS = [
@@ -65,15 +65,14 @@ def test_smollm2_greedy_matches_transformers(smol, scenario):
         got = [o.outputs[0].token_ids for o in outs]
         check_greedy_close(refs, got[: len(prompts)][::-1], f"smollm2/{scenario}/reversed")
         got = got[len(prompts) :]
-        assert llm.llm_engine.core.scheduler.kv.pool.num_hits > 0
+        assert llm.llm_engine.get_stats().prefix_cache_hits > 0
     else:
         got = [o.outputs[0].token_ids for o in llm.generate(reqs, params, use_tqdm=False)]
     if scenario == "preemption":
-        assert llm.llm_engine.core.scheduler.num_preemptions > 0
+        assert llm.llm_engine.get_stats().num_preemptions > 0
     rate = check_greedy_close(refs, got, f"smollm2/{scenario}")
     assert rate >= 0.75
-    core = llm.llm_engine.core
-    assert core.scheduler.kv.pool.num_free_blocks == core.num_blocks
+    assert_engine_idle_and_empty(llm)
 
 
 def test_default_model_text_generation():

@@ -1,0 +1,67 @@
+"""Front-end side of a request before the engine core sees it: tokenize, apply defaults, fan out, validate.
+
+Shared by the synchronous ``LLMEngine`` (``LLM``) and ``AsyncLLM`` (the server).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distgen.config import EngineConfig
+from distgen.engine.core import validate_prompt
+from distgen.engine.messages import EngineCoreRequest
+from distgen.model_loader.loader import ModelSource, generation_eos_ids, load_generation_config
+from distgen.sampling_params import SamplingParams
+
+PromptType = str | dict[str, Any] | list[int]
+
+
+class InputProcessor:
+    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+        self.config = config
+        self.tokenizer = source.load_tokenizer(config.model.tokenizer)
+        self.generation_defaults = load_generation_config(source, config.model.generation_config)
+        eos = set(generation_eos_ids(source, config.model.generation_config))
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = sorted(eos)
+
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self.generation_defaults) if self.generation_defaults else SamplingParams()
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer(prompt["prompt"]).input_ids
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise TypeError(f"a prompt must be a string, a token-id list or a dict, got {type(prompt).__name__}")
+
+    def process(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        max_model_len: int,
+    ) -> tuple[SamplingParams, list[tuple[str, SamplingParams]], list[EngineCoreRequest]]:
+        """The request's params (EOS ids filled in), its children ``(child_id, params)`` and their
+        engine-core requests. A request with ``n > 1`` becomes n children ``"{i}_{request_id}"``,
+        seeded ``seed + i``. Raises ValueError (nothing queued) for a prompt that can never run."""
+        validate_prompt(prompt_ids, max_model_len, self.config.model.vocab_size)
+        params = params.clone()
+        params._eos_token_ids = list(self.eos_token_ids)
+        children = []
+        for i in range(params.n):
+            child = params.clone()
+            child.n = 1
+            if params.seed is not None:
+                child.seed = params.seed + i
+            children.append((request_id if params.n == 1 else f"{i}_{request_id}", child))
+        reqs = [EngineCoreRequest(cid, prompt_ids, p, arrival_time) for cid, p in children]
+        return params, children, reqs

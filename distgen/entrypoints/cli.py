@@ -1,0 +1,236 @@
+"""The ``distgen`` command: ``serve`` (the OpenAI-compatible server) and ``generate`` (one offline run).
+
+Engine flags are EngineArgs' fields with dashes (vLLM's names); ``--config FILE.yaml`` supplies
+defaults for any of them (keys with dashes or underscores), and flags on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import sys
+from typing import Any
+
+import yaml
+
+from distgen.engine.args import EngineArgs
+
+ENGINE_HELP = {
+    "tokenizer": "tokenizer directory, if not the model's",
+    "dtype": "auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, the checkpoint's on CUDA)",
+    "seed": "seed for requests that carry none",
+    "max_model_len": "longest sequence, prompt plus output (default: the model's limit)",
+    "tensor_parallel_size": "tensor-parallel ranks (must divide the attention heads)",
+    "distributed_executor_backend": "uni | mp | ray (default: uni for one rank, mp for more, "
+    "ray inside a connected Ray cluster)",
+    "block_size": "tokens per KV cache block",
+    "kv_cache_memory": "KV cache size per rank on the CPU, bytes or with a unit (512MiB, 4GiB)",
+    "gpu_memory_utilization": "fraction of GPU memory for weights plus KV cache",
+    "enable_prefix_caching": "share KV blocks between requests with a common prompt prefix",
+    "num_gpu_blocks_override": "force the number of KV cache blocks",
+    "max_num_seqs": "most sequences in one step",
+    "max_num_batched_tokens": "token budget of one step",
+    "enable_chunked_prefill": "split long prompts across steps",
+    "generation_config": "auto (the model's generation_config.json) | distgen | vllm (ignore it) | a path",
+    "served_model_name": "the model name the server answers to (default: the model argument)",
+    "device": "cpu | cuda (default: cuda when available)",
+    "enforce_eager": "on CUDA, never replay captured CUDA graphs",
+}
+_ALIASES = {"tensor_parallel_size": ["-tp", "--tp"]}
+_SERVER_KEYS = ("host", "port", "api_key", "chat_template", "log_level")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+}
+_UNITS.update({"kb": 1000, "mb": 10**6, "gb": 10**9})
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``1073741824``, ``512MiB``, ``4GiB``, ``2G``."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use bytes or a unit: 512MiB, 4GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    defaults = EngineArgs()
+    for f in dataclasses.fields(EngineArgs):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = ENGINE_HELP.get(f.name, f.name.replace("_", " "))
+        if isinstance(default, bool):
+            group.add_argument(
+                flag,
+                *_ALIASES.get(f.name, []),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_text,
+            )
+            continue
+        kind = _field_type(f.name, default)
+        shown = "" if default is None else f" (default: {default})"
+        group.add_argument(
+            flag,
+            *_ALIASES.get(f.name, []),
+            dest=f.name,
+            type=kind,
+            default=default,
+            metavar=_METAVARS.get(kind, f.name.split("_")[-1].upper()),
+            help=help_text + shown,
+        )
+
+
+_METAVARS: dict[Any, str] = {int: "N", float: "X", parse_size: "SIZE"}
+
+
+def _field_type(name: str, default: Any):
+    if name == "kv_cache_memory":
+        return parse_size
+    if name in ("max_model_len", "num_gpu_blocks_override", "max_num_batched_tokens", "seed", "block_size"):
+        return int
+    if isinstance(default, float):
+        return float
+    if isinstance(default, int):
+        return int
+    return str
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import distgen
+
+    parser = argparse.ArgumentParser(
+        prog="distgen",
+        description="distgen: LLM inference with tensor parallelism and vLLM's API.",
+        epilog="Run `distgen serve --help` or `distgen generate --help` for their flags.",
+    )
+    parser.add_argument("--version", action="version", version=f"distgen {distgen.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate}")
+
+    serve = sub.add_parser(
+        "serve",
+        help="start the OpenAI-compatible HTTP server",
+        description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics, /tokenize, /detokenize, /version).",
+    )
+    serve.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: SmolLM2)")
+    serve.add_argument("--config", metavar="YAML", help="defaults for any flag below, read from a YAML file")
+    net = serve.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    net.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    net.add_argument("--api-key", dest="api_key", default=None, help="require 'Authorization: Bearer KEY'")
+    net.add_argument(
+        "--chat-template", dest="chat_template", default=None, help="Jinja template file or string"
+    )
+    net.add_argument("--log-level", dest="log_level", default="info", help="debug | info | warning | error")
+    add_engine_args(serve)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate a completion for one prompt, offline",
+        description="Load MODEL, generate for PROMPT, print the text and exit.",
+    )
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2)")
+    gen.add_argument("--config", metavar="YAML", help="defaults for any flag below, read from a YAML file")
+    gen.add_argument("--max-tokens", dest="max_tokens", type=int, default=16, help="tokens to generate")
+    gen.add_argument("--temperature", type=float, default=None, help="default: the model's, else 1.0")
+    gen.add_argument("--top-p", dest="top_p", type=float, default=None)
+    gen.add_argument("--top-k", dest="top_k", type=int, default=None)
+    gen.add_argument("--n", type=int, default=1, help="completions to generate")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    add_engine_args(gen)
+    return parser
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    ns = parser.parse_args(argv)
+    path = getattr(ns, "config", None)
+    if not path:
+        return ns
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        parser.error(f"{path}: expected a mapping of flag names to values")
+    sub = parser._subparsers._group_actions[0].choices[ns.command]  # type: ignore[union-attr]
+    known = {a.dest: a for a in sub._actions}
+    defaults = {}
+    for key, value in cfg.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("help", "config"):
+            parser.error(f"{path}: unknown setting {key!r}")
+        action = known[dest]
+        defaults[dest] = action.type(value) if action.type is not None and value is not None else value
+    sub.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    ns = _apply_config(parser, sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(levelname)s %(asctime)s %(message)s", level=logging.INFO)
+    if ns.command == "serve":
+        from distgen.entrypoints.openai.api_server import ServerArgs, serve
+
+        server = ServerArgs(**{k: getattr(ns, k) for k in _SERVER_KEYS})
+        logging.getLogger("distgen").setLevel(server.log_level.upper())
+        try:
+            serve(engine_args_from(ns), server)
+        except KeyboardInterrupt:
+            pass
+    elif ns.command == "generate":
+        _generate(ns)
+
+
+def _generate(ns: argparse.Namespace) -> None:
+    from distgen import LLM, SamplingParams
+
+    logging.getLogger("distgen").setLevel(logging.WARNING)
+    llm = LLM(**dataclasses.asdict(engine_args_from(ns)))
+    try:
+        params = llm.get_default_sampling_params()
+        for key in ("temperature", "top_p", "top_k"):
+            if getattr(ns, key) is not None:
+                setattr(params, key, getattr(ns, key))
+        params = SamplingParams(**{**dataclasses.asdict(params), "max_tokens": ns.max_tokens, "n": ns.n})
+        if ns.chat:
+            outs = llm.chat([{"role": "user", "content": ns.prompt}], params, use_tqdm=False)
+        else:
+            outs = llm.generate(ns.prompt, params, use_tqdm=False)
+        for c in outs[0].outputs:
+            print(c.text if ns.chat else ns.prompt + c.text)
+    finally:
+        llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()

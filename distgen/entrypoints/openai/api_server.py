@@ -1,0 +1,167 @@
+"""The FastAPI app: OpenAI's routes plus /health, /metrics, /tokenize, /detokenize, /version."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+import distgen
+from distgen.engine.args import EngineArgs
+from distgen.engine.async_llm import AsyncLLM
+from distgen.engine.exceptions import EngineDeadError
+from distgen.entrypoints.chat_utils import load_chat_template
+from distgen.entrypoints.openai.errors import OpenAIError, error_response
+from distgen.entrypoints.openai.metrics import PrometheusStatLogger
+from distgen.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from distgen.entrypoints.openai.serving_chat import create_chat_completion, render_request
+from distgen.entrypoints.openai.serving_common import ServingContext, now
+from distgen.entrypoints.openai.serving_completion import create_completion
+
+logger = logging.getLogger("distgen")
+
+
+@dataclass
+class ServerArgs:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    chat_template: str | None = None
+    log_level: str = "info"
+
+
+def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str]) -> FastAPI:
+    metrics = PrometheusStatLogger(served_model_names[0])
+    engine.stat_loggers.append(metrics)
+    ctx = ServingContext(engine, served_model_names, load_chat_template(server.chat_template))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="distgen", version=distgen.__version__, lifespan=lifespan)
+    app.state.ctx = ctx
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if server.api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+                return error_response("invalid or missing API key (Authorization: Bearer ...)", 401)
+        return await call_next(request)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, e: OpenAIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        return error_response(
+            f"{where}: {first.get('msg', 'invalid request')}" if where else str(e), 400, where
+        )
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, e: EngineDeadError):
+        return error_response(str(e), 503)
+
+    @app.exception_handler(ValueError)
+    async def value_error(_: Request, e: ValueError):
+        return OpenAIError.from_value_error(e).response()
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=503 if engine.errored else 200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": distgen.__version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        cards = [
+            {
+                "id": name,
+                "object": "model",
+                "created": now(),
+                "owned_by": "distgen",
+                "root": engine.config.model.model,
+                "max_model_len": engine.max_model_len,
+            }
+            for name in served_model_names
+        ]
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        _check_alive(engine)
+        return await create_completion(ctx, req, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+        _check_alive(engine)
+        return await create_chat_completion(ctx, req, raw)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict:
+        ctx.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise OpenAIError("give exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            chat = ChatCompletionRequest(
+                messages=req.messages, add_generation_prompt=req.add_generation_prompt
+            )
+            _, ids = render_request(ctx, chat)
+        else:
+            ids = engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        ctx.check_model(req.model)
+        vocab = engine.config.model.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise OpenAIError(f"token id {bad} is out of the vocabulary range [0, {vocab})", param="tokens")
+        return {"prompt": engine.tokenizer.decode(req.tokens)}
+
+    return app
+
+
+def _check_alive(engine: AsyncLLM) -> None:
+    if engine.errored:
+        raise EngineDeadError("the engine is dead: the engine core process is gone")
+
+
+def serve(engine_args: EngineArgs, server: ServerArgs) -> None:
+    """Load the model, then serve until Ctrl-C / SIGTERM; the engine core stops with the server."""
+    import uvicorn
+
+    engine = AsyncLLM.from_engine_args(engine_args)
+    try:
+        names = [engine.config.model.served_model_name]
+        app = build_app(engine, server, names)
+        config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level)
+        logger.info("serving %s on http://%s:%d", names[0], server.host, server.port)
+        asyncio.run(uvicorn.Server(config).serve())
+    finally:
+        engine.shutdown()

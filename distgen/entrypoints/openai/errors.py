@@ -1,0 +1,42 @@
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+
+from fastapi.responses import JSONResponse
+
+_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+class OpenAIError(Exception):
+    """Raised by a handler; the app turns it into a JSON error response."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.param = message, status, param
+
+    @classmethod
+    def from_value_error(cls, e: ValueError) -> OpenAIError:
+        # SamplingParams names the field: "SamplingParams.temperature must be >= 0, got -1."
+        m = re.match(r"SamplingParams\.(\w+)", str(e))
+        return cls(str(e), 400, m.group(1) if m else None)
+
+    def response(self) -> JSONResponse:
+        return error_response(self.message, self.status, self.param)
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict:
+    kind = _TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_response(message: str, status: int, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param), status_code=status)

@@ -1,0 +1,149 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), and their translation to SamplingParams.
+
+Fields follow OpenAI's names plus vLLM's extra sampling fields (top_k, min_p, repetition_penalty,
+ignore_eos, min_tokens, stop_token_ids, ...). Unknown fields are ignored, as OpenAI's SDK may send
+newer ones; a known field with a bad type is a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from distgen.entrypoints.openai.errors import OpenAIError
+from distgen.sampling_params import SamplingParams
+
+_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def _sampling_params(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        defaults: dict[str, Any],
+        prompt_len: int,
+        limit: int,
+    ) -> SamplingParams:
+        if self.logit_bias:
+            raise OpenAIError("logit_bias is not supported", param="logit_bias")
+        if max_tokens is not None and prompt_len + max_tokens > limit:
+            raise OpenAIError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the length of the prompt or completion.",
+                param="max_tokens",
+            )
+        if max_tokens is None:
+            max_tokens = max(limit - prompt_len, 1)
+        # Sampling defaults come from the model's generation_config.json where the request is silent.
+        knobs = {k: getattr(self, k) for k in _DEFAULTED}
+        knobs = {k: (defaults.get(k) if v is None else v) for k, v in knobs.items()}
+        try:
+            return SamplingParams.from_optional(
+                n=self.n,
+                max_tokens=max_tokens,
+                logprobs=logprobs,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                seed=self.seed,
+                stop=self.stop,
+                stop_token_ids=self.stop_token_ids,
+                ignore_eos=self.ignore_eos,
+                min_tokens=self.min_tokens,
+                skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                **knobs,
+            )
+        except ValueError as e:
+            raise OpenAIError.from_value_error(e) from e
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(default=None, ge=0)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise OpenAIError("the prompt is empty: give at least one token", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # one tokenized prompt
+        return list(p)
+
+    def to_sampling_params(self, defaults: dict[str, Any], prompt_len: int, limit: int) -> SamplingParams:
+        if self.suffix:
+            raise OpenAIError("suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise OpenAIError("best_of is not supported (use n)", param="best_of")
+        return self._sampling_params(self.max_tokens, self.logprobs, defaults, prompt_len, limit)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def to_sampling_params(self, defaults: dict[str, Any], prompt_len: int, limit: int) -> SamplingParams:
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIError("top_logprobs needs logprobs=true", param="top_logprobs")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs, defaults, prompt_len, limit)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]

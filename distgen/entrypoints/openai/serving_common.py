@@ -1,0 +1,117 @@
+"""What the completion and chat handlers share: the served model, prompts in, SSE and logprobs out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from distgen.engine.async_llm import AsyncLLM
+from distgen.entrypoints.openai.errors import OpenAIError, error_body
+from distgen.outputs import Logprob
+
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class ServingContext:
+    engine: AsyncLLM
+    served_model_names: list[str]
+    chat_template: str | None = None
+
+    def check_model(self, model: str | None) -> str:
+        """The name to answer with; 404 for a model this server does not serve."""
+        if model is None or model in self.served_model_names:
+            return self.served_model_names[0] if model is None else model
+        raise OpenAIError(f"The model `{model}` does not exist.", status=404, param="model")
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def sse_error(e: Exception) -> str:
+    status = e.status if isinstance(e, OpenAIError) else 500
+    return sse(error_body(str(e), status))
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+async def merge_async_iterators(*iterators: AsyncIterator[T]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several async iterators as they come, tagged with the iterator's index. Closing the
+    merged iterator (or an error in one) cancels the others, so their requests are aborted."""
+    if len(iterators) == 1:
+        async for item in iterators[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None, bool]] = asyncio.Queue()
+
+    async def drain(i: int, it: AsyncIterator[T]) -> None:
+        try:
+            async for item in it:
+                await queue.put((i, item, None, False))
+            await queue.put((i, None, None, True))
+        except BaseException as e:  # noqa: B036 - forwarded to the consumer
+            await queue.put((i, None, e, True))
+
+    tasks = [asyncio.create_task(drain(i, it)) for i, it in enumerate(iterators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item, err, done = await queue.get()
+            if err is not None:
+                raise err
+            if done:
+                remaining -= 1
+                continue
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_disconnected(coro, request: Request):
+    """Run ``coro``; cancel it (aborting its requests) if the HTTP client goes away first."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise OpenAIError("the client disconnected", status=499)
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def top_entries(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    """The ``k`` most likely tokens of one position, best first (the sampled one included if it is)."""
+    ranked = [(tid, lp) for tid, lp in entries.items() if lp.rank is not None and 1 <= lp.rank <= k]
+    return sorted(ranked, key=lambda e: e[1].rank)
+
+
+def token_str(tokenizer, tid: int, lp: Logprob) -> str:
+    return lp.decoded_token if lp.decoded_token is not None else tokenizer.decode([tid])

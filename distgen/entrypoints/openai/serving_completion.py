@@ -1,0 +1,166 @@
+"""``POST /v1/completions``: one or several prompts, n choices each, streamed or not."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from distgen.engine.core import validate_prompt
+from distgen.entrypoints.openai.errors import OpenAIError
+from distgen.entrypoints.openai.protocol import CompletionRequest
+from distgen.entrypoints.openai.serving_common import (
+    ServingContext,
+    merge_async_iterators,
+    now,
+    sse,
+    sse_error,
+    token_str,
+    top_entries,
+    until_disconnected,
+    usage,
+)
+from distgen.outputs import CompletionOutput
+from distgen.sampling_params import SamplingParams
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    num_tokens: int = 0
+    offset: int = 0  # characters of text so far (logprobs' text_offset)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+
+
+async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
+    model = ctx.check_model(req.model)
+    engine = ctx.engine
+    if req.echo and req.logprobs is not None:
+        raise OpenAIError("echo together with logprobs is not supported", param="echo")
+    inputs: list[tuple[str | None, list[int], SamplingParams]] = []
+    for p in req.prompts():
+        text, ids = (p, engine.tokenizer(p).input_ids) if isinstance(p, str) else (None, p)
+        _check_prompt(ids, engine.max_model_len, engine.config.model.vocab_size)
+        inputs.append(
+            (text, ids, req.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len))
+        )
+    request_id = ctx.new_request_id("cmpl")
+    gens = [
+        engine.generate({"prompt": t, "prompt_token_ids": ids}, params, f"{request_id}-{i}")
+        for i, (t, ids, params) in enumerate(inputs)
+    ]
+    n = req.n
+    echo = [
+        (t if t is not None else engine.tokenizer.decode(ids)) if req.echo else "" for t, ids, _ in inputs
+    ]
+    num_prompt_tokens = sum(len(ids) for _, ids, _ in inputs)
+    base = {"id": request_id, "object": "text_completion", "created": now(), "model": model}
+    choices = {
+        (i, j): _Choice(text=echo[i], offset=len(echo[i])) for i in range(len(inputs)) for j in range(n)
+    }
+    merged = merge_async_iterators(*gens)
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                async for i, out in merged:
+                    for c in out.outputs:
+                        ch = choices[(i, c.index)]
+                        if ch.finish_reason is not None:
+                            continue
+                        first = ch.num_tokens == 0 and echo[i]
+                        delta = _fold(ch, c, engine.tokenizer, req.logprobs)
+                        if not (c.text or c.finish_reason or first):
+                            continue
+                        choice = {
+                            "index": i * n + c.index,
+                            "text": (echo[i] if first else "") + c.text,
+                            "logprobs": delta,
+                            "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason,
+                        }
+                        yield sse({**base, "choices": [choice]})
+                if include_usage:
+                    completion = sum(ch.num_tokens for ch in choices.values())
+                    yield sse({**base, "choices": [], "usage": usage(num_prompt_tokens, completion)})
+            except Exception as e:  # the status line is sent: report in the stream
+                yield sse_error(e)
+            yield sse("[DONE]")
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    async def collect() -> None:
+        async for i, out in merged:
+            for c in out.outputs:
+                _fold(choices[(i, c.index)], c, engine.tokenizer, req.logprobs)
+
+    await until_disconnected(collect(), raw)
+    body = {
+        **base,
+        "choices": [
+            {
+                "index": i * n + j,
+                "text": ch.text,
+                "logprobs": _logprobs_body(ch) if req.logprobs is not None else None,
+                "finish_reason": ch.finish_reason,
+                "stop_reason": ch.stop_reason,
+            }
+            for (i, j), ch in sorted(choices.items())
+        ],
+        "usage": usage(num_prompt_tokens, sum(ch.num_tokens for ch in choices.values())),
+    }
+    return JSONResponse(body)
+
+
+def _check_prompt(ids: list[int], limit: int, vocab: int) -> None:
+    if any(not isinstance(t, int) for t in ids):
+        raise OpenAIError("a prompt must be a string or a list of token ids", param="prompt")
+    if len(ids) >= limit:
+        raise OpenAIError(
+            f"This model's maximum context length is {limit} tokens. However, your prompt has "
+            f"{len(ids)} tokens, which leaves no room for the completion. Please reduce the length "
+            "of the prompt.",
+            param="prompt",
+        )
+    try:
+        validate_prompt(ids, limit, vocab)
+    except ValueError as e:
+        raise OpenAIError(str(e), param="prompt") from e
+
+
+def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None) -> dict | None:
+    """Add one delta to the choice; returns the delta's logprobs body (None without logprobs)."""
+    ch.text += c.text
+    ch.num_tokens += len(c.token_ids)
+    if c.finish_reason is not None:
+        ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
+    if k is None or c.logprobs is None:
+        return None
+    start = len(ch.tokens)
+    for tid, entries in zip(c.token_ids, c.logprobs):
+        lp = entries[tid]
+        s = token_str(tokenizer, tid, lp)
+        ch.tokens.append(s)
+        ch.token_logprobs.append(lp.logprob)
+        ch.top_logprobs.append({token_str(tokenizer, t, e): e.logprob for t, e in top_entries(entries, k)})
+        ch.text_offset.append(ch.offset)
+        ch.offset += len(s)
+    return _logprobs_body(ch, start)
+
+
+def _logprobs_body(ch: _Choice, start: int = 0) -> dict:
+    return {
+        "tokens": ch.tokens[start:],
+        "token_logprobs": ch.token_logprobs[start:],
+        "top_logprobs": ch.top_logprobs[start:],
+        "text_offset": ch.text_offset[start:],
+    }

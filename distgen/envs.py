@@ -1,0 +1,28 @@
+"""Environment settings, read in one place into one typed object."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Envs:
+    # Run the engine core in its own process (the default), or inside the caller's process (debugging).
+    enable_multiprocessing: bool
+    # How long the front end waits for the engine core to load the model and report ready.
+    engine_ready_timeout_s: float
+    # Where converted tokenizers are cached.
+    cache_dir: str
+
+
+_FALSE = ("0", "false", "no", "off")
+
+
+def envs() -> Envs:
+    env = os.environ
+    return Envs(
+        enable_multiprocessing=env.get("DISTGEN_ENABLE_MULTIPROCESSING", "1").lower() not in _FALSE,
+        engine_ready_timeout_s=float(env.get("DISTGEN_ENGINE_READY_TIMEOUT_S", "600")),
+        cache_dir=env.get("DISTGEN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "distgen")),
+    )

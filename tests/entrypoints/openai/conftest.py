@@ -1,0 +1,131 @@
+"""A live ``distgen serve`` on loopback for the server tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+STARTUP_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Processes below ``pid`` (the engine core and its workers)."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str  # http://127.0.0.1:PORT
+    model_dir: str
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    def core_pid(self) -> int:
+        for pid in descendants(self.proc.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"distgen.engine.core_main" in f.read():
+                        return pid
+            except OSError:
+                pass
+        raise AssertionError("no engine-core process under the server")
+
+    def stop(self) -> None:
+        """Ctrl-C, as a user would; then nothing of the server may be left."""
+        procs = [self.proc.pid, *descendants(self.proc.pid)]
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("the server did not stop within 30 s of Ctrl-C") from None
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in procs if alive(p)]
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        assert not left, f"processes left after the server stopped: {left}"
+
+
+def start_server(model_dir: str, *args: str) -> Server:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "distgen.entrypoints.cli",
+        "serve",
+        model_dir,
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--kv-cache-memory",
+        "16MiB",
+        "--log-level",
+        "warning",
+        *args,
+    ]
+    proc = subprocess.Popen(cmd)
+    server = Server(proc, f"http://127.0.0.1:{port}", model_dir)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited during startup with code {proc.returncode}")
+        try:
+            if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise AssertionError(f"the server was not healthy within {STARTUP_TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="package")
+def server(tiny_model_dir) -> Iterator[Server]:
+    s = start_server(tiny_model_dir("llama"), "--served-model-name", "tiny-llama")
+    yield s
+    s.stop()

@@ -1,0 +1,235 @@
+"""The official ``openai`` client against a live ``distgen serve``: completions and chat, streamed and
+not, n, logprobs, stop; greedy text equals the offline ``LLM``'s for the same request."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from distgen import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+PROMPT = "The quick brown fox jumps over"
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a colour."},
+]
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline(server):
+    llm = LLM(server.model_dir, dtype="float32", kv_cache_memory=16 << 20)
+    yield llm
+    llm.shutdown()
+
+
+def test_completion_matches_offline_greedy(client, offline):
+    want = offline.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
+    )
+    got = client.completions.create(
+        model="tiny-llama", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert got.choices[0].text == want[0].outputs[0].text
+    assert got.choices[0].finish_reason == "length"
+    assert got.usage.prompt_tokens == len(want[0].prompt_token_ids)
+    assert got.usage.completion_tokens == 12
+    assert got.model == "tiny-llama"
+
+
+def test_completion_stream_equals_non_stream(client):
+    kwargs = dict(
+        model="tiny-llama", prompt=PROMPT, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+    )
+    whole = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+
+
+def test_chat_matches_offline_and_streams(client, offline):
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    want = offline.chat(CONVERSATION, params, use_tqdm=False)[0].outputs[0].text
+    got = client.chat.completions.create(
+        model="tiny-llama",
+        messages=CONVERSATION,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want
+    stream = client.chat.completions.create(
+        model="tiny-llama",
+        messages=CONVERSATION,
+        max_completion_tokens=10,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_n_choices(client):
+    got = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=8,
+        n=2,
+        temperature=1.0,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
+    assert sorted(c.index for c in got.choices) == [0, 1]
+    assert got.usage.completion_tokens == 16
+    assert got.choices[0].text != got.choices[1].text  # different seeds (seed, seed + 1)
+    again = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=8,
+        n=2,
+        temperature=1.0,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.text for c in again.choices] == [c.text for c in got.choices]  # seeded: reproducible
+    chat = client.chat.completions.create(
+        model="tiny-llama", messages=CONVERSATION, max_tokens=4, n=3, temperature=1.0, seed=1
+    )
+    assert sorted(c.index for c in chat.choices) == [0, 1, 2]
+
+
+def test_logprobs(client):
+    got = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert "".join(lp.tokens) == got.choices[0].text
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    for tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3
+        assert max(top.values()) == pytest.approx(val)  # greedy: the chosen token is the most likely
+        assert top[tok] == pytest.approx(val)
+    chat = client.chat.completions.create(
+        model="tiny-llama",
+        messages=CONVERSATION,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 2
+        assert c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob == pytest.approx(c.logprob)
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+        assert c.bytes == list(c.token.encode())
+
+
+def test_stop_string(client, offline):
+    base = (
+        client.completions.create(
+            model="tiny-llama", prompt=PROMPT, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    stop = base[len(base) // 2 : len(base) // 2 + 3]
+    assert stop.strip(), "pick a stop string with visible characters"
+    got = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=20,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    ).choices[0]
+    assert got.finish_reason == "stop"
+    assert got.text == base[: base.index(stop)]
+    want = offline.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=20, stop=[stop], ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
+    assert got.text == want.text
+    streamed = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=20,
+        temperature=0,
+        stop=[stop],
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert "".join(c.choices[0].text for c in streamed) == got.text
+
+
+def test_multiple_prompts_in_one_completion(client):
+    got = client.completions.create(
+        model="tiny-llama",
+        prompt=[PROMPT, "Hello"],
+        max_tokens=4,
+        n=2,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert sorted(c.index for c in got.choices) == [0, 1, 2, 3]
+    by_index = {c.index: c.text for c in got.choices}
+    assert by_index[0] == by_index[1] and by_index[2] == by_index[3]  # greedy: n copies agree
+
+
+def test_models_version_tokenize_detokenize_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+    assert httpx.get(server.url + "/version").json()["version"]
+    assert httpx.get(server.url + "/health").status_code == 200
+    toks = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()
+    assert toks["count"] == len(toks["tokens"]) > 0 and toks["max_model_len"] > 0
+    text = httpx.post(server.url + "/detokenize", json={"tokens": toks["tokens"]}).json()["prompt"]
+    assert text == PROMPT
+    chat = httpx.post(server.url + "/tokenize", json={"messages": CONVERSATION}).json()
+    assert chat["count"] > toks["count"]
+
+
+def test_metrics_after_requests(server, client):
+    client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=3, temperature=0)
+    text = httpx.get(server.url + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("distgen:") and "{" in line:
+            name, value = line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])
+            values[name] = values.get(name, 0.0) + value
+    for name in (
+        "distgen:num_requests_running",
+        "distgen:num_requests_waiting",
+        "distgen:kv_cache_usage_perc",
+        "distgen:prefix_cache_queries_total",
+        "distgen:prefix_cache_hits_total",
+        "distgen:num_preemptions_total",
+        "distgen:time_to_first_token_seconds_count",
+        "distgen:inter_token_latency_seconds_count",
+        "distgen:e2e_request_latency_seconds_count",
+        "distgen:request_success_total",
+    ):
+        assert name in values, name
+    assert values["distgen:prompt_tokens_total"] > 0
+    assert values["distgen:generation_tokens_total"] >= 3
+    assert values["distgen:time_to_first_token_seconds_count"] >= 1
+    assert values["distgen:kv_cache_usage_perc"] == 0.0
