@@ -1,8 +1,10 @@
-"""The body of one ``mp`` worker process: build the rank's Worker, then serve the executor's messages.
+"""The body of one tensor-parallel worker, shared by the ``mp`` and ``ray`` executors: build the rank's
+Worker, then serve the executor's messages until told to stop.
 
-The process is started with the "spawn" context, so everything it gets (config, model source,
-socket paths) is pickled. It exits when told to shut down, when a call raises (after sending the
-traceback), or when its parent process is gone.
+The executor binds the sockets; the worker connects to the two addresses it is given (``ipc://`` paths
+for ``mp``, ``tcp://host:port`` for ``ray``). :func:`serve` returns True after a clean ``Shutdown`` and
+False after a failure, which it has already reported to the executor as :class:`Failed`.
+:func:`run_mp_worker` is the entry point of an ``mp`` process; the Ray actor calls :func:`serve` itself.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from distgen.model_loader.loader import ModelSource
 if TYPE_CHECKING:
     from distgen.workers.worker import Worker
 
-PARENT_CHECK_S = 0.5  # how often a worker checks that its parent is still alive
+PARENT_CHECK_S = 0.5  # how often an mp worker checks that its parent is still alive
 
 
 @dataclass(frozen=True)
@@ -45,39 +47,56 @@ class WorkerArgs:
     rank: int
     config: EngineConfig
     source: ModelSource
-    init_method: str  # torch.distributed rendezvous, tcp://127.0.0.1:PORT
-    ipc_dir: str  # holds the executor's sockets: req-RANK (pulled from) and reply (pushed to)
-    parent_pid: int
+    init_method: str  # torch.distributed rendezvous, tcp://HOST:PORT
+    request_addr: str  # the executor's PUSH socket for this rank (we pull from it)
+    reply_addr: str  # the executor's PULL socket (we push to it)
+    num_threads: int  # torch intra-op threads
+    device_index: int | None = None  # CUDA device of this rank; None = the rank
+    parent_pid: int | None = None  # mp: exit as soon as this process is gone
+    cleanup_dir: str | None = None  # mp: the socket directory rank 0 removes when orphaned
 
 
-def run_worker(args: WorkerArgs) -> None:
-    """Process entry point (the target of ``multiprocessing.Process``)."""
+def run_mp_worker(args: WorkerArgs) -> None:
+    """Entry point of an ``mp`` worker process (the target of ``multiprocessing.Process``)."""
     # Ctrl-C reaches the whole process group: the executor shuts the workers down, they don't die alone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_when_orphaned, args=(args,), name="orphan-watch", daemon=True).start()
+    if not serve(args):
+        raise SystemExit(1)
+
+
+def serve(args: WorkerArgs) -> bool:
+    """Connect, load the rank's shard, report Ready, then answer calls until Shutdown (True) or a
+    failure, sent to the executor as Failed (False)."""
     import torch
 
-    tp = args.config.parallel.tensor_parallel_size
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    torch.set_num_threads(args.num_threads)
     ctx = zmq.Context()
     requests = ctx.socket(zmq.PULL)
-    requests.connect(f"ipc://{args.ipc_dir}/req-{args.rank}")
+    requests.connect(args.request_addr)
     replies = ctx.socket(zmq.PUSH)
-    replies.connect(f"ipc://{args.ipc_dir}/reply")
+    replies.connect(args.reply_addr)
     encoder = msgspec.msgpack.Encoder()
     worker = None
     try:
         from distgen.workers.worker import Worker
 
-        worker = Worker(args.config, args.source, rank=args.rank, init_method=args.init_method)
+        worker = Worker(
+            args.config,
+            args.source,
+            rank=args.rank,
+            init_method=args.init_method,
+            device_index=args.device_index,
+        )
         replies.send(encoder.encode(Ready(args.rank, os.getpid())))
-        _serve(args, worker, requests, replies, encoder)
+        _loop(args.rank, worker, requests, replies, encoder)
+        return True
     except BaseException:
         try:
             replies.send(encoder.encode(Failed(args.rank, traceback.format_exc())), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # nobody listens any more
-        raise SystemExit(1) from None
+        return False
     finally:
         if worker is not None:
             worker.shutdown()
@@ -95,20 +114,19 @@ def _exit_when_orphaned(args: WorkerArgs) -> None:
     while the main thread is loading the model or blocked in a collective."""
     while os.getppid() == args.parent_pid:
         time.sleep(PARENT_CHECK_S)
-    if args.rank == 0:
-        shutil.rmtree(args.ipc_dir, ignore_errors=True)
+    if args.rank == 0 and args.cleanup_dir is not None:
+        shutil.rmtree(args.cleanup_dir, ignore_errors=True)
     os._exit(1)
 
 
-def _serve(
-    args: WorkerArgs,
+def _loop(
+    rank: int,
     worker: Worker,
     requests: zmq.Socket,
     replies: zmq.Socket,
     encoder: msgspec.msgpack.Encoder,
 ) -> None:
     decoder = msgspec.msgpack.Decoder(WorkerRequest)
-    rank = args.rank
     while True:
         msg = decoder.decode(requests.recv())
         if isinstance(msg, ExecuteModel):

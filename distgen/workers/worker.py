@@ -17,7 +17,12 @@ logger = logging.getLogger("distgen")
 
 class Worker:
     def __init__(
-        self, config: EngineConfig, source: ModelSource, rank: int = 0, init_method: str | None = None
+        self,
+        config: EngineConfig,
+        source: ModelSource,
+        rank: int = 0,
+        init_method: str | None = None,
+        device_index: int | None = None,  # the CUDA device; None = the rank (Ray: 0, it hides the others)
     ) -> None:
         self.config = config
         self.rank = rank
@@ -26,7 +31,7 @@ class Worker:
             backend = "nccl" if config.device.startswith("cuda") else "gloo"
             ps.init_tp_group(rank, world, init_method or "", backend)
         if config.device.startswith("cuda"):
-            torch.cuda.set_device(rank)
+            torch.cuda.set_device(rank if device_index is None else device_index)
         torch.manual_seed(config.model.seed)
         self.runner = ModelRunner(config, source)
 

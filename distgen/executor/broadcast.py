@@ -1,0 +1,255 @@
+"""The control plane shared by the ``mp`` and ``ray`` executors: one ZeroMQ broadcast per call.
+
+The executor binds one PUSH socket per rank and one PULL socket for the replies; each call is encoded
+once and pushed to every rank, and the workers (``worker_loop.serve``) answer on the PULL socket. While
+waiting, the executor polls with a short timeout and asks its :class:`WorkerHandles` between polls
+whether a worker is gone, so a dead worker turns into :class:`EngineDeadError` instead of a hang. The
+backends differ only in how workers start, how their death is seen and how they are stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+
+import msgspec
+import zmq
+
+from distgen.config import EngineConfig
+from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from distgen.engine.exceptions import EngineDeadError, WorkerStartupError
+from distgen.executor.base import Executor
+from distgen.executor.messages import (
+    Ack,
+    DetermineNumBlocks,
+    ExecuteModel,
+    Failed,
+    InitKVCache,
+    NumBlocks,
+    Ready,
+    Shutdown,
+    StepResult,
+    WorkerReply,
+    WorkerRequest,
+)
+from distgen.model_loader.loader import ModelSource
+
+logger = logging.getLogger("distgen")
+_Reply = TypeVar("_Reply", NumBlocks, Ack, StepResult)
+
+STARTUP_TIMEOUT_S = 120.0  # every rank must report ready (model loaded) within this
+POLL_MS = 100  # how often a waiting executor checks that its workers are alive
+FAILURE_GRACE_S = 1.0  # after a first failure, how long to collect the other ranks' reports
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """A worker that is gone: ``died`` (killed, crashed) or stopped on its own; ``line`` says how."""
+
+    rank: int
+    died: bool
+    line: str
+
+
+class WorkerHandles(ABC):
+    """The backend's side: the started workers, whether they are gone, and how to stop them."""
+
+    @abstractmethod
+    def exits(self, starting: bool) -> list[WorkerExit]:
+        """The workers that are gone (an empty list while all run)."""
+
+    @abstractmethod
+    def all_gone(self) -> bool: ...
+
+    @abstractmethod
+    def stop(self, deadline: float) -> None:
+        """After Shutdown was sent: wait until ``deadline`` for the workers to stop, then kill them."""
+
+
+class Channel:
+    """The executor's sockets: PUSH per rank at ``request_addrs``, one PULL at ``reply_addr``."""
+
+    def __init__(self, world_size: int, bind_base: str) -> None:
+        """``bind_base``: ``ipc://DIR`` (DIR/req-RANK and DIR/reply) or ``tcp://HOST`` (free ports)."""
+        self.ctx = zmq.Context()
+        self.requests: list[zmq.Socket] = []
+        self.request_addrs: list[str] = []
+        for rank in range(world_size):
+            sock = self.ctx.socket(zmq.PUSH)
+            self.request_addrs.append(_bind(sock, bind_base, f"req-{rank}"))
+            self.requests.append(sock)
+        self.replies = self.ctx.socket(zmq.PULL)
+        self.reply_addr = _bind(self.replies, bind_base, "reply")
+
+    def close(self) -> None:
+        for sock in [*self.requests, self.replies]:
+            sock.close(linger=0)
+        self.ctx.term()
+
+
+def _bind(sock: zmq.Socket, base: str, name: str) -> str:
+    if base.startswith("ipc://"):
+        addr = f"{base}/{name}"
+        sock.bind(addr)
+        return addr
+    port = sock.bind_to_random_port(base)
+    return f"{base}:{port}"
+
+
+def _release(channel: Channel, handles: WorkerHandles, alive: list[bool]) -> None:
+    """Tell every worker to stop, stop them, close the sockets (a finalizer: holds no executor)."""
+    encoded = msgspec.msgpack.encode(Shutdown())
+    for sock, ok in zip(channel.requests, alive):
+        if ok:
+            try:
+                sock.send(encoded, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+    handles.stop(time.monotonic() + SHUTDOWN_TIMEOUT_S)
+    channel.close()
+
+
+class BroadcastExecutor(Executor):
+    """Subclasses bind ``self.channel``, then call :meth:`_own` with their handles, start the workers
+    and call :meth:`_wait_ready`."""
+
+    backend_name = "?"
+    startup_hint = ""  # appended to "exited" lines while starting
+
+    def __init__(self, config: EngineConfig, source: ModelSource, channel: Channel) -> None:
+        super().__init__(config, source)
+        self.world_size = config.parallel.tensor_parallel_size
+        self.channel = channel
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(WorkerReply)
+        self._dead: str | None = None  # the error message once the engine is dead
+        self._handles: WorkerHandles | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    def _own(self, handles: WorkerHandles, on_release=None) -> None:
+        """From now on shutdown, garbage collection and interpreter exit release ``handles`` and the
+        channel (and call ``on_release()`` afterwards)."""
+        self._handles = handles
+
+        def release(channel: Channel = self.channel) -> None:
+            gone = {e.rank for e in handles.exits(starting=False)}
+            _release(channel, handles, [r not in gone for r in range(len(channel.requests))])
+            if on_release is not None:
+                on_release()
+
+        self._finalizer = weakref.finalize(self, release)
+
+    # -- the calls -------------------------------------------------------------------------------
+    def determine_num_blocks(self) -> int:
+        self._broadcast(DetermineNumBlocks())
+        counts: dict[int, int] = {}
+        while len(counts) < self.world_size:
+            msg = self._expect(NumBlocks)
+            counts[msg.rank] = msg.num_blocks
+        return min(counts.values())
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self._broadcast(InitKVCache(num_blocks))
+        acked: set[int] = set()
+        while len(acked) < self.world_size:
+            acked.add(self._expect(Ack).rank)
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._broadcast(ExecuteModel(sched))
+        return self._expect(StepResult).output
+
+    def shutdown(self) -> None:
+        if self._dead is None:
+            self._dead = "the engine was shut down"
+        if self._finalizer is not None:
+            self._finalizer()
+        else:
+            self.channel.close()
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        t0 = time.monotonic()
+        ready: set[int] = set()
+        while len(ready) < self.world_size:
+            msg = self._recv(t0 + timeout_s, starting=True)
+            if msg is None:
+                missing = sorted(set(range(self.world_size)) - ready)
+                self._die(f"ranks {missing} were not ready within {timeout_s:.0f}s", True)
+            if not isinstance(msg, Ready):
+                self._die(f"protocol error: expected Ready from a starting worker, got {msg!r}", True)
+            ready.add(msg.rank)
+        logger.info("%d %s workers ready in %.1fs", self.world_size, self.backend_name, time.monotonic() - t0)
+
+    def _broadcast(self, msg: WorkerRequest) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        data = self._encoder.encode(msg)
+        for sock in self.channel.requests:
+            while True:
+                try:
+                    sock.send(data, zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    self._check_alive(starting=False)
+                    sock.poll(POLL_MS, zmq.POLLOUT)
+
+    def _expect(self, kind: type[_Reply]) -> _Reply:
+        msg = self._recv(None, starting=False)
+        if not isinstance(msg, kind):
+            self._die(f"protocol error: expected {kind.__name__} from the workers, got {msg!r}", False)
+        return msg
+
+    def _recv(self, deadline: float | None, starting: bool) -> object | None:
+        """Next reply (None once ``deadline`` passes); raises if a worker reports a failure or dies."""
+        sock = self.channel.replies
+        try:
+            while not sock.poll(POLL_MS):
+                self._check_alive(starting)
+                if deadline is not None and time.monotonic() > deadline:
+                    return None
+        except KeyboardInterrupt:
+            # The workers are mid-call: their next answer would be out of step with the caller.
+            self._dead = "the engine is dead: interrupted while waiting for the workers"
+            self.shutdown()
+            raise
+        msg = self._decoder.decode(sock.recv())
+        if isinstance(msg, Failed):
+            self._die(self._failure_report([msg], starting), starting)
+        return msg
+
+    def _check_alive(self, starting: bool) -> None:
+        if self._handles is not None and self._handles.exits(starting):
+            self._die(self._failure_report([], starting), starting)
+
+    def _failure_report(self, failed: list[Failed], starting: bool) -> str:
+        """Wait briefly for the other ranks' reports, then describe every rank that failed or died."""
+        deadline = time.monotonic() + FAILURE_GRACE_S
+        sock = self.channel.replies
+        while time.monotonic() < deadline:
+            if sock.poll(POLL_MS):
+                msg = self._decoder.decode(sock.recv())
+                if isinstance(msg, Failed):
+                    failed.append(msg)
+            elif self._handles is None or self._handles.all_gone():
+                break
+        reported = {f.rank for f in failed}
+        gone = self._handles.exits(starting) if self._handles is not None else []
+        exits = [e for e in gone if e.rank not in reported]
+        lines = [e.line for e in exits if e.died]
+        lines += [e.line + (self.startup_hint if starting else "") for e in exits if not e.died]
+        for f in sorted(failed, key=lambda f: f.rank):
+            last = f.error.strip().splitlines()[-1] if f.error.strip() else "?"
+            lines.append(f"worker rank {f.rank} raised {last}\n{f.error}")
+        return "\n".join(lines) or "a worker failed"
+
+    def _die(self, why: str, starting: bool) -> NoReturn:
+        self._dead = f"the engine is dead: {why}"
+        self.shutdown()
+        if starting:
+            raise WorkerStartupError(f"tensor-parallel workers failed to start: {why}")
+        raise EngineDeadError(self._dead)
