@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from abc import ABC, abstractmethod
 
 from distgen.config import EngineConfig
@@ -29,11 +32,20 @@ class Executor(ABC):
     def shutdown(self) -> None: ...
 
     @staticmethod
+    def resolve_backend(backend: str | None, tp: int) -> str:
+        """The backend ``None`` stands for: ``uni`` for tp=1; ``ray`` when this process is connected to a
+        Ray cluster (or ``RAY_ADDRESS`` names one, as in a Ray job); ``mp`` otherwise. A front end that
+        starts the engine core in another process should resolve this first, where the user's Ray is."""
+        if backend is not None:
+            return backend
+        if tp == 1:
+            return "uni"
+        return "ray" if _ray_connected() else "mp"
+
+    @staticmethod
     def create(config: EngineConfig, source: ModelSource) -> Executor:
-        backend = config.parallel.distributed_executor_backend
         tp = config.parallel.tensor_parallel_size
-        if backend is None:
-            backend = "uni" if tp == 1 else "mp"
+        backend = Executor.resolve_backend(config.parallel.distributed_executor_backend, tp)
         if backend == "uni":
             if tp != 1:
                 raise ValueError(
@@ -47,8 +59,17 @@ class Executor(ABC):
 
             return MultiprocExecutor(config, source)
         if backend == "ray":
-            raise NotImplementedError(
-                "distributed_executor_backend='ray' is not implemented yet; use 'mp' for tensor "
-                "parallelism on one host"
-            )
+            from distgen.executor.ray_executor import RayExecutor
+
+            return RayExecutor(config, source)
         raise ValueError(f"unknown distributed_executor_backend {backend!r}: use 'uni', 'mp' or 'ray'")
+
+
+def _ray_connected() -> bool:
+    """Without importing Ray: an initialized Ray must already be imported."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return True
+    if os.environ.get("RAY_ADDRESS", "") not in ("", "local"):
+        return importlib.util.find_spec("ray") is not None
+    return False

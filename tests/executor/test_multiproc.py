@@ -189,11 +189,6 @@ def test_tp_that_does_not_divide_heads_fails_before_any_process(tiny_model_dir):
         EngineArgs(tensor_parallel_size=2).create_config()
 
 
-def test_ray_backend_is_not_available_yet(tiny_model_dir):
-    with pytest.raises(NotImplementedError, match="ray"):
-        LLM(tiny_model_dir("llama"), tensor_parallel_size=2, distributed_executor_backend="ray")
-
-
 @pytest.mark.slow
 def test_startup_failure_names_the_rank(tiny_model_dir, tmp_path):
     """A checkpoint whose k_proj is too short for rank 1 (rank 0's rows are there)."""
