@@ -1,4 +1,7 @@
-"""Paged attention over the KV cache, in plain batched torch (the CPU path and the kernels' reference).
+"""Paged attention over the KV cache: plain batched torch (the CPU path), or the Triton kernels.
+
+Which one runs is decided per step by the model runner through :mod:`distgen.kernels.dispatch`, and
+recorded in the metadata (``use_triton``): the two paths need different metadata.
 
 The cache of one layer is ``[2, num_blocks, Hkv, block_size, D]`` (head-major inside a block), so
 reading a sequence's blocks back for one KV head is a gather of contiguous ``[block_size, D]`` tiles
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distgen.kernels.dispatch import triton_ops
 
 
 @dataclass
@@ -42,6 +47,11 @@ class AttentionMetadata:
     prefill_context: ContextRead | None  # None when every prefill starts fresh (no cached context)
     prefill_mask: torch.Tensor | None  # [Bp, 1, max_q, max_q] for fresh prefills
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None  # flat K and V scratch, reused
+    # The Triton path (use_triton): per-row block tables and lengths instead of the reads above.
+    use_triton: bool = False
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32/int64 cache block ids per row
+    seq_lens: torch.Tensor | None = None  # [B] context length per row, this step's tokens included
+    prefill_query_start: torch.Tensor | None = None  # [Bp + 1] prefill rows' offsets from the first one
 
 
 class Attention(nn.Module):
@@ -61,6 +71,8 @@ class Attention(nn.Module):
         assert self.kv_cache is not None, "KV cache not bound"
         t = q.shape[0]
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
+        if meta.use_triton:
+            return self._forward_triton(q, k, v, k_cache, v_cache, meta)
         write_kv(k_cache, v_cache, k, v, meta.slot_block, meta.slot_offset)
         out = q.new_empty(t, self.num_heads, self.head_dim)
         nd = meta.num_decode
@@ -68,6 +80,29 @@ class Attention(nn.Module):
             self._decode(q[:nd], k_cache, v_cache, meta, out)
         if meta.num_prefill:
             out[nd:] = self._prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta)
+        return out.view(t, self.num_heads * self.head_dim)
+
+    def _forward_triton(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        ops = triton_ops()
+        t, nd = q.shape[0], meta.num_decode
+        assert meta.block_tables is not None and meta.seq_lens is not None
+        ops.store_kv(k, v, k_cache, v_cache, meta.slot_block, meta.slot_offset)
+        out = q.new_empty(t, self.num_heads, self.head_dim)
+        if nd:
+            tables, lens = meta.block_tables[:nd], meta.seq_lens[:nd]
+            ops.paged_attention_decode(q[:nd], k_cache, v_cache, tables, lens, self.scale, out=out[:nd])
+        if meta.num_prefill:
+            ops.paged_attention_prefill(
+                q[nd:],
+                k_cache,
+                v_cache,
+                meta.block_tables[nd:],
+                meta.prefill_query_start,
+                meta.seq_lens[nd:],
+                self.scale,
+                meta.prefill_max_q,
+                out=out[nd:],
+            )
         return out.view(t, self.num_heads * self.head_dim)
 
     def _read(self, k_cache, v_cache, ctx: ContextRead, meta: AttentionMetadata):

@@ -1,9 +1,12 @@
-"""RMSNorm with an optional fused residual add (the reference for the Triton kernel)."""
+"""RMSNorm with an optional fused residual add: the Triton kernel on CUDA, plain torch (its reference)
+elsewhere (see :mod:`distgen.kernels.dispatch`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from distgen.kernels.dispatch import triton_ops, use_triton
 
 
 class RMSNorm(nn.Module):
@@ -21,6 +24,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``."""
+        if use_triton(x):
+            if residual is None:
+                return triton_ops().rmsnorm(x, self.weight, self.eps)
+            return triton_ops().fused_add_rmsnorm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

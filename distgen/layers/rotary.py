@@ -1,4 +1,5 @@
-"""Rotary position embedding (the "rotate half" / NeoX layout that Hugging Face Llama uses)."""
+"""Rotary position embedding (the "rotate half" / NeoX layout that Hugging Face Llama uses); the Triton
+kernel on CUDA, plain torch elsewhere (see :mod:`distgen.kernels.dispatch`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 
 import torch
 from torch import nn
+
+from distgen.kernels.dispatch import triton_ops, use_triton
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -40,6 +43,8 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] by their positions [T]."""
+        if use_triton(q):
+            return triton_ops().apply_rotary(q, k, positions, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
