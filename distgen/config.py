@@ -46,6 +46,7 @@ class ModelConfig:
     tokenizer: str | None = None
     generation_config: str = "auto"  # "auto" | "distgen" (ignore the file) | a path
     served_model_name: str | None = None
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs, every step runs eagerly
 
     @property
     def architecture(self) -> str:

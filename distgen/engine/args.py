@@ -38,6 +38,7 @@ class EngineArgs:
     generation_config: str = "auto"
     served_model_name: str | None = None
     device: str | None = None
+    enforce_eager: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -67,6 +68,7 @@ class EngineArgs:
             tokenizer=self.tokenizer,
             generation_config=gen,
             served_model_name=self.served_model_name or self.model or "SmolLM2-135M-Instruct",
+            enforce_eager=self.enforce_eager,
         )
         batched = self.max_num_batched_tokens
         if batched is None:

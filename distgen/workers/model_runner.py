@@ -3,6 +3,10 @@
 Per step: fold the diff into the request states, lay the batch out as decodes first then prefill
 chunks, build the attention metadata once for all layers, run the forward, compute logits only
 for the rows that sample (and prompt-logprob positions), and sample them in one batched call.
+
+On CUDA (:mod:`distgen.kernels.dispatch` picks Triton there) the attention metadata is the kernels'
+(block tables and lengths), and a decode-only step replays a CUDA graph of its batch-size bucket
+(:mod:`distgen.workers.cuda_graphs`) unless ``enforce_eager`` is set.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import torch
 from distgen.config import EngineConfig
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.distributed import parallel_state as ps
+from distgen.kernels.dispatch import use_triton_on
 from distgen.layers.attention import AttentionMetadata, ContextRead, tile_index
 from distgen.layers.sampler import Sampler, SamplingMetadata, build_sampling_metadata
 from distgen.model_loader.loader import ModelSource, build_model
+from distgen.workers.cuda_graphs import DecodeGraphs
 from distgen.workers.input_batch import CachedRequestState, RequestStates
 
 logger = logging.getLogger("distgen")
@@ -40,6 +46,11 @@ class ModelRunner:
         attn = self.model.attention_layers()[0]
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.is_driver = ps.tp_rank() == 0
+        self.graphs: DecodeGraphs | None = None
+
+    def _use_graphs(self) -> bool:
+        eager = self.config.model.enforce_eager
+        return self.device.type == "cuda" and use_triton_on(self.device) and not eager
 
     # -- KV cache -------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -68,9 +79,13 @@ class ModelRunner:
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = []
+        graphs = self._use_graphs()
+        # CUDA graphs pad a decode batch to its bucket; the padding rows write to one spare block.
+        allocated = num_blocks + 1 if graphs else num_blocks
         for attn in self.model.attention_layers():
-            shape = (2, num_blocks, attn.num_kv_heads, self.block_size, attn.head_dim)
+            shape = (2, allocated, attn.num_kv_heads, self.block_size, attn.head_dim)
             cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            cache[:, num_blocks:].zero_()
             attn.kv_cache = cache
             self.kv_caches.append(cache)
         # Attention reads whole blocks and masks the slots past a sequence's end, but a NaN left in
@@ -83,6 +98,11 @@ class ModelRunner:
             self.block_size,
             num_blocks * self.kv_bytes_per_block() / 2**20,
         )
+        if graphs:
+            max_blocks = -(-self.config.model.max_model_len // self.block_size)
+            max_batch = self.config.scheduler.max_num_seqs
+            self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, num_blocks, self.device)
+            self.graphs.capture()
 
     # -- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -97,9 +117,28 @@ class ModelRunner:
         order = sorted(range(len(rows)), key=lambda i: (counts[i] != 1, rows[i].num_computed_tokens))
         rows = [rows[i] for i in order]
         counts = [counts[i] for i in order]
-        batch = self._prepare(rows, counts)
-        hidden = self.model(batch["input_ids"], batch["positions"], batch["meta"])
-        return self._sample(rows, counts, hidden, batch)
+        if self.graphs is not None and counts[-1] == 1 and len(rows) <= self.graphs.max_batch:
+            hidden, cu = self._replay_decode(rows)
+        else:
+            batch = self._prepare(rows, counts)
+            hidden, cu = self.model(batch["input_ids"], batch["positions"], batch["meta"]), batch["cu"]
+        return self._sample(rows, counts, hidden, cu)
+
+    def _replay_decode(self, rows: list[CachedRequestState]) -> tuple[torch.Tensor, np.ndarray]:
+        """A decode-only step through the CUDA graph of its bucket."""
+        assert self.graphs is not None
+        bs = self.block_size
+        n = len(rows)
+        positions = np.fromiter((s.num_computed_tokens for s in rows), dtype=np.int64, count=n)
+        ids = np.fromiter((s.token_ids[p] for s, p in zip(rows, positions)), dtype=np.int64, count=n)
+        nb = int(positions.max()) // bs + 1
+        table = np.zeros((n, nb), dtype=np.int32)
+        for i, s in enumerate(rows):
+            blocks = s.block_ids[:nb]
+            table[i, : len(blocks)] = blocks
+        slot_block = table[np.arange(n), positions // bs]
+        hidden = self.graphs.run(ids, positions, slot_block, positions + 1, table, bs)
+        return hidden, np.arange(n + 1)
 
     def _zero_fresh_blocks(self, sched: SchedulerOutput) -> None:
         ids = [b for r in sched.new_reqs for b in r.block_ids]
@@ -136,6 +175,14 @@ class ModelRunner:
         while nd < len(counts) and counts[nd] == 1:
             nd += 1
         seq_lens = starts_np + counts_np
+        batch = {
+            "input_ids": torch.tensor(ids, dtype=torch.long, device=dev),
+            "positions": torch.from_numpy(positions).to(dev),
+            "cu": cu,
+        }
+        if use_triton_on(dev):
+            batch["meta"] = self._triton_metadata(table, slot_block, positions, seq_lens, counts_np, nd)
+            return batch
         meta = AttentionMetadata(
             slot_block=torch.from_numpy(slot_block).to(dev),
             slot_offset=torch.from_numpy(positions % bs).to(dev),
@@ -180,12 +227,29 @@ class ModelRunner:
                 need = max(need, meta.prefill_context.tile_index.numel())
         if need:
             meta.workspace = self._workspace(need * bs * self.head_dim)
-        return {
-            "input_ids": torch.tensor(ids, dtype=torch.long, device=dev),
-            "positions": torch.from_numpy(positions).to(dev),
-            "meta": meta,
-            "cu": cu,
-        }
+        batch["meta"] = meta
+        return batch
+
+    def _triton_metadata(self, table, slot_block, positions, seq_lens, counts, nd: int) -> AttentionMetadata:
+        """The kernels' metadata: block tables, lengths and the prefill rows' query offsets."""
+        dev = self.device
+        p_counts = counts[nd:]
+        query_start = np.concatenate(([0], np.cumsum(p_counts))).astype(np.int32)
+        return AttentionMetadata(
+            slot_block=torch.from_numpy(slot_block).to(dev),
+            slot_offset=torch.from_numpy(positions % self.block_size).to(dev),
+            num_decode=nd,
+            decode_groups=[],
+            num_prefill=len(counts) - nd,
+            prefill_max_q=int(p_counts.max()) if len(p_counts) else 0,
+            prefill_q_index=None,
+            prefill_context=None,
+            prefill_mask=None,
+            use_triton=True,
+            block_tables=torch.from_numpy(table.astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
+            prefill_query_start=torch.from_numpy(query_start).to(dev),
+        )
 
     def _decode_groups(self, table: np.ndarray, seq_lens: np.ndarray) -> list:
         """Split decode rows (sorted by context length) into up to 4 equal-count groups when their
@@ -213,8 +277,7 @@ class ModelRunner:
         return self._ws
 
     # -- sampling --------------------------------------------------------------------------
-    def _sample(self, rows, counts, hidden: torch.Tensor, batch: dict) -> ModelRunnerOutput | None:
-        cu = batch["cu"]
+    def _sample(self, rows, counts, hidden: torch.Tensor, cu: np.ndarray) -> ModelRunnerOutput | None:
         sample_rows = [i for i, s in enumerate(rows) if s.num_computed_tokens + counts[i] == len(s.token_ids)]
         prompt_lp_rows = [
             i

@@ -1,0 +1,165 @@
+"""The dispatch point: the torch path on CPU tensors, the Triton kernels when forced (here, under the
+interpreter) or on CUDA; and a tiny model's steps giving the same greedy tokens and logprobs either way.
+
+The model runner is driven directly with hand-made scheduler steps (in this process, so the forced
+mode applies) covering fresh prefills of several sequences, a chunked prefill continuing after its
+cached first chunk, a prefix-cache hit, decodes mixed with a prefill, and decode-only steps. On a CUDA
+machine the kernel side runs on the GPU (with its decode CUDA graphs) against the CPU torch path.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from distgen.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
+from distgen.engine.args import EngineArgs  # noqa: E402
+from distgen.kernels import dispatch  # noqa: E402
+from distgen.sampling_params import SamplingParams  # noqa: E402
+from distgen.workers.cuda_graphs import DecodeGraphs, decode_buckets  # noqa: E402
+from distgen.workers.model_runner import ModelRunner  # noqa: E402
+from tests.conftest import _tiny_config  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+CUDA = torch.cuda.is_available()
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device and the Triton interpreter is off", allow_module_level=True)
+
+
+def test_mode_picks_the_path():
+    cpu = torch.zeros(1)
+    assert not dispatch.use_triton(cpu) and not dispatch.use_triton_on(torch.device("cpu"))
+    assert dispatch.use_triton_on(torch.device("cuda"))  # auto: CUDA takes the kernels
+    with dispatch.kernel_mode("triton"):
+        assert dispatch.use_triton(cpu) and dispatch.use_triton_on(torch.device("cpu"))
+    with dispatch.kernel_mode("torch"):
+        assert not dispatch.use_triton_on(torch.device("cuda"))
+    assert not dispatch.use_triton(cpu)  # restored
+    with pytest.raises(ValueError, match="DISTGEN_KERNELS"):
+        with dispatch.kernel_mode("cuda"):
+            pass
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory) -> str:
+    """Tiny Qwen3 (GQA 4:2, q/k RMSNorm, tied embeddings) saved without a tokenizer: the runner needs none."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(_tiny_config("qwen3"), dtype=torch.float32)
+    path = str(tmp_path_factory.mktemp("tiny-qwen3-dispatch"))
+    model.save_pretrained(path)
+    return path
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, logprobs=3, ignore_eos=True)
+A = [11, 523, 97, 4410, 18, 2044, 305, 77, 6001, 12]  # 10 tokens, prefilled in chunks of 6 + 4
+B = [700, 31, 9]
+C = A[:8] + [40, 41]  # shares A's first two blocks (block size 4): a prefix-cache hit
+
+
+def _steps(runner: ModelRunner) -> list[tuple[list[int], list[list[float]]]]:
+    """Run five hand-scheduled steps; return each step's sampled tokens and top logprobs.
+
+    Block 0 is handed out first, as the block pool does: the torch path pads block tables with it.
+    """
+    results = []
+
+    def step(new, cached, counts):
+        out = runner.execute_model(SchedulerOutput(new, cached, counts, sum(counts.values())))
+        assert out is not None
+        sampled = dict(zip(out.req_ids, out.sampled_token_ids))
+        results.append((out.sampled_token_ids, out.logprobs))
+        return sampled
+
+    s1 = step(
+        [NewRequestData("a", A, 10, GREEDY, [3, 7, 1], 0), NewRequestData("b", B, 3, GREEDY, [0], 0)],
+        [],
+        {"a": 6, "b": 3},
+    )
+    assert list(s1) == ["b"]  # a's prompt is not finished yet
+    s2 = step(
+        [], [CachedRequestData("a", [], [], 6), CachedRequestData("b", [s1["b"]], [], 3)], {"a": 4, "b": 1}
+    )
+    s3 = step(
+        [NewRequestData("c", C, 10, GREEDY, [3, 7, 11], 8)],
+        [CachedRequestData("a", [s2["a"]], [], 10), CachedRequestData("b", [s2["b"]], [9], 4)],
+        {"a": 1, "b": 1, "c": 2},
+    )
+    s4 = step(
+        [],
+        [
+            CachedRequestData("a", [s3["a"]], [12], 11),
+            CachedRequestData("b", [s3["b"]], [], 5),
+            CachedRequestData("c", [s3["c"]], [], 10),
+        ],
+        {"a": 1, "b": 1, "c": 1},
+    )
+    step(
+        [],
+        [
+            CachedRequestData("a", [s4["a"]], [], 12),
+            CachedRequestData("b", [s4["b"]], [], 6),
+            CachedRequestData("c", [s4["c"]], [2], 11),
+        ],
+        {"a": 1, "b": 1, "c": 1},
+    )
+    return results
+
+
+def _runner(path: str, device: str) -> ModelRunner:
+    config, source = EngineArgs(
+        model=path, dtype="float32", block_size=4, num_gpu_blocks_override=16, device=device
+    ).create_config()
+    runner = ModelRunner(config, source)
+    runner.init_kv_cache(16)
+    return runner
+
+
+def test_tiny_model_steps_match_between_torch_and_triton(qwen3_dir):
+    torch.manual_seed(0)
+    with dispatch.kernel_mode("torch"):
+        ref = _steps(_runner(qwen3_dir, "cpu"))
+    if CUDA:
+        runner = _runner(qwen3_dir, "cuda")  # auto mode: Triton, decode CUDA graphs
+        assert runner.graphs is not None
+        got = _steps(runner)
+    else:
+        with dispatch.kernel_mode("triton"):
+            runner = _runner(qwen3_dir, "cpu")
+            got = _steps(runner)
+    assert len(got) == len(ref) == 5
+    for i, ((tok, lp), (ref_tok, ref_lp)) in enumerate(zip(got, ref)):
+        assert tok == ref_tok, f"step {i}: sampled {tok}, torch path {ref_tok}"
+        torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
+
+
+def test_decode_buckets():
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert decode_buckets(256) == [1, 2, 4, 8, *range(16, 257, 16)]
+
+
+def test_decode_graph_buffers_and_padding_match_the_torch_path(qwen3_dir):
+    """The decode-graph path's static buffers, bucket padding (3 rows in a bucket of 4) and spare
+    block, run eagerly (no capture) on the CPU with the kernels in the interpreter."""
+    if CUDA:
+        pytest.skip("on CUDA the model test above runs the captured graphs themselves")
+    with dispatch.kernel_mode("torch"):
+        ref = _steps(_runner(qwen3_dir, "cpu"))
+    with dispatch.kernel_mode("triton"):
+        runner = _runner(qwen3_dir, "cpu")
+        graphs = DecodeGraphs(runner.model, 4, 256, pad_block=15, device=torch.device("cpu"))
+        replays = []
+        run = graphs.run
+        graphs.run = lambda *a: replays.append(len(a[0])) or run(*a)
+        runner.graphs = graphs
+        got = _steps(runner)
+    assert replays == [3, 3]  # the two decode-only steps, each padded to the bucket of 4
+    for (tok, lp), (ref_tok, ref_lp) in zip(got, ref):
+        assert tok == ref_tok
+        torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
