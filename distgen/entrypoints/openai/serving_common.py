@@ -17,7 +17,6 @@ from distgen.entrypoints.openai.errors import OpenAIError, error_body
 from distgen.outputs import Logprob
 
 T = TypeVar("T")
-DISCONNECT_POLL_S = 0.5
 
 
 @dataclass
@@ -93,18 +92,24 @@ async def merge_async_iterators(*iterators: AsyncIterator[T]) -> AsyncIterator[t
 
 async def until_disconnected(coro, request: Request):
     """Run ``coro``; cancel it (aborting its requests) if the HTTP client goes away first."""
-    task = asyncio.ensure_future(coro)
+    work = asyncio.ensure_future(coro)
+
+    async def watch() -> None:
+        # The body is read already, so the next ASGI message can only be the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                raise OpenAIError("the client disconnected", status=499)
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        raise OpenAIError("the client disconnected", status=499)
     finally:
-        if not task.done():
-            task.cancel()
+        for task in (work, watcher):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(work, watcher, return_exceptions=True)
 
 
 def top_entries(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:

@@ -1,0 +1,124 @@
+"""The engine core in its own process: same outputs as in-process, a dead core or worker becomes
+EngineDeadError quickly, and no process or socket directory outlives the front end."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from distgen import LLM, SamplingParams
+from distgen.engine.exceptions import EngineDeadError
+from tests.conftest import random_prompts
+from tests.entrypoints.openai.conftest import alive
+
+pytestmark = pytest.mark.slow
+KV = 16 << 20
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PROMPTS = [{"prompt_token_ids": p} for p in random_prompts(6, seed=11)]
+
+
+def _wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+def test_engine_core_runs_in_its_own_process_with_the_same_outputs(tiny_model_dir, monkeypatch):
+    llm = LLM(tiny_model_dir("llama"), kv_cache_memory=KV)
+    client = llm.llm_engine.client
+    assert client.pid != os.getpid() and alive(client.pid)
+    split = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    pid, ipc_dir = client.pid, client.ipc_dir
+    llm.shutdown()
+    assert _wait_gone([pid]) == [] and not os.path.exists(ipc_dir)
+
+    monkeypatch.setenv("DISTGEN_ENABLE_MULTIPROCESSING", "0")
+    inproc = LLM(tiny_model_dir("llama"), kv_cache_memory=KV)
+    assert inproc.llm_engine.client.ready.pid == os.getpid()
+    assert [o.outputs[0].token_ids for o in inproc.generate(PROMPTS, GREEDY, use_tqdm=False)] == split
+
+
+def test_killed_engine_core_raises_engine_dead(tiny_model_dir):
+    llm = LLM(tiny_model_dir("qwen2"), kv_cache_memory=KV)
+    client = llm.llm_engine.client
+    engine = llm.llm_engine
+    engine.add_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=900, ignore_eos=True))
+    engine.step()  # in flight
+    os.kill(client.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(EngineDeadError, match="SIGKILL"):
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(EngineDeadError):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+    assert not os.path.exists(client.ipc_dir)
+
+
+def test_tp_worker_killed_behind_the_engine_core(tiny_model_dir):
+    llm = LLM(
+        tiny_model_dir("llama"), tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=KV
+    )
+    ready = llm.llm_engine.client.ready
+    assert len(ready.worker_pids) == 2
+    engine = llm.llm_engine
+    engine.add_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=900, ignore_eos=True))
+    engine.step()
+    os.kill(ready.worker_pids[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(EngineDeadError, match=r"rank 1 .*SIGKILL"):
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert time.monotonic() - t0 < 30
+    assert _wait_gone([ready.pid, *ready.worker_pids]) == []
+
+
+def test_del_llm_stops_core_and_workers(tiny_model_dir):
+    llm = LLM(
+        tiny_model_dir("llama"), tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=KV
+    )
+    llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+    ready, ipc_dir = llm.llm_engine.client.ready, llm.llm_engine.client.ipc_dir
+    del llm
+    gc.collect()
+    assert _wait_gone([ready.pid, *ready.worker_pids]) == []
+    assert not os.path.exists(ipc_dir)
+
+
+SCRIPT = """
+import os, sys
+from distgen import LLM, SamplingParams
+# No `if __name__ == "__main__":` guard: the engine core starts in a fresh interpreter.
+llm = LLM(sys.argv[1], tensor_parallel_size=2, kv_cache_memory=16 << 20)
+out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+ready = llm.llm_engine.client.ready
+print("PIDS", ready.pid, *ready.worker_pids, flush=True)
+if sys.argv[2] == "kill":
+    os.kill(os.getpid(), 9)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_unguarded_script_and_parent_exit_leave_nothing(tiny_model_dir, tmp_path, how):
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    proc = subprocess.run(
+        [sys.executable, str(script), tiny_model_dir("llama"), how],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PIDS")), None)
+    assert line is not None, proc.stderr[-3000:]
+    pids = [int(p) for p in line.split()[1:]]
+    assert len(pids) == 3
+    assert proc.returncode == (0 if how == "exit" else -9), proc.stderr[-3000:]
+    assert _wait_gone(pids) == [], "engine core or workers outlived their parent"

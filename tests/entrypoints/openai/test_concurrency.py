@@ -1,0 +1,123 @@
+"""Many concurrent streams with a quarter of the clients hanging up midway, and a dead engine core."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.entrypoints.openai.conftest import start_server
+
+pytestmark = pytest.mark.slow
+NUM_CLIENTS = 64
+MAX_TOKENS = 24
+
+
+def _metric(server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def _stream(client: httpx.AsyncClient, url: str, prompt: str, hang_up_after: int | None) -> str | None:
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, "ignore_eos": True}
+    text, chunks = "", 0
+    async with client.stream("POST", url, json=body) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                return text
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            text += chunk["choices"][0]["text"]
+            chunks += 1
+            if hang_up_after is not None and chunks >= hang_up_after:
+                return None  # leaving the block closes the connection mid-stream
+    raise AssertionError("the stream ended without [DONE]")
+
+
+def test_concurrent_streams_with_disconnects(server):
+    url = server.v1 + "/completions"
+    prompts = [f"Request number {i} says" for i in range(NUM_CLIENTS)]
+    # What each prompt must produce: the same request, alone and not streamed.
+    want = {
+        p: httpx.post(
+            url, json={"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+        ).json()["choices"][0]["text"]
+        for p in prompts[:8]
+    }
+
+    async def run() -> list[str | None]:
+        limits = httpx.Limits(max_connections=NUM_CLIENTS)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            return await asyncio.gather(
+                *(_stream(client, url, p, 3 if i % 4 == 0 else None) for i, p in enumerate(prompts))
+            )
+
+    results = asyncio.run(run())
+    finished = [(p, r) for i, (p, r) in enumerate(zip(prompts, results)) if i % 4 != 0]
+    assert all(r is None for i, r in enumerate(results) if i % 4 == 0)
+    assert len(finished) == NUM_CLIENTS * 3 // 4 and all(r for _, r in finished)
+    for p, r in finished:
+        if p in want:
+            assert r == want[p], p
+    # The aborted requests released their blocks: nothing running, the KV cache back to empty.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        _metric(server, "distgen:kv_cache_usage_perc") != 0.0
+        or _metric(server, "distgen:num_requests_running") != 0
+    ):
+        time.sleep(0.2)
+    assert _metric(server, "distgen:kv_cache_usage_perc") == 0.0
+    assert _metric(server, "distgen:num_requests_running") == 0.0
+    assert _metric(server, "distgen:num_requests_waiting") == 0.0
+
+
+def test_non_streaming_client_that_hangs_up_is_aborted(server):
+    max_tokens = 1000  # far more than can be generated before the client gives up
+    before = _metric(server, "distgen:generation_tokens_total")
+    body = {"prompt": "Long story:", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.v1 + "/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _metric(server, "distgen:num_requests_running") != 0:
+        time.sleep(0.1)
+    assert _metric(server, "distgen:num_requests_running") == 0.0
+    assert _metric(server, "distgen:kv_cache_usage_perc") == 0.0
+    assert _metric(server, "distgen:generation_tokens_total") - before < max_tokens  # aborted, not finished
+
+
+def test_engine_core_killed(tiny_model_dir):
+    s = start_server(tiny_model_dir("opt"))
+    try:
+        url = s.v1 + "/completions"
+        body = {"prompt": "Hello", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+
+        async def in_flight_then_kill() -> httpx.Response:
+            async with httpx.AsyncClient(timeout=60) as client:
+                task = asyncio.create_task(client.post(url, json=body))
+                while _metric(s, "distgen:num_requests_running") == 0:  # wait until it is in flight
+                    assert not task.done(), task.result().text
+                    await asyncio.sleep(0.05)
+                os.kill(s.core_pid(), signal.SIGKILL)
+                t0 = time.monotonic()
+                resp = await task
+                assert time.monotonic() - t0 < 10, "the in-flight request hung"
+                return resp
+
+        resp = asyncio.run(in_flight_then_kill())
+        assert resp.status_code == 503 and "dead" in resp.json()["error"]["message"]
+        assert httpx.get(s.url + "/health").status_code == 503
+        t0 = time.monotonic()
+        again = httpx.post(url, json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert again.status_code == 503 and time.monotonic() - t0 < 5
+    finally:
+        s.stop()

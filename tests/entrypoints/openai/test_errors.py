@@ -1,0 +1,126 @@
+"""The server's error table: each bad request gets OpenAI's error shape and status, and the server keeps
+serving afterwards."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.entrypoints.openai.conftest import start_server
+
+pytestmark = pytest.mark.slow
+OK = {"prompt": "Hello there", "max_tokens": 2, "temperature": 0}
+
+
+def _assert_error(resp: httpx.Response, status: int, *needles: str, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == status
+    for needle in needles:
+        assert needle in err["message"], err["message"]
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+def _still_serves(server) -> None:
+    resp = httpx.post(server.v1 + "/completions", json=OK, timeout=30)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["text"] != ""
+
+
+def test_prompt_longer_than_max_model_len(server):
+    limit = httpx.get(server.v1 + "/models").json()["data"][0]["max_model_len"]
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "prompt": [5] * (limit + 10)})
+    err = _assert_error(resp, 400, "maximum context length", str(limit), str(limit + 10))
+    assert err["type"] == "BadRequestError"
+    # The prompt fits but prompt + max_tokens does not: also 400, naming both parts.
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "prompt": [5] * 10, "max_tokens": limit})
+    _assert_error(resp, 400, "maximum context length", f"{limit + 10} tokens", "10 in the prompt")
+    _still_serves(server)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -1.0),
+        ("top_p", 0.0),
+        ("max_tokens", 0),
+        ("n", 0),
+        ("presence_penalty", 5.0),
+        ("top_k", -5),
+    ],
+)
+def test_invalid_sampling_values(server, field, value):
+    resp = httpx.post(server.v1 + "/completions", json={**OK, field: value})
+    _assert_error(resp, 400, field, param=field)
+    _still_serves(server)
+
+
+def test_empty_prompt(server):
+    _assert_error(
+        httpx.post(server.v1 + "/completions", json={**OK, "prompt": ""}), 400, "empty", param="prompt"
+    )
+    _assert_error(
+        httpx.post(server.v1 + "/completions", json={**OK, "prompt": []}), 400, "empty", param="prompt"
+    )
+    resp = httpx.post(server.v1 + "/chat/completions", json={"messages": [], "max_tokens": 2})
+    _assert_error(resp, 400, "conversation", param="messages")
+    _still_serves(server)
+
+
+def test_bad_types_and_bodies(server):
+    _assert_error(
+        httpx.post(server.v1 + "/completions", json={**OK, "max_tokens": "lots"}),
+        400,
+        "max_tokens",
+        param="max_tokens",
+    )
+    _assert_error(
+        httpx.post(server.v1 + "/completions", json={"max_tokens": 2}), 400, "prompt", param="prompt"
+    )
+    resp = httpx.post(
+        server.v1 + "/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    _assert_error(resp, 400)
+    resp = httpx.post(server.v1 + "/chat/completions", json={"messages": "hi", "max_tokens": 2})
+    _assert_error(resp, 400, "messages", param="messages")
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "prompt": [5, 10**9]})
+    _assert_error(resp, 400, "vocabulary", param="prompt")
+    # Unknown fields are ignored, as OpenAI's newer SDKs may send some.
+    assert httpx.post(server.v1 + "/completions", json={**OK, "some_new_field": 1}).status_code == 200
+    _still_serves(server)
+
+
+def test_unknown_model_is_404(server):
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "model": "gpt-17"})
+    _assert_error(resp, 404, "gpt-17", param="model")
+    resp = httpx.post(
+        server.v1 + "/chat/completions",
+        json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+    )
+    _assert_error(resp, 404, "nope")
+    _still_serves(server)
+
+
+def test_streaming_request_errors_before_the_stream(server):
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "stream": True, "temperature": -2})
+    _assert_error(resp, 400, "temperature")
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_model_dir):
+    s = start_server(tiny_model_dir("qwen2"), "--api-key", "s3cret")
+    yield s
+    s.stop()
+
+
+def test_api_key(keyed_server):
+    url = keyed_server.v1 + "/completions"
+    _assert_error(httpx.post(url, json=OK), 401, "API key")
+    _assert_error(httpx.post(url, json=OK, headers={"Authorization": "Bearer wrong"}), 401)
+    ok = httpx.post(url, json=OK, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    assert httpx.get(keyed_server.url + "/health").status_code == 200  # health stays open
+    models = httpx.get(keyed_server.v1 + "/models", headers={"Authorization": "Bearer s3cret"})
+    assert models.status_code == 200
