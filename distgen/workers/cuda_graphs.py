@@ -2,8 +2,9 @@
 
 A decode step of ``n`` sequences runs the graph of the smallest bucket ``>= n``. Its inputs live in
 static device buffers that every graph reads (slices of the same tensors), refreshed each step by two
-asynchronous copies from pinned host buffers; rows ``n ..`` of the bucket are padding that reads and
-writes only a spare KV block no request ever owns, and whose outputs are dropped. Only the Triton
+asynchronous, contiguous copies from pinned host buffers (all five per-row vectors, and the bucket's
+full block-table rows); rows ``n ..`` of the bucket are padding that reads and writes only a spare KV
+block no request ever owns, and whose outputs are dropped. Only the Triton
 attention path can be captured (the torch path builds per-step shapes on the host), so graphs are
 used only when :mod:`distgen.kernels.dispatch` picks Triton for the device.
 
@@ -144,8 +145,9 @@ class DecodeGraphs:
         hv[_SEQ_LEN, :n] = seq_lens
         self._host_table.numpy()[:n, :nb] = block_table
         self._pad_rows(n, b)
-        self._vec[:, :b].copy_(self._host_vec[:, :b], non_blocking=True)
-        self._table[:b, :nb].copy_(self._host_table[:b, :nb], non_blocking=True)
+        # Contiguous regions only (a strided host-to-device copy goes through pageable temporaries).
+        self._vec.copy_(self._host_vec, non_blocking=True)
+        self._table[:b].copy_(self._host_table[:b], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
         graph = self._graphs.get(b)

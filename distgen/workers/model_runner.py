@@ -99,7 +99,7 @@ class ModelRunner:
             num_blocks * self.kv_bytes_per_block() / 2**20,
         )
         if graphs:
-            max_blocks = -(-self.config.model.max_model_len // self.block_size)
+            max_blocks = min(-(-self.config.model.max_model_len // self.block_size), num_blocks)
             max_batch = self.config.scheduler.max_num_seqs
             self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, num_blocks, self.device)
             self.graphs.capture()
