@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(PY) examples/offline_inference/basic.py
+	$(PY) examples/online_serving/serve_and_query.py
 
 test: install
 	$(PY) -m ruff check distgen tests benchmarks examples
@@ -26,6 +27,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/serving.py
 
 lint: install
 	$(PY) -m ruff check distgen tests benchmarks examples

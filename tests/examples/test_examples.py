@@ -1,4 +1,5 @@
-"""Every example under examples/offline_inference runs as written, on the default model."""
+"""Every example under examples/offline_inference runs as written, on the default model, and so does the
+self-contained server example (the client example runs against a live server in tests/entrypoints/openai)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples" / "offline_inference").glob("*.py"))
+EXAMPLES.append(ROOT / "examples" / "online_serving" / "serve_and_query.py")
 EXPECT = {
     "basic.py": "Generated:",
     "greedy.py": "Paris",
@@ -17,6 +19,7 @@ EXPECT = {
     "custom_chat_template.py": "<|im_start|>user",
     "beam_search.py": "0: cum_logprob=",
     "tensor_parallel.py": "Paris",
+    "serve_and_query.py": "Assistant: The capital of France is Paris",
 }
 
 

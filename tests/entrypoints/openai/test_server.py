@@ -3,6 +3,10 @@ not, n, logprobs, stop; greedy text equals the offline ``LLM``'s for the same re
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
@@ -233,3 +237,12 @@ def test_metrics_after_requests(server, client):
     assert values["distgen:generation_tokens_total"] >= 3
     assert values["distgen:time_to_first_token_seconds_count"] >= 1
     assert values["distgen:kv_cache_usage_perc"] == 0.0
+
+
+def test_client_example_runs_against_the_server(server):
+    example = Path(__file__).resolve().parents[3] / "examples" / "online_serving" / "openai_chat_client.py"
+    res = subprocess.run(
+        [sys.executable, str(example), server.v1], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Chat (tiny-llama): " in res.stdout and "Streamed completion: " in res.stdout

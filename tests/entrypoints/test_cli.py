@@ -1,0 +1,89 @@
+"""The ``distgen`` command: flags mirror EngineArgs, YAML configs, sizes, and a one-shot ``generate``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distgen.engine.args import EngineArgs
+from distgen.entrypoints.cli import _apply_config, build_parser, engine_args_from, parse_size
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    return _apply_config(build_parser(), list(argv))
+
+
+def test_every_engine_argument_is_a_serve_flag():
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    for f in dataclasses.fields(EngineArgs):
+        if f.name != "model":
+            assert "--" + f.name.replace("_", "-") in help_text, f.name
+
+
+def test_vllm_flag_names_and_defaults():
+    ns = _parse(
+        "serve", "m", "-tp", "4", "--distributed-executor-backend", "ray", "--no-enable-prefix-caching"
+    )
+    args = engine_args_from(ns)
+    assert (args.model, args.tensor_parallel_size, args.distributed_executor_backend) == ("m", 4, "ray")
+    assert args.enable_prefix_caching is False
+    assert (ns.host, ns.port, ns.api_key) == ("127.0.0.1", 8000, None)
+    assert engine_args_from(_parse("serve")) == EngineArgs()
+
+
+@pytest.mark.parametrize(
+    "text, size", [("1024", 1024), ("512MiB", 512 << 20), ("4GiB", 4 << 30), ("2G", 2 << 30)]
+)
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+def test_parse_size_rejects_garbage():
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+        parse_size("lots")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_parse(path):
+    ns = _parse("serve", "--config", str(path))
+    args = engine_args_from(ns)
+    assert args.dtype in ("float32", "bfloat16")
+    assert ns.port == 8000
+
+
+def test_config_values_and_command_line_precedence(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tensor-parallel-size: 2\nmax_num_seqs: 8\nkv-cache-memory: 64MiB\nport: 9000\n")
+    ns = _parse("serve", "--config", str(cfg), "--port", "9100")
+    args = engine_args_from(ns)
+    assert (args.tensor_parallel_size, args.max_num_seqs, args.kv_cache_memory) == (2, 8, 64 << 20)
+    assert ns.port == 9100  # the command line wins over the file
+
+
+def test_config_unknown_key_is_an_error(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tensor-parallel-sise: 2\n")
+    with pytest.raises(SystemExit):
+        _parse("serve", "--config", str(cfg))
+    assert "unknown setting 'tensor-parallel-sise'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_one_shot(tiny_model_dir):
+    from distgen import LLM, SamplingParams
+
+    model = tiny_model_dir("llama")
+    cmd = [sys.executable, "-m", "distgen.entrypoints.cli", "generate", "Once upon a time", "--model", model]
+    cmd += ["--max-tokens", "6", "--temperature", "0", "--kv-cache-memory", "16MiB", "--dtype", "float32"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    llm = LLM(model, kv_cache_memory=16 << 20, dtype="float32")
+    want = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    assert res.stdout == "Once upon a time" + want[0].outputs[0].text + "\n"
