@@ -175,6 +175,16 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def launch_config(group: int, block_size: int, head_dim: int) -> dict[str, int]:
+    """Padded tile sizes (the compile-time constants besides GROUP) and warps."""
+    return dict(
+        GROUP_P2=_next_power_of_2(group),
+        BLOCK_T=_next_power_of_2(block_size),
+        HEAD_DIM_P2=_next_power_of_2(head_dim),
+        num_warps=4,
+    )
+
+
 def paged_attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -226,8 +236,6 @@ def paged_attention_decode(
         bs,
         d,
         GROUP=group,
-        GROUP_P2=_next_power_of_2(group),
-        BLOCK_T=_next_power_of_2(bs),
-        HEAD_DIM_P2=_next_power_of_2(d),
+        **launch_config(group, bs, d),
     )
     return out

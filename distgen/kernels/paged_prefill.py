@@ -224,6 +224,22 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def launch_config(group: int, head_dim: int, max_query_len: int, cuda: bool) -> dict[str, int]:
+    """Tile sizes and warps. About 64 stacked (query, head) rows per program, at least 16 for
+    ``tl.dot``; K/V tiles of 64 positions up to head dim 64, 32 above, and 8 warps: at head dim 128
+    the 4-warp or 64-position variants spill registers on sm_90 (``tests/kernels/aot_compile.py``)."""
+    group_p2 = _next_power_of_2(group)
+    head_dim_p2 = max(16, _next_power_of_2(head_dim))
+    block_m = max(16 // group_p2, min(64 // group_p2, _next_power_of_2(max_query_len)), 1)
+    return dict(
+        GROUP_P2=group_p2,
+        BLOCK_M=block_m,
+        BLOCK_N=(64 if head_dim_p2 <= 64 else 32) if cuda else 16,
+        HEAD_DIM_P2=head_dim_p2,
+        num_warps=8,
+    )
+
+
 def paged_attention_prefill(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -258,10 +274,8 @@ def paged_attention_prefill(
     assert out.shape == q.shape, f"out {tuple(out.shape)} must have q's shape {tuple(q.shape)}"
     if b == 0 or q.shape[0] == 0 or max_query_len == 0:
         return out
-    group_p2 = _next_power_of_2(group)
-    # About 64 stacked (query, head) rows per program, and at least 16 for tl.dot.
-    block_m = max(16 // group_p2, min(64 // group_p2, _next_power_of_2(max_query_len)), 1)
-    grid = (b, hkv, -(-max_query_len // block_m))
+    cfg = launch_config(group, d, max_query_len, q.is_cuda)
+    grid = (b, hkv, -(-max_query_len // cfg["BLOCK_M"]))
     _kernel()[grid](
         q,
         k_cache,
@@ -279,11 +293,8 @@ def paged_attention_prefill(
         d,
         bs,
         GROUP=group,
-        GROUP_P2=group_p2,
-        BLOCK_M=block_m,
-        BLOCK_N=64 if q.is_cuda else 16,
-        HEAD_DIM_P2=max(16, _next_power_of_2(d)),
         IEEE_DOT=q.dtype == torch.float32,
         UPCAST=_interpreting(),
+        **cfg,
     )
     return out
