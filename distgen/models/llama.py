@@ -18,6 +18,15 @@ from distgen.layers.weights import LoadedWeight
 from distgen.models.weight_mapping import load_hf_weights
 
 
+def rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:
+    """(theta, scaling) from either generation of config.json: ``rope_theta`` and ``rope_scaling``
+    (written by transformers 4), or one ``rope_parameters`` dict holding both (transformers 5)."""
+    params = cfg.get("rope_parameters")
+    if params:
+        return float(params.get("rope_theta") or cfg.get("rope_theta") or 10000.0), params
+    return float(cfg.get("rope_theta") or 10000.0), cfg.get("rope_scaling")
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: dict[str, Any], dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
@@ -30,12 +39,8 @@ class LlamaAttention(nn.Module):
             heads * self.head_dim, hidden, bias=bool(cfg.get("o_bias", False)), dtype=dtype
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.rotary = RotaryEmbedding(
-            self.head_dim,
-            cfg.get("max_position_embeddings", 4096),
-            cfg.get("rope_theta", 10000.0),
-            cfg.get("rope_scaling"),
-        )
+        theta, scaling = rope_settings(cfg)
+        self.rotary = RotaryEmbedding(self.head_dim, cfg.get("max_position_embeddings", 4096), theta, scaling)
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
