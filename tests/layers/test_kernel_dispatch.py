@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # on a GPU the kernels must compile and run there, not interpret
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from distgen.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
 from distgen.engine.args import EngineArgs  # noqa: E402
