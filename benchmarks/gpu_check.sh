@@ -54,7 +54,7 @@ GREEDY_ARGS=() BENCH_ARGS=(${GPU_BENCH_ARGS:-})
 if [ "${SMOKE:-0}" = 1 ]; then GREEDY_ARGS=(--archs llama --scenarios graphs); BENCH_ARGS+=(--tiny); fi
 
 stage "kernel + dispatch + NCCL tests" 130 tests.log \
-  $PY -m pytest -q -x -p no:cacheprovider tests/kernels tests/layers/test_kernel_dispatch.py tests/distributed
+  $PY -m pytest -q --timeout 60 -p no:cacheprovider tests/kernels tests/layers/test_kernel_dispatch.py tests/distributed
 stage "greedy GPU vs CPU reference" 90 greedy.log $PY benchmarks/gpu_greedy.py "${GREEDY_ARGS[@]}"
 stage "benchmarks/gpu.py" 260 gpu.log $PY benchmarks/gpu.py --json "$OUT/gpu.json" "${BENCH_ARGS[@]}"
 
