@@ -72,19 +72,28 @@ class WorkerHandles(ABC):
 
 
 class Channel:
-    """The executor's sockets: PUSH per rank at ``request_addrs``, one PULL at ``reply_addr``."""
+    """The executor's sockets: one PUSH per rank and one PULL for the replies, each bound at every one
+    of ``bases`` (``ipc://DIR``: DIR/req-RANK and DIR/reply; ``ipc://@NAME``: abstract, Linux;
+    ``tcp://HOST``: free ports). A worker connects to one base's pair: see :meth:`endpoints`."""
 
-    def __init__(self, world_size: int, bind_base: str) -> None:
-        """``bind_base``: ``ipc://DIR`` (DIR/req-RANK and DIR/reply) or ``tcp://HOST`` (free ports)."""
+    def __init__(self, world_size: int, bases: list[str]) -> None:
         self.ctx = zmq.Context()
         self.requests: list[zmq.Socket] = []
-        self.request_addrs: list[str] = []
-        for rank in range(world_size):
-            sock = self.ctx.socket(zmq.PUSH)
-            self.request_addrs.append(_bind(sock, bind_base, f"req-{rank}"))
-            self.requests.append(sock)
-        self.replies = self.ctx.socket(zmq.PULL)
-        self.reply_addr = _bind(self.replies, bind_base, "reply")
+        self._request_addrs: list[list[str]] = []  # [rank][base]
+        try:
+            for rank in range(world_size):
+                sock = self.ctx.socket(zmq.PUSH)
+                self.requests.append(sock)
+                self._request_addrs.append([_bind(sock, base, f"req-{rank}") for base in bases])
+            self.replies = self.ctx.socket(zmq.PULL)
+            self._reply_addrs = [_bind(self.replies, base, "reply") for base in bases]
+        except BaseException:
+            self.ctx.destroy(linger=0)
+            raise
+
+    def endpoints(self, rank: int, base: int = 0) -> tuple[str, str]:
+        """(request address, reply address) of ``rank`` through ``bases[base]``."""
+        return self._request_addrs[rank][base], self._reply_addrs[base]
 
     def close(self) -> None:
         for sock in [*self.requests, self.replies]:
@@ -121,8 +130,11 @@ class BroadcastExecutor(Executor):
     backend_name = "?"
     startup_hint = ""  # appended to "exited" lines while starting
 
-    def __init__(self, config: EngineConfig, source: ModelSource, channel: Channel) -> None:
+    def __init__(
+        self, config: EngineConfig, source: ModelSource, channel: Channel, worker_cls: type | None = None
+    ) -> None:
         super().__init__(config, source)
+        self.worker_cls = worker_cls  # what each rank runs: None = distgen's Worker
         self.world_size = config.parallel.tensor_parallel_size
         self.channel = channel
         self._encoder = msgspec.msgpack.Encoder()

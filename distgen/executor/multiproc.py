@@ -70,14 +70,14 @@ class MultiprocExecutor(BroadcastExecutor):
     backend_name = "mp"
     startup_hint = _SPAWN_HINT
 
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, worker_cls: type | None = None) -> None:
         ipc_dir = tempfile.mkdtemp(prefix="distgen-mp-")
         try:
-            channel = Channel(config.parallel.tensor_parallel_size, f"ipc://{ipc_dir}")
+            channel = Channel(config.parallel.tensor_parallel_size, [f"ipc://{ipc_dir}"])
         except BaseException:
             shutil.rmtree(ipc_dir, ignore_errors=True)
             raise
-        super().__init__(config, source, channel)
+        super().__init__(config, source, channel, worker_cls)
         self._procs = _Processes(ipc_dir)
         self._own(self._procs)
         try:
@@ -103,9 +103,9 @@ class MultiprocExecutor(BroadcastExecutor):
                 self.config,
                 self.source,
                 init_method,
-                self.channel.request_addrs[rank],
-                self.channel.reply_addr,
+                *self.channel.endpoints(rank),
                 num_threads=max(1, (os.cpu_count() or 1) // self.world_size),
+                worker_cls=self.worker_cls,
                 parent_pid=os.getpid(),
                 cleanup_dir=self.ipc_dir,
             )

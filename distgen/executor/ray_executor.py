@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from typing import Any, NoReturn
 
 from distgen.config import EngineConfig
@@ -144,18 +145,22 @@ def _summary(e: BaseException) -> str:
 
 class RayExecutor(BroadcastExecutor):
     backend_name = "ray"
+    local_ipc = True  # ranks on the engine's node use ipc://; False sends every rank over tcp://
 
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, worker_cls: type | None = None) -> None:
         ray = import_ray()
         world = config.parallel.tensor_parallel_size
         owns = connect_ray(max(os.cpu_count() or 1, world))
         try:
-            channel = Channel(world, f"tcp://{ray.util.get_node_ip_address()}")
+            # Ranks on this node connect over ipc (abstract: no file to leave), the others over tcp.
+            bases = [f"tcp://{ray.util.get_node_ip_address()}", f"ipc://@distgen-ray-{uuid.uuid4().hex}"]
+            channel = Channel(world, bases)
         except BaseException:
             if owns:
                 ray.shutdown()
             raise
-        super().__init__(config, source, channel)
+        super().__init__(config, source, channel, worker_cls)
+        self.worker_transports: list[str] = []  # per rank: "ipc" (this node) or "tcp"
         self._actors = _Actors(owns)
         self._own(self._actors)
         try:
@@ -188,20 +193,30 @@ class RayExecutor(BroadcastExecutor):
         self._actors.infos = self._actor_infos()
         rank0 = self._actors.infos[0]
         init_method = f"tcp://{rank0.node_ip}:{rank0.free_port}"
+        here = ray.get_runtime_context().get_node_id()
+        self.worker_transports = [
+            "ipc" if self.local_ipc and i.node_id == here else "tcp" for i in self._actors.infos
+        ]
         for rank, actor in enumerate(self._actors.actors):
             args = WorkerArgs(
                 rank,
                 self.config,
                 self.source,
                 init_method,
-                self.channel.request_addrs[rank],
-                self.channel.reply_addr,
+                *self.channel.endpoints(rank, 1 if self.worker_transports[rank] == "ipc" else 0),
                 num_threads=max(1, (os.cpu_count() or 1) // self.world_size),
+                worker_cls=self.worker_cls,
                 device_index=0 if cuda else None,  # Ray shows each actor only its own GPU
             )
             self._actors.runs.append(actor.run.remote(args))
         nodes = len(set(self.worker_node_ids))
-        logger.info("%d Ray actors on %d node(s) in %.1fs", self.world_size, nodes, time.monotonic() - t0)
+        logger.info(
+            "%d Ray actors on %d node(s) in %.1fs; control plane per rank: %s",
+            self.world_size,
+            nodes,
+            time.monotonic() - t0,
+            self.worker_transports,
+        )
         self._wait_ready(max(1.0, STARTUP_TIMEOUT_S - (time.monotonic() - t0)))
 
     def _place(self, bundles: list[dict[str, float]]) -> Any:

@@ -54,6 +54,7 @@ class WorkerArgs:
     device_index: int | None = None  # CUDA device of this rank; None = the rank
     parent_pid: int | None = None  # mp: exit as soon as this process is gone
     cleanup_dir: str | None = None  # mp: the socket directory rank 0 removes when orphaned
+    worker_cls: type | None = None  # None = distgen's Worker; another class with its interface (benchmarks)
 
 
 def run_mp_worker(args: WorkerArgs) -> None:
@@ -81,7 +82,7 @@ def serve(args: WorkerArgs) -> bool:
     try:
         from distgen.workers.worker import Worker
 
-        worker = Worker(
+        worker = (args.worker_cls or Worker)(
             args.config,
             args.source,
             rank=args.rank,

@@ -154,6 +154,8 @@ def test_executor_one_rank_per_node_then_a_killed_actor(cluster, tiny_model_dir)
     assert type(ex).__name__ == "RayExecutor"
     nodes = ex.worker_node_ids
     assert len(set(nodes)) == 2, f"both ranks on one node: {nodes}"
+    # The head node's rank is on this process's node: ipc; the other node's: tcp.
+    assert sorted(ex.worker_transports) == ["ipc", "tcp"]
     assert sorted(ex.worker_pids) == sorted(_actor_pids())
     ex.init_kv_cache(ex.determine_num_blocks())
     assert ex.execute_model(_step("a", PROMPTS[0][:10])) == want
