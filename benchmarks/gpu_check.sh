@@ -3,7 +3,8 @@
 #   1. the Triton kernel tests, the kernel-dispatch model test and the NCCL test, on the GPU;
 #   2. greedy correctness: distgen on the GPU (float32; CUDA graphs, eager, chunked prefill, prefix
 #      cache) against transformers on the CPU, tiny random models (benchmarks/gpu_greedy.py);
-#   3. benchmarks/gpu.py: the Llama-3.2-1B-shaped bf16 benchmark against HF generate (eager, static);
+#   3. benchmarks/attention_kernels.py: the paged-attention kernels alone (decode vs prefill kernel);
+#   4. benchmarks/gpu.py: the Llama-3.2-1B-shaped bf16 benchmark against HF generate (eager, static);
 # then a summary table, printed last. Logs and gpu.json go to $OUT (or /tmp/gpu_check).
 #
 # The GPU image has torch, triton, transformers, safetensors, pytest(-timeout), tqdm, numpy, jinja2,
@@ -53,10 +54,11 @@ stage() {  # stage NAME SECONDS LOG COMMAND...: run with a time limit, record st
 GREEDY_ARGS=() BENCH_ARGS=(${GPU_BENCH_ARGS:-})
 if [ "${SMOKE:-0}" = 1 ]; then GREEDY_ARGS=(--archs llama --scenarios graphs); BENCH_ARGS+=(--tiny); fi
 
-stage "kernel + dispatch + NCCL tests" 130 tests.log \
+stage "kernel + dispatch + NCCL tests" 120 tests.log \
   $PY -m pytest -q --timeout 60 -p no:cacheprovider tests/kernels tests/layers/test_kernel_dispatch.py tests/distributed
 stage "greedy GPU vs CPU reference" 90 greedy.log $PY benchmarks/gpu_greedy.py "${GREEDY_ARGS[@]}"
-stage "benchmarks/gpu.py" 260 gpu.log $PY benchmarks/gpu.py --json "$OUT/gpu.json" "${BENCH_ARGS[@]}"
+stage "attention kernels alone" 40 attention.log $PY benchmarks/attention_kernels.py
+stage "benchmarks/gpu.py" 250 gpu.log $PY benchmarks/gpu.py --json "$OUT/gpu.json" "${BENCH_ARGS[@]}"
 
 echo
 echo "| stage | status | s |"
@@ -64,5 +66,7 @@ echo "|---|---|---|"
 printf '%s\n' "${SUMMARY[@]}"
 echo "greedy scenarios passing: $(grep -c '| pass |' "$OUT/greedy.log")," \
   "failing: $(grep -c '| FAIL' "$OUT/greedy.log")"
+echo
+grep '^| ' "$OUT/attention.log" || true
 echo
 sed -n '/^| engine/,$p' "$OUT/gpu.log"
