@@ -198,17 +198,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     ns = _apply_config(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(levelname)s %(asctime)s %(message)s", level=logging.INFO)
-    if ns.command == "serve":
-        from distgen.entrypoints.openai.api_server import ServerArgs, serve
+    try:
+        if ns.command == "serve":
+            from distgen.entrypoints.openai.api_server import ServerArgs, serve
 
-        server = ServerArgs(**{k: getattr(ns, k) for k in _SERVER_KEYS})
-        logging.getLogger("distgen").setLevel(server.log_level.upper())
-        try:
+            server = ServerArgs(**{k: getattr(ns, k) for k in _SERVER_KEYS})
+            logging.getLogger("distgen").setLevel(server.log_level.upper())
             serve(engine_args_from(ns), server)
-        except KeyboardInterrupt:
-            pass
-    elif ns.command == "generate":
-        _generate(ns)
+        elif ns.command == "generate":
+            _generate(ns)
+    except KeyboardInterrupt:
+        pass
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
+        # Bad flags, a model that cannot load, workers that cannot start: one line, no traceback.
+        sys.exit(f"distgen {ns.command}: error: {e}")
 
 
 def _generate(ns: argparse.Namespace) -> None:

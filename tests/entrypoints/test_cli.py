@@ -87,3 +87,20 @@ def test_generate_one_shot(tiny_model_dir):
     llm = LLM(model, kv_cache_memory=16 << 20, dtype="float32")
     want = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert res.stdout == "Once upon a time" + want[0].outputs[0].text + "\n"
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["serve", "/nonexistent/model"], "model '/nonexistent/model' not found"),
+        (["serve", "-tp", "2"], "tensor_parallel_size=2 does not fit the model: it has 9 attention heads"),
+        (["serve", "--kv-cache-memory", "lots"], "not a size"),
+    ],
+)
+def test_bad_serve_invocations_fail_with_one_clear_line(argv, needle):
+    res = subprocess.run(
+        [sys.executable, "-m", "distgen.entrypoints.cli", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode != 0
+    assert needle in res.stderr
+    assert "Traceback" not in res.stderr

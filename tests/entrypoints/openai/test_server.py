@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from distgen import LLM, SamplingParams
+from tests.entrypoints.openai.conftest import descendants, start_server
 
 pytestmark = pytest.mark.slow
 PROMPT = "The quick brown fox jumps over"
@@ -246,3 +247,18 @@ def test_client_example_runs_against_the_server(server):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Chat (tiny-llama): " in res.stdout and "Streamed completion: " in res.stdout
+
+
+def test_tensor_parallel_server_matches_tp1(server, client):
+    """The server over the mp executor (two ranks behind the engine core) answers as tp=1 does."""
+    tp2 = start_server(server.model_dir, "--served-model-name", "tiny-llama", "-tp", "2")
+    try:
+        kwargs = dict(
+            model="tiny-llama", prompt=PROMPT, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+        )
+        want = client.completions.create(**kwargs).choices[0].text
+        other = openai.OpenAI(base_url=tp2.v1, api_key="unused", max_retries=0)
+        assert other.completions.create(**kwargs).choices[0].text == want
+        assert len(descendants(tp2.proc.pid)) >= 3  # the engine core and its two workers
+    finally:
+        tp2.stop()
