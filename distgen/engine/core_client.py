@@ -53,7 +53,7 @@ POLL_MS = 100  # how often a waiting client checks that the engine core is alive
 SHUTDOWN_TIMEOUT_S = 10.0
 
 # Startup errors the engine core reports by class name and the front end raises as themselves.
-_REraisable: dict[str, type[BaseException]] = {
+_RERAISABLE: dict[str, type[BaseException]] = {
     cls.__name__: cls
     for cls in (ValueError, TypeError, KeyError, FileNotFoundError, NotImplementedError, WorkerStartupError)
 }
@@ -245,7 +245,7 @@ class _MPClientBase(EngineCoreClient):
                 )
         msg = self._decoder.decode(sock.recv())
         if isinstance(msg, EngineCoreOutputs) and msg.error is not None:
-            cls = _REraisable.get(msg.error_type or "")
+            cls = _RERAISABLE.get(msg.error_type or "")
             if cls is not None:
                 raise cls(msg.error.split(": ", 1)[-1])
             raise EngineStartupError(f"the engine core failed to start: {msg.error}")
