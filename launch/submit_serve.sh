@@ -8,7 +8,8 @@
 # Arguments after the model and --tp go to `distgen serve` unchanged (vLLM's flag names). The job
 # uploads this directory (--working-dir .), so run it from the distgen checkout; the model path is read
 # on the cluster's nodes. `ray job logs -f JOB_ID` follows it, `ray job stop JOB_ID` ends it (and its
-# actors).
+# actors). Needs `pip install 'ray[default]'` (the jobs CLI) and, with token authentication, the
+# cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN).
 set -euo pipefail
 
 if [[ $# -lt 3 || "$2" != "--tp" ]]; then
