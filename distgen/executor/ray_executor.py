@@ -90,6 +90,11 @@ class _Actors(WorkerHandles):
             return []
         import ray
 
+        if not ray.is_initialized():  # shut down under us: Ray ended this job's actors with it
+            return [
+                WorkerExit(r, True, f"worker rank {r}: Ray was shut down in this process")
+                for r in range(len(self.runs))
+            ]
         done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
         done_ids = {ref.hex() for ref in done}
         out = []
@@ -114,6 +119,8 @@ class _Actors(WorkerHandles):
     def all_gone(self) -> bool:
         import ray
 
+        if not ray.is_initialized():
+            return True
         done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0) if self.runs else ([], [])
         return len(done) == len(self.runs)
 
