@@ -4,10 +4,10 @@ K/V tiles on tensor cores instead of one 16-token block per loop turn), and the 
 benchmark's prompts. Each case checks the kernels against the torch reference first, then times them
 with ``triton.testing.do_bench`` (median) and reports the KV bytes read per microsecond.
 
-At batch 1 the decode kernel runs only 8 programs (one per KV head), each walking the context one
-block at a time: this measures how far that is from the bandwidth a batch-1 step needs, and whether
-the prefill kernel's wider tiles do better (then the dispatch should use it for decodes too, or a
-split-context decode kernel is the next step).
+At batch 1 an unsplit decode kernel runs only 8 programs (one per KV head), each walking the whole
+context one block at a time; the kernel therefore splits the context of small batches (16 ranges at
+batch 1) and combines the partial results in a second kernel. This measures the split against the
+unsplit kernel, and the prefill kernel's wider tensor-core tiles on one-token chunks against both.
 
     python benchmarks/attention_kernels.py          # GPU only
 """
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from distgen.kernels.paged_attention import paged_attention_decode, paged_attention_decode_ref
+from distgen.kernels.paged_attention import num_splits_for, paged_attention_decode, paged_attention_decode_ref
 from distgen.kernels.paged_prefill import paged_attention_prefill, paged_attention_prefill_ref
 
 H, HKV, D, BS = 32, 8, 64, 16
@@ -65,10 +65,19 @@ def main() -> int:
         pre = paged_attention_prefill(q, k, v, table, starts, lens, scale, 1)
         check(dec[small].cpu(), ref, "decode")
         check(pre[small].cpu(), ref, "prefill as decode")
+        check(
+            paged_attention_decode(q, k, v, table, lens, scale, num_splits=1)[small].cpu(),
+            ref,
+            "decode 1 split",
+        )
         kv_bytes = 2 * batch * ctx * HKV * D * 2
         t_dec = median_ms(paged_attention_decode, q, k, v, table, lens, scale)
+        t_one = median_ms(paged_attention_decode, q, k, v, table, lens, scale, None, 1)
         t_pre = median_ms(paged_attention_prefill, q, k, v, table, starts, lens, scale, 1)
-        rows.append((f"decode b{batch} ctx{ctx}", "decode kernel", t_dec, kv_bytes))
+        splits = num_splits_for(batch, HKV)
+        rows.append((f"decode b{batch} ctx{ctx}", f"decode kernel, {splits} splits (auto)", t_dec, kv_bytes))
+        if splits > 1:
+            rows.append((f"decode b{batch} ctx{ctx}", "decode kernel, 1 split", t_one, kv_bytes))
         rows.append((f"decode b{batch} ctx{ctx}", "prefill kernel, 1-token chunks", t_pre, kv_bytes))
     for batch in (1, 256):
         q, k, v, table, lens, starts = inputs(batch, 128, 128)

@@ -5,10 +5,15 @@ One query token per sequence attends over that sequence's cached K/V, stored in 
 (head-major inside a block) and ``block_tables[b, i]`` is the cache block holding tokens
 ``i * block_size .. (i + 1) * block_size - 1`` of sequence ``b``.
 
-The kernel runs one program per (sequence, KV head). The program loads the ``H // Hkv`` query heads
-that share that KV head (padded to a power of two), then walks the sequence's blocks once with an
-online softmax, accumulating in float32, so each K/V tile is read from memory once per group rather
-than once per query head. Scores and the weighted sum use broadcast-and-reduce rather than ``tl.dot``
+The kernel runs one program per (sequence, KV head, split). The program loads the ``H // Hkv`` query
+heads that share that KV head (padded to a power of two), then walks its share of the sequence's
+blocks with an online softmax, accumulating in float32, so each K/V tile is read from memory once per
+group rather than once per query head. With one split (large batches) it writes the output; with
+several (small batches, where ``B * Hkv`` programs would leave most of the GPU idle and each would walk
+a long context alone) every split covers a contiguous range of the blocks and leaves its unnormalised
+partial result, and a second kernel combines the splits per (sequence, head). The split count depends
+only on ``B`` and ``Hkv``, so a captured CUDA graph stays valid for any context length.
+Scores and the weighted sum use broadcast-and-reduce rather than ``tl.dot``
 so any group size, block size and head dim work, on the GPU and in the interpreter alike.
 
 Triton is imported lazily: on a CPU-only machine set ``TRITON_INTERPRET=1`` before the first call
@@ -88,6 +93,9 @@ def _kernel() -> Any:
         bt_ptr,
         lens_ptr,
         out_ptr,
+        acc_part_ptr,
+        m_part_ptr,
+        l_part_ptr,
         scale,
         stride_qb,
         stride_qh,
@@ -111,9 +119,11 @@ def _kernel() -> Any:
         GROUP_P2: tl.constexpr,
         BLOCK_T: tl.constexpr,
         HEAD_DIM_P2: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
+        split = tl.program_id(2)
         offs_g = tl.arange(0, GROUP_P2)
         offs_t = tl.arange(0, BLOCK_T)
         offs_d = tl.arange(0, HEAD_DIM_P2)
@@ -127,12 +137,15 @@ def _kernel() -> Any:
 
         seq_len = tl.load(lens_ptr + seq)
         num_blocks = tl.cdiv(seq_len, block_size)
+        per_split = tl.cdiv(num_blocks, NUM_SPLITS)
+        first = split * per_split
+        last = tl.minimum(first + per_split, num_blocks)
 
         m_i = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([GROUP_P2], dtype=tl.float32)
         acc = tl.zeros([GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
 
-        for i in range(0, num_blocks):
+        for i in range(first, last):
             block = tl.load(bt_ptr + seq * stride_btb + i * stride_btn).to(tl.int64)
             tok_ok = (offs_t < block_size) & (i * block_size + offs_t < seq_len)  # [T]
             kv_mask = tok_ok[:, None] & d_ok[None, :]
@@ -163,16 +176,73 @@ def _kernel() -> Any:
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m_i = m_new
 
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len 0 -> zeros rather than NaN
-        o = acc / l_safe[:, None]
-        o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :])
+        if NUM_SPLITS == 1:
+            l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len 0 -> zeros rather than NaN
+            o = acc / l_safe[:, None]
+            o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :])
+        else:
+            # Partials [B, H, NUM_SPLITS] (and [.., D]); an empty split leaves m = -inf, l = 0, acc = 0.
+            part = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
+            tl.store(m_part_ptr + part, m_i, mask=head_ok)
+            tl.store(l_part_ptr + part, l_i, mask=head_ok)
+            a_ptrs = acc_part_ptr + part[:, None].to(tl.int64) * head_dim + offs_d[None, :]
+            tl.store(a_ptrs, acc, mask=head_ok[:, None] & d_ok[None, :])
 
     return _paged_attention_decode_kernel
 
 
+@functools.cache
+def _combine_kernel() -> Any:
+    """Build (once) the kernel that merges the splits' partial softmax results."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _combine_splits_kernel(
+        acc_part_ptr,
+        m_part_ptr,
+        l_part_ptr,
+        out_ptr,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        head_dim,
+        NUM_SPLITS: tl.constexpr,
+        HEAD_DIM_P2: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        offs_s = tl.arange(0, NUM_SPLITS)
+        offs_d = tl.arange(0, HEAD_DIM_P2)
+        d_ok = offs_d < head_dim
+        part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
+        m = tl.load(m_part_ptr + part)
+        l_s = tl.load(l_part_ptr + part)
+        # Split 0 always holds the first block, so the max is finite and empty splits weigh 0.
+        m_max = tl.max(m, axis=0)
+        w = tl.exp(m - m_max)
+        total = tl.sum(w * l_s, axis=0)
+        a_ptrs = acc_part_ptr + part[:, None].to(tl.int64) * head_dim + offs_d[None, :]
+        acc = tl.load(a_ptrs, mask=d_ok[None, :], other=0.0)
+        o = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0.0, total, 1.0)
+        o_ptrs = out_ptr + seq * stride_ob + head * stride_oh + offs_d * stride_od
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+    return _combine_splits_kernel
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def num_splits_for(batch: int, num_kv_heads: int) -> int:
+    """Splits per sequence: enough programs to cover the GPU's ~132 SMs about once, in powers of two
+    up to 16; one (no combine step) from ``batch * num_kv_heads >= 128`` on."""
+    programs = batch * num_kv_heads
+    if programs >= 128:
+        return 1
+    return min(16, _next_power_of_2(-(-128 // programs)))
 
 
 def launch_config(group: int, block_size: int, head_dim: int) -> dict[str, int]:
@@ -193,6 +263,7 @@ def paged_attention_decode(
     seq_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache, in Triton.
 
@@ -205,6 +276,8 @@ def paged_attention_decode(
             current one, already written to the cache); at least 1.
         scale: softmax scale applied to ``q . k``.
         out: optional ``[B, H, D]`` destination (e.g. a slice of a larger buffer).
+        num_splits: context splits per sequence, a power of two; ``None`` picks
+            :func:`num_splits_for` of ``B`` and ``Hkv``.
 
     Returns:
         ``[B, H, D]`` in ``q.dtype``; accumulation is float32.
@@ -220,13 +293,25 @@ def paged_attention_decode(
         seq_lens = seq_lens.to(device=q.device, dtype=torch.int32)
     seq_lens = seq_lens.contiguous()
     block_tables = block_tables.to(q.device)
-    _kernel()[(b, hkv)](
+    splits = num_splits_for(b, hkv) if num_splits is None else num_splits
+    assert splits >= 1 and splits & (splits - 1) == 0, f"num_splits {splits} must be a power of 2"
+    cfg = launch_config(group, bs, d)
+    if splits > 1:
+        acc_part = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
+        m_part = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+    else:
+        acc_part = m_part = l_part = out  # unused
+    _kernel()[(b, hkv, splits)](
         q,
         k_cache,
         v_cache,
         block_tables,
         seq_lens,
         out,
+        acc_part,
+        m_part,
+        l_part,
         float(scale),
         *q.stride(),
         *k_cache.stride(),
@@ -236,6 +321,11 @@ def paged_attention_decode(
         bs,
         d,
         GROUP=group,
-        **launch_config(group, bs, d),
+        NUM_SPLITS=splits,
+        **cfg,
     )
+    if splits > 1:
+        _combine_kernel()[(b, h)](
+            acc_part, m_part, l_part, out, *out.stride(), d, NUM_SPLITS=splits, HEAD_DIM_P2=cfg["HEAD_DIM_P2"]
+        )
     return out

@@ -31,6 +31,7 @@ from distgen.kernels import kv_store, paged_attention, paged_prefill, rmsnorm, r
 FLOAT_ARGS = {"eps", "scale", "qk_scale"}
 INDEX_PTRS = {"bt_ptr": "*i32", "qs_ptr": "*i32", "lens_ptr": "*i32", "pos_ptr": "*i64"}
 INDEX_PTRS.update(blk_ptr="*i64", off_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32")
+INDEX_PTRS.update(acc_part_ptr="*fp32", m_part_ptr="*fp32", l_part_ptr="*fp32")
 
 
 def compile_kernel(fn, dtype: str, consts: dict, arch: int):
@@ -80,11 +81,18 @@ def variants():
                     **paged_prefill.launch_config(4, d, 128, True),
                 ),
             )
+            for splits in (1, 16):
+                yield (
+                    f"paged_decode D{d} group 4 splits {splits}",
+                    paged_attention._kernel(),
+                    dtype,
+                    dict(GROUP=4, NUM_SPLITS=splits, **paged_attention.launch_config(4, 16, d)),
+                )
             yield (
-                f"paged_decode D{d} group 4",
-                paged_attention._kernel(),
+                f"decode split combine D{d}",
+                paged_attention._combine_kernel(),
                 dtype,
-                dict(GROUP=4, **paged_attention.launch_config(4, 16, d)),
+                dict(NUM_SPLITS=16, HEAD_DIM_P2=d),
             )
         yield "rmsnorm 2048", rmsnorm._rmsnorm_kernel, dtype, dict(HAS_RESIDUAL=False, BLOCK=2048)
         yield "fused_add_rmsnorm 2048", rmsnorm._rmsnorm_kernel, dtype, dict(HAS_RESIDUAL=True, BLOCK=2048)

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from distgen.kernels.paged_attention import (  # noqa: E402
+    num_splits_for,
     paged_attention_decode,
     paged_attention_decode_ref,
 )
@@ -169,3 +170,20 @@ def test_kernel_odd_block_size_and_head_dim_into_out_slice():
     ref = paged_attention_decode_ref(q, kc, vc, table, sl, 0.15)
     torch.testing.assert_close(buf[1:-1].cpu(), ref, atol=1e-5, rtol=1e-5)
     assert torch.isnan(buf[0]).all() and torch.isnan(buf[-1]).all()
+
+
+def test_num_splits_for_small_batches_only():
+    assert num_splits_for(1, 8) == 16 and num_splits_for(4, 8) == 4 and num_splits_for(2, 1) == 16
+    assert num_splits_for(16, 8) == 1 and num_splits_for(256, 8) == 1 and num_splits_for(3, 32) == 2
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 2, 4, 16])
+def test_kernel_context_splits(splits):
+    """Contexts split in 1..16 contiguous ranges (some empty: 1 or 2 blocks over 16 splits), combined."""
+    lens = [1, 5, 37, 64]
+    q, kc, vc, table, sl = make_inputs(lens, 9, 3, 32, 4, torch.float32, seed=7)
+    args = [t.to(DEVICE) for t in (q, kc, vc, table, sl)]
+    out = paged_attention_decode(*args, 0.2, num_splits=splits)
+    ref = paged_attention_decode_ref(q, kc, vc, table, sl, 0.2)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
