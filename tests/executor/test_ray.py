@@ -176,6 +176,27 @@ def test_executor_one_rank_per_node_then_a_killed_actor(cluster, tiny_model_dir)
 
 
 @pytest.mark.slow
+def test_worker_raising_in_forward_makes_engine_dead(cluster, tiny_model_dir):
+    """A step the ranks cannot run (a block id past the cache) raises in every rank's forward: the
+    traceback reaches the executor and the actors are removed."""
+    config, source = EngineArgs(
+        model=tiny_model_dir("llama"),
+        tensor_parallel_size=2,
+        distributed_executor_backend="ray",
+        kv_cache_memory=KV,
+    ).create_config()
+    ex = Executor.create(config, source)
+    ex.init_kv_cache(ex.determine_num_blocks())
+    bad = NewRequestData("x", [5, 6, 7], 3, SamplingParams(temperature=0), [10**6], 0)
+    with pytest.raises(EngineDeadError, match=r"worker rank \d raised IndexError"):
+        ex.execute_model(SchedulerOutput([bad], [], {"x": 3}, 3))
+    _wait_no_actors(timeout=5)
+    with pytest.raises(EngineDeadError):
+        ex.execute_model(_step("a", [5, 6, 7]))
+    ex.shutdown()
+
+
+@pytest.mark.slow
 def test_actor_killed_mid_generation_raises_engine_dead(cluster, tiny_model_dir):
     llm = _ray_llm(tiny_model_dir("llama"))
     pids = _actor_pids()
