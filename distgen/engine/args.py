@@ -15,6 +15,7 @@ from distgen.config import (
     SchedulerConfig,
     parse_dtype,
 )
+from distgen.executor.base import Executor
 from distgen.model_loader.loader import ModelSource, resolve_model
 
 
@@ -88,6 +89,10 @@ class EngineArgs:
                 self.num_gpu_blocks_override,
             ),
             scheduler=SchedulerConfig(self.max_num_seqs, batched, self.enable_chunked_prefill),
-            parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend),
+            # Resolved here, in the user's process: a Ray cluster it is connected to means "ray".
+            parallel=ParallelConfig(
+                self.tensor_parallel_size,
+                Executor.resolve_backend(self.distributed_executor_backend, self.tensor_parallel_size),
+            ),
             device=device,
         ), source

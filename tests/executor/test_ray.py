@@ -150,6 +150,8 @@ def test_executor_one_rank_per_node_then_a_killed_actor(cluster, tiny_model_dir)
 
     config, source = EngineArgs(**args, tensor_parallel_size=2).create_config()
     assert Executor.resolve_backend(None, 2) == "ray"  # this process is connected to Ray
+    # Resolved in the user's process, before the engine-core process (which has no Ray of its own) starts.
+    assert config.parallel.distributed_executor_backend == "ray"
     ex = Executor.create(config, source)
     assert type(ex).__name__ == "RayExecutor"
     nodes = ex.worker_node_ids
