@@ -14,6 +14,8 @@ class Envs:
     engine_ready_timeout_s: float
     # Where converted tokenizers are cached.
     cache_dir: str
+    # Which kernels the layers use: auto (Triton on CUDA, torch on the CPU), torch, triton.
+    kernels: str
 
 
 _FALSE = ("0", "false", "no", "off")
@@ -25,4 +27,5 @@ def envs() -> Envs:
         enable_multiprocessing=env.get("DISTGEN_ENABLE_MULTIPROCESSING", "1").lower() not in _FALSE,
         engine_ready_timeout_s=float(env.get("DISTGEN_ENGINE_READY_TIMEOUT_S", "600")),
         cache_dir=env.get("DISTGEN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "distgen")),
+        kernels=env.get("DISTGEN_KERNELS", "auto"),
     )

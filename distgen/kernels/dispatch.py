@@ -17,12 +17,13 @@ The kernel modules are imported on the first Triton call only, so a CPU run neve
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
+
+from distgen.envs import envs
 
 MODES = ("auto", "torch", "triton")
 
@@ -33,7 +34,7 @@ def _parse(mode: str) -> str:
     return mode
 
 
-_state = {"mode": _parse(os.environ.get("DISTGEN_KERNELS", "auto"))}
+_state = {"mode": _parse(envs().kernels)}
 
 
 def use_triton(x: torch.Tensor) -> bool:
