@@ -3,6 +3,8 @@ serving afterwards."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -110,7 +112,9 @@ def test_streaming_request_errors_before_the_stream(server):
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_model_dir):
-    s = start_server(tiny_model_dir("qwen2"), "--api-key", "s3cret")
+    """A server with an API key and a chat template of its own."""
+    template = Path(__file__).resolve().parents[3] / "examples" / "template_chatml.jinja"
+    s = start_server(tiny_model_dir("qwen2"), "--api-key", "s3cret", "--chat-template", str(template))
     yield s
     s.stop()
 
@@ -124,3 +128,15 @@ def test_api_key(keyed_server):
     assert httpx.get(keyed_server.url + "/health").status_code == 200  # health stays open
     models = httpx.get(keyed_server.v1 + "/models", headers={"Authorization": "Bearer s3cret"})
     assert models.status_code == 200
+
+
+def test_chat_template_flag(keyed_server):
+    """--chat-template replaces the model's template for chat requests (and /tokenize)."""
+    messages = [{"role": "user", "content": "Hi there"}]
+    toks = httpx.post(keyed_server.url + "/tokenize", json={"messages": messages}).json()["tokens"]
+    text = httpx.post(keyed_server.url + "/detokenize", json={"tokens": toks}).json()["prompt"]
+    assert text == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    headers = {"Authorization": "Bearer s3cret"}
+    body = {"messages": messages, "max_tokens": 2, "temperature": 0}
+    chat = httpx.post(keyed_server.v1 + "/chat/completions", json=body, headers=headers).json()
+    assert chat["usage"]["prompt_tokens"] == len(toks)
