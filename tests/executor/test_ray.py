@@ -298,3 +298,27 @@ def test_backend_none_picks_ray_only_when_connected(monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["ray", "uni", "False"]
     assert Executor.resolve_backend("mp", 2) == "mp"
+
+
+def test_serve_on_the_ray_cluster(cluster, tiny_model_dir):
+    """`distgen serve --tp 2 --distributed-executor-backend ray` joins the cluster (RAY_ADDRESS), answers
+    as one rank does, and Ctrl-C takes its actors down with it."""
+    import httpx
+
+    from tests.entrypoints.openai.conftest import start_server
+
+    path = tiny_model_dir("llama")
+    llm = LLM(path, kv_cache_memory=KV, dtype="float32")
+    want = llm.generate(
+        "Hello there", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
+    llm.shutdown()
+    server = start_server(path, "-tp", "2", "--distributed-executor-backend", "ray")
+    try:
+        assert len(_actor_pids()) == 2
+        body = {"prompt": "Hello there", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        got = httpx.post(server.v1 + "/completions", json=body, timeout=60).json()
+        assert got["choices"][0]["text"] == want[0].outputs[0].text
+    finally:
+        server.stop()
+    _wait_no_actors()
