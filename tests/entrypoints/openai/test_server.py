@@ -109,6 +109,24 @@ def test_n_choices(client):
         extra_body={"ignore_eos": True},
     )
     assert [c.text for c in again.choices] == [c.text for c in got.choices]  # seeded: reproducible
+    stream = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=8,
+        n=2,
+        temperature=1.0,
+        seed=7,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    texts, finishes = {0: "", 1: ""}, {0: [], 1: []}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason is not None:
+                finishes[c.index].append(c.finish_reason)
+    assert [texts[0], texts[1]] == [c.text for c in got.choices]
+    assert finishes == {0: ["length"], 1: ["length"]}  # one final chunk per choice
     chat = client.chat.completions.create(
         model="tiny-llama", messages=CONVERSATION, max_tokens=4, n=3, temperature=1.0, seed=1
     )
