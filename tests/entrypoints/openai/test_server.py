@@ -280,3 +280,15 @@ def test_tensor_parallel_server_matches_tp1(server, client):
         assert len(descendants(tp2.proc.pid)) >= 3  # the engine core and its two workers
     finally:
         tp2.stop()
+
+
+def test_echo(client):
+    plain = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=5, temperature=0)
+    echoed = client.completions.create(
+        model="tiny-llama", prompt=PROMPT, max_tokens=5, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    streamed = client.completions.create(
+        model="tiny-llama", prompt=PROMPT, max_tokens=5, temperature=0, echo=True, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
