@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -52,7 +53,8 @@ class EngineArgs:
     def create_config(self) -> tuple[EngineConfig, ModelSource]:
         source = resolve_model(self.model)
         hf = source.hf_config
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        backend = Executor.resolve_backend(self.distributed_executor_backend, self.tensor_parallel_size)
+        device = self.device or default_device(backend)
         max_pos = int(hf.get("max_position_embeddings") or 2048)
         max_len = self.max_model_len or max_pos
         if max_len > max_pos:
@@ -90,9 +92,18 @@ class EngineArgs:
             ),
             scheduler=SchedulerConfig(self.max_num_seqs, batched, self.enable_chunked_prefill),
             # Resolved here, in the user's process: a Ray cluster it is connected to means "ray".
-            parallel=ParallelConfig(
-                self.tensor_parallel_size,
-                Executor.resolve_backend(self.distributed_executor_backend, self.tensor_parallel_size),
-            ),
+            parallel=ParallelConfig(self.tensor_parallel_size, backend),
             device=device,
         ), source
+
+
+def default_device(backend: str) -> str:
+    """CUDA when this machine has a GPU, or when the ranks are Ray actors in a cluster that has GPUs
+    (the engine core may run on a node without one); the CPU otherwise."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if backend == "ray":
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+            return "cuda"
+    return "cpu"

@@ -322,3 +322,14 @@ def test_serve_on_the_ray_cluster(cluster, tiny_model_dir):
     finally:
         server.stop()
     _wait_no_actors()
+
+
+def test_device_follows_the_clusters_gpus(cluster, monkeypatch):
+    """The engine core may run on a node without a GPU: with ranks as Ray actors, CUDA is the default
+    device when the cluster has GPUs, wherever the engine runs."""
+    from distgen.engine.args import default_device
+
+    assert default_device("ray") == "cpu"  # this test cluster has CPUs only
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 8.0})
+    assert default_device("ray") == "cuda"
+    assert default_device("mp") == "cpu"  # mp ranks live on this (GPU-less) machine
