@@ -161,6 +161,7 @@ class _CoreProcess:
             f"ipc://{ipc_dir}/output",
             os.getpid(),
             logging.getLogger("distgen").getEffectiveLevel(),
+            ipc_dir,
         )
         try:
             cmd = [sys.executable, "-m", "distgen.engine.core_main"]

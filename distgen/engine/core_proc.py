@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -49,6 +50,7 @@ class EngineCoreProcArgs:
     output_addr: str  # and PUSHes EngineCoreReady / EngineCoreOutputs here
     parent_pid: int
     log_level: int = logging.INFO
+    ipc_dir: str | None = None  # the front end's socket directory, removed here if the front end died
 
 
 def run_engine_core(args: EngineCoreProcArgs) -> None:
@@ -91,6 +93,8 @@ def run_engine_core(args: EngineCoreProcArgs) -> None:
         inp.close(linger=0)
         out.close(linger=1000)  # let the last message (an error) leave
         ctx.term()
+        if args.ipc_dir is not None and os.getppid() != args.parent_pid:
+            shutil.rmtree(args.ipc_dir, ignore_errors=True)  # nobody else is left to remove it
 
 
 def _busy_loop(core, inp: zmq.Socket, out: zmq.Socket, encoder: msgspec.msgpack.Encoder) -> None:

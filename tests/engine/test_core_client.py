@@ -100,6 +100,7 @@ from distgen import LLM, SamplingParams
 llm = LLM(sys.argv[1], tensor_parallel_size=2, kv_cache_memory=16 << 20)
 out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
 ready = llm.llm_engine.client.ready
+print("DIR", llm.llm_engine.client.ipc_dir, flush=True)
 print("PIDS", ready.pid, *ready.worker_pids, flush=True)
 if sys.argv[2] == "kill":
     os.kill(os.getpid(), 9)
@@ -122,3 +123,5 @@ def test_unguarded_script_and_parent_exit_leave_nothing(tiny_model_dir, tmp_path
     assert len(pids) == 3
     assert proc.returncode == (0 if how == "exit" else -9), proc.stderr[-3000:]
     assert _wait_gone(pids) == [], "engine core or workers outlived their parent"
+    ipc_dir = next(ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("DIR"))
+    assert not os.path.exists(ipc_dir), "the socket directory outlived the processes"
