@@ -28,6 +28,19 @@ from typing import Any
 import torch
 
 
+def check_cache_shapes(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_layout: str
+) -> tuple[int, int, int, int]:
+    """Shape checks shared by the paged-attention kernels; return (H, Hkv, block_size, D)."""
+    assert q.dim() == 3, f"q must be {q_layout}, got {tuple(q.shape)}"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches must be [num_blocks, Hkv, bs, D]"
+    _, h, d = q.shape
+    _, hkv, bs, dk = k_cache.shape
+    assert dk == d, f"head_dim mismatch: q {d}, cache {dk}"
+    assert h % hkv == 0, f"num_heads {h} not a multiple of num_kv_heads {hkv}"
+    return h, hkv, bs, d
+
+
 def _check_inputs(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -36,12 +49,8 @@ def _check_inputs(
     seq_lens: torch.Tensor,
 ) -> tuple[int, int, int, int, int]:
     """Validate shapes; return (B, H, Hkv, block_size, D)."""
-    assert q.dim() == 3, f"q must be [B, H, D], got {tuple(q.shape)}"
-    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches must be [num_blocks, Hkv, bs, D]"
-    b, h, d = q.shape
-    _, hkv, bs, dk = k_cache.shape
-    assert dk == d, f"head_dim mismatch: q {d}, cache {dk}"
-    assert h % hkv == 0, f"num_heads {h} not a multiple of num_kv_heads {hkv}"
+    h, hkv, bs, d = check_cache_shapes(q, k_cache, v_cache, "[B, H, D]")
+    b = q.shape[0]
     assert block_tables.dim() == 2 and block_tables.shape[0] == b, "block_tables must be [B, max_blocks]"
     assert seq_lens.shape == (b,), "seq_lens must be [B]"
     return b, h, hkv, bs, d
@@ -232,7 +241,8 @@ def _combine_kernel() -> Any:
     return _combine_splits_kernel
 
 
-def _next_power_of_2(n: int) -> int:
+def next_power_of_2(n: int) -> int:
+    """Without importing triton (launch configs are computed on CPU-only machines too)."""
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -242,15 +252,15 @@ def num_splits_for(batch: int, num_kv_heads: int) -> int:
     programs = batch * num_kv_heads
     if programs >= 128:
         return 1
-    return min(16, _next_power_of_2(-(-128 // programs)))
+    return min(16, next_power_of_2(-(-128 // programs)))
 
 
 def launch_config(group: int, block_size: int, head_dim: int) -> dict[str, int]:
     """Padded tile sizes (the compile-time constants besides GROUP) and warps."""
     return dict(
-        GROUP_P2=_next_power_of_2(group),
-        BLOCK_T=_next_power_of_2(block_size),
-        HEAD_DIM_P2=_next_power_of_2(head_dim),
+        GROUP_P2=next_power_of_2(group),
+        BLOCK_T=next_power_of_2(block_size),
+        HEAD_DIM_P2=next_power_of_2(head_dim),
         num_warps=4,
     )
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from distgen.kernels.paged_attention import check_cache_shapes, next_power_of_2
+
 
 def _check_inputs(
     q: torch.Tensor,
@@ -36,12 +38,7 @@ def _check_inputs(
     seq_lens: torch.Tensor,
 ) -> tuple[int, int, int, int, int]:
     """Validate shapes; return (B, H, Hkv, block_size, D)."""
-    assert q.dim() == 3, f"q must be [T, H, D], got {tuple(q.shape)}"
-    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches must be [num_blocks, Hkv, bs, D]"
-    _, h, d = q.shape
-    _, hkv, bs, dk = k_cache.shape
-    assert dk == d, f"head_dim mismatch: q {d}, cache {dk}"
-    assert h % hkv == 0, f"num_heads {h} not a multiple of num_kv_heads {hkv}"
+    h, hkv, bs, d = check_cache_shapes(q, k_cache, v_cache, "[T, H, D]")
     b = seq_lens.shape[0]
     assert seq_lens.dim() == 1 and query_start.shape == (b + 1,), "need seq_lens [B] and query_start [B+1]"
     assert block_tables.dim() == 2 and block_tables.shape[0] == b, "block_tables must be [B, max_blocks]"
@@ -210,10 +207,6 @@ def _kernel() -> Any:
     return _paged_attention_prefill_kernel
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 _LOG2E = 1.4426950408889634
 
 
@@ -228,9 +221,9 @@ def launch_config(group: int, head_dim: int, max_query_len: int, cuda: bool) -> 
     """Tile sizes and warps. About 64 stacked (query, head) rows per program, at least 16 for
     ``tl.dot``; K/V tiles of 64 positions up to head dim 64, 32 above, and 8 warps: at head dim 128
     the 4-warp or 64-position variants spill registers on sm_90 (``tests/kernels/aot_compile.py``)."""
-    group_p2 = _next_power_of_2(group)
-    head_dim_p2 = max(16, _next_power_of_2(head_dim))
-    block_m = max(16 // group_p2, min(64 // group_p2, _next_power_of_2(max_query_len)), 1)
+    group_p2 = next_power_of_2(group)
+    head_dim_p2 = max(16, next_power_of_2(head_dim))
+    block_m = max(16 // group_p2, min(64 // group_p2, next_power_of_2(max_query_len)), 1)
     return dict(
         GROUP_P2=group_p2,
         BLOCK_M=block_m,
