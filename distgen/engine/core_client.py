@@ -18,7 +18,6 @@ import logging
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import zmq.asyncio
 
 from distgen.config import EngineConfig
 from distgen.engine.core_proc import EngineCoreProcArgs
-from distgen.engine.exceptions import EngineDeadError, EngineStartupError, WorkerStartupError
+from distgen.engine.exceptions import EngineDeadError, EngineStartupError, WorkerStartupError, describe_exit
 from distgen.engine.messages import (
     EngineCoreAbort,
     EngineCoreGetStats,
@@ -177,14 +176,7 @@ class _CoreProcess:
     def exit_description(self) -> str | None:
         """None while the process runs; how it ended otherwise."""
         code = None if self.proc is None else self.proc.poll()
-        if code is None:
-            return None
-        if code < 0:
-            try:
-                return f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"killed by signal {-code}"
-        return f"exit code {code}"
+        return None if code is None else describe_exit(code)
 
     def close(self) -> None:
         proc = self.proc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class EngineDeadError(RuntimeError):
     """A worker process died or raised: the engine cannot run any more steps."""
@@ -13,3 +15,13 @@ class WorkerStartupError(RuntimeError):
 
 class EngineStartupError(RuntimeError):
     """The engine-core process failed before it was ready (its error is in the message)."""
+
+
+def describe_exit(code: int) -> str:
+    """How a child process ended, from its exit code (negative: the signal that killed it)."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

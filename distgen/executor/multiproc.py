@@ -11,12 +11,12 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import time
 
 from distgen.config import EngineConfig
+from distgen.engine.exceptions import describe_exit
 from distgen.executor.broadcast import BroadcastExecutor, Channel, WorkerExit, WorkerHandles
 from distgen.executor.worker_loop import WorkerArgs, run_mp_worker
 from distgen.model_loader.loader import ModelSource
@@ -46,7 +46,7 @@ class _Processes(WorkerHandles):
             code = proc.exitcode
             if code is not None:
                 how = "died: " if code < 0 else "exited with "
-                line = f"worker rank {rank} (pid {proc.pid}) {how}{_describe(code)}"
+                line = f"worker rank {rank} (pid {proc.pid}) {how}{describe_exit(code)}"
                 out.append(WorkerExit(rank, code < 0, line))
         return out
 
@@ -115,12 +115,3 @@ class MultiprocExecutor(BroadcastExecutor):
             proc.start()
             self._procs.procs.append(proc)
         self._wait_ready()
-
-
-def _describe(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
