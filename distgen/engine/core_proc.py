@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
-import threading
-import time
 import traceback
 from dataclasses import dataclass
 
@@ -35,11 +32,11 @@ from distgen.engine.messages import (
     EngineCoreShutdown,
 )
 from distgen.model_loader.loader import ModelSource
+from distgen.orphan_watch import start_orphan_watch
 
 logger = logging.getLogger("distgen")
 
 IDLE_POLL_MS = 1000  # how long an idle core blocks on its input socket before looking again
-PARENT_CHECK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -60,7 +57,8 @@ def run_engine_core(args: EngineCoreProcArgs) -> None:
     # SIGTERM unwinds through the ``finally`` below, so the executor stops its workers.
     signal.signal(signal.SIGTERM, lambda *_: _raise_exit())
     _configure_logging(args.log_level)
-    threading.Thread(target=_exit_when_orphaned, args=(args.parent_pid,), daemon=True).start()
+    # Orphaned: remove the front end's socket directory, then SIGTERM ourselves (a graceful unwind).
+    start_orphan_watch(args.parent_pid, args.ipc_dir, lambda: os.kill(os.getpid(), signal.SIGTERM))
 
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
@@ -93,8 +91,6 @@ def run_engine_core(args: EngineCoreProcArgs) -> None:
         inp.close(linger=0)
         out.close(linger=1000)  # let the last message (an error) leave
         ctx.term()
-        if args.ipc_dir is not None and os.getppid() != args.parent_pid:
-            shutil.rmtree(args.ipc_dir, ignore_errors=True)  # nobody else is left to remove it
 
 
 def _busy_loop(core, inp: zmq.Socket, out: zmq.Socket, encoder: msgspec.msgpack.Encoder) -> None:
@@ -128,14 +124,6 @@ def _add(core, req: EngineCoreRequest) -> None:
 
 def _raise_exit() -> None:
     raise SystemExit(0)
-
-
-def _exit_when_orphaned(parent_pid: int) -> None:
-    while True:
-        time.sleep(PARENT_CHECK_S)
-        if os.getppid() != parent_pid:
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
 
 
 def _configure_logging(level: int) -> None:

@@ -10,10 +10,7 @@ False after a failure, which it has already reported to the executor as :class:`
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import threading
-import time
 import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,11 +32,10 @@ from distgen.executor.messages import (
     WorkerRequest,
 )
 from distgen.model_loader.loader import ModelSource
+from distgen.orphan_watch import start_orphan_watch
 
 if TYPE_CHECKING:
     from distgen.workers.worker import Worker
-
-PARENT_CHECK_S = 0.5  # how often an mp worker checks that its parent is still alive
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,10 @@ def run_mp_worker(args: WorkerArgs) -> None:
     """Entry point of an ``mp`` worker process (the target of ``multiprocessing.Process``)."""
     # Ctrl-C reaches the whole process group: the executor shuts the workers down, they don't die alone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_when_orphaned, args=(args,), name="orphan-watch", daemon=True).start()
+    # If the executor's process dies without shutting us down, exit at once, even while the main thread
+    # is loading the model or blocked in a collective; rank 0 removes the dead executor's socket directory.
+    cleanup = args.cleanup_dir if args.rank == 0 else None
+    start_orphan_watch(args.parent_pid, cleanup, lambda: os._exit(1))
     if not serve(args):
         raise SystemExit(1)
 
@@ -108,16 +107,6 @@ def serve(args: WorkerArgs) -> bool:
         requests.close(linger=0)
         replies.close(linger=1000)  # let a last Failed message leave
         ctx.term()
-
-
-def _exit_when_orphaned(args: WorkerArgs) -> None:
-    """Watchdog thread: if the executor's process dies without shutting us down, exit at once, even
-    while the main thread is loading the model or blocked in a collective."""
-    while os.getppid() == args.parent_pid:
-        time.sleep(PARENT_CHECK_S)
-    if args.rank == 0 and args.cleanup_dir is not None:
-        shutil.rmtree(args.cleanup_dir, ignore_errors=True)
-    os._exit(1)
 
 
 def _loop(
