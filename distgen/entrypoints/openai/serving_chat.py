@@ -13,6 +13,7 @@ from distgen.entrypoints.openai.errors import OpenAIError
 from distgen.entrypoints.openai.protocol import ChatCompletionRequest
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
+    check_prompt,
     now,
     sse,
     sse_error,
@@ -21,7 +22,6 @@ from distgen.entrypoints.openai.serving_common import (
     until_disconnected,
     usage,
 )
-from distgen.entrypoints.openai.serving_completion import _check_prompt
 from distgen.outputs import CompletionOutput
 
 
@@ -54,7 +54,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     engine = ctx.engine
     text, ids = render_request(ctx, req)
     limit = engine.max_model_len
-    _check_prompt(ids, limit, engine.config.model.vocab_size)
+    check_prompt(ids, limit, engine.config.model.vocab_size)
     params = req.to_sampling_params(engine.generation_defaults, len(ids), limit)
     request_id = ctx.new_request_id("chatcmpl")
     gen = engine.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id)

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from distgen.engine.async_llm import AsyncLLM
+from distgen.engine.core import validate_prompt
 from distgen.entrypoints.openai.errors import OpenAIError, error_body
 from distgen.outputs import Logprob
 
@@ -110,6 +111,23 @@ async def until_disconnected(coro, request: Request):
             if not task.done():
                 task.cancel()
         await asyncio.gather(work, watcher, return_exceptions=True)
+
+
+def check_prompt(ids: list[int], limit: int, vocab: int) -> None:
+    """400 for a prompt the engine could never run (wrong type, no room for output, bad ids)."""
+    if any(not isinstance(t, int) for t in ids):
+        raise OpenAIError("a prompt must be a string or a list of token ids", param="prompt")
+    if len(ids) >= limit:
+        raise OpenAIError(
+            f"This model's maximum context length is {limit} tokens. However, your prompt has "
+            f"{len(ids)} tokens, which leaves no room for the completion. Please reduce the length "
+            "of the prompt.",
+            param="prompt",
+        )
+    try:
+        validate_prompt(ids, limit, vocab)
+    except ValueError as e:
+        raise OpenAIError(str(e), param="prompt") from e
 
 
 def top_entries(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from distgen.engine.core import validate_prompt
 from distgen.entrypoints.openai.errors import OpenAIError
 from distgen.entrypoints.openai.protocol import CompletionRequest
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
+    check_prompt,
     merge_async_iterators,
     now,
     sse,
@@ -47,7 +47,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     inputs: list[tuple[str | None, list[int], SamplingParams]] = []
     for p in req.prompts():
         text, ids = (p, engine.tokenizer(p).input_ids) if isinstance(p, str) else (None, p)
-        _check_prompt(ids, engine.max_model_len, engine.config.model.vocab_size)
+        check_prompt(ids, engine.max_model_len, engine.config.model.vocab_size)
         inputs.append(
             (text, ids, req.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len))
         )
@@ -119,22 +119,6 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         "usage": usage(num_prompt_tokens, sum(ch.num_tokens for ch in choices.values())),
     }
     return JSONResponse(body)
-
-
-def _check_prompt(ids: list[int], limit: int, vocab: int) -> None:
-    if any(not isinstance(t, int) for t in ids):
-        raise OpenAIError("a prompt must be a string or a list of token ids", param="prompt")
-    if len(ids) >= limit:
-        raise OpenAIError(
-            f"This model's maximum context length is {limit} tokens. However, your prompt has "
-            f"{len(ids)} tokens, which leaves no room for the completion. Please reduce the length "
-            "of the prompt.",
-            param="prompt",
-        )
-    try:
-        validate_prompt(ids, limit, vocab)
-    except ValueError as e:
-        raise OpenAIError(str(e), param="prompt") from e
 
 
 def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None) -> dict | None:
