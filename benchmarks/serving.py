@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import Request, make_requests, special_token_ids  # noqa: E402
+
+from distgen.executor.multiproc import free_port
 
 logger = logging.getLogger("benchmarks.serving")
 
@@ -81,12 +82,6 @@ def run_offline(
 
 
 # -------------------------------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(engine_flags: list[str]) -> tuple[subprocess.Popen, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -140,6 +141,24 @@ def hf_greedy(
                 res = model(torch.tensor([[t]]), past_key_values=res.past_key_values, use_cache=True)
             out.append((toks, top5))
     return out
+
+
+def process_alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
+    """Wait until none of ``pids`` runs; returns those still running after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(process_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if process_alive(p)]
 
 
 def assert_engine_idle_and_empty(llm) -> None:

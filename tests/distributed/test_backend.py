@@ -4,19 +4,12 @@ CUDA graph as the decode graphs do under tensor parallelism."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from distgen.distributed import parallel_state as ps
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from distgen.executor.multiproc import free_port
 
 
 def test_default_backend_is_nccl_on_cuda():
@@ -46,7 +39,7 @@ def test_collectives_in_a_group_of_one(backend):
     device = "cuda" if backend == "nccl" else "cpu"
     if device == "cuda":
         torch.cuda.set_device(0)
-    ps.init_tp_group(0, 1, f"tcp://127.0.0.1:{_free_port()}", backend)
+    ps.init_tp_group(0, 1, f"tcp://127.0.0.1:{free_port()}", backend)
     try:
         assert dist.is_initialized() and dist.get_backend() == backend
         assert (ps.tp_rank(), ps.tp_size()) == (0, 1)

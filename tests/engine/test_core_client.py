@@ -15,8 +15,7 @@ import pytest
 
 from distgen import LLM, SamplingParams
 from distgen.engine.exceptions import EngineDeadError
-from tests.conftest import random_prompts
-from tests.entrypoints.openai.conftest import alive
+from tests.conftest import process_alive, random_prompts, wait_gone
 
 pytestmark = pytest.mark.slow
 KV = 16 << 20
@@ -24,21 +23,14 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": p} for p in random_prompts(6, seed=11)]
 
 
-def _wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
-
-
 def test_engine_core_runs_in_its_own_process_with_the_same_outputs(tiny_model_dir, monkeypatch):
     llm = LLM(tiny_model_dir("llama"), kv_cache_memory=KV)
     client = llm.llm_engine.client
-    assert client.pid != os.getpid() and alive(client.pid)
+    assert client.pid != os.getpid() and process_alive(client.pid)
     split = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     pid, ipc_dir = client.pid, client.ipc_dir
     llm.shutdown()
-    assert _wait_gone([pid]) == [] and not os.path.exists(ipc_dir)
+    assert wait_gone([pid]) == [] and not os.path.exists(ipc_dir)
 
     monkeypatch.setenv("DISTGEN_ENABLE_MULTIPROCESSING", "0")
     inproc = LLM(tiny_model_dir("llama"), kv_cache_memory=KV)
@@ -78,7 +70,7 @@ def test_tp_worker_killed_behind_the_engine_core(tiny_model_dir):
         while engine.has_unfinished_requests():
             engine.step()
     assert time.monotonic() - t0 < 30
-    assert _wait_gone([ready.pid, *ready.worker_pids]) == []
+    assert wait_gone([ready.pid, *ready.worker_pids]) == []
 
 
 def test_del_llm_stops_core_and_workers(tiny_model_dir):
@@ -89,7 +81,7 @@ def test_del_llm_stops_core_and_workers(tiny_model_dir):
     ready, ipc_dir = llm.llm_engine.client.ready, llm.llm_engine.client.ipc_dir
     del llm
     gc.collect()
-    assert _wait_gone([ready.pid, *ready.worker_pids]) == []
+    assert wait_gone([ready.pid, *ready.worker_pids]) == []
     assert not os.path.exists(ipc_dir)
 
 
@@ -122,6 +114,6 @@ def test_unguarded_script_and_parent_exit_leave_nothing(tiny_model_dir, tmp_path
     pids = [int(p) for p in line.split()[1:]]
     assert len(pids) == 3
     assert proc.returncode == (0 if how == "exit" else -9), proc.stderr[-3000:]
-    assert _wait_gone(pids) == [], "engine core or workers outlived their parent"
+    assert wait_gone(pids) == [], "engine core or workers outlived their parent"
     ipc_dir = next(ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("DIR"))
     assert not os.path.exists(ipc_dir), "the socket directory outlived the processes"

@@ -22,7 +22,7 @@ from distgen.distributed import parallel_state as ps
 from distgen.engine.args import EngineArgs
 from distgen.engine.exceptions import EngineDeadError, WorkerStartupError
 from distgen.model_loader.loader import build_model, resolve_model
-from tests.conftest import check_greedy_close, random_prompts
+from tests.conftest import check_greedy_close, process_alive, random_prompts, wait_gone
 
 MAX_NEW = 10
 PROMPTS = random_prompts(12, seed=3)
@@ -55,25 +55,6 @@ def _spawned_children() -> list[int]:
         if int(ppid) == os.getpid() and (b"spawn_main" in cmd or state == "Z"):
             found.append(int(d))
     return found
-
-
-def _assert_gone(pids: list[int], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = [p for p in pids if _alive(p)]
-        if not alive:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"processes still alive: {alive}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _tp2(path: str) -> LLM:
@@ -131,7 +112,7 @@ def test_tp_greedy_matches_tp1(arch, tp, scenario, tiny_model_dir, references):
     rate = check_greedy_close(refs, got, f"{arch}/tp{tp}/{scenario}")
     assert rate >= 0.5 and same >= 0.5
     llm.shutdown()
-    _assert_gone(pids)
+    assert wait_gone(pids, timeout=10) == []
 
 
 @pytest.mark.slow
@@ -226,7 +207,7 @@ def test_worker_killed_mid_generation_raises_engine_dead(tiny_model_dir):
     with pytest.raises(EngineDeadError, match=r"rank 1 .*killed by SIGKILL"):
         llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     assert time.monotonic() - t0 < 30
-    _assert_gone(pids, timeout=1)
+    assert wait_gone(pids, timeout=1) == []
     assert _spawned_children() == [] and not os.path.exists(ipc_dir)
     with pytest.raises(EngineDeadError):  # new requests fail the same way
         llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
@@ -242,7 +223,7 @@ def test_worker_raising_makes_engine_dead(tiny_model_dir):
     bad = NewRequestData("x", [5, 6, 7], 3, SamplingParams(temperature=0), [10**6], 0)
     with pytest.raises(EngineDeadError, match=r"worker rank \d raised IndexError"):
         executor.execute_model(SchedulerOutput([bad], [], {"x": 3}, 3))
-    _assert_gone(pids, timeout=1)
+    assert wait_gone(pids, timeout=1) == []
     with pytest.raises(EngineDeadError):
         _generate(llm, PROMPTS[:1])
     llm.shutdown()
@@ -256,10 +237,10 @@ def test_del_llm_leaves_no_process_or_socket_file(tiny_model_dir):
     _generate(llm, PROMPTS[:2])
     executor = llm.llm_engine.client.core.executor
     pids, ipc_dir = executor.worker_pids, executor.ipc_dir
-    assert os.path.isdir(ipc_dir) and all(_alive(p) for p in pids)
+    assert os.path.isdir(ipc_dir) and all(process_alive(p) for p in pids)
     del llm, executor
     gc.collect()
-    _assert_gone(pids, timeout=1)
+    assert wait_gone(pids, timeout=1) == []
     assert _spawned_children() == [] and not os.path.exists(ipc_dir)
 
 
@@ -296,7 +277,7 @@ def test_no_orphans_when_the_parent_goes(how, tiny_model_dir):
             time.sleep(1.0)
             os.killpg(proc.pid, signal.SIGINT)
         proc.wait(60)
-        _assert_gone(pids, timeout=15)
+        assert wait_gone(pids, timeout=15) == []
         assert not os.path.exists(ipc_dir)
     finally:
         proc.kill()

@@ -23,7 +23,7 @@ from distgen.core.scheduler_output import NewRequestData, SchedulerOutput
 from distgen.engine.args import EngineArgs
 from distgen.engine.exceptions import EngineDeadError, WorkerStartupError
 from distgen.executor.base import Executor
-from tests.conftest import check_greedy_close, random_prompts
+from tests.conftest import check_greedy_close, process_alive, random_prompts
 
 ray = pytest.importorskip("ray")
 
@@ -42,20 +42,11 @@ def _actor_pids() -> list[int]:
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if f.read().startswith(ACTOR_TITLE) and _alive(int(d)):
+                    if f.read().startswith(ACTOR_TITLE) and process_alive(int(d)):
                         found.append(int(d))
             except OSError:
                 pass
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _ppid(pid: int) -> int:
@@ -260,7 +251,7 @@ def _raylets() -> set[int]:
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if b"/raylet" in f.read().split(b"\0")[0] and _alive(int(d)):
+                    if b"/raylet" in f.read().split(b"\0")[0] and process_alive(int(d)):
                         out.add(int(d))
             except OSError:
                 pass

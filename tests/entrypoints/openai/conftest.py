@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from distgen.executor.multiproc import free_port
+from tests.conftest import wait_gone
+
 STARTUP_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> list[int]:
@@ -40,14 +36,6 @@ def descendants(pid: int) -> list[int]:
             out.append(k)
             todo.append(k)
     return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @dataclass
@@ -81,10 +69,7 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
                 raise AssertionError("the server did not stop within 30 s of Ctrl-C") from None
-        deadline = time.monotonic() + 15
-        while any(alive(p) for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = [p for p in procs if alive(p)]
+        left = wait_gone(procs)
         for p in left:
             os.kill(p, signal.SIGKILL)
         assert not left, f"processes left after the server stopped: {left}"
