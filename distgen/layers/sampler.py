@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from distgen.host_to_device import to_device
 from distgen.sampling_params import SamplingParams
 
 _SAMPLING_EPS = 1e-5
@@ -92,10 +93,10 @@ def apply_min_tokens(logits: torch.Tensor, blocked: dict[int, set[int]]) -> torc
     if not rows:
         return logits
     idx = (
-        torch.tensor(rows, dtype=torch.long, device=logits.device),
-        torch.tensor(cols, dtype=torch.long, device=logits.device),
+        to_device(rows, logits.device, torch.long),
+        to_device(cols, logits.device, torch.long),
     )
-    return logits.index_put(idx, torch.tensor(float("-inf"), device=logits.device))
+    return logits.index_put(idx, logits.new_full((), float("-inf")))
 
 
 def output_token_counts(output_token_ids: list[list[int]], vocab_size: int, device) -> torch.Tensor:
@@ -105,7 +106,7 @@ def output_token_counts(output_token_ids: list[list[int]], vocab_size: int, devi
     counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.float32, device=device)
     if max_len:
         padded = [o + [vocab_size] * (max_len - len(o)) for o in output_token_ids]
-        ids = torch.tensor(padded, dtype=torch.long, device=device)
+        ids = to_device(padded, device, torch.long)
         counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=device))
     return counts[:, :vocab_size]
 
@@ -273,7 +274,7 @@ def build_sampling_metadata(
     pres = [float(p.presence_penalty) for p in params]
 
     def floats(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device)
+        return to_device(values, device, torch.float32)
 
     use_rep = any(abs(r - 1.0) > _SAMPLING_EPS for r in rep)
     use_freq = any(abs(f) > _SAMPLING_EPS for f in freq)
@@ -282,7 +283,7 @@ def build_sampling_metadata(
     if use_rep:
         width = max((len(p) for p in prompt_token_ids), default=0)
         padded = [list(p) + [vocab_size] * (width - len(p)) for p in prompt_token_ids]
-        prompts = torch.tensor(padded, dtype=torch.long, device=device).reshape(len(params), width)
+        prompts = to_device(padded, device, torch.long).reshape(len(params), width)
 
     blocked: dict[int, set[int]] = {}
     for row, p in enumerate(params):
@@ -300,7 +301,7 @@ def build_sampling_metadata(
         all_greedy=all(greedy),
         all_random=not any(greedy),
         top_p=floats([float(p.top_p) for p in params]) if use_top_p else None,
-        top_k=torch.tensor(top_k, dtype=torch.long, device=device) if use_top_k else None,
+        top_k=to_device(top_k, device, torch.long) if use_top_k else None,
         min_p=floats([float(p.min_p) for p in params]) if use_min_p else None,
         generators=generators,
         max_num_logprobs=max(wanted) if wanted else None,

@@ -19,6 +19,7 @@ import torch
 from distgen.config import EngineConfig
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.distributed import parallel_state as ps
+from distgen.host_to_device import to_device
 from distgen.kernels.dispatch import use_triton_on
 from distgen.layers.attention import AttentionMetadata, ContextRead, tile_index
 from distgen.layers.sampler import Sampler, SamplingMetadata, build_sampling_metadata
@@ -149,7 +150,7 @@ class ModelRunner:
         fresh = ids_np[self._never_used[ids_np]]
         if len(fresh):
             self._never_used[fresh] = False
-            index = torch.from_numpy(fresh).to(self.device)
+            index = to_device(fresh, self.device)
             for cache in self.kv_caches:
                 cache.index_fill_(1, index, 0)
 
@@ -176,16 +177,16 @@ class ModelRunner:
             nd += 1
         seq_lens = starts_np + counts_np
         batch = {
-            "input_ids": torch.tensor(ids, dtype=torch.long, device=dev),
-            "positions": torch.from_numpy(positions).to(dev),
+            "input_ids": to_device(ids, dev, torch.long),
+            "positions": to_device(positions, dev),
             "cu": cu,
         }
         if use_triton_on(dev):
             batch["meta"] = self._triton_metadata(table, slot_block, positions, seq_lens, counts_np, nd)
             return batch
         meta = AttentionMetadata(
-            slot_block=torch.from_numpy(slot_block).to(dev),
-            slot_offset=torch.from_numpy(positions % bs).to(dev),
+            slot_block=to_device(slot_block, dev),
+            slot_offset=to_device(positions % bs, dev),
             num_decode=nd,
             decode_groups=[],
             num_prefill=len(rows) - nd,
@@ -205,10 +206,10 @@ class ModelRunner:
             p_row = row_of_tok[cu[nd] :] - nd
             q_index = p_row * mq + offs[cu[nd] :]
             meta.prefill_max_q = mq
-            meta.prefill_q_index = torch.from_numpy(q_index).to(dev)
+            meta.prefill_q_index = to_device(q_index, dev)
             q_pos = torch.arange(mq, device=dev)
-            starts_t = torch.from_numpy(p_starts).to(dev)[:, None, None]
-            lens_t = torch.from_numpy(p_lens).to(dev)[:, None, None]
+            starts_t = to_device(p_starts, dev)[:, None, None]
+            lens_t = to_device(p_lens, dev)[:, None, None]
             fresh = p_starts.max() == 0
             # Fresh prompts: keys are the new tokens themselves, padded like the queries.
             nb = 0 if fresh else int(-(-p_lens.max() // bs))
@@ -220,7 +221,7 @@ class ModelRunner:
             if fresh:
                 meta.prefill_mask = mask
             else:
-                block_table = torch.from_numpy(table[nd:, :nb]).to(dev)
+                block_table = to_device(table[nd:, :nb], dev)
                 meta.prefill_context = ContextRead(
                     tile_index(block_table, self.num_kv_heads), bp, nb * bs, mask
                 )
@@ -236,8 +237,8 @@ class ModelRunner:
         p_counts = counts[nd:]
         query_start = np.concatenate(([0], np.cumsum(p_counts))).astype(np.int32)
         return AttentionMetadata(
-            slot_block=torch.from_numpy(slot_block).to(dev),
-            slot_offset=torch.from_numpy(positions % self.block_size).to(dev),
+            slot_block=to_device(slot_block, dev),
+            slot_offset=to_device(positions % self.block_size, dev),
             num_decode=nd,
             decode_groups=[],
             num_prefill=len(counts) - nd,
@@ -246,9 +247,9 @@ class ModelRunner:
             prefill_context=None,
             prefill_mask=None,
             use_triton=True,
-            block_tables=torch.from_numpy(table.astype(np.int32)).to(dev),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
-            prefill_query_start=torch.from_numpy(query_start).to(dev),
+            block_tables=to_device(table.astype(np.int32), dev),
+            seq_lens=to_device(seq_lens.astype(np.int32), dev),
+            prefill_query_start=to_device(query_start, dev),
         )
 
     def _decode_groups(self, table: np.ndarray, seq_lens: np.ndarray) -> list:
@@ -263,9 +264,9 @@ class ModelRunner:
         for start, end in zip(bounds[:-1], bounds[1:]):
             nb = int(-(-seq_lens[end - 1] // bs))
             kv_pos = torch.arange(nb * bs, device=dev)
-            lens = torch.from_numpy(seq_lens[start:end]).to(dev)
+            lens = to_device(seq_lens[start:end], dev)
             mask = (kv_pos[None, :] < lens[:, None]).view(end - start, 1, 1, nb * bs)
-            tiles = tile_index(torch.from_numpy(table[start:end, :nb]).to(dev), self.num_kv_heads)
+            tiles = tile_index(to_device(table[start:end, :nb], dev), self.num_kv_heads)
             groups.append((start, end, ContextRead(tiles, end - start, nb * bs, mask)))
         return groups
 
@@ -284,8 +285,13 @@ class ModelRunner:
             for i, s in enumerate(rows)
             if s.sampling_params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens
         ]
-        idx = [int(cu[i + 1]) - 1 for i in sample_rows]
-        logits = self.model.compute_logits(hidden[idx]) if idx else None
+        logits = None
+        if sample_rows:
+            last = cu[np.asarray(sample_rows) + 1] - 1  # each sampling row's last position
+            if len(last) == len(hidden):  # decode-only: every position samples, in order
+                logits = self.model.compute_logits(hidden)
+            else:
+                logits = self.model.compute_logits(hidden[to_device(last, hidden.device)])
         prompt_lp = self._prompt_logprobs(rows, counts, hidden, cu, prompt_lp_rows)
         if not self.is_driver:
             return None
@@ -319,7 +325,7 @@ class ModelRunner:
             if logits is None:
                 continue
             lp = torch.log_softmax(logits.float(), dim=-1)
-            targets = torch.tensor(s.token_ids[start + 1 : start + 1 + n], device=lp.device)
+            targets = to_device(s.token_ids[start + 1 : start + 1 + n], lp.device, torch.long)
             tgt_lp = lp.gather(1, targets[:, None])
             ranks = (lp > tgt_lp).sum(-1) + 1
             k = s.sampling_params.prompt_logprobs

@@ -165,3 +165,34 @@ def test_decode_graph_buffers_and_padding_match_the_torch_path(qwen3_dir):
     for (tok, lp), (ref_tok, ref_lp) in zip(got, ref):
         assert tok == ref_tok
         torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="host-device syncs exist only with a CUDA device")
+def test_a_step_waits_for_the_gpu_only_to_read_its_tokens(qwen3_dir):
+    """Inside a step the host never waits for the GPU, except once at its end to read the sampled
+    tokens back: torch's sync debug mode warns on every synchronizing call (copies, ``item``,
+    stream syncs). A prefill step, then decode steps through the CUDA graphs, greedy, no logprobs."""
+    import warnings
+
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    runner = _runner(qwen3_dir, "cuda")
+    assert runner.graphs is not None
+    syncs_per_step = []
+
+    def step(new, cached, counts):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = runner.execute_model(SchedulerOutput(new, cached, counts, sum(counts.values())))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs_per_step.append([str(w.message) for w in caught if "synchroniz" in str(w.message)])
+        return out.sampled_token_ids[0]
+
+    tok = step([NewRequestData("a", A[:6], 6, params, [3, 7], 0)], [], {"a": 6})
+    for n in range(6, 10):  # block 3 is handed out at position 8: a fresh block zeroed in-step
+        new_blocks = [1] if n == 8 else []
+        tok = step([], [CachedRequestData("a", [tok], new_blocks, n)], {"a": 1})
+    assert [len(s) for s in syncs_per_step] == [1] * 5, syncs_per_step
