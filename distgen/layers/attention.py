@@ -9,7 +9,7 @@ and lands as a contiguous ``[B, Hkv, L, D]`` tensor, ready for SDPA without a tr
 
 Every step the model runner lays the batch out as decode tokens first (one query each, shortest
 context first), then the prefill chunks. :class:`AttentionMetadata` is built once per step and
-shared by all layers. Gathered K/V land in a workspace the runner keeps across steps and layers:
+shared by all layers. Gathered K/V land in a workspace kept across steps and layers:
 allocating tens of MB per layer per step costs more in page faults than the copy itself on the CPU.
 """
 

@@ -1,11 +1,11 @@
 """Turns a scheduler step into tensors, runs the model shard, and (on rank 0) samples.
 
 Per step: fold the diff into the request states, lay the batch out as decodes first then prefill
-chunks, build the attention metadata once for all layers, run the forward, compute logits only
-for the rows that sample (and prompt-logprob positions), and sample them in one batched call.
+chunks, build its inputs and attention metadata once for all layers (:mod:`distgen.workers.step_inputs`),
+run the forward, compute logits only for the rows that sample (and prompt-logprob positions), and
+sample them in one batched call.
 
-On CUDA (:mod:`distgen.kernels.dispatch` picks Triton there) the attention metadata is the kernels'
-(block tables and lengths), and a decode-only step replays a CUDA graph of its batch-size bucket
+On CUDA a decode-only step instead replays the CUDA graph of its batch-size bucket
 (:mod:`distgen.workers.cuda_graphs`) unless ``enforce_eager`` is set.
 """
 
@@ -21,11 +21,11 @@ from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.distributed import parallel_state as ps
 from distgen.host_to_device import to_device
 from distgen.kernels.dispatch import use_triton_on
-from distgen.layers.attention import AttentionMetadata, ContextRead, tile_index
 from distgen.layers.sampler import Sampler, SamplingMetadata, build_sampling_metadata
 from distgen.model_loader.loader import ModelSource, build_model
 from distgen.workers.cuda_graphs import DecodeGraphs
 from distgen.workers.input_batch import CachedRequestState, RequestStates
+from distgen.workers.step_inputs import StepInputBuilder
 
 logger = logging.getLogger("distgen")
 
@@ -43,9 +43,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.states = RequestStates()
         self.kv_caches: list[torch.Tensor] = []
-        self._ws: tuple[torch.Tensor, torch.Tensor] | None = None
         attn = self.model.attention_layers()[0]
-        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.inputs = StepInputBuilder(
+            self.block_size, attn.num_kv_heads, attn.head_dim, self.dtype, self.device
+        )
         self.is_driver = ps.tp_rank() == 0
         self.graphs: DecodeGraphs | None = None
 
@@ -121,8 +122,8 @@ class ModelRunner:
         if self.graphs is not None and counts[-1] == 1 and len(rows) <= self.graphs.max_batch:
             hidden, cu = self._replay_decode(rows)
         else:
-            batch = self._prepare(rows, counts)
-            hidden, cu = self.model(batch["input_ids"], batch["positions"], batch["meta"]), batch["cu"]
+            step = self.inputs.build(rows, counts)
+            hidden, cu = self.model(step.input_ids, step.positions, step.meta), step.cu
         return self._sample(rows, counts, hidden, cu)
 
     def _replay_decode(self, rows: list[CachedRequestState]) -> tuple[torch.Tensor, np.ndarray]:
@@ -153,129 +154,6 @@ class ModelRunner:
             index = to_device(fresh, self.device)
             for cache in self.kv_caches:
                 cache.index_fill_(1, index, 0)
-
-    def _prepare(self, rows: list[CachedRequestState], counts: list[int]) -> dict:
-        bs, dev = self.block_size, self.device
-        starts = [s.num_computed_tokens for s in rows]
-        ids: list[int] = []
-        for s, st, n in zip(rows, starts, counts):
-            ids.extend(s.token_ids[st : st + n])
-        counts_np = np.asarray(counts, dtype=np.int64)
-        starts_np = np.asarray(starts, dtype=np.int64)
-        row_of_tok = np.repeat(np.arange(len(rows)), counts_np)
-        cu = np.concatenate(([0], np.cumsum(counts_np)))
-        offs = np.arange(cu[-1]) - cu[row_of_tok]
-        positions = starts_np[row_of_tok] + offs
-        max_blocks = max(len(s.block_ids) for s in rows)
-        table = np.zeros((len(rows), max_blocks), dtype=np.int64)
-        for i, s in enumerate(rows):
-            table[i, : len(s.block_ids)] = s.block_ids
-        slot_block = table[row_of_tok, positions // bs]
-
-        nd = 0
-        while nd < len(counts) and counts[nd] == 1:
-            nd += 1
-        seq_lens = starts_np + counts_np
-        batch = {
-            "input_ids": to_device(ids, dev, torch.long),
-            "positions": to_device(positions, dev),
-            "cu": cu,
-        }
-        if use_triton_on(dev):
-            batch["meta"] = self._triton_metadata(table, slot_block, positions, seq_lens, counts_np, nd)
-            return batch
-        meta = AttentionMetadata(
-            slot_block=to_device(slot_block, dev),
-            slot_offset=to_device(positions % bs, dev),
-            num_decode=nd,
-            decode_groups=[],
-            num_prefill=len(rows) - nd,
-            prefill_max_q=0,
-            prefill_q_index=None,
-            prefill_context=None,
-            prefill_mask=None,
-        )
-        need = 0  # workspace elements for the largest context read
-        if nd:
-            meta.decode_groups = self._decode_groups(table[:nd], seq_lens[:nd])
-            need = max(g[2].tile_index.numel() for g in meta.decode_groups)
-        if len(rows) > nd:
-            p_counts, p_starts, p_lens = counts_np[nd:], starts_np[nd:], seq_lens[nd:]
-            mq = int(p_counts.max())
-            bp = len(p_counts)
-            p_row = row_of_tok[cu[nd] :] - nd
-            q_index = p_row * mq + offs[cu[nd] :]
-            meta.prefill_max_q = mq
-            meta.prefill_q_index = to_device(q_index, dev)
-            q_pos = torch.arange(mq, device=dev)
-            starts_t = to_device(p_starts, dev)[:, None, None]
-            lens_t = to_device(p_lens, dev)[:, None, None]
-            fresh = p_starts.max() == 0
-            # Fresh prompts: keys are the new tokens themselves, padded like the queries.
-            nb = 0 if fresh else int(-(-p_lens.max() // bs))
-            kv_pos = torch.arange(mq if fresh else nb * bs, device=dev)
-            mask = (kv_pos[None, None, :] <= starts_t + q_pos[None, :, None]) & (
-                kv_pos[None, None, :] < lens_t
-            )
-            mask = mask.view(bp, 1, mq, -1)
-            if fresh:
-                meta.prefill_mask = mask
-            else:
-                block_table = to_device(table[nd:, :nb], dev)
-                meta.prefill_context = ContextRead(
-                    tile_index(block_table, self.num_kv_heads), bp, nb * bs, mask
-                )
-                need = max(need, meta.prefill_context.tile_index.numel())
-        if need:
-            meta.workspace = self._workspace(need * bs * self.head_dim)
-        batch["meta"] = meta
-        return batch
-
-    def _triton_metadata(self, table, slot_block, positions, seq_lens, counts, nd: int) -> AttentionMetadata:
-        """The kernels' metadata: block tables, lengths and the prefill rows' query offsets."""
-        dev = self.device
-        p_counts = counts[nd:]
-        query_start = np.concatenate(([0], np.cumsum(p_counts))).astype(np.int32)
-        return AttentionMetadata(
-            slot_block=to_device(slot_block, dev),
-            slot_offset=to_device(positions % self.block_size, dev),
-            num_decode=nd,
-            decode_groups=[],
-            num_prefill=len(counts) - nd,
-            prefill_max_q=int(p_counts.max()) if len(p_counts) else 0,
-            prefill_q_index=None,
-            prefill_context=None,
-            prefill_mask=None,
-            use_triton=True,
-            block_tables=to_device(table.astype(np.int32), dev),
-            seq_lens=to_device(seq_lens.astype(np.int32), dev),
-            prefill_query_start=to_device(query_start, dev),
-        )
-
-    def _decode_groups(self, table: np.ndarray, seq_lens: np.ndarray) -> list:
-        """Split decode rows (sorted by context length) into up to 4 equal-count groups when their
-        lengths differ enough that padding everything to the longest would waste real work."""
-        bs, dev, nd = self.block_size, self.device, len(seq_lens)
-        num_groups = 1
-        if nd >= 8 and seq_lens[-1] > 2 * seq_lens[0] + 4 * bs:
-            num_groups = 4 if nd >= 32 else 2
-        bounds = [round(i * nd / num_groups) for i in range(num_groups + 1)]
-        groups = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            nb = int(-(-seq_lens[end - 1] // bs))
-            kv_pos = torch.arange(nb * bs, device=dev)
-            lens = to_device(seq_lens[start:end], dev)
-            mask = (kv_pos[None, :] < lens[:, None]).view(end - start, 1, 1, nb * bs)
-            tiles = tile_index(to_device(table[start:end, :nb], dev), self.num_kv_heads)
-            groups.append((start, end, ContextRead(tiles, end - start, nb * bs, mask)))
-        return groups
-
-    def _workspace(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V scratch for context reads, grown (by half again) when a step needs more."""
-        if self._ws is None or self._ws[0].numel() < numel:
-            numel = int(numel * 1.5)
-            self._ws = tuple(torch.empty(numel, dtype=self.dtype, device=self.device) for _ in range(2))
-        return self._ws
 
     # -- sampling --------------------------------------------------------------------------
     def _sample(self, rows, counts, hidden: torch.Tensor, cu: np.ndarray) -> ModelRunnerOutput | None:
