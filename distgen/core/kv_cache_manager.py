@@ -57,8 +57,17 @@ class KVCacheManager:
         ``computed`` are prefix-cache hits found by :meth:`get_computed_blocks` for a request that
         is being scheduled for the first time (or again after preemption).
         """
-        computed = computed or []
         blocks = self.req_blocks.get(request.request_id, [])
+        if not computed and blocks:
+            # The common decode step: the last block still has room and no block fills up to be
+            # cached, so there is nothing to do.
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(blocks) * self.block_size and (
+                not self.enable_caching
+                or total // self.block_size <= self.num_cached_blocks.get(request.request_id, 0)
+            ):
+                return []
+        computed = computed or []
         num_computed = request.num_computed_tokens + len(computed) * self.block_size
         need = cdiv(num_computed + num_new_tokens, self.block_size) - len(blocks) - len(computed)
         # Hit blocks with no other user sit in the free list: taking them shrinks what is left.

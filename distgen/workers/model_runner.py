@@ -49,6 +49,7 @@ class ModelRunner:
         )
         self.is_driver = ps.tp_rank() == 0
         self.graphs: DecodeGraphs | None = None
+        self._meta_cache: tuple[tuple[int, list[str]], SamplingMetadata] | None = None
 
     def _use_graphs(self) -> bool:
         eager = self.config.model.enforce_eager
@@ -214,6 +215,18 @@ class ModelRunner:
         return out
 
     def _sampling_metadata(self, rows: list[CachedRequestState]) -> SamplingMetadata:
+        """The step's sampling metadata; the previous step's when the same requests sample in the
+        same order and nothing in it changes per step (seeded generators, ``min_tokens`` blocking).
+        Penalties read the rows' token lists by reference, so they stay current."""
+        key = (self.states.version, [s.req_id for s in rows])
+        if self._meta_cache is not None and self._meta_cache[0] == key:
+            return self._meta_cache[1]
+        meta = self._build_sampling_metadata(rows)
+        reusable = not meta.generators and not meta.min_tokens_blocked
+        self._meta_cache = (key, meta) if reusable else None
+        return meta
+
+    def _build_sampling_metadata(self, rows: list[CachedRequestState]) -> SamplingMetadata:
         params = [s.sampling_params for s in rows]
         generators = {}
         for i, (s, p) in enumerate(zip(rows, params)):
@@ -224,7 +237,7 @@ class ModelRunner:
                 generators[i] = g
         return build_sampling_metadata(
             params,
-            [s.token_ids[: s.num_prompt_tokens] for s in rows],
+            [s.prompt_token_ids for s in rows],
             [s.output_token_ids for s in rows],
             generators,
             self.vocab_size,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distgen import LLM, SamplingParams
-from tests.conftest import assert_engine_idle_and_empty, random_prompts
+from tests.conftest import assert_engine_idle_and_empty, check_greedy_close, random_prompts
 
 KV = 16 << 20
 
@@ -160,6 +160,35 @@ def test_logprobs_match_transformers(llm, hf_model):
         assert actual in plp[p]
         assert math.isclose(plp[p][actual].logprob, ref[p - 1, actual].item(), abs_tol=1e-4)
         assert plp[p][actual].rank == int((ref[p - 1] > ref[p - 1, actual]).sum()) + 1
+
+
+def test_repetition_penalty_matches_transformers(llm, hf_model):
+    """Greedy under a repetition penalty, the six prompts decoding together for 16 steps (the runner
+    reuses one sampling metadata while the batch is unchanged; the penalty must still see each new
+    token), against transformers' ``RepetitionPenaltyLogitsProcessor`` (the same rule over prompt and
+    output tokens), one prompt at a time."""
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.8)
+    outs = llm.generate(tok_prompts(), params, use_tqdm=False)
+    refs = []
+    for p in PROMPTS:
+        ids = torch.tensor([p])
+        with torch.inference_mode():
+            g = hf_model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=16,
+                min_new_tokens=16,
+                do_sample=False,
+                repetition_penalty=1.8,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+        refs.append((g.sequences[0, len(p) :].tolist(), [s[0].topk(5).indices.tolist() for s in g.scores]))
+    penalized = [o.outputs[0].token_ids for o in outs]
+    plain = [o.outputs[0].token_ids for o in llm.generate(tok_prompts(), GREEDY, use_tqdm=False)]
+    assert any(a[:12] != b for a, b in zip(penalized, plain)), "the penalty changed nothing"
+    check_greedy_close(refs, penalized, "repetition penalty")
 
 
 def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
