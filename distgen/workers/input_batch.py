@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from distgen.core.scheduler_output import SchedulerOutput
 from distgen.sampling_params import SamplingParams
@@ -16,6 +19,7 @@ class CachedRequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    row: int = -1  # its row of RequestStates' block table
     # The same tokens split once, kept in step (read every step by the sampler's penalties).
     prompt_token_ids: list[int] = field(init=False)
     output_token_ids: list[int] = field(init=False)
@@ -32,30 +36,61 @@ class CachedRequestState:
 class RequestStates(dict[str, CachedRequestState]):
     """req_id -> state; :meth:`apply` folds in one step's diff.
 
+    Every request also owns a row of one persistent block table, written when it gets blocks, so a
+    step gathers its rows' tables in one indexing operation instead of copying each list again.
     ``version`` changes whenever a request joins or leaves (or comes back after preemption), so
     anything derived from the set of requests can be cached for as long as it stays the same.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_blocks_per_seq: int) -> None:
         super().__init__()
         self.version = 0
+        self._table = np.zeros((0, max_blocks_per_seq), dtype=np.int32)
+        self._free_rows: list[int] = []
 
     def apply(self, sched: SchedulerOutput) -> None:
         if sched.new_reqs or sched.finished_req_ids:
             self.version += 1
         for rid in sched.finished_req_ids:
-            self.pop(rid, None)
+            self._drop(rid)
         for new in sched.new_reqs:
-            self[new.req_id] = CachedRequestState(
+            self._drop(new.req_id)  # a preempted request comes back from scratch
+            st = CachedRequestState(
                 new.req_id,
                 list(new.token_ids),
                 new.num_prompt_tokens,
                 new.sampling_params,
                 list(new.block_ids),
                 new.num_computed_tokens,
+                row=self._take_row(),
             )
+            self._table[st.row, : len(st.block_ids)] = st.block_ids
+            self[new.req_id] = st
         for c in sched.cached_reqs:
             st = self[c.req_id]
             st.append_tokens(c.new_token_ids)
-            st.block_ids.extend(c.new_block_ids)
+            if c.new_block_ids:
+                k = len(st.block_ids)
+                st.block_ids.extend(c.new_block_ids)
+                self._table[st.row, k : len(st.block_ids)] = c.new_block_ids
             st.num_computed_tokens = c.num_computed_tokens
+
+    def block_table(self, rows: Sequence[CachedRequestState], width: int) -> np.ndarray:
+        """``[len(rows), width]`` block ids of ``rows``; 0 past each row's own blocks."""
+        index = np.fromiter((s.row for s in rows), dtype=np.intp, count=len(rows))
+        return self._table[index, :width]
+
+    def _take_row(self) -> int:
+        if not self._free_rows:
+            old = len(self._table)
+            grown = np.zeros((max(2 * old, 64), self._table.shape[1]), dtype=np.int32)
+            grown[:old] = self._table
+            self._table = grown
+            self._free_rows = list(range(len(grown) - 1, old - 1, -1))
+        return self._free_rows.pop()
+
+    def _drop(self, req_id: str) -> None:
+        st = self.pop(req_id, None)
+        if st is not None:
+            self._table[st.row] = 0
+            self._free_rows.append(st.row)

@@ -41,7 +41,7 @@ class ModelRunner:
         self.model = build_model(source, self.dtype, config.device)
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler()
-        self.states = RequestStates()
+        self.states = RequestStates(-(-config.model.max_model_len // self.block_size))
         self.kv_caches: list[torch.Tensor] = []
         attn = self.model.attention_layers()[0]
         self.inputs = StepInputBuilder(
@@ -123,7 +123,8 @@ class ModelRunner:
         if self.graphs is not None and counts[-1] == 1 and len(rows) <= self.graphs.max_batch:
             hidden, cu = self._replay_decode(rows)
         else:
-            step = self.inputs.build(rows, counts)
+            table = self.states.block_table(rows, max(len(s.block_ids) for s in rows))
+            step = self.inputs.build(rows, counts, table)
             hidden, cu = self.model(step.input_ids, step.positions, step.meta), step.cu
         return self._sample(rows, counts, hidden, cu)
 
@@ -134,11 +135,7 @@ class ModelRunner:
         n = len(rows)
         positions = np.fromiter((s.num_computed_tokens for s in rows), dtype=np.int64, count=n)
         ids = np.fromiter((s.token_ids[p] for s, p in zip(rows, positions)), dtype=np.int64, count=n)
-        nb = int(positions.max()) // bs + 1
-        table = np.zeros((n, nb), dtype=np.int32)
-        for i, s in enumerate(rows):
-            blocks = s.block_ids[:nb]
-            table[i, : len(blocks)] = blocks
+        table = self.states.block_table(rows, int(positions.max()) // bs + 1)
         slot_block = table[np.arange(n), positions // bs]
         hidden = self.graphs.run(ids, positions, slot_block, positions + 1, table, bs)
         return hidden, np.arange(n + 1)

@@ -40,9 +40,9 @@ class StepInputBuilder:
         self.dtype, self.device = dtype, device
         self._ws: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def build(self, rows: list[CachedRequestState], counts: list[int]) -> StepInputs:
+    def build(self, rows: list[CachedRequestState], counts: list[int], table: np.ndarray) -> StepInputs:
         """Token ids, positions and attention metadata for ``rows`` (decodes first, then prefill
-        chunks) scheduling ``counts`` tokens each."""
+        chunks) scheduling ``counts`` tokens each; ``table`` holds their block ids (0 past the end)."""
         bs, dev = self.block_size, self.device
         starts = [s.num_computed_tokens for s in rows]
         ids: list[int] = []
@@ -54,10 +54,7 @@ class StepInputBuilder:
         cu = np.concatenate(([0], np.cumsum(counts_np)))
         offs = np.arange(cu[-1]) - cu[row_of_tok]
         positions = starts_np[row_of_tok] + offs
-        max_blocks = max(len(s.block_ids) for s in rows)
-        table = np.zeros((len(rows), max_blocks), dtype=np.int64)
-        for i, s in enumerate(rows):
-            table[i, : len(s.block_ids)] = s.block_ids
+        table = table.astype(np.int64, copy=False)
         slot_block = table[row_of_tok, positions // bs]
 
         nd = 0

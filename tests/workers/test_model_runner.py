@@ -99,3 +99,26 @@ def test_seeded_rows_and_min_tokens_rebuild_every_step(runner):
         d.step()
     # Outputs 2, 3 and 4 still block the stop id (rebuilt each step); from output 5 on it is reused.
     assert d.builds == 1 + 3 + 1
+
+
+def test_block_table_rows_follow_joins_growth_preemption_and_exits():
+    from distgen.workers.input_batch import RequestStates
+
+    states = RequestStates(max_blocks_per_seq=4)
+
+    def step(new=(), cached=(), finished=()):
+        states.apply(SchedulerOutput(list(new), list(cached), {}, 0, finished_req_ids=list(finished)))
+
+    a, b = NewRequestData("a", [1] * 5, 5, GREEDY, [7, 3], 0), NewRequestData("b", [2], 1, GREEDY, [9], 0)
+    step(new=[a, b])
+    assert states.block_table([states["b"], states["a"]], 3).tolist() == [[9, 0, 0], [7, 3, 0]]
+    step(cached=[CachedRequestData("b", [4], [11], 1)])
+    assert states.block_table([states["b"]], 4).tolist() == [[9, 11, 0, 0]]
+    step(new=[NewRequestData("a", [1] * 5, 5, GREEDY, [5], 0)])  # a back after preemption: new blocks
+    assert states.block_table([states["a"]], 4).tolist() == [[5, 0, 0, 0]]
+    step(finished=["b"])
+    rows = [NewRequestData(f"r{i}", [1], 1, GREEDY, [100 + i], 0) for i in range(70)]
+    step(new=rows)  # more requests than the table had rows: it grows, and b's old row comes back clean
+    table = states.block_table([states[f"r{i}"] for i in range(70)] + [states["a"]], 2)
+    assert table[:, 0].tolist() == [100 + i for i in range(70)] + [5]
+    assert not table[:, 1].any()

@@ -31,14 +31,17 @@ def _batch() -> tuple[list[CachedRequestState], list[int]]:
     return rows, [1, 1, 1, 6, 3]
 
 
-def _builder() -> StepInputBuilder:
-    return StepInputBuilder(BS, HKV, D, torch.float32, torch.device("cpu"))
+def _build(rows: list[CachedRequestState], counts: list[int]):
+    table = np.zeros((len(rows), max(len(r.block_ids) for r in rows)), dtype=np.int32)
+    for i, r in enumerate(rows):
+        table[i, : len(r.block_ids)] = r.block_ids
+    return StepInputBuilder(BS, HKV, D, torch.float32, torch.device("cpu")).build(rows, counts, table)
 
 
 def test_ids_positions_slots_and_offsets():
     rows, counts = _batch()
     with dispatch.kernel_mode("torch"):
-        step = _builder().build(rows, counts)
+        step = _build(rows, counts)
     assert step.cu.tolist() == [0, 1, 2, 3, 9, 12]
     assert step.input_ids.tolist() == [102, 205, 313, *range(404, 410), 500, 501, 502]
     assert step.positions.tolist() == [2, 5, 13, 4, 5, 6, 7, 8, 9, 0, 1, 2]
@@ -51,7 +54,7 @@ def test_ids_positions_slots_and_offsets():
 def test_torch_metadata_masks_and_tile_reads():
     rows, counts = _batch()
     with dispatch.kernel_mode("torch"):
-        meta = _builder().build(rows, counts).meta
+        meta = _build(rows, counts).meta
     # Three decodes are too few to split into groups: one group padded to the longest context (4 blocks).
     [(start, end, ctx)] = meta.decode_groups
     assert (start, end, ctx.num_seqs, ctx.length) == (0, 3, 3, 16)
@@ -76,7 +79,7 @@ def test_torch_metadata_masks_and_tile_reads():
 def test_decodes_of_very_different_lengths_split_into_groups():
     rows = [_row(chr(97 + i), 2 + 6 * i, 1 + 6 * i, list(range(1, 2 + (1 + 6 * i) // BS))) for i in range(8)]
     with dispatch.kernel_mode("torch"):
-        meta = _builder().build(rows, [1] * 8).meta
+        meta = _build(rows, [1] * 8).meta
     bounds = [(s, e) for s, e, _ in meta.decode_groups]
     assert bounds == [(0, 4), (4, 8)]
     lengths = [ctx.length for _, _, ctx in meta.decode_groups]
@@ -87,7 +90,7 @@ def test_kernel_metadata_is_block_tables_and_lengths():
     pytest.importorskip("triton", reason="the Triton path's metadata is built only where triton exists")
     rows, counts = _batch()
     with dispatch.kernel_mode("triton"):
-        meta = _builder().build(rows, counts).meta
+        meta = _build(rows, counts).meta
     assert meta.use_triton and meta.decode_groups == [] and meta.prefill_context is None
     assert meta.seq_lens.tolist() == [3, 6, 14, 10, 3]
     assert meta.prefill_query_start.tolist() == [0, 6, 9]
