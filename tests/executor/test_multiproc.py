@@ -245,7 +245,8 @@ def test_del_llm_leaves_no_process_or_socket_file(tiny_model_dir):
 
 
 _SCRIPT = """
-import os, sys
+import faulthandler, os, signal, sys
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if we do not exit
 from distgen import LLM
 llm = LLM(sys.argv[1], tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=16 << 20)
 ex = llm.llm_engine.client.core.executor
@@ -261,22 +262,29 @@ elif sys.argv[2] == "generate":
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["exit", "parent-killed", "ctrl-c"])
-def test_no_orphans_when_the_parent_goes(how, tiny_model_dir):
+def test_no_orphans_when_the_parent_goes(how, tiny_model_dir, tmp_path):
     """Interpreter exit without shutdown, a SIGKILLed parent, and Ctrl-C mid-generation (SIGINT to
     the whole process group): the workers and the socket directory go too."""
     mode = {"exit": "exit", "parent-killed": "hang", "ctrl-c": "generate"}[how]
     cmd = [sys.executable, "-c", textwrap.dedent(_SCRIPT), tiny_model_dir("llama"), mode]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
     try:
         line = proc.stdout.readline().split()
-        assert line, "the child script printed nothing"
+        assert line, "the child script printed nothing: " + stderr.read_text()[-3000:]
         pids, ipc_dir = [int(p) for p in line[:-1]], line[-1]
         if how == "parent-killed":
             proc.kill()
         elif how == "ctrl-c":
             time.sleep(1.0)
             os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # where is it stuck?
+            time.sleep(2.0)
+            pytest.fail(f"the script did not exit within 60 s; its stacks:\n{stderr.read_text()[-6000:]}")
         assert wait_gone(pids, timeout=15) == []
         assert not os.path.exists(ipc_dir)
     finally:
