@@ -247,6 +247,9 @@ def test_del_llm_leaves_no_process_or_socket_file(tiny_model_dir):
 _SCRIPT = """
 import faulthandler, os, signal, sys
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if we do not exit
+# A user's Ctrl-C raises KeyboardInterrupt; but a test run started in the background by a non-interactive
+# shell inherits SIGINT ignored, and Python then leaves it ignored: restore what a terminal would give.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from distgen import LLM
 llm = LLM(sys.argv[1], tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=16 << 20)
 ex = llm.llm_engine.client.core.executor
