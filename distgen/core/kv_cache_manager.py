@@ -57,37 +57,33 @@ class KVCacheManager:
         ``computed`` are prefix-cache hits found by :meth:`get_computed_blocks` for a request that
         is being scheduled for the first time (or again after preemption).
         """
-        blocks = self.req_blocks.get(request.request_id, [])
-        if not computed and blocks:
-            # The common decode step: the last block still has room and no block fills up to be
-            # cached, so there is nothing to do.
-            total = request.num_computed_tokens + num_new_tokens
-            if total <= len(blocks) * self.block_size and (
-                not self.enable_caching
-                or total // self.block_size <= self.num_cached_blocks.get(request.request_id, 0)
-            ):
-                return []
-        computed = computed or []
-        num_computed = request.num_computed_tokens + len(computed) * self.block_size
-        need = cdiv(num_computed + num_new_tokens, self.block_size) - len(blocks) - len(computed)
-        # Hit blocks with no other user sit in the free list: taking them shrinks what is left.
-        num_evictable_hits = sum(1 for b in computed if b.ref_cnt == 0)
-        if need > self.pool.num_free_blocks - num_evictable_hits:
-            return None
-        if computed:
-            self.pool.touch(computed)
-        new_blocks = self.pool.allocate(max(need, 0))
-        blocks = self.req_blocks.setdefault(request.request_id, blocks)
-        blocks.extend(computed)
-        blocks.extend(new_blocks)
+        rid = request.request_id
+        blocks = self.req_blocks.get(rid, [])
+        num_hits = len(computed) if computed else 0
+        total = request.num_computed_tokens + num_hits * self.block_size + num_new_tokens
+        need = cdiv(total, self.block_size) - len(blocks) - num_hits
+        new_blocks: list[KVCacheBlock] = []
+        if need > 0 or computed:  # most decode steps have room in their last block: nothing to take
+            computed = computed or []
+            # Hit blocks with no other user sit in the free list: taking them shrinks what is left.
+            num_evictable_hits = sum(1 for b in computed if b.ref_cnt == 0)
+            if need > self.pool.num_free_blocks - num_evictable_hits:
+                return None
+            if computed:
+                self.pool.touch(computed)
+            new_blocks = self.pool.allocate(max(need, 0))
+            blocks = self.req_blocks.setdefault(rid, blocks)
+            blocks.extend(computed)
+            blocks.extend(new_blocks)
         if self.enable_caching:
-            # Blocks that will be full of computed tokens after this step become shareable.
-            self._update_hashes(request)
-            num_full = min((num_computed + num_new_tokens) // self.block_size, len(request.block_hashes))
-            start = self.num_cached_blocks.get(request.request_id, 0)
-            for i in range(start, num_full):
-                self.pool.cache_block(blocks[i], request.block_hashes[i])
-            self.num_cached_blocks[request.request_id] = max(start, num_full)
+            start = self.num_cached_blocks.get(rid, 0)
+            if total // self.block_size > start:
+                # Blocks that will be full of computed tokens after this step become shareable.
+                self._update_hashes(request)
+                num_full = min(total // self.block_size, len(request.block_hashes))
+                for i in range(start, num_full):
+                    self.pool.cache_block(blocks[i], request.block_hashes[i])
+                self.num_cached_blocks[rid] = max(start, num_full)
         return new_blocks
 
     def free(self, request: Request) -> None:
