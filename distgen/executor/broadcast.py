@@ -124,8 +124,8 @@ def _release(channel: Channel, handles: WorkerHandles, alive: list[bool]) -> Non
 
 
 class BroadcastExecutor(Executor):
-    """Subclasses bind ``self.channel``, then call :meth:`_own` with their handles, start the workers
-    and call :meth:`_wait_ready`."""
+    """Subclasses bind ``self.channel``, then call :meth:`_start` with their handles; their
+    ``_start_workers`` starts the ranks and calls :meth:`_wait_ready`."""
 
     backend_name = "?"
     startup_hint = ""  # appended to "exited" lines while starting
@@ -143,18 +143,24 @@ class BroadcastExecutor(Executor):
         self._handles: WorkerHandles | None = None
         self._finalizer: weakref.finalize | None = None
 
-    def _own(self, handles: WorkerHandles, on_release=None) -> None:
-        """From now on shutdown, garbage collection and interpreter exit release ``handles`` and the
-        channel (and call ``on_release()`` afterwards)."""
+    def _start(self, handles: WorkerHandles) -> None:
+        """Own ``handles`` (from now on shutdown, garbage collection and interpreter exit release them
+        and the channel), then start the workers; if that fails, stop whatever started."""
         self._handles = handles
 
         def release(channel: Channel = self.channel) -> None:
             gone = {e.rank for e in handles.exits(starting=False)}
             _release(channel, handles, [r not in gone for r in range(len(channel.requests))])
-            if on_release is not None:
-                on_release()
 
         self._finalizer = weakref.finalize(self, release)
+        try:
+            self._start_workers()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_workers(self) -> None:
+        raise NotImplementedError
 
     # -- the calls -------------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:

@@ -79,12 +79,7 @@ class MultiprocExecutor(BroadcastExecutor):
             raise
         super().__init__(config, source, channel, worker_cls)
         self._procs = _Processes(ipc_dir)
-        self._own(self._procs)
-        try:
-            self._start_workers()
-        except BaseException:
-            self.shutdown()
-            raise
+        self._start(self._procs)
 
     @property
     def ipc_dir(self) -> str:

@@ -169,12 +169,7 @@ class RayExecutor(BroadcastExecutor):
         super().__init__(config, source, channel, worker_cls)
         self.worker_transports: list[str] = []  # per rank: "ipc" (this node) or "tcp"
         self._actors = _Actors(owns)
-        self._own(self._actors)
-        try:
-            self._start_workers()
-        except BaseException:
-            self.shutdown()
-            raise
+        self._start(self._actors)
 
     @property
     def worker_pids(self) -> list[int]:
