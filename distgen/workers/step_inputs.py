@@ -54,8 +54,7 @@ class StepInputBuilder:
         cu = np.concatenate(([0], np.cumsum(counts_np)))
         offs = np.arange(cu[-1]) - cu[row_of_tok]
         positions = starts_np[row_of_tok] + offs
-        table = table.astype(np.int64, copy=False)
-        slot_block = table[row_of_tok, positions // bs]
+        slot_block = table[row_of_tok, positions // bs].astype(np.int64)
 
         nd = 0
         while nd < len(counts) and counts[nd] == 1:
@@ -127,7 +126,7 @@ class StepInputBuilder:
             prefill_context=None,
             prefill_mask=None,
             use_triton=True,
-            block_tables=to_device(table.astype(np.int32), dev),
+            block_tables=to_device(np.asarray(table, dtype=np.int32), dev),  # no copy: already int32
             seq_lens=to_device(seq_lens.astype(np.int32), dev),
             prefill_query_start=to_device(query_start, dev),
         )
