@@ -67,16 +67,18 @@ def kernel_mode(mode: str) -> Iterator[None]:
 @functools.cache
 def triton_ops() -> SimpleNamespace:
     """The Triton entry points, imported on first use."""
+    from distgen.kernels.activation import silu_and_mul
     from distgen.kernels.kv_store import store_kv
     from distgen.kernels.paged_attention import paged_attention_decode
     from distgen.kernels.paged_prefill import paged_attention_prefill
     from distgen.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
-    from distgen.kernels.rotary import apply_rotary
+    from distgen.kernels.rotary import rotary_store_kv
 
     return SimpleNamespace(
         rmsnorm=rmsnorm,
         fused_add_rmsnorm=fused_add_rmsnorm,
-        apply_rotary=apply_rotary,
+        silu_and_mul=silu_and_mul,
+        rotary_store_kv=rotary_store_kv,
         store_kv=store_kv,
         paged_attention_decode=paged_attention_decode,
         paged_attention_prefill=paged_attention_prefill,

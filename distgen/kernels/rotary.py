@@ -1,10 +1,16 @@
-"""Rotary position embedding (NeoX / "rotate half" layout) as a Triton kernel, plus a torch reference.
+"""Rotary position embedding (NeoX / "rotate half" layout) fused with the KV-cache store, as one Triton
+kernel, plus a torch reference.
 
-Same semantics as :class:`distgen.layers.rotary.RotaryEmbedding`: with ``x = cat(x1, x2)`` split in
-halves along the head dim, ``out = cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)``, computed in
-float32 and rounded to the input dtype. ``cos``/``sin`` are the caches ``[max_pos, head_dim / 2]``.
-One program rotates all heads of q and k of one token. The kernel is out of place: it returns new
-contiguous tensors and never modifies ``q`` or ``k`` (which may be strided views, e.g. of a fused QKV).
+The rotation has the semantics of :class:`distgen.layers.rotary.RotaryEmbedding`: with ``x = cat(x1,
+x2)`` split in halves along the head dim, ``out = cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)``,
+computed in float32. ``cos``/``sin`` are the caches ``[max_pos, head_dim / 2]``. The store has those of
+:func:`distgen.kernels.kv_store.store_kv`.
+
+Attention needs the rotated keys only in the paged cache (both attention kernels read K from there),
+so one program per token rotates all query heads into a new tensor, rotates the key heads straight
+into the token's cache slot and copies its value heads next to them: one launch where rotary and the
+store took two, and no rotated-K tensor. ``q``/``k``/``v`` may be strided views (e.g. of a fused QKV)
+and are never modified.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from distgen.kernels.kv_store import _store_heads, check_cache_args, last_dim_contiguous, store_kv_ref
 
 
 @triton.jit
@@ -30,7 +38,8 @@ def _rotate_heads(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Rotate the ``n_heads`` heads of token ``tok`` from ``src`` into ``dst`` (float32 math)."""
+    """Rotate the ``n_heads`` heads of token ``tok`` from ``src`` into ``dst`` (float32 math, rounded to
+    dst's dtype); a zero ``dst_s0`` makes ``dst`` the token's own base (a cache slot)."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < n_heads) & (dims < half)
@@ -45,25 +54,35 @@ def _rotate_heads(
 
 
 @triton.jit
-def _rotary_kernel(
+def _rotary_store_kernel(
     q_ptr,
     k_ptr,
+    v_ptr,
     q_out_ptr,
-    k_out_ptr,
+    kc_ptr,
+    vc_ptr,
     pos_ptr,
     cos_ptr,
     sin_ptr,
+    blk_ptr,
+    off_ptr,
     q_s0,
     q_s1,
     k_s0,
     k_s1,
+    v_s0,
+    v_s1,
     qo_s0,
     qo_s1,
-    ko_s0,
-    ko_s1,
+    kc_s0,
+    kc_s1,
+    kc_s2,
+    vc_s0,
+    vc_s1,
+    vc_s2,
     cs_s0,
     n_q_heads,
-    n_k_heads,
+    n_kv_heads,
     half,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
@@ -71,6 +90,8 @@ def _rotary_kernel(
 ):
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
+    blk = tl.load(blk_ptr + tok).to(tl.int64)
+    off = tl.load(off_ptr + tok).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)[None, :]
     cmask = dims < half
     cos = tl.load(cos_ptr + pos * cs_s0 + dims, mask=cmask, other=0.0).to(tl.float32)
@@ -78,46 +99,63 @@ def _rotary_kernel(
     _rotate_heads(
         q_ptr, q_out_ptr, q_s0, q_s1, qo_s0, qo_s1, tok, n_q_heads, cos, sin, half, BLOCK_HQ, BLOCK_D
     )
-    _rotate_heads(
-        k_ptr, k_out_ptr, k_s0, k_s1, ko_s0, ko_s1, tok, n_k_heads, cos, sin, half, BLOCK_HK, BLOCK_D
-    )
+    k_slot = kc_ptr + blk * kc_s0 + off * kc_s2
+    _rotate_heads(k_ptr, k_slot, k_s0, k_s1, 0, kc_s1, tok, n_kv_heads, cos, sin, half, BLOCK_HK, BLOCK_D)
+    v_slot = vc_ptr + blk * vc_s0 + off * vc_s2
+    _store_heads(v_ptr + tok * v_s0, v_s1, v_slot, vc_s1, n_kv_heads, 2 * half, BLOCK_HK, 2 * BLOCK_D)
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] by ``positions`` [T]; returns new (q, k) tensors."""
+def rotary_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_block: torch.Tensor,
+    slot_offset: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] by ``positions`` [T]; write the rotated ``k`` and ``v``
+    into the caches [num_blocks, Hkv, block_size, D] at the token slots; return the rotated ``q``."""
     t, h, d = q.shape
     hkv = k.shape[1]
     assert k.shape == (t, hkv, d) and d % 2 == 0, f"bad shapes q {tuple(q.shape)} k {tuple(k.shape)}"
+    check_cache_args(k, v, k_cache, v_cache, slot_block, slot_offset)
     assert positions.shape == (t,), "positions must be [T]"
     half = d // 2
     assert cos.shape == sin.shape and cos.shape[-1] == half, "cos/sin caches must be [max_pos, D/2]"
-    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     cos, sin = cos.contiguous(), sin.contiguous()
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if t:
-        _rotary_kernel[(t,)](
+        _rotary_store_kernel[(t,)](
             q,
             k,
+            v,
             q_out,
-            k_out,
+            k_cache,
+            v_cache,
             positions.contiguous(),
             cos,
             sin,
+            slot_block.contiguous(),
+            slot_offset.contiguous(),
             q.stride(0),
             q.stride(1),
             k.stride(0),
             k.stride(1),
+            v.stride(0),
+            v.stride(1),
             q_out.stride(0),
             q_out.stride(1),
-            k_out.stride(0),
-            k_out.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
             cos.stride(0),
             h,
             hkv,
@@ -126,18 +164,32 @@ def apply_rotary(
             BLOCK_HK=triton.next_power_of_2(hkv),
             BLOCK_D=triton.next_power_of_2(half),
         )
-    return q_out, k_out
+    return q_out
 
 
-def apply_rotary_ref(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch reference of :func:`apply_rotary`."""
+def _rotate_ref(
+    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """``x`` [T, heads, D] rotated by ``positions`` [T], in float32."""
     c = cos[positions].float().unsqueeze(1)
     s = sin[positions].float().unsqueeze(1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
-    def rot(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
-    return rot(q), rot(k)
+def rotary_store_kv_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_block: torch.Tensor,
+    slot_offset: torch.Tensor,
+) -> torch.Tensor:
+    """Plain-torch reference of :func:`rotary_store_kv`: the rotated keys go from float32 to the cache
+    dtype directly, rounded once."""
+    store_kv_ref(_rotate_ref(k, positions, cos, sin), v, k_cache, v_cache, slot_block, slot_offset)
+    return _rotate_ref(q, positions, cos, sin).to(q.dtype)

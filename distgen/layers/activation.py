@@ -1,4 +1,4 @@
-"""Activations."""
+"""Activations: the Triton kernel on CUDA, plain torch elsewhere (see :mod:`distgen.kernels.dispatch`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distgen.kernels.dispatch import triton_ops, use_triton
+
 
 class SiluAndMul(nn.Module):
     """``silu(gate) * up`` for a merged [.., 2 * I] gate/up projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            return triton_ops().silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

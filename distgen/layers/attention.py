@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distgen.kernels.dispatch import triton_ops
+from distgen.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -55,24 +56,42 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """Writes this step's K/V into the paged cache, then attends over each sequence's context."""
+    """Rotates this step's queries and keys by their positions (when the model has a rotary embedding),
+    writes its K/V into the paged cache, then attends over each sequence's context."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        rotary: RotaryEmbedding | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
         self.scale = scale
+        self.rotary = rotary  # applied here, so that the Triton path can fuse it with the KV store
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, Hkv, block_size, D], bound by the runner
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
+        """q [T, H, D], k/v [T, Hkv, D] (rotated here by ``positions`` [T] if the layer has a rotary
+        embedding) -> [T, H * D]."""
         assert self.kv_cache is not None, "KV cache not bound"
+        assert (positions is None) == (self.rotary is None), "positions go with a rotary embedding"
         t = q.shape[0]
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
         if meta.use_triton:
-            return self._forward_triton(q, k, v, k_cache, v_cache, meta)
+            return self._forward_triton(q, k, v, positions, k_cache, v_cache, meta)
+        if self.rotary is not None:
+            q, k = self.rotary(positions, q, k)
         write_kv(k_cache, v_cache, k, v, meta.slot_block, meta.slot_offset)
         out = q.new_empty(t, self.num_heads, self.head_dim)
         nd = meta.num_decode
@@ -82,11 +101,16 @@ class Attention(nn.Module):
             out[nd:] = self._prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta)
         return out.view(t, self.num_heads * self.head_dim)
 
-    def _forward_triton(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def _forward_triton(self, q, k, v, positions, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         ops = triton_ops()
         t, nd = q.shape[0], meta.num_decode
         assert meta.block_tables is not None and meta.seq_lens is not None
-        ops.store_kv(k, v, k_cache, v_cache, meta.slot_block, meta.slot_offset)
+        slots = (meta.slot_block, meta.slot_offset)
+        if self.rotary is not None:
+            cos, sin = self.rotary.cos, self.rotary.sin
+            q = ops.rotary_store_kv(q, k, v, positions, cos, sin, k_cache, v_cache, *slots)
+        else:
+            ops.store_kv(k, v, k_cache, v_cache, *slots)
         out = q.new_empty(t, self.num_heads, self.head_dim)
         if nd:
             tables, lens = meta.block_tables[:nd], meta.seq_lens[:nd]

@@ -1,5 +1,8 @@
-"""Rotary position embedding (the "rotate half" / NeoX layout that Hugging Face Llama uses); the Triton
-kernel on CUDA, plain torch elsewhere (see :mod:`distgen.kernels.dispatch`)."""
+"""Rotary position embedding (the "rotate half" / NeoX layout that Hugging Face Llama uses).
+
+This module is the torch path. On the Triton path :class:`distgen.layers.attention.Attention` applies
+the rotation itself, fused with the KV-cache store (:mod:`distgen.kernels.rotary`), from the same
+``cos``/``sin`` caches."""
 
 from __future__ import annotations
 
@@ -7,8 +10,6 @@ import math
 
 import torch
 from torch import nn
-
-from distgen.kernels.dispatch import triton_ops, use_triton
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -43,8 +44,6 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] by their positions [T]."""
-        if use_triton(q):
-            return triton_ops().apply_rotary(q, k, positions, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

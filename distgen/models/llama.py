@@ -39,12 +39,12 @@ class LlamaAttention(nn.Module):
             heads * self.head_dim, hidden, bias=bool(cfg.get("o_bias", False)), dtype=dtype
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        theta, scaling = rope_settings(cfg)
-        self.rotary = RotaryEmbedding(self.head_dim, cfg.get("max_position_embeddings", 4096), theta, scaling)
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        theta, scaling = rope_settings(cfg)
+        rotary = RotaryEmbedding(self.head_dim, cfg.get("max_position_embeddings", 4096), theta, scaling)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, rotary)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
@@ -54,8 +54,7 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(q, k, v, meta, positions))
 
 
 class LlamaMLP(nn.Module):

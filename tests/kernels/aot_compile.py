@@ -26,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from distgen.kernels import kv_store, paged_attention, paged_prefill, rmsnorm, rotary
+from distgen.kernels import activation, kv_store, paged_attention, paged_prefill, rmsnorm, rotary
 
 FLOAT_ARGS = {"eps", "scale", "qk_scale"}
 INDEX_PTRS = {"bt_ptr": "*i32", "qs_ptr": "*i32", "lens_ptr": "*i32", "pos_ptr": "*i64"}
@@ -96,7 +96,9 @@ def variants():
             )
         yield "rmsnorm 2048", rmsnorm._rmsnorm_kernel, dtype, dict(HAS_RESIDUAL=False, BLOCK=2048)
         yield "fused_add_rmsnorm 2048", rmsnorm._rmsnorm_kernel, dtype, dict(HAS_RESIDUAL=True, BLOCK=2048)
-        yield "rotary 32/8 heads D64", rotary._rotary_kernel, dtype, dict(BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=32)
+        yield "silu_and_mul", activation._silu_and_mul_kernel, dtype, dict(BLOCK=activation.BLOCK)
+        rotary_consts = dict(BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=32)
+        yield "rotary + store_kv 32/8 heads D64", rotary._rotary_store_kernel, dtype, rotary_consts
         yield "store_kv 8 heads D64", kv_store._store_kv_kernel, dtype, dict(BLOCK_H=8, BLOCK_D=64)
 
 

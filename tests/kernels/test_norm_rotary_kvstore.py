@@ -1,4 +1,5 @@
-"""Triton RMSNorm / rotary / KV-store kernels vs their torch references, and the references vs the layers.
+"""Triton RMSNorm / SiLU-and-mul / rotary + KV-store / KV-store kernels vs their torch references, and the
+references vs the layers.
 
 Runs on the CPU through the Triton interpreter (``TRITON_INTERPRET=1``, set before triton is imported).
 """
@@ -16,6 +17,7 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
+from distgen.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from distgen.kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
 from distgen.kernels.rmsnorm import (  # noqa: E402
     fused_add_rmsnorm,
@@ -23,7 +25,8 @@ from distgen.kernels.rmsnorm import (  # noqa: E402
     rmsnorm,
     rmsnorm_ref,
 )
-from distgen.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
+from distgen.kernels.rotary import rotary_store_kv, rotary_store_kv_ref  # noqa: E402
+from distgen.layers.activation import SiluAndMul  # noqa: E402
 from distgen.layers.attention import write_kv  # noqa: E402
 from distgen.layers.norm import RMSNorm  # noqa: E402
 from distgen.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -89,33 +92,74 @@ def test_rmsnorm_3d_and_strided_rows() -> None:
     assert rmsnorm(x[:0], w, 1e-6).shape == (0, 3, 96)
 
 
-# ---------------------------------------------------------------- rotary
+# ---------------------------------------------------------------- SiLU and mul
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("h", "hkv", "d"), [(9, 3, 64), (8, 1, 96), (4, 2, 32)])
-def test_rotary(h: int, hkv: int, d: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("inter", [64, 1000, 2304])  # one block, a ragged one, several
+def test_silu_and_mul(inter: int, dtype: torch.dtype) -> None:
+    g = _gen(inter)
+    x = (3 * torch.randn(5, 2 * inter, generator=g)).to(dtype)
+    ref = silu_and_mul_ref(x)
+    assert ref.shape == (5, inter)
+    torch.testing.assert_close(SiluAndMul()(x), ref, **_tol(dtype))  # torch path: two roundings in bf16
+    x_before = x.clone()
+    out = silu_and_mul(x.to(DEVICE)).cpu()
+    assert out.dtype == dtype and out.shape == (5, inter)
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    torch.testing.assert_close(x, x_before, atol=0, rtol=0)  # out of place
+
+
+def test_silu_and_mul_3d_strided_and_empty() -> None:
+    g = _gen(11)
+    x = torch.randn(2, 3, 2 * 2 * 96, generator=g)[..., : 2 * 96]  # non-contiguous rows
+    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), atol=1e-6, rtol=1e-5)
+    assert silu_and_mul(x[:0]).shape == (0, 3, 96)
+
+
+# ---------------------------------------------------------------- rotary + KV store
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("h", "hkv", "d", "block_size"), [(9, 3, 64, 4), (8, 1, 96, 16), (4, 2, 32, 16)])
+def test_rotary_store_kv(h: int, hkv: int, d: int, block_size: int, dtype: torch.dtype) -> None:
     g = _gen(h * 100 + d)
-    t, max_pos = 7, 300
+    t, max_pos, num_blocks = 7, 300, 5
     rope = RotaryEmbedding(d, max_pos, base=10000.0)
     positions = torch.tensor([5, 0, 299, 17, 17, 3, 128])  # ragged, unsorted, repeated
-    # q as a strided view of a fused QKV buffer, like the model produces.
+    # q/k/v as strided views of a fused QKV buffer, like the model produces.
     qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g).to(dtype)
     q = qkv[:, : h * d].view(t, h, d)
     k = qkv[:, h * d : (h + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (h + hkv) * d :].view(t, hkv, d)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:t]  # distinct, unsorted, block-crossing
+    slot_block, slot_offset = slots // block_size, slots % block_size
+    base = torch.randn(num_blocks, hkv, block_size, d, generator=g).to(dtype)
 
-    ref_q, ref_k = apply_rotary_ref(q, k, positions, rope.cos, rope.sin)
+    kc_ref, vc_ref = base.clone(), base.clone() * 2
+    ref_q = rotary_store_kv_ref(
+        q, k, v, positions, rope.cos, rope.sin, kc_ref, vc_ref, slot_block, slot_offset
+    )
+    # The reference is the torch path: the layer's rotation, then the store.
     lay_q, lay_k = rope(positions, q, k)
+    kc_lay, vc_lay = base.clone(), base.clone() * 2
+    write_kv(kc_lay, vc_lay, lay_k, v, slot_block, slot_offset)
     torch.testing.assert_close(ref_q, lay_q, atol=0, rtol=0)
-    torch.testing.assert_close(ref_k, lay_k, atol=0, rtol=0)
+    torch.testing.assert_close(kc_ref, kc_lay, atol=0, rtol=0)
+    torch.testing.assert_close(vc_ref, vc_lay, atol=0, rtol=0)
 
     qkv_before = qkv.clone()
-    out_q, out_k = apply_rotary(
-        q.to(DEVICE), k.to(DEVICE), positions.to(DEVICE), rope.cos.to(DEVICE), rope.sin.to(DEVICE)
-    )
-    assert out_q.shape == q.shape and out_k.shape == k.shape and out_q.dtype == dtype
+    kc, vc = base.clone().to(DEVICE), (base.clone() * 2).to(DEVICE)
+    dev = [x.to(DEVICE) for x in (q, k, v, positions, rope.cos, rope.sin)]
+    out_q = rotary_store_kv(*dev, kc, vc, slot_block.to(DEVICE), slot_offset.to(DEVICE))
+    assert out_q.shape == q.shape and out_q.dtype == dtype
     torch.testing.assert_close(out_q.cpu(), ref_q, **_tol(dtype))
-    torch.testing.assert_close(out_k.cpu(), ref_k, **_tol(dtype))
+    torch.testing.assert_close(kc.cpu(), kc_ref, **_tol(dtype))
+    torch.testing.assert_close(vc.cpu(), vc_ref, atol=0, rtol=0)  # values are copied, not rotated
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    untouched[slots] = False
+    untouched = untouched.view(num_blocks, 1, block_size, 1).expand_as(base)
+    assert torch.equal(kc.cpu()[untouched], base[untouched])  # only the token slots are written
     torch.testing.assert_close(qkv, qkv_before, atol=0, rtol=0)  # out of place
 
 
