@@ -9,8 +9,10 @@ computed in float32. ``cos``/``sin`` are the caches ``[max_pos, head_dim / 2]``.
 Attention needs the rotated keys only in the paged cache (both attention kernels read K from there),
 so one program per token rotates all query heads into a new tensor, rotates the key heads straight
 into the token's cache slot and copies its value heads next to them: one launch where rotary and the
-store took two, and no rotated-K tensor. ``q``/``k``/``v`` may be strided views (e.g. of a fused QKV)
-and are never modified.
+store took two, and no rotated-K tensor. Qwen3's RMSNorm over each query and key head before the
+rotation rides along (``qk_norm``), saving two more launches and the copies that normalising strided
+heads on their own needs. ``q``/``k``/``v`` may be strided views (e.g. of a fused QKV) and are never
+modified.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import triton
 import triton.language as tl
 
 from distgen.kernels.kv_store import _store_heads, check_cache_args, last_dim_contiguous, store_kv_ref
+from distgen.kernels.rmsnorm import rmsnorm_ref
 
 
 @triton.jit
 def _rotate_heads(
     src_ptr,
     dst_ptr,
+    w_ptr,
     src_s0,
     src_s1,
     dst_s0,
@@ -35,20 +39,30 @@ def _rotate_heads(
     cos,
     sin,
     half,
+    eps,
+    HAS_NORM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Rotate the ``n_heads`` heads of token ``tok`` from ``src`` into ``dst`` (float32 math, rounded to
-    dst's dtype); a zero ``dst_s0`` makes ``dst`` the token's own base (a cache slot)."""
+    dst's dtype); a zero ``dst_s0`` makes ``dst`` the token's own base (a cache slot). With
+    ``HAS_NORM`` each head is first RMS-normalised over its ``2 * half`` dims and scaled by ``w``,
+    rounded to src's dtype as :class:`distgen.layers.norm.RMSNorm` rounds."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < n_heads) & (dims < half)
     src = src_ptr + tok * src_s0 + heads * src_s1 + dims
     dst = dst_ptr + tok * dst_s0 + heads * dst_s1 + dims
-    x1 = tl.load(src, mask=mask, other=0.0)
-    x2 = tl.load(src + half, mask=mask, other=0.0)
-    x1f = x1.to(tl.float32)
-    x2f = x2.to(tl.float32)
+    x1f = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2f = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        dtype = src_ptr.dtype.element_ty
+        var = (tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / (2 * half)
+        r = tl.rsqrt(var + eps)[:, None]
+        w1 = tl.load(w_ptr + dims, mask=dims < half, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + half + dims, mask=dims < half, other=0.0).to(tl.float32)
+        x1f = (w1 * (x1f * r).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x2f = (w2 * (x2f * r).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     tl.store(dst, (x1f * cos - x2f * sin).to(dst_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + half, (x2f * cos + x1f * sin).to(dst_ptr.dtype.element_ty), mask=mask)
 
@@ -66,6 +80,8 @@ def _rotary_store_kernel(
     sin_ptr,
     blk_ptr,
     off_ptr,
+    qw_ptr,
+    kw_ptr,
     q_s0,
     q_s1,
     k_s0,
@@ -84,6 +100,8 @@ def _rotary_store_kernel(
     n_q_heads,
     n_kv_heads,
     half,
+    eps,
+    HAS_NORM: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -97,10 +115,14 @@ def _rotary_store_kernel(
     cos = tl.load(cos_ptr + pos * cs_s0 + dims, mask=cmask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + pos * cs_s0 + dims, mask=cmask, other=0.0).to(tl.float32)
     _rotate_heads(
-        q_ptr, q_out_ptr, q_s0, q_s1, qo_s0, qo_s1, tok, n_q_heads, cos, sin, half, BLOCK_HQ, BLOCK_D
-    )
+        q_ptr, q_out_ptr, qw_ptr, q_s0, q_s1, qo_s0, qo_s1, tok, n_q_heads, cos, sin, half, eps,
+        HAS_NORM, BLOCK_HQ, BLOCK_D,
+    )  # fmt: skip
     k_slot = kc_ptr + blk * kc_s0 + off * kc_s2
-    _rotate_heads(k_ptr, k_slot, k_s0, k_s1, 0, kc_s1, tok, n_kv_heads, cos, sin, half, BLOCK_HK, BLOCK_D)
+    _rotate_heads(
+        k_ptr, k_slot, kw_ptr, k_s0, k_s1, 0, kc_s1, tok, n_kv_heads, cos, sin, half, eps,
+        HAS_NORM, BLOCK_HK, BLOCK_D,
+    )  # fmt: skip
     v_slot = vc_ptr + blk * vc_s0 + off * vc_s2
     _store_heads(v_ptr + tok * v_s0, v_s1, v_slot, vc_s1, n_kv_heads, 2 * half, BLOCK_HK, 2 * BLOCK_D)
 
@@ -116,9 +138,14 @@ def rotary_store_kv(
     v_cache: torch.Tensor,
     slot_block: torch.Tensor,
     slot_offset: torch.Tensor,
+    qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] by ``positions`` [T]; write the rotated ``k`` and ``v``
-    into the caches [num_blocks, Hkv, block_size, D] at the token slots; return the rotated ``q``."""
+    into the caches [num_blocks, Hkv, block_size, D] at the token slots; return the rotated ``q``.
+
+    ``qk_norm``: the weights [D] of an RMSNorm (with ``eps``) over each query and each key head, applied
+    before the rotation (Qwen3)."""
     t, h, d = q.shape
     hkv = k.shape[1]
     assert k.shape == (t, hkv, d) and d % 2 == 0, f"bad shapes q {tuple(q.shape)} k {tuple(k.shape)}"
@@ -129,6 +156,11 @@ def rotary_store_kv(
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     cos, sin = cos.contiguous(), sin.contiguous()
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if qk_norm is not None:
+        assert all(w.shape == (d,) for w in qk_norm), f"q/k norm weights must be [{d}]"
+        q_w, k_w = (w.contiguous() for w in qk_norm)
+    else:
+        q_w = k_w = q_out  # unused
     if t:
         _rotary_store_kernel[(t,)](
             q,
@@ -142,6 +174,8 @@ def rotary_store_kv(
             sin,
             slot_block.contiguous(),
             slot_offset.contiguous(),
+            q_w,
+            k_w,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -160,6 +194,8 @@ def rotary_store_kv(
             h,
             hkv,
             half,
+            float(eps),
+            HAS_NORM=qk_norm is not None,
             BLOCK_HQ=triton.next_power_of_2(h),
             BLOCK_HK=triton.next_power_of_2(hkv),
             BLOCK_D=triton.next_power_of_2(half),
@@ -188,8 +224,12 @@ def rotary_store_kv_ref(
     v_cache: torch.Tensor,
     slot_block: torch.Tensor,
     slot_offset: torch.Tensor,
+    qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """Plain-torch reference of :func:`rotary_store_kv`: the rotated keys go from float32 to the cache
     dtype directly, rounded once."""
+    if qk_norm is not None:
+        q, k = rmsnorm_ref(q, qk_norm[0], eps), rmsnorm_ref(k, qk_norm[1], eps)
     store_kv_ref(_rotate_ref(k, positions, cos, sin), v, k_cache, v_cache, slot_block, slot_offset)
     return _rotate_ref(q, positions, cos, sin).to(q.dtype)

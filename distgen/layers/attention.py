@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distgen.kernels.dispatch import triton_ops
+from distgen.layers.norm import RMSNorm
 from distgen.layers.rotary import RotaryEmbedding
 
 
@@ -81,15 +82,19 @@ class Attention(nn.Module):
         v: torch.Tensor,
         meta: AttentionMetadata,
         positions: torch.Tensor | None = None,
+        qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
     ) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D] (rotated here by ``positions`` [T] if the layer has a rotary
-        embedding) -> [T, H * D]."""
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]. If the layer has a rotary embedding, q and k are
+        rotated here by ``positions`` [T], after the per-head norms ``qk_norm`` (Qwen3) if given."""
         assert self.kv_cache is not None, "KV cache not bound"
         assert (positions is None) == (self.rotary is None), "positions go with a rotary embedding"
+        assert qk_norm is None or self.rotary is not None, "q/k norms are fused with the rotary embedding"
         t = q.shape[0]
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
         if meta.use_triton:
-            return self._forward_triton(q, k, v, positions, k_cache, v_cache, meta)
+            return self._forward_triton(q, k, v, positions, qk_norm, k_cache, v_cache, meta)
+        if qk_norm is not None:
+            q, k = qk_norm[0](q), qk_norm[1](k)
         if self.rotary is not None:
             q, k = self.rotary(positions, q, k)
         write_kv(k_cache, v_cache, k, v, meta.slot_block, meta.slot_offset)
@@ -101,14 +106,20 @@ class Attention(nn.Module):
             out[nd:] = self._prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta)
         return out.view(t, self.num_heads * self.head_dim)
 
-    def _forward_triton(self, q, k, v, positions, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def _forward_triton(
+        self, q, k, v, positions, qk_norm, k_cache, v_cache, meta: AttentionMetadata
+    ) -> torch.Tensor:
         ops = triton_ops()
         t, nd = q.shape[0], meta.num_decode
         assert meta.block_tables is not None and meta.seq_lens is not None
         slots = (meta.slot_block, meta.slot_offset)
         if self.rotary is not None:
             cos, sin = self.rotary.cos, self.rotary.sin
-            q = ops.rotary_store_kv(q, k, v, positions, cos, sin, k_cache, v_cache, *slots)
+            norm = {}
+            if qk_norm is not None:
+                assert qk_norm[0].eps == qk_norm[1].eps, "the fused q/k norms share one eps"
+                norm = dict(qk_norm=(qk_norm[0].weight, qk_norm[1].weight), eps=qk_norm[0].eps)
+            q = ops.rotary_store_kv(q, k, v, positions, cos, sin, k_cache, v_cache, *slots, **norm)
         else:
             ops.store_kv(k, v, k_cache, v_cache, *slots)
         out = q.new_empty(t, self.num_heads, self.head_dim)

@@ -52,9 +52,8 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(q, k, v, meta, positions))
+        qk_norm = None if self.q_norm is None else (self.q_norm, self.k_norm)
+        return self.o_proj(self.attn(q, k, v, meta, positions, qk_norm))
 
 
 class LlamaMLP(nn.Module):

@@ -97,8 +97,10 @@ def variants():
         yield "rmsnorm 2048", rmsnorm._rmsnorm_kernel, dtype, dict(HAS_RESIDUAL=False, BLOCK=2048)
         yield "fused_add_rmsnorm 2048", rmsnorm._rmsnorm_kernel, dtype, dict(HAS_RESIDUAL=True, BLOCK=2048)
         yield "silu_and_mul", activation._silu_and_mul_kernel, dtype, dict(BLOCK=activation.BLOCK)
-        rotary_consts = dict(BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=32)
-        yield "rotary + store_kv 32/8 heads D64", rotary._rotary_store_kernel, dtype, rotary_consts
+        for norm in (False, True):
+            consts = dict(HAS_NORM=norm, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=32)
+            name = "rotary + store_kv 32/8 heads D64" + (" + q/k norm" if norm else "")
+            yield name, rotary._rotary_store_kernel, dtype, consts
         yield "store_kv 8 heads D64", kv_store._store_kv_kernel, dtype, dict(BLOCK_H=8, BLOCK_D=64)
 
 

@@ -120,9 +120,12 @@ def test_silu_and_mul_3d_strided_and_empty() -> None:
 # ---------------------------------------------------------------- rotary + KV store
 
 
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("h", "hkv", "d", "block_size"), [(9, 3, 64, 4), (8, 1, 96, 16), (4, 2, 32, 16)])
-def test_rotary_store_kv(h: int, hkv: int, d: int, block_size: int, dtype: torch.dtype) -> None:
+def test_rotary_store_kv(
+    h: int, hkv: int, d: int, block_size: int, dtype: torch.dtype, qk_norm: bool
+) -> None:
     g = _gen(h * 100 + d)
     t, max_pos, num_blocks = 7, 300, 5
     rope = RotaryEmbedding(d, max_pos, base=10000.0)
@@ -136,12 +139,21 @@ def test_rotary_store_kv(h: int, hkv: int, d: int, block_size: int, dtype: torch
     slot_block, slot_offset = slots // block_size, slots % block_size
     base = torch.randn(num_blocks, hkv, block_size, d, generator=g).to(dtype)
 
+    norms, norm_args, dev_norm_args = None, {}, {}
+    if qk_norm:  # Qwen3's per-head RMSNorm of q and k, before the rotation
+        norms = (RMSNorm(d, eps=1e-5, dtype=dtype), RMSNorm(d, eps=1e-5, dtype=dtype))
+        for norm in norms:
+            norm.weight.data = (1 + 0.5 * torch.randn(d, generator=g)).to(dtype)
+        weights = tuple(n.weight.data for n in norms)
+        norm_args = dict(qk_norm=weights, eps=1e-5)
+        dev_norm_args = dict(qk_norm=tuple(w.to(DEVICE) for w in weights), eps=1e-5)
+
     kc_ref, vc_ref = base.clone(), base.clone() * 2
     ref_q = rotary_store_kv_ref(
-        q, k, v, positions, rope.cos, rope.sin, kc_ref, vc_ref, slot_block, slot_offset
+        q, k, v, positions, rope.cos, rope.sin, kc_ref, vc_ref, slot_block, slot_offset, **norm_args
     )
-    # The reference is the torch path: the layer's rotation, then the store.
-    lay_q, lay_k = rope(positions, q, k)
+    # The reference is the torch path: the layers' norms and rotation, then the store.
+    lay_q, lay_k = rope(positions, *((norms[0](q), norms[1](k)) if norms else (q, k)))
     kc_lay, vc_lay = base.clone(), base.clone() * 2
     write_kv(kc_lay, vc_lay, lay_k, v, slot_block, slot_offset)
     torch.testing.assert_close(ref_q, lay_q, atol=0, rtol=0)
@@ -151,7 +163,7 @@ def test_rotary_store_kv(h: int, hkv: int, d: int, block_size: int, dtype: torch
     qkv_before = qkv.clone()
     kc, vc = base.clone().to(DEVICE), (base.clone() * 2).to(DEVICE)
     dev = [x.to(DEVICE) for x in (q, k, v, positions, rope.cos, rope.sin)]
-    out_q = rotary_store_kv(*dev, kc, vc, slot_block.to(DEVICE), slot_offset.to(DEVICE))
+    out_q = rotary_store_kv(*dev, kc, vc, slot_block.to(DEVICE), slot_offset.to(DEVICE), **dev_norm_args)
     assert out_q.shape == q.shape and out_q.dtype == dtype
     torch.testing.assert_close(out_q.cpu(), ref_q, **_tol(dtype))
     torch.testing.assert_close(kc.cpu(), kc_ref, **_tol(dtype))

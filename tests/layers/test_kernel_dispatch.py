@@ -198,13 +198,15 @@ def test_a_step_waits_for_the_gpu_only_to_read_its_tokens(qwen3_dir):
     assert [len(s) for s in syncs_per_step] == [1] * 5, syncs_per_step
 
 
-def test_a_decode_forward_launches_nine_kernels_per_layer(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_decode_forward_launches_nine_kernels_per_layer(arch, tiny_model_dir, monkeypatch):
     """The forward a decode graph captures, listed launch by launch: per Llama layer a norm, the QKV
-    GEMM, rotary fused with the KV store, attention, the output GEMM, a fused add + norm, the gate/up
-    GEMM, SiLU fused with the product, the down GEMM. Under a graph every launch costs a few
-    microseconds even when it moves no data, which at batch 1 is a large share of a step, so an extra
-    copy, cast or unfused op here fails this test. Each Triton entry point counts once (the decode
-    attention may launch a second, combining kernel); every other non-view torch op counts as a launch."""
+    GEMM, rotary fused with the KV store (and with Qwen3's q/k norms), attention, the output GEMM, a
+    fused add + norm, the gate/up GEMM, SiLU fused with the product, the down GEMM. Under a graph every
+    launch costs a few microseconds even when it moves no data, which at batch 1 is a large share of a
+    step, so an extra copy, cast or unfused op here fails this test. Each Triton entry point counts once
+    (the decode attention may launch a second, combining kernel); every other non-view torch op counts
+    as a launch."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     launches: list[str] = []
@@ -236,7 +238,7 @@ def test_a_decode_forward_launches_nine_kernels_per_layer(tiny_model_dir, monkey
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     device = "cuda" if CUDA else "cpu"
     with dispatch.kernel_mode("auto" if CUDA else "triton"):
-        runner = _runner(tiny_model_dir("llama"), device)
+        runner = _runner(tiny_model_dir(arch), device)
         graphs = runner.graphs or DecodeGraphs(
             runner.model, 4, 256, pad_block=15, device=torch.device(device)
         )
