@@ -22,7 +22,8 @@ demo: install
 	$(PY) examples/online_serving/serve_and_query.py
 
 test: install
-	$(PY) -m ruff check distgen tests benchmarks examples
+	$(PY) -m ruff check distgen tests benchmarks examples launch
+	$(PY) -m ruff format --check distgen tests benchmarks examples launch
 	$(PY) -m pytest -q tests
 
 bench: install
@@ -30,7 +31,8 @@ bench: install
 	$(PY) benchmarks/serving.py
 
 lint: install
-	$(PY) -m ruff check distgen tests benchmarks examples
+	$(PY) -m ruff check distgen tests benchmarks examples launch
+	$(PY) -m ruff format --check distgen tests benchmarks examples launch
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,5 +1,7 @@
 """Talk to a running `distgen serve` with the official openai client (chat, then a streamed completion).
 
+Start the server, then run this::
+
     distgen serve                     # in another terminal (default model, 127.0.0.1:8000)
     python examples/online_serving/openai_chat_client.py [http://127.0.0.1:8000/v1]
 """
