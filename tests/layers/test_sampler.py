@@ -73,6 +73,17 @@ def test_greedy_is_argmax():
     assert out.logprobs is None and out.logprob_token_ids is None and out.sampled_token_ranks is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_greedy_on_half_logits_equals_greedy_on_their_float32(dtype):
+    """Plain greedy takes argmax of the logits as they come, without a float32 copy; ties (frequent in
+    bf16) must still resolve to the first maximum, as on float32."""
+    logits = (torch.randn(64, 3000) * 4).to(dtype)
+    logits[3, [7, 2000]] = 100.0  # a tie: the first index wins
+    out = sampler(logits, greedy_meta(64))
+    assert torch.equal(out.sampled_token_ids, logits.float().argmax(-1))
+    assert out.sampled_token_ids[3] == 7
+
+
 def test_mixed_batch_greedy_rows_argmax_random_rows_sample():
     logits = repeated(torch.zeros(20), 400)  # uniform: random rows must spread
     logits[:, 5] = 0.01  # argmax, barely
