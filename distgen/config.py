@@ -47,6 +47,7 @@ class ModelConfig:
     generation_config: str = "auto"  # "auto" | "distgen" (ignore the file) | a path
     served_model_name: str | None = None
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs, every step runs eagerly
+    max_logprobs: int = 20  # most (prompt) logprobs a request may ask for per position
 
     @property
     def architecture(self) -> str:

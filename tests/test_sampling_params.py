@@ -25,6 +25,8 @@ INVALID = [
     ("min_p", {"min_p": -0.1}),
     ("min_p", {"min_p": 1.5}),
     ("seed", {"seed": "7"}),
+    ("seed", {"seed": 2**63}),  # would not even cross to the engine core (msgpack ints are 64-bit)
+    ("seed", {"seed": -(2**63) - 1}),
     ("max_tokens", {"max_tokens": 0}),
     ("max_tokens", {"max_tokens": 3.0}),
     ("min_tokens", {"min_tokens": -1}),
@@ -64,6 +66,8 @@ def test_invalid_field_raises_naming_it(name, kwargs):
         {"max_tokens": 5, "min_tokens": 5},
         {"logprobs": 0, "prompt_logprobs": 0},
         {"seed": 0},
+        {"seed": 2**63 - 1},
+        {"seed": -(2**63)},
     ],
 )
 def test_boundary_values_are_accepted(kwargs):

@@ -41,6 +41,7 @@ class EngineArgs:
     served_model_name: str | None = None
     device: str | None = None
     enforce_eager: bool = False
+    max_logprobs: int = 20
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -59,6 +60,8 @@ class EngineArgs:
         max_len = self.max_model_len or max_pos
         if max_len > max_pos:
             raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {max_pos}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         gen = self.generation_config
         if gen == "vllm":
             gen = "distgen"
@@ -72,6 +75,7 @@ class EngineArgs:
             generation_config=gen,
             served_model_name=self.served_model_name or self.model or "SmolLM2-135M-Instruct",
             enforce_eager=self.enforce_eager,
+            max_logprobs=self.max_logprobs,
         )
         batched = self.max_num_batched_tokens
         if batched is None:

@@ -54,6 +54,14 @@ class InputProcessor:
         engine-core requests. A request with ``n > 1`` becomes n children ``"{i}_{request_id}"``,
         seeded ``seed + i``. Raises ValueError (nothing queued) for a prompt that can never run."""
         validate_prompt(prompt_ids, max_model_len, self.config.model.vocab_size)
+        limit = self.config.model.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if asked is not None and asked > limit:
+                raise ValueError(
+                    f"SamplingParams.{name}={asked} is more than this engine allows ({limit}); "
+                    "start it with a larger max_logprobs (--max-logprobs) to ask for more"
+                )
         params = params.clone()
         params._eos_token_ids = list(self.eos_token_ids)
         children = []

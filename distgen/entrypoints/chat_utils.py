@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 Message = dict[str, Any]
 Conversation = list[Message]
 
@@ -23,7 +25,7 @@ def load_chat_template(chat_template: str | Path | None) -> str | None:
     raise ValueError(f"chat template {text!r} is neither an existing file nor a Jinja template string")
 
 
-def _flatten_content(message: Message) -> Message:
+def _flatten_content(i: int, message: Message) -> Message:
     """OpenAI-style content parts ``[{"type": "text", "text": ...}, ...]`` -> one string."""
     content = message.get("content")
     if isinstance(content, list):
@@ -31,8 +33,14 @@ def _flatten_content(message: Message) -> Message:
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text":
                 raise ValueError(f"only text content parts are supported, got {part!r}")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"message {i}: a text content part needs a string 'text', got {part!r}")
             texts.append(part["text"])
         message = {**message, "content": "\n".join(texts)}
+    elif content is not None and not isinstance(content, str):
+        raise ValueError(
+            f"message {i}: 'content' must be a string or a list of text parts, got {type(content).__name__}"
+        )
     return message
 
 
@@ -43,7 +51,7 @@ def validate_conversation(conversation: Any) -> Conversation:
     for i, m in enumerate(conversation):
         if not isinstance(m, dict) or "role" not in m:
             raise ValueError(f"message {i} of the conversation must be a dict with a 'role', got {m!r}")
-        out.append(_flatten_content(m))
+        out.append(_flatten_content(i, m))
     return out
 
 
@@ -68,13 +76,16 @@ def render_chat(
         )
     if add_generation_prompt and continue_final_message:
         raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
-    text = tokenizer.apply_chat_template(
-        conversation,
-        chat_template=template,
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-        continue_final_message=continue_final_message,
-        **(chat_template_kwargs or {}),
-    )
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **(chat_template_kwargs or {}),
+        )
+    except (TemplateError, TypeError) as e:  # e.g. a message without the content the template reads
+        raise ValueError(f"the chat template could not render this conversation: {e}") from e
     ids = tokenizer(text, add_special_tokens=False).input_ids
     return text, ids

@@ -37,6 +37,7 @@ ENGINE_HELP = {
     "served_model_name": "the model name the server answers to (default: the model argument)",
     "device": "cpu | cuda (default: cuda when available)",
     "enforce_eager": "on CUDA, never replay captured CUDA graphs",
+    "max_logprobs": "most logprobs / prompt_logprobs a request may ask for per token",
 }
 _ALIASES = {"tensor_parallel_size": ["-tp", "--tp"]}
 _SERVER_KEYS = ("host", "port", "api_key", "chat_template", "log_level")

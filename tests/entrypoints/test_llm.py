@@ -200,6 +200,10 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
         llm.generate({"prompt_token_ids": [5, 10**7]}, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match=r"prompt_logprobs=21 is more than this engine allows \(20\)"):
+        llm.generate(
+            tok_prompts(PROMPTS[:1]), SamplingParams(max_tokens=2, prompt_logprobs=21), use_tqdm=False
+        )
     out = llm.generate(tok_prompts(PROMPTS[:2]), GREEDY, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 12 for o in out)
     assert_engine_idle_and_empty(llm)

@@ -94,6 +94,37 @@ def test_bad_types_and_bodies(server):
     _still_serves(server)
 
 
+def test_values_the_engine_could_not_carry_or_would_not_allow(server):
+    """A seed beyond 64 bits cannot cross to the engine core; logprobs beyond the engine's
+    max_logprobs (20 by default, as vLLM) would make every token's output huge."""
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "seed": 2**70})
+    _assert_error(resp, 400, "seed", "64-bit", param="seed")
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "logprobs": 21})
+    _assert_error(resp, 400, "logprobs=21", "max_logprobs", param="logprobs")
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": True}
+    resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "top_logprobs": 21})
+    _assert_error(resp, 400, "logprobs=21", param="logprobs")
+    assert httpx.post(server.v1 + "/completions", json={**OK, "logprobs": 20}).status_code == 200
+    _still_serves(server)
+
+
+@pytest.mark.parametrize(
+    "message, needle",
+    [
+        ({"role": "user"}, "could not render"),  # the template reads a content that is not there
+        ({"role": "user", "content": None}, "could not render"),
+        ({"role": "user", "content": 5}, "'content' must be a string"),
+        ({"role": "user", "content": [{"type": "text"}]}, "needs a string 'text'"),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "only text"),
+    ],
+    ids=["no-content", "null-content", "int-content", "text-part-without-text", "image-part"],
+)
+def test_malformed_chat_messages(server, message, needle):
+    resp = httpx.post(server.v1 + "/chat/completions", json={"messages": [message], "max_tokens": 2})
+    _assert_error(resp, 400, needle, param="messages")
+    _still_serves(server)
+
+
 def test_unknown_model_is_404(server):
     resp = httpx.post(server.v1 + "/completions", json={**OK, "model": "gpt-17"})
     _assert_error(resp, 404, "gpt-17", param="model")
