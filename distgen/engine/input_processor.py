@@ -49,12 +49,15 @@ class InputProcessor:
         params: SamplingParams,
         arrival_time: float,
         max_model_len: int,
+        max_logprobs: int | None = None,
     ) -> tuple[SamplingParams, list[tuple[str, SamplingParams]], list[EngineCoreRequest]]:
         """The request's params (EOS ids filled in), its children ``(child_id, params)`` and their
         engine-core requests. A request with ``n > 1`` becomes n children ``"{i}_{request_id}"``,
-        seeded ``seed + i``. Raises ValueError (nothing queued) for a prompt that can never run."""
+        seeded ``seed + i``. Raises ValueError (nothing queued) for a prompt that can never run, or
+        for more logprobs than ``max_logprobs`` (default: the engine's; an internal caller such as
+        beam search passes what its algorithm needs)."""
         validate_prompt(prompt_ids, max_model_len, self.config.model.vocab_size)
-        limit = self.config.model.max_logprobs
+        limit = self.config.model.max_logprobs if max_logprobs is None else max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             asked = getattr(params, name)
             if asked is not None and asked > limit:

@@ -70,6 +70,8 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        *,
+        max_logprobs: int | None = None,
     ) -> str:
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.output_processor.parents:
@@ -77,7 +79,7 @@ class LLMEngine:
         text, ids = self.tokenize_prompt(prompt)
         arrival_time = time.time() if arrival_time is None else arrival_time
         params, children, reqs = self.input_processor.process(
-            request_id, ids, params, arrival_time, self.max_model_len
+            request_id, ids, params, arrival_time, self.max_model_len, max_logprobs
         )
         self.output_processor.add_request(request_id, text, ids, params, children, arrival_time)
         try:

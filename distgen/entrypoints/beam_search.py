@@ -46,7 +46,11 @@ def beam_search(
         flat = [(i, b) for i, beams in enumerate(live) for b in beams if len(b.tokens) < limit]
         if not flat:
             break
-        ids = [engine.add_request({"prompt_token_ids": b.tokens}, step_params) for _, b in flat]
+        # 2 * width logprobs is what the algorithm needs, whatever the engine's cap for user requests.
+        ids = [
+            engine.add_request({"prompt_token_ids": b.tokens}, step_params, max_logprobs=2 * width)
+            for _, b in flat
+        ]
         outs = engine.run_to_completion(ids)
         candidates: list[list[BeamSearchSequence]] = [[] for _ in prompts]
         for (i, beam), out in zip(flat, outs):

@@ -57,7 +57,8 @@ def hf_beams(model_dir, prompt, width, max_new, length_penalty):
     return [s[len(prompt) :].tolist() for s in out.sequences], scores
 
 
-@pytest.mark.parametrize("width", [1, 2, 5])
+# 12: each step asks for 24 logprobs, more than the engine's max_logprobs (20) lets a user request.
+@pytest.mark.parametrize("width", [1, 2, 5, 12])
 @pytest.mark.parametrize("length_penalty", [1.0, 0.5])
 def test_best_beam_matches_transformers(llm, model_dir, width, length_penalty):
     params = BeamSearchParams(beam_width=width, max_tokens=8, ignore_eos=True, length_penalty=length_penalty)
