@@ -5,6 +5,8 @@
 #      cache) against transformers on the CPU, tiny random models (benchmarks/gpu_greedy.py);
 #   3. benchmarks/attention_kernels.py: the paged-attention kernels alone (decode vs prefill kernel);
 #   4. benchmarks/gpu.py: the Llama-3.2-1B-shaped bf16 benchmark against HF generate (eager, static);
+#   5. benchmarks/decode_anatomy.py: a batch-1 decode step of that model kernel by kernel (what the
+#      step costs beside the weight floor), with whatever time the 580 s budget has left;
 # then a summary table, printed last. Logs and gpu.json go to $OUT (or /tmp/gpu_check).
 #
 # The GPU image has torch, triton, transformers, safetensors, pytest(-timeout), tqdm, numpy, jinja2,
@@ -59,6 +61,16 @@ stage "kernel + dispatch + NCCL tests" 120 tests.log \
 stage "greedy GPU vs CPU reference" 90 greedy.log $PY benchmarks/gpu_greedy.py "${GREEDY_ARGS[@]}"
 stage "attention kernels alone" 40 attention.log $PY benchmarks/attention_kernels.py
 stage "benchmarks/gpu.py" 250 gpu.log $PY benchmarks/gpu.py --json "$OUT/gpu.json" "${BENCH_ARGS[@]}"
+# Last and optional: it gets what is left of BUDGET (under the device tool's 600 s), 60 s at most.
+LEFT=$(( ${BUDGET:-580} - SECONDS ))
+ANATOMY_ARGS=()
+if [ "${SMOKE:-0}" = 1 ]; then ANATOMY_ARGS=(--tiny); fi
+if [ "$LEFT" -ge 25 ]; then
+  stage "decode step anatomy" $(( LEFT < 60 ? LEFT : 60 )) anatomy.log \
+    $PY benchmarks/decode_anatomy.py "${ANATOMY_ARGS[@]}"
+else
+  SUMMARY+=("| decode step anatomy | skipped (${LEFT}s left) | 0 |")
+fi
 
 echo
 echo "| stage | status | s |"
@@ -68,5 +80,7 @@ echo "greedy scenarios passing: $(grep -c '| pass |' "$OUT/greedy.log")," \
   "failing: $(grep -c '| FAIL' "$OUT/greedy.log")"
 echo
 grep '^| ' "$OUT/attention.log" || true
+echo
+sed -n '/^| decode step, batch 1/,$p' "$OUT/anatomy.log" 2>/dev/null || true
 echo
 sed -n '/^| engine/,$p' "$OUT/gpu.log"
