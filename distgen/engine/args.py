@@ -56,8 +56,11 @@ class EngineArgs:
         hf = source.hf_config
         backend = Executor.resolve_backend(self.distributed_executor_backend, self.tensor_parallel_size)
         device = self.device or default_device(backend)
+        check_device(device, backend)
         max_pos = int(hf.get("max_position_embeddings") or 2048)
-        max_len = self.max_model_len or max_pos
+        max_len = max_pos if self.max_model_len is None else self.max_model_len
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_model_len must be an integer >= 1, got {max_len!r}")
         if max_len > max_pos:
             raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {max_pos}")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
@@ -99,6 +102,23 @@ class EngineArgs:
             parallel=ParallelConfig(self.tensor_parallel_size, backend),
             device=device,
         ), source
+
+
+def check_device(device: str, backend: str) -> None:
+    """A device the engine can run on, named before any process starts: ``cpu`` or ``cuda[:N]``, and
+    CUDA only where torch sees a GPU (or where Ray actors on other nodes will)."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}") from e
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if kind == "cuda" and backend != "ray" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(
+            f"device={device!r} but torch sees no CUDA GPU here (torch {torch.__version__}, {build}); "
+            "use device='cpu', or run where a GPU is visible"
+        )
 
 
 def default_device(backend: str) -> str:

@@ -74,6 +74,13 @@ def _bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
 
 
+def _port(text: str | int) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r} (0-65535; 0 picks a free one)")
+    return port
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     defaults = EngineArgs()
@@ -147,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="YAML", help="defaults for any flag below, read from a YAML file")
     net = serve.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    net.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    net.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
     net.add_argument("--api-key", dest="api_key", default=None, help="require 'Authorization: Bearer KEY'")
     net.add_argument(
         "--chat-template", dest="chat_template", default=None, help="Jinja template file or string"

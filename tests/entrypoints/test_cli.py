@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distgen.engine.args import EngineArgs
 from distgen.entrypoints.cli import _apply_config, build_parser, engine_args_from, parse_size
@@ -95,6 +97,14 @@ def test_generate_one_shot(tiny_model_dir):
         (["serve", "/nonexistent/model"], "model '/nonexistent/model' not found"),
         (["serve", "-tp", "2"], "tensor_parallel_size=2 does not fit the model: it has 9 attention heads"),
         (["serve", "--kv-cache-memory", "lots"], "not a size"),
+        (["serve", "--port", "99999"], "not a TCP port"),
+        (["serve", "--max-model-len", "0"], "max_model_len must be an integer >= 1, got 0"),
+        (["serve", "--device", "tpu"], "device must be 'cpu' or 'cuda', got 'tpu'"),
+        pytest.param(
+            ["serve", "--device", "cuda"],
+            "torch sees no CUDA GPU here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
     ],
 )
 def test_bad_serve_invocations_fail_with_one_clear_line(argv, needle):
@@ -104,3 +114,21 @@ def test_bad_serve_invocations_fail_with_one_clear_line(argv, needle):
     assert res.returncode != 0
     assert needle in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_port_in_use_fails_before_the_model_loads():
+    """The socket is bound first: no engine starts (seconds to minutes of loading) for a server that
+    could never listen."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = subprocess.run(
+            [sys.executable, "-m", "distgen.entrypoints.cli", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert res.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in res.stderr and "Traceback" not in res.stderr
+    assert "engine core" not in res.stderr  # nothing was started

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -152,16 +153,35 @@ def _check_alive(engine: AsyncLLM) -> None:
         raise EngineDeadError("the engine is dead: the engine core process is gone")
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use fails at once, not after the
+    engine has started, and port 0 becomes the free port the kernel picked."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return sock
+
+
 def serve(engine_args: EngineArgs, server: ServerArgs) -> None:
     """Load the model, then serve until Ctrl-C / SIGTERM; the engine core stops with the server."""
     import uvicorn
 
-    engine = AsyncLLM.from_engine_args(engine_args)
+    sock = listen_socket(server.host, server.port)
     try:
-        names = [engine.config.model.served_model_name]
-        app = build_app(engine, server, names)
-        config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level)
-        logger.info("serving %s on http://%s:%d", names[0], server.host, server.port)
-        asyncio.run(uvicorn.Server(config).serve())
+        engine = AsyncLLM.from_engine_args(engine_args)
+        try:
+            names = [engine.config.model.served_model_name]
+            app = build_app(engine, server, names)
+            config = uvicorn.Config(app, log_level=server.log_level)
+            port = sock.getsockname()[1]
+            logger.info("serving %s on http://%s:%d", names[0], server.host, port)
+            asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+        finally:
+            engine.shutdown()
     finally:
-        engine.shutdown()
+        sock.close()
