@@ -71,8 +71,8 @@ class InputProcessor:
         for i in range(params.n):
             child = params.clone()
             child.n = 1
-            if params.seed is not None:
-                child.seed = params.seed + i
+            if params.seed is not None:  # wrapped into int64, as the seed itself must be
+                child.seed = (params.seed + i + 2**63) % 2**64 - 2**63
             children.append((request_id if params.n == 1 else f"{i}_{request_id}", child))
         reqs = [EngineCoreRequest(cid, prompt_ids, p, arrival_time) for cid, p in children]
         return params, children, reqs

@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from distgen.engine.core import validate_prompt
 from distgen.outputs import BeamSearchOutput, BeamSearchSequence
 from distgen.sampling_params import BeamSearchParams, SamplingParams
 
@@ -39,6 +40,7 @@ def beam_search(
         if isinstance(p, dict) and "prompt" in p and "prompt_token_ids" not in p:
             p = p["prompt"]
         prompt_ids.append(engine.tokenize_prompt(p)[1])
+        validate_prompt(prompt_ids[-1], engine.max_model_len, engine.config.model.vocab_size)
     live = [[BeamSearchSequence(tokens=list(ids))] for ids in prompt_ids]
     done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
     limit = engine.max_model_len

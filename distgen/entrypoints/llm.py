@@ -44,6 +44,11 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for each prompt; outputs come back in the order of ``prompts``."""
+        if prompts is None or isinstance(prompts, (int, float, bytes)):
+            raise TypeError(
+                "prompts must be a string, a token-id list, a prompt dict, or a list of them, "
+                f"got {type(prompts).__name__}"
+            )
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):
@@ -54,7 +59,13 @@ class LLM:
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:
-            params = list(sampling_params)
+            is_seq = isinstance(sampling_params, Sequence) and not isinstance(sampling_params, str)
+            params = list(sampling_params) if is_seq else [sampling_params]
+            if not all(isinstance(p, SamplingParams) for p in params):
+                raise TypeError(
+                    "sampling_params must be a SamplingParams or a list of them (one per prompt), "
+                    f"got {type(sampling_params).__name__}"
+                )
             if len(params) != len(prompts):
                 raise ValueError(
                     f"got {len(params)} SamplingParams for {len(prompts)} prompts; "

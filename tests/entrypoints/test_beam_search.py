@@ -89,3 +89,14 @@ def test_beams_share_prefix_blocks_and_eos_ends_beams(llm):
         gen = s.tokens[len(tok("Hello, my name is ").input_ids) :]
         assert 2 not in gen[:-1]  # EOS can only be last
         assert s.finish_reason in ("stop", "length")
+
+
+def test_prompts_that_cannot_run_are_rejected(llm):
+    limit = llm.llm_engine.max_model_len
+    with pytest.raises(
+        ValueError, match=f"the prompt has {limit} tokens, but the maximum model length is {limit}"
+    ):
+        llm.beam_search([{"prompt_token_ids": [5] * limit}], BeamSearchParams(beam_width=2, max_tokens=2))
+    with pytest.raises(ValueError, match="empty"):
+        llm.beam_search([{"prompt_token_ids": []}], BeamSearchParams(beam_width=2, max_tokens=2))
+    assert_engine_idle_and_empty(llm)

@@ -204,6 +204,15 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
         llm.generate(
             tok_prompts(PROMPTS[:1]), SamplingParams(max_tokens=2, prompt_logprobs=21), use_tqdm=False
         )
+    with pytest.raises(TypeError, match="prompts must be a string, a token-id list"):
+        llm.generate(None, GREEDY, use_tqdm=False)
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them"):
+        llm.generate("hi", {"max_tokens": 2}, use_tqdm=False)
+    # n children are seeded seed + i, wrapped into 64 bits: the largest seed must not overflow them
+    # (a child seed out of range used to fail the engine core's decoding and kill the engine).
+    wide = SamplingParams(n=2, seed=2**63 - 1, temperature=1.0, max_tokens=2)
+    (both,) = llm.generate(tok_prompts(PROMPTS[:1]), wide, use_tqdm=False)
+    assert len(both.outputs) == 2 and all(len(c.token_ids) == 2 for c in both.outputs)
     out = llm.generate(tok_prompts(PROMPTS[:2]), GREEDY, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 12 for o in out)
     assert_engine_idle_and_empty(llm)
