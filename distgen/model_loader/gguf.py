@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from distgen.envs import envs
+from distgen.model_loader.gguf_file import GGUFFile, GGUFTensor
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader, ReaderTensor
     from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
@@ -127,12 +127,12 @@ def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    value = reader.metadata.get(key, default)
+    return value.tolist() if isinstance(value, np.ndarray) else value
 
 
-def _build_hf_config(reader: GGUFReader, arch: str) -> dict:
+def _build_hf_config(reader: GGUFFile, arch: str) -> dict:
     """The ``config.json``-equivalent of the file's metadata."""
     hf_arch, model_type = SUPPORTED_ARCHITECTURES[arch]
 
@@ -153,11 +153,11 @@ def _build_hf_config(reader: GGUFReader, arch: str) -> dict:
 
     vocab = get("vocab_size")
     if vocab is None:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        tokens = reader.metadata.get("tokenizer.ggml.tokens")
         if tokens is not None:
-            vocab = len(tokens.data)
+            vocab = len(tokens)
         else:  # token_embd is [vocab, hidden] in numpy order
-            vocab = next(t.data.shape[0] for t in reader.tensors if t.name == "token_embd.weight")
+            vocab = next(t.shape[0] for t in reader.tensors if t.name == "token_embd.weight")
 
     config: dict[str, Any] = {
         "architectures": [hf_arch],
@@ -206,7 +206,7 @@ class GGUFCheckpoint:
     path: str
     hf_config: dict
     chat_template: str | None
-    _reader: GGUFReader | None = field(default=None, repr=False, compare=False)
+    _reader: GGUFFile | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
         # The reader holds a memory map: drop it when pickled (e.g. sent to a worker) and reopen there.
@@ -214,11 +214,9 @@ class GGUFCheckpoint:
         state["_reader"] = None
         return state
 
-    def _get_reader(self) -> GGUFReader:
+    def _get_reader(self) -> GGUFFile:
         if self._reader is None:
-            from gguf import GGUFReader
-
-            self._reader = GGUFReader(self.path)
+            self._reader = GGUFFile(self.path)
         return self._reader
 
     def _arch(self) -> str:
@@ -228,7 +226,7 @@ class GGUFCheckpoint:
         """The Hugging Face names :meth:`iter_weights` yields, in file order, without reading any data."""
         return [n for n in (_hf_name(t.name) for t in self._get_reader().tensors) if n is not None]
 
-    def _convert(self, tensor: ReaderTensor, hf_name: str) -> torch.Tensor:
+    def _convert(self, tensor: GGUFTensor, hf_name: str) -> torch.Tensor:
         from gguf.quants import dequantize
 
         array = dequantize(tensor.data, tensor.tensor_type)  # numpy order == torch order: [out, in]
@@ -304,8 +302,7 @@ def _save_atomically(tokenizer, target: str) -> None:
 def read_gguf(path: str) -> GGUFCheckpoint:
     """Open a GGUF file and read its metadata; tensor data is read later, by ``iter_weights``.
 
-    Parsing the metadata takes seconds (the vocabulary arrays), so the result is kept per
-    (path, size, mtime) for the life of the process.
+    The result is kept per (path, size, mtime) for the life of the process.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -320,9 +317,7 @@ def read_gguf(path: str) -> GGUFCheckpoint:
 
 @functools.lru_cache(maxsize=4)
 def _read_gguf_cached(path: str, size: int, mtime_ns: int) -> GGUFCheckpoint:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+    reader = GGUFFile(path)
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))

@@ -168,7 +168,7 @@ def test_tokenizer_matches_transformers(ckpt: GGUFCheckpoint, tokenizer) -> None
 
 def test_tokenizer_vocab_is_the_files(ckpt: GGUFCheckpoint, tokenizer) -> None:
     """Independent of transformers' GGUF code: tokens map to the file's own vocabulary."""
-    tokens = ckpt._get_reader().fields["tokenizer.ggml.tokens"].contents()
+    tokens = ckpt._get_reader().metadata["tokenizer.ggml.tokens"]
     assert len(tokenizer) == len(tokens) == 49152
     for text in TEXTS:
         ids = tokenizer.encode(text, add_special_tokens=False)
