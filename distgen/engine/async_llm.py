@@ -35,8 +35,11 @@ class AsyncLLM:
         self, config: EngineConfig, source: ModelSource, stat_loggers: list[StatLogger] | None = None
     ) -> None:
         self.config = config
-        self.input_processor = InputProcessor(config, source)
-        self.client = AsyncMPClient(config, source)
+
+        def load_inputs() -> None:  # the tokenizer loads while the engine core loads the model
+            self.input_processor = InputProcessor(config, source)
+
+        self.client = AsyncMPClient(config, source, while_starting=load_inputs)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
         self.last_stats: SchedulerStatsMsg | None = None

@@ -24,6 +24,7 @@ import tempfile
 import time
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -97,18 +98,30 @@ class EngineCoreClient(ABC):
         raise NotImplementedError
 
     @staticmethod
-    def make(config: EngineConfig, source: ModelSource, asyncio_mode: bool = False) -> EngineCoreClient:
+    def make(
+        config: EngineConfig,
+        source: ModelSource,
+        asyncio_mode: bool = False,
+        while_starting: Callable[[], None] | None = None,
+    ) -> EngineCoreClient:
+        """The client of a new engine core. ``while_starting`` is the caller's own start-up work (the
+        tokenizer, ...): it runs while the engine core process boots and loads the model, and the core
+        is stopped if it raises."""
         if asyncio_mode:
-            return AsyncMPClient(config, source)
+            return AsyncMPClient(config, source, while_starting)
         if envs().enable_multiprocessing:
-            return SyncMPClient(config, source)
-        return InprocClient(config, source)
+            return SyncMPClient(config, source, while_starting)
+        return InprocClient(config, source, while_starting)
 
 
 class InprocClient(EngineCoreClient):
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(
+        self, config: EngineConfig, source: ModelSource, while_starting: Callable[[], None] | None = None
+    ) -> None:
         from distgen.engine.core import EngineCore
 
+        if while_starting is not None:
+            while_starting()
         self.core = EngineCore(config, source)
         self.ready = EngineCoreReady(
             self.core.num_blocks,
@@ -201,7 +214,9 @@ class _CoreProcess:
 
 
 class _MPClientBase(EngineCoreClient):
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(
+        self, config: EngineConfig, source: ModelSource, while_starting: Callable[[], None] | None = None
+    ) -> None:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(EngineCoreMessage)
         self._dead: str | None = None
@@ -209,6 +224,8 @@ class _MPClientBase(EngineCoreClient):
         self._proc = _CoreProcess.start(config, source)
         self._finalizer = weakref.finalize(self, self._proc.close)
         try:
+            if while_starting is not None:
+                while_starting()
             self.ready = self._handshake(t0 + envs().engine_ready_timeout_s)
         except BaseException:
             self.shutdown()
@@ -299,8 +316,10 @@ class SyncMPClient(_MPClientBase):
 
 
 class AsyncMPClient(_MPClientBase):
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
-        super().__init__(config, source)
+    def __init__(
+        self, config: EngineConfig, source: ModelSource, while_starting: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__(config, source, while_starting)
         # The same socket, awaited on the event loop (inputs stay synchronous: a PUSH send queues).
         self._output = zmq.asyncio.Socket.from_socket(self._proc.output)
 

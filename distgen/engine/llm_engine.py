@@ -26,8 +26,11 @@ class LLMEngine:
         self.config = config
         self.source = source
         t0 = time.time()
-        self.input_processor = InputProcessor(config, source)
-        self.client = EngineCoreClient.make(config, source)
+
+        def load_inputs() -> None:  # the tokenizer loads while the engine core loads the model
+            self.input_processor = InputProcessor(config, source)
+
+        self.client = EngineCoreClient.make(config, source, while_starting=load_inputs)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.last_stats = None

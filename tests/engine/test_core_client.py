@@ -38,6 +38,34 @@ def test_engine_core_runs_in_its_own_process_with_the_same_outputs(tiny_model_di
     assert [o.outputs[0].token_ids for o in inproc.generate(PROMPTS, GREEDY, use_tqdm=False)] == split
 
 
+def _children() -> set[int]:
+    pids = set()
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+            pids.update(int(p) for p in f.read().split())
+    return pids
+
+
+def test_start_up_work_runs_while_the_core_boots_and_a_failure_stops_the_core(tiny_model_dir):
+    """The front end loads its tokenizer while the engine core process loads the model; if that fails,
+    the core it started is stopped, not left behind."""
+    from distgen.engine.args import EngineArgs
+    from distgen.engine.core_client import EngineCoreClient
+
+    config, source = EngineArgs(model=tiny_model_dir("llama"), kv_cache_memory=KV).create_config()
+    before = _children()
+    started: list[set[int]] = []
+
+    def fail() -> None:
+        started.append(_children() - before)  # the core is already running by now
+        raise RuntimeError("tokenizer broke")
+
+    with pytest.raises(RuntimeError, match="tokenizer broke"):
+        EngineCoreClient.make(config, source, while_starting=fail)
+    assert len(started) == 1 and len(started[0]) == 1, started
+    assert wait_gone(list(started[0])) == []
+
+
 def test_killed_engine_core_raises_engine_dead(tiny_model_dir):
     llm = LLM(tiny_model_dir("qwen2"), kv_cache_memory=KV)
     client = llm.llm_engine.client
