@@ -99,7 +99,7 @@ def _busy_loop(core, inp: zmq.Socket, out: zmq.Socket, encoder: msgspec.msgpack.
         # Block only when idle; otherwise take what has arrived and step.
         timeout = 0 if core.has_work() else IDLE_POLL_MS
         while inp.poll(timeout):
-            msg = decoder.decode(inp.recv())
+            msg = _decode(decoder, inp.recv(), core)
             if isinstance(msg, EngineCoreRequest):
                 _add(core, msg)
             elif isinstance(msg, EngineCoreAbort):
@@ -111,6 +111,24 @@ def _busy_loop(core, inp: zmq.Socket, out: zmq.Socket, encoder: msgspec.msgpack.
             timeout = 0
         if core.has_work():
             out.send(encoder.encode(core.step()))
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, raw: bytes, core):
+    """One input message; one that does not decode (which the front end's own checks should make
+    impossible) ends only its own request, if it names one, instead of the engine."""
+    try:
+        return decoder.decode(raw)
+    except msgspec.DecodeError as e:  # ValidationError included
+        try:
+            fields = msgspec.msgpack.decode(raw)
+        except msgspec.DecodeError:
+            fields = None
+        if isinstance(fields, list) and len(fields) > 1 and fields[0] == "add" and isinstance(fields[1], str):
+            logger.error("request %s rejected by the engine core: it did not decode (%s)", fields[1], e)
+            core.reject_request(fields[1])
+        else:
+            logger.error("an input message did not decode and was dropped: %s", e)
+        return None
 
 
 def _add(core, req: EngineCoreRequest) -> None:

@@ -66,6 +66,27 @@ def test_start_up_work_runs_while_the_core_boots_and_a_failure_stops_the_core(ti
     assert wait_gone(list(started[0])) == []
 
 
+def test_a_request_the_core_cannot_decode_ends_alone(tiny_model_dir):
+    """Defence in depth behind the front end's checks: a request that fails the engine core's decoding
+    (here a seed beyond int64, forced past SamplingParams' own check) is ended as aborted and logged;
+    the engine keeps serving everyone else."""
+    from distgen.engine.messages import EngineCoreRequest
+
+    llm = LLM(tiny_model_dir("llama"), kv_cache_memory=KV)
+    client = llm.llm_engine.client
+    params = SamplingParams(max_tokens=2)
+    params.seed = 2**63 + 5  # encodes (uint64), fails validation when the core decodes it
+    client.add_request(EngineCoreRequest("bad", [5, 6, 7], params, time.time()))
+    ended = None
+    deadline = time.monotonic() + 30
+    while ended is None and time.monotonic() < deadline:
+        ended = next((o for o in client.get_output().outputs if o.request_id == "bad"), None)
+    assert ended is not None and ended.finish_reason == "abort" and ended.new_token_ids == []
+    out = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in out)
+    llm.shutdown()
+
+
 def test_killed_engine_core_raises_engine_dead(tiny_model_dir):
     llm = LLM(tiny_model_dir("qwen2"), kv_cache_memory=KV)
     client = llm.llm_engine.client
