@@ -27,13 +27,26 @@ def rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:
     return float(cfg.get("rope_theta") or 10000.0), cfg.get("rope_scaling")
 
 
+def head_dim_of(cfg: dict[str, Any]) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def rotary_of(cfg: dict[str, Any]) -> RotaryEmbedding:
+    """The model's one rotary embedding, shared by its layers: its cos/sin caches are
+    ``max_position_embeddings x head_dim`` floats (33 MB at Llama-3.2-1B's 131072 positions)."""
+    theta, scaling = rope_settings(cfg)
+    return RotaryEmbedding(head_dim_of(cfg), cfg.get("max_position_embeddings", 4096), theta, scaling)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, cfg: dict[str, Any], dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding
+    ) -> None:
         super().__init__()
         hidden = cfg["hidden_size"]
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
-        self.head_dim = cfg.get("head_dim") or hidden // heads
+        self.head_dim = head_dim_of(cfg)
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, kv_heads, bias=qkv_bias, dtype=dtype)
         self.o_proj = RowParallelLinear(
             heads * self.head_dim, hidden, bias=bool(cfg.get("o_bias", False)), dtype=dtype
@@ -42,8 +55,6 @@ class LlamaAttention(nn.Module):
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
-        theta, scaling = rope_settings(cfg)
-        rotary = RotaryEmbedding(self.head_dim, cfg.get("max_position_embeddings", 4096), theta, scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, rotary)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -73,10 +84,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, cfg: dict[str, Any], dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding
+    ) -> None:
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
-        self.self_attn = LlamaAttention(cfg, dtype, qkv_bias, qk_norm)
+        self.self_attn = LlamaAttention(cfg, dtype, qkv_bias, qk_norm, rotary)
         self.mlp = LlamaMLP(cfg, dtype)
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype)
@@ -99,8 +112,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         qkv_bias = self.qkv_bias or bool(cfg.get("attention_bias", False))
         self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], dtype)
+        rotary = rotary_of(cfg)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, dtype, qkv_bias, self.qk_norm) for _ in range(cfg["num_hidden_layers"])
+            LlamaDecoderLayer(cfg, dtype, qkv_bias, self.qk_norm, rotary)
+            for _ in range(cfg["num_hidden_layers"])
         )
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), dtype)
         self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], dtype=dtype)

@@ -37,3 +37,18 @@ def test_rope_tables_match_transformers_for_both_config_styles(scaling):
         rot = RotaryEmbedding(32, 512, theta, rope_scaling)
         torch.testing.assert_close(rot.cos[positions], hf_cos[0, :, :16], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(rot.sin[positions], hf_sin[0, :, :16], atol=1e-5, rtol=1e-5)
+
+
+def test_one_rotary_table_per_model_not_per_layer():
+    """Llama-3.2-1B's table is 131072 positions x 64 floats x 2 (33 MB): once per model, not 16 times."""
+    from distgen.models.llama import LlamaForCausalLM
+
+    cfg = dict(
+        hidden_size=64, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=3,
+        intermediate_size=32, vocab_size=32, max_position_embeddings=4096,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, torch.float32)
+    assert [name.rsplit(".", 1)[1] for name, _ in model.named_buffers()] == ["cos", "sin"]
+    rotaries = {id(layer.self_attn.attn.rotary) for layer in model.layers}
+    assert len(rotaries) == 1
