@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from distgen.envs import envs
-from distgen.model_loader.gguf_file import GGUFFile, GGUFTensor
+from distgen.model_loader.gguf_file import GGUFFile, GGUFTensor, dequantize
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -227,13 +227,7 @@ class GGUFCheckpoint:
         return [n for n in (_hf_name(t.name) for t in self._get_reader().tensors) if n is not None]
 
     def _convert(self, tensor: GGUFTensor, hf_name: str) -> torch.Tensor:
-        from gguf.quants import dequantize
-
-        array = dequantize(tensor.data, tensor.tensor_type)  # numpy order == torch order: [out, in]
-        # F32 tensors come back as read-only views of the memory map: copy those; quantized ones are fresh.
-        if array.dtype != np.float32 or not array.flags.writeable or not array.flags.c_contiguous:
-            array = np.array(array, dtype=np.float32, order="C")
-        w = torch.from_numpy(array)
+        w = dequantize(tensor)  # numpy order == torch order: [out, in]
         if self._arch() in _PERMUTED_QK_ARCHITECTURES:
             if ".self_attn.q_proj." in hf_name:
                 w = _unpermute_qk(w, self.hf_config["num_attention_heads"])

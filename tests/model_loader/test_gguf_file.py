@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from distgen.model_loader import gguf_file
 from distgen.model_loader.gguf import default_model_path
 from distgen.model_loader.gguf_file import GGUFFile
 
@@ -97,3 +99,37 @@ def test_unreadable_files_are_named(tmp_path):
     cut.write_bytes(full.read_bytes()[:300])
     with pytest.raises(ValueError, match="truncated or damaged"):
         GGUFFile(str(cut))
+
+
+def test_dequantize_is_bit_identical_to_gguf_quants(tmp_path, monkeypatch):
+    """Our torch unpacking of Q4_0 / Q4_1 / Q8_0 (and the fallback for F32 / F16) against the gguf
+    package's, on the default model's tensors and on synthetic ones, with tensors split into several
+    row chunks (a small chunk size) as large tensors are."""
+    path = str(tmp_path / "quants.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    rng = np.random.default_rng(1)
+    for qtype in (
+        gguf.GGMLQuantizationType.Q4_0,
+        gguf.GGMLQuantizationType.Q4_1,
+        gguf.GGMLQuantizationType.Q8_0,
+    ):
+        x = (rng.standard_normal((37, 96)) * rng.uniform(0.01, 10)).astype(np.float32)
+        w.add_tensor(qtype.name, quantize(x, qtype), raw_dtype=qtype)
+    w.add_tensor("f16", rng.standard_normal((5, 7)).astype(np.float16))
+    w.add_tensor("f32", rng.standard_normal(9, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    files = [GGUFFile(path)]
+    try:
+        files.append(GGUFFile(default_model_path()))
+    except RuntimeError:
+        pass
+    monkeypatch.setattr(gguf_file, "_CHUNK", 500)  # several row chunks per tensor
+    for f in files:
+        for t in f.tensors:
+            got = gguf_file.dequantize(t)
+            want = dequantize(t.data, t.tensor_type)
+            assert got.dtype == torch.float32 and tuple(got.shape) == t.shape, t.name
+            assert np.array_equal(got.numpy(), np.asarray(want, dtype=np.float32).reshape(t.shape)), t.name
