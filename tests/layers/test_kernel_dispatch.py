@@ -46,16 +46,35 @@ def test_mode_picks_the_path():
             pass
 
 
-@pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory) -> str:
-    """Tiny Qwen3 (GQA 4:2, q/k RMSNorm, tied embeddings) saved without a tokenizer: the runner needs none."""
+def _save_tiny(tmp_path_factory, arch: str) -> str:
+    """A tiny random model saved without a tokenizer: the runner needs none, and the GPU machine, where
+    these tests also run, has no default model to take one from."""
     import transformers as tf
 
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(_tiny_config("qwen3"), dtype=torch.float32)
-    path = str(tmp_path_factory.mktemp("tiny-qwen3-dispatch"))
+    model = tf.AutoModelForCausalLM.from_config(_tiny_config(arch), dtype=torch.float32)
+    path = str(tmp_path_factory.mktemp(f"tiny-{arch}-dispatch"))
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory) -> str:
+    """Tiny Qwen3 (GQA 4:2, q/k RMSNorm, tied embeddings)."""
+    return _save_tiny(tmp_path_factory, "qwen3")
+
+
+@pytest.fixture(scope="module")
+def tokenizerless_dir(tmp_path_factory):
+    """``tokenizerless_dir(arch)`` -> a tiny model of ``arch`` (see :func:`_save_tiny`), built once."""
+    cache: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in cache:
+            cache[arch] = _save_tiny(tmp_path_factory, arch)
+        return cache[arch]
+
+    return make
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, logprobs=3, ignore_eos=True)
@@ -199,7 +218,7 @@ def test_a_step_waits_for_the_gpu_only_to_read_its_tokens(qwen3_dir):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_a_decode_forward_launches_nine_kernels_per_layer(arch, tiny_model_dir, monkeypatch):
+def test_a_decode_forward_launches_nine_kernels_per_layer(arch, tokenizerless_dir, monkeypatch):
     """The forward a decode graph captures, listed launch by launch: per Llama layer a norm, the QKV
     GEMM, rotary fused with the KV store (and with Qwen3's q/k norms), attention, the output GEMM, a
     fused add + norm, the gate/up GEMM, SiLU fused with the product, the down GEMM. Under a graph every
@@ -239,7 +258,7 @@ def test_a_decode_forward_launches_nine_kernels_per_layer(arch, tiny_model_dir, 
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     device = "cuda" if CUDA else "cpu"
     with dispatch.kernel_mode("auto" if CUDA else "triton"):
-        runner = _runner(tiny_model_dir(arch), device)
+        runner = _runner(tokenizerless_dir(arch), device)
         graphs = runner.graphs or DecodeGraphs(
             runner.model, 4, 256, pad_block=15, device=torch.device(device)
         )
