@@ -75,7 +75,7 @@ def test_gpu_stage_tests_need_nothing_the_gpu_image_lacks(gpu_image_env):
     stage1 = ["tests/kernels", "tests/layers/test_kernel_dispatch.py", "tests/distributed"]
     env = {**gpu_image_env, "TRITON_INTERPRET": "1"}
     out = _run(env, "-m", "pytest", "-q", "-p", "no:cacheprovider", *stage1)
-    assert " passed" in out and "error" not in out.lower(), out[-2000:]
+    assert " passed" in out, out[-2000:]  # and _run checked the exit status: no failure, no error
 
 
 def test_greedy_check_runs_and_passes(gpu_image_env):
