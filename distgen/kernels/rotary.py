@@ -30,11 +30,8 @@ def _rotate_heads(
     src_ptr,
     dst_ptr,
     w_ptr,
-    src_s0,
     src_s1,
-    dst_s0,
     dst_s1,
-    tok,
     n_heads,
     cos,
     sin,
@@ -44,15 +41,15 @@ def _rotate_heads(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Rotate the ``n_heads`` heads of token ``tok`` from ``src`` into ``dst`` (float32 math, rounded to
-    dst's dtype); a zero ``dst_s0`` makes ``dst`` the token's own base (a cache slot). With
+    """Rotate one token's ``n_heads`` heads from ``src`` into ``dst`` (each the token's base, heads
+    ``s1`` apart: a row of q, or a cache slot), in float32 math rounded to dst's dtype. With
     ``HAS_NORM`` each head is first RMS-normalised over its ``2 * half`` dims and scaled by ``w``,
     rounded to src's dtype as :class:`distgen.layers.norm.RMSNorm` rounds."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < n_heads) & (dims < half)
-    src = src_ptr + tok * src_s0 + heads * src_s1 + dims
-    dst = dst_ptr + tok * dst_s0 + heads * dst_s1 + dims
+    src = src_ptr + heads * src_s1 + dims
+    dst = dst_ptr + heads * dst_s1 + dims
     x1f = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2f = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
@@ -114,17 +111,14 @@ def _rotary_store_kernel(
     cmask = dims < half
     cos = tl.load(cos_ptr + pos * cs_s0 + dims, mask=cmask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + pos * cs_s0 + dims, mask=cmask, other=0.0).to(tl.float32)
+    q, q_out = q_ptr + tok * q_s0, q_out_ptr + tok * qo_s0
+    k, k_slot = k_ptr + tok * k_s0, kc_ptr + blk * kc_s0 + off * kc_s2
+    v, v_slot = v_ptr + tok * v_s0, vc_ptr + blk * vc_s0 + off * vc_s2
+    _rotate_heads(q, q_out, qw_ptr, q_s1, qo_s1, n_q_heads, cos, sin, half, eps, HAS_NORM, BLOCK_HQ, BLOCK_D)
     _rotate_heads(
-        q_ptr, q_out_ptr, qw_ptr, q_s0, q_s1, qo_s0, qo_s1, tok, n_q_heads, cos, sin, half, eps,
-        HAS_NORM, BLOCK_HQ, BLOCK_D,
-    )  # fmt: skip
-    k_slot = kc_ptr + blk * kc_s0 + off * kc_s2
-    _rotate_heads(
-        k_ptr, k_slot, kw_ptr, k_s0, k_s1, 0, kc_s1, tok, n_kv_heads, cos, sin, half, eps,
-        HAS_NORM, BLOCK_HK, BLOCK_D,
-    )  # fmt: skip
-    v_slot = vc_ptr + blk * vc_s0 + off * vc_s2
-    _store_heads(v_ptr + tok * v_s0, v_s1, v_slot, vc_s1, n_kv_heads, 2 * half, BLOCK_HK, 2 * BLOCK_D)
+        k, k_slot, kw_ptr, k_s1, kc_s1, n_kv_heads, cos, sin, half, eps, HAS_NORM, BLOCK_HK, BLOCK_D
+    )
+    _store_heads(v, v_s1, v_slot, vc_s1, n_kv_heads, 2 * half, BLOCK_HK, 2 * BLOCK_D)
 
 
 def rotary_store_kv(
