@@ -40,8 +40,19 @@ _SCALAR = {
     11: "<q",
     12: "<d",
 }
-_DTYPE = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8"}
-_DTYPE[12] = "<f8"
+_DTYPE = {
+    0: "u1",
+    1: "i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 
 
 @dataclass(eq=False)
@@ -165,7 +176,7 @@ def dequantize(tensor: GGUFTensor) -> torch.Tensor:
         return torch.from_numpy(np.array(array, dtype=np.float32, order="C")).reshape(tensor.shape)
     block, type_size = GGML_QUANT_SIZES[qtype]
     raw = torch.from_numpy(np.array(tensor.data))  # the packed bytes (0.56-1.06 bytes per weight)
-    rows = raw.reshape(-1, raw.shape[-1]) if raw.dim() else raw.reshape(1, -1)
+    rows = raw.reshape(-1, raw.shape[-1])  # ``data`` has at least its row of bytes as a dimension
     cols = rows.shape[1] // type_size * block
     out = torch.empty(rows.shape[0], cols, dtype=torch.float32)
     step = max(1, _CHUNK // max(cols, 1))
