@@ -49,6 +49,12 @@ class ModelConfig:
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs, every step runs eagerly
     max_logprobs: int = 20  # most (prompt) logprobs a request may ask for per position
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_model_len, int) or self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be an integer >= 1, got {self.max_model_len!r}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
+
     @property
     def architecture(self) -> str:
         archs = self.hf_config.get("architectures") or ["?"]

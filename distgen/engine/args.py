@@ -59,12 +59,6 @@ class EngineArgs:
         check_device(device, backend)
         max_pos = int(hf.get("max_position_embeddings") or 2048)
         max_len = max_pos if self.max_model_len is None else self.max_model_len
-        if not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"max_model_len must be an integer >= 1, got {max_len!r}")
-        if max_len > max_pos:
-            raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {max_pos}")
-        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         gen = self.generation_config
         if gen == "vllm":
             gen = "distgen"
@@ -79,7 +73,9 @@ class EngineArgs:
             served_model_name=self.served_model_name or self.model or "SmolLM2-135M-Instruct",
             enforce_eager=self.enforce_eager,
             max_logprobs=self.max_logprobs,
-        )
+        )  # checks max_model_len and max_logprobs themselves, as the other configs check theirs
+        if max_len > max_pos:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {max_pos}")
         batched = self.max_num_batched_tokens
         if batched is None:
             batched = 2048 if self.enable_chunked_prefill else max(2048, max_len)
