@@ -3,9 +3,10 @@
 One process, one device, one random-weight bfloat16 model (hidden 2048, 16 layers, 32 heads, 8 KV heads,
 intermediate 8192, vocab 128256, tied embeddings) saved to a temporary directory and loaded by both
 engines. Workloads: batch 1 (prompt 128, 256 new tokens) and batch 256 (prompt 128, 256 new tokens),
-greedy, every request generating exactly its tokens. Peers in the same run: ``generate`` eager (its
-default dynamic cache) and with ``cache_implementation="static"`` (transformers compiles its decode
-step; one untimed run of each shape compiles it first).
+greedy, every request generating exactly its tokens. distgen runs with its decode CUDA graphs, with them
+and async scheduling (the next step scheduled while the GPU runs this one), and eagerly. Peers in the
+same run: ``generate`` eager (its default dynamic cache) and with ``cache_implementation="static"``
+(transformers compiles its decode step; one untimed run of each shape compiles it first).
 
 The batch-1 roofline: every decode step reads all weights once, so the fastest step is weight bytes /
 copy bandwidth, with the bandwidth measured here by a large device-to-device copy (bytes read plus
@@ -90,7 +91,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
 # ------------------------------------------------------------------------------------------- distgen
 
 
-def run_distgen(path: str, args, prompts: list[list[int]], eager: bool, rows: list[Row]) -> None:
+def run_distgen(
+    path: str, args, prompts: list[list[int]], eager: bool, rows: list[Row], async_scheduling: bool = False
+) -> None:
     from distgen import LLM, SamplingParams
 
     bs = 16
@@ -104,9 +107,10 @@ def run_distgen(path: str, args, prompts: list[list[int]], eager: bool, rows: li
         num_gpu_blocks_override=args.batch * per_seq + 64,
         enable_prefix_caching=False,
         enforce_eager=eager,
+        async_scheduling=async_scheduling,
         device=args.device,
     )
-    name = "distgen eager" if eager else "distgen"
+    name = "distgen eager" if eager else "distgen async" if async_scheduling else "distgen"
 
     def gen(ps: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
@@ -214,6 +218,7 @@ def main() -> int:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-hf-static", action="store_true")
     p.add_argument("--skip-distgen-eager", action="store_true")
+    p.add_argument("--skip-distgen-async", action="store_true", help="no async-scheduling rows")
     p.add_argument("--json", help="write the rows and the environment here")
     args = p.parse_args()
     if args.tiny:
@@ -244,6 +249,9 @@ def main() -> int:
             print(f"random model ({wbytes / 1e9:.2f} GB) saved in {secs:.1f}s", flush=True)
             run_distgen(path, args, prompts, eager=False, rows=rows)
             release(args.device)
+            if not args.skip_distgen_async:
+                run_distgen(path, args, prompts, eager=False, rows=rows, async_scheduling=True)
+                release(args.device)
             if not args.skip_distgen_eager:
                 run_distgen(path, args, prompts, eager=True, rows=rows)
                 release(args.device)

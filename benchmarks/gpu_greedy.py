@@ -3,7 +3,8 @@
 Tiny random models (Llama with GQA, Qwen3 with q/k norms, OPT) are saved to a temporary directory;
 transformers computes the greedy reference on the CPU, then distgen generates on the device in float32
 in several scenarios: CUDA graphs for decode (the default on CUDA), ``enforce_eager``, chunked
-prefill (7-token step budget), and prefix-cache hits (every prompt twice, then again). Each must pass
+prefill (7-token step budget), prefix-cache hits (every prompt twice, then again), and async scheduling
+(decode inputs taken from the last step's samples on the device). Each must pass
 DESIGN.md's rule (identical tokens, or a near-tie flip within the reference's top-5 at the first
 divergence); the exact-match rate is reported. Exits 1 if any scenario fails.
 
@@ -33,6 +34,7 @@ SCENARIOS = {
     "eager": dict(enforce_eager=True),
     "chunked-prefill": dict(max_num_batched_tokens=7),
     "prefix-cache": dict(block_size=4),
+    "async-scheduling": dict(async_scheduling=True),
 }
 
 

@@ -29,7 +29,9 @@ FINISH_REASONS = {
 
 
 class Request:
-    """One sequence being generated. ``num_computed_tokens`` counts tokens whose KV is in the cache."""
+    """One sequence being generated. ``num_computed_tokens`` counts tokens whose KV is in the cache
+    once the steps scheduled so far have run; ``num_pending`` tokens have been sampled by a step that
+    is still running (async scheduling) and are not in ``all_token_ids`` yet."""
 
     def __init__(
         self,
@@ -48,6 +50,7 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_pending = 0
         self.num_cached_tokens = -1  # prefix-cache hits at first scheduling (-1: not yet)
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
@@ -59,6 +62,13 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Penalties read every earlier output token on the host, so its next step cannot be
+        scheduled before the previous one's token is known."""
+        p = self.sampling_params
+        return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
 
     @property
     def num_prompt_tokens(self) -> int:

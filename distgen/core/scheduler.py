@@ -5,6 +5,10 @@ tokens it has not computed yet (one for a decoding request, a chunk of the promp
 running requests first, then waiting ones, until the token budget or the sequence limit is spent.
 When the KV cache runs out, the most recently admitted running request is preempted: its blocks
 are freed and it goes back to the head of the waiting queue, to be recomputed later.
+
+A step's tokens count as computed as soon as it is scheduled. With async scheduling the next step is
+scheduled before the last one's sampled tokens are known: a request then asks for its pending token
+(``Request.num_pending``), which the worker takes from the previous step's samples on the device.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.finished_req_ids: list[str] = []  # to tell the workers at the next step
         self.num_preemptions = 0
+        self.num_needing_host_tokens = 0  # unfinished requests with penalties (see Request)
 
     # -- queue management ------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -51,6 +56,7 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.num_needing_host_tokens += request.needs_host_tokens
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """End requests from outside the step (aborts, stop strings found by the front end)."""
@@ -59,19 +65,21 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue
-            if req.status == RequestStatus.RUNNING:
-                self.running.remove(req)
-            else:
-                self.waiting.remove(req)
             req.status = status
-            self._free(req)
+            self._finish(req)
             done.append(req)
         return done
 
-    def _free(self, req: Request) -> None:
+    def _finish(self, req: Request) -> None:
+        """Take a request that just got a finished status out of its queue and free it."""
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)  # preempted while its last token was being sampled
         self.kv.free(req)
         self.requests.pop(req.request_id, None)
         self.finished_req_ids.append(req.request_id)
+        self.num_needing_host_tokens -= req.needs_host_tokens
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -92,7 +100,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending and req.num_output_tokens + req.num_pending >= req.max_tokens:
+                i += 1  # its last token is being sampled: it ends when that arrives
+                continue
+            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
             if n <= 0:  # all known tokens computed (should not happen between steps)
                 i += 1
                 continue
@@ -117,6 +128,8 @@ class Scheduler:
         # 2. Waiting requests, in arrival order (preempted ones were put back at the head).
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending:  # preempted while a step sampled for it: wait for that token
+                break
             computed, num_hit = self.kv.get_computed_blocks(req)
             n = req.num_tokens - num_hit
             if n > budget and not self.config.enable_chunked_prefill:
@@ -137,7 +150,13 @@ class Scheduler:
             num_scheduled[req.request_id] = n
             budget -= n
 
-        return self._make_output(num_scheduled, new_blocks, new_reqs)
+        out = self._make_output(num_scheduled, new_blocks, new_reqs)
+        for rid, n in num_scheduled.items():
+            req = self.requests[rid]
+            req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens + req.num_pending:
+                req.num_pending += 1  # this step samples its next token
+        return out
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -189,23 +208,24 @@ class Scheduler:
         )
 
     def update_from_output(self, sched: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, apply stop/length rules.
+        """Append the step's sampled tokens and apply the stop and length rules.
 
-        Returns the requests that received a token this step (finished or not).
+        Returns the requests that received a token (finished or not). A request preempted since the
+        step was scheduled keeps its token; one that ended meanwhile (aborted, or stopped by the
+        token before) drops it.
         """
         out = []
-        for rid, n in sched.num_scheduled_tokens.items():
-            req = self.requests.get(rid)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue  # preempted or aborted while the step ran
-            req.num_computed_tokens += n
+        for rid in sched.num_scheduled_tokens:
             token = sampled.get(rid)
             if token is None:
                 continue  # a partial prefill chunk: nothing sampled yet
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            req.num_pending -= 1
             req.append_output_token(token)
             if req.check_stop():
-                self.running.remove(req)
-                self._free(req)
+                self._finish(req)
             out.append(req)
         return out
 

@@ -41,6 +41,7 @@ class EngineArgs:
     served_model_name: str | None = None
     device: str | None = None
     enforce_eager: bool = False
+    async_scheduling: bool = False
     max_logprobs: int = 20
 
     @classmethod
@@ -93,7 +94,9 @@ class EngineArgs:
                 self.enable_prefix_caching,
                 self.num_gpu_blocks_override,
             ),
-            scheduler=SchedulerConfig(self.max_num_seqs, batched, self.enable_chunked_prefill),
+            scheduler=SchedulerConfig(
+                self.max_num_seqs, batched, self.enable_chunked_prefill, self.async_scheduling
+            ),
             # Resolved here, in the user's process: a Ray cluster it is connected to means "ray".
             parallel=ParallelConfig(self.tensor_parallel_size, backend),
             device=device,

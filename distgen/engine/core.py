@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from distgen.config import EngineConfig
 from distgen.core.request import FINISH_REASONS, Request, RequestStatus
 from distgen.core.scheduler import Scheduler
-from distgen.core.scheduler_output import ModelRunnerOutput
+from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.engine.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -17,6 +18,7 @@ from distgen.engine.messages import (
 )
 from distgen.executor.base import Executor
 from distgen.model_loader.loader import ModelSource
+from distgen.workers.sampled_output import SampledOutput
 
 logger = logging.getLogger("distgen")
 
@@ -45,6 +47,8 @@ class EngineCore:
             )
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
         self._aborted_outputs: list[EngineCoreOutput] = []
+        # Async scheduling: launched steps whose outputs are not collected yet, oldest first.
+        self._in_flight: deque[tuple[SchedulerOutput, SampledOutput]] = deque()
 
     # -- requests in ------------------------------------------------------------------------
     def validate_request(self, req: EngineCoreRequest) -> None:
@@ -71,8 +75,8 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def has_work(self) -> bool:
-        """Requests to run, or abort notices still to hand out."""
-        return bool(self._aborted_outputs) or self.scheduler.has_unfinished()
+        """Requests to run, steps to collect, or abort notices still to hand out."""
+        return bool(self._aborted_outputs or self._in_flight) or self.scheduler.has_unfinished()
 
     @property
     def worker_pids(self) -> list[int]:
@@ -81,12 +85,28 @@ class EngineCore:
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
         outputs, self._aborted_outputs = self._aborted_outputs, []
-        if not self.scheduler.has_unfinished():
-            return EngineCoreOutputs(outputs=outputs, stats=self.stats())
-        sched = self.scheduler.schedule()
-        result = self.executor.execute_model(sched)
-        outputs.extend(self._make_outputs(sched, result))
+        if self.config.scheduler.async_scheduling:
+            outputs.extend(self._step_ahead())
+        elif self.scheduler.has_unfinished():
+            sched = self.scheduler.schedule()
+            outputs.extend(self._make_outputs(sched, self.executor.execute_model(sched)))
         return EngineCoreOutputs(outputs=outputs, stats=self.stats())
+
+    def _step_ahead(self) -> list[EngineCoreOutput]:
+        """Async scheduling: launch step n+1, then collect step n, so the host's work on both
+        overlaps the GPU's on n+1. Outputs lag one call behind the launches."""
+        launched = False
+        # Penalties read the last token on the host: with such a request, steps go one at a time.
+        ahead_ok = not (self._in_flight and self.scheduler.num_needing_host_tokens)
+        if self.scheduler.has_unfinished() and ahead_ok:
+            sched = self.scheduler.schedule()
+            self._in_flight.append((sched, self.executor.submit(sched)))
+            launched = not sched.is_empty
+        outputs = []
+        while self._in_flight and (len(self._in_flight) > 1 or not launched):
+            sched, pending = self._in_flight.popleft()
+            outputs.extend(self._make_outputs(sched, pending.get()))
+        return outputs
 
     def _make_outputs(self, sched, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         sampled = dict(zip(result.req_ids, result.sampled_token_ids))

@@ -6,10 +6,14 @@ import importlib.util
 import os
 import sys
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from distgen.config import EngineConfig
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.model_loader.loader import ModelSource
+
+if TYPE_CHECKING:
+    from distgen.workers.sampled_output import SampledOutput
 
 
 class Executor(ABC):
@@ -27,6 +31,10 @@ class Executor(ABC):
     @abstractmethod
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; rank 0's answer."""
+
+    def submit(self, sched: SchedulerOutput) -> SampledOutput:
+        """Launch one step without waiting for its tokens (async scheduling, one in-process worker)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run steps asynchronously")
 
     @abstractmethod
     def shutdown(self) -> None: ...

@@ -6,6 +6,7 @@ from distgen.config import EngineConfig
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.executor.base import Executor
 from distgen.model_loader.loader import ModelSource
+from distgen.workers.sampled_output import SampledOutput
 from distgen.workers.worker import Worker
 
 
@@ -22,6 +23,12 @@ class UniProcExecutor(Executor):
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         out = self.worker.execute_model(sched)
+        assert out is not None
+        return out
+
+    def submit(self, sched: SchedulerOutput) -> SampledOutput:
+        """Launch a step without waiting for it (async scheduling)."""
+        out = self.worker.submit(sched)
         assert out is not None
         return out
 

@@ -131,8 +131,10 @@ class DecodeGraphs:
         seq_lens: np.ndarray,
         block_table: np.ndarray,
         block_size: int,
+        fill: tuple[slice | torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Replay the bucket's graph for ``n`` decode rows; returns the hidden states ``[n, hidden]``."""
+        """Replay the bucket's graph for ``n`` decode rows; returns the hidden states ``[n, hidden]``.
+        ``fill`` = (rows, tokens on the device) overrides those rows' input ids (async scheduling)."""
         n = len(input_ids)
         b = self.bucket(n)
         nb = block_table.shape[1]
@@ -152,6 +154,8 @@ class DecodeGraphs:
         self._table[:b].copy_(self._host_table[:b], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
+        if fill is not None:
+            self._vec[_IDS][fill[0]] = fill[1]
         graph = self._graphs.get(b)
         if graph is None:
             return self._forward(b)[:n]

@@ -10,6 +10,8 @@ import numpy as np
 from distgen.core.scheduler_output import SchedulerOutput
 from distgen.sampling_params import SamplingParams
 
+PLACEHOLDER = -1  # a token id not known on the host yet
+
 
 @dataclass
 class CachedRequestState:
@@ -20,6 +22,9 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     row: int = -1  # its row of RequestStates' block table
+    # Tokens sampled on the device whose values the scheduler has not sent yet (async scheduling):
+    # the last ``num_placeholders`` entries of token_ids are PLACEHOLDER until they arrive.
+    num_placeholders: int = 0
     # The same tokens split once, kept in step (read every step by the sampler's penalties).
     prompt_token_ids: list[int] = field(init=False)
     output_token_ids: list[int] = field(init=False)
@@ -29,8 +34,23 @@ class CachedRequestState:
         self.output_token_ids = self.token_ids[self.num_prompt_tokens :]
 
     def append_tokens(self, token_ids: list[int]) -> None:
+        """The scheduler's new tokens: they fill the placeholders first, oldest first."""
+        k = min(self.num_placeholders, len(token_ids))
+        if k:
+            start = len(self.token_ids) - self.num_placeholders
+            self.token_ids[start : start + k] = token_ids[:k]
+            start = len(self.output_token_ids) - self.num_placeholders
+            self.output_token_ids[start : start + k] = token_ids[:k]
+            self.num_placeholders -= k
+            token_ids = token_ids[k:]
         self.token_ids.extend(token_ids)
         self.output_token_ids.extend(token_ids)
+
+    def add_placeholder(self) -> None:
+        """A token was sampled for this request on the device; its value comes in a later step."""
+        self.token_ids.append(PLACEHOLDER)
+        self.output_token_ids.append(PLACEHOLDER)
+        self.num_placeholders += 1
 
 
 class RequestStates(dict[str, CachedRequestState]):

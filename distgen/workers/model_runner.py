@@ -7,6 +7,11 @@ sample them in one batched call.
 
 On CUDA a decode-only step instead replays the CUDA graph of its batch-size bucket
 (:mod:`distgen.workers.cuda_graphs`) unless ``enforce_eager`` is set.
+
+:meth:`ModelRunner.submit` returns as soon as the step is launched, its tokens still on their way to
+the host (:class:`~distgen.workers.sampled_output.SampledOutput`). With async scheduling the next step
+is scheduled before those tokens are known: each row that sampled gets a placeholder token, and a
+step whose input is a placeholder takes the token from the previous step's samples on the device.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from distgen.layers.sampler import Sampler, SamplingMetadata, build_sampling_met
 from distgen.model_loader.loader import ModelSource, build_model
 from distgen.workers.cuda_graphs import DecodeGraphs
 from distgen.workers.input_batch import CachedRequestState, RequestStates
+from distgen.workers.sampled_output import SampledOutput
 from distgen.workers.step_inputs import StepInputBuilder
 
 logger = logging.getLogger("distgen")
@@ -50,6 +56,10 @@ class ModelRunner:
         self.is_driver = ps.tp_rank() == 0
         self.graphs: DecodeGraphs | None = None
         self._meta_cache: tuple[tuple[int, list[str]], SamplingMetadata] | None = None
+        # Async scheduling: the last sampling step's tokens on the device, and each request's row.
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._last_sampled: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
 
     def _use_graphs(self) -> bool:
         eager = self.config.model.enforce_eager
@@ -108,12 +118,18 @@ class ModelRunner:
             self.graphs.capture()
 
     # -- the step ------------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run one step and wait for its output (rank 0; the other ranks return None)."""
+        pending = self.submit(sched)
+        return None if pending is None else pending.get()
+
+    @torch.inference_mode()
+    def submit(self, sched: SchedulerOutput) -> SampledOutput | None:
+        """Launch one step; rank 0 returns its output on the way to the host."""
         self.states.apply(sched)
         self._zero_fresh_blocks(sched)
         if sched.is_empty:
-            return ModelRunnerOutput([], [])
+            return SampledOutput.done(ModelRunnerOutput([], [])) if self.is_driver else None
         rows = [self.states[rid] for rid in sched.num_scheduled_tokens]
         counts = [sched.num_scheduled_tokens[s.req_id] for s in rows]
         # Decodes (one token) first, shortest context first; then prefill chunks.
@@ -125,8 +141,31 @@ class ModelRunner:
         else:
             table = self.states.block_table(rows, max(len(s.block_ids) for s in rows))
             step = self.inputs.build(rows, counts, table)
+            fill = self._placeholder_fill(rows, step.cu)
+            if fill is not None:
+                step.input_ids[fill[0]] = fill[1]
             hidden, cu = self.model(step.input_ids, step.positions, step.meta), step.cu
         return self._sample(rows, counts, hidden, cu)
+
+    def _placeholder_fill(
+        self, rows: list[CachedRequestState], cu: np.ndarray
+    ) -> tuple[slice | torch.Tensor, torch.Tensor] | None:
+        """Where this step's input tokens are placeholders (sampled by the last step, not yet seen by
+        the host): their indices in the flattened batch, and the tokens, on the device."""
+        dst = [int(cu[i]) for i, s in enumerate(rows) if s.num_placeholders]
+        if not dst:
+            return None
+        try:
+            src = [self._last_rows[s.req_id] for s in rows if s.num_placeholders]
+        except KeyError as e:
+            msg = f"request {e.args[0]} has a placeholder token that the last step did not sample"
+            raise RuntimeError(msg) from None
+        assert self._last_sampled is not None
+        n = len(dst)
+        if dst[-1] == n - 1 and src == list(range(n)):  # the usual decode step: same rows, same order
+            return slice(0, n), self._last_sampled[:n]
+        dev = self._last_sampled.device
+        return to_device(np.asarray(dst), dev), self._last_sampled[to_device(np.asarray(src), dev)]
 
     def _replay_decode(self, rows: list[CachedRequestState]) -> tuple[torch.Tensor, np.ndarray]:
         """A decode-only step through the CUDA graph of its bucket."""
@@ -137,8 +176,10 @@ class ModelRunner:
         ids = np.fromiter((s.token_ids[p] for s, p in zip(rows, positions)), dtype=np.int64, count=n)
         table = self.states.block_table(rows, int(positions.max()) // bs + 1)
         slot_block = table[np.arange(n), positions // bs]
-        hidden = self.graphs.run(ids, positions, slot_block, positions + 1, table, bs)
-        return hidden, np.arange(n + 1)
+        cu = np.arange(n + 1)
+        fill = self._placeholder_fill(rows, cu)
+        hidden = self.graphs.run(ids, positions, slot_block, positions + 1, table, bs, fill)
+        return hidden, cu
 
     def _zero_fresh_blocks(self, sched: SchedulerOutput) -> None:
         ids = [b for r in sched.new_reqs for b in r.block_ids]
@@ -154,7 +195,7 @@ class ModelRunner:
                 cache.index_fill_(1, index, 0)
 
     # -- sampling --------------------------------------------------------------------------
-    def _sample(self, rows, counts, hidden: torch.Tensor, cu: np.ndarray) -> ModelRunnerOutput | None:
+    def _sample(self, rows, counts, hidden: torch.Tensor, cu: np.ndarray) -> SampledOutput | None:
         sample_rows = [i for i, s in enumerate(rows) if s.num_computed_tokens + counts[i] == len(s.token_ids)]
         prompt_lp_rows = [
             i
@@ -172,19 +213,16 @@ class ModelRunner:
         if not self.is_driver:
             return None
         if logits is None:
-            return ModelRunnerOutput([], [], prompt_logprobs=prompt_lp)
+            return SampledOutput([], None, prompt_lp)
         srows = [rows[i] for i in sample_rows]
         out = self.sampler(logits.float(), self._sampling_metadata(srows))
-        result = ModelRunnerOutput(
-            req_ids=[s.req_id for s in srows],
-            sampled_token_ids=out.sampled_token_ids.tolist(),
-            prompt_logprobs=prompt_lp,
-        )
-        if out.logprobs is not None:
-            result.logprob_token_ids = out.logprob_token_ids.tolist()
-            result.logprobs = out.logprobs.tolist()
-            result.sampled_ranks = out.sampled_token_ranks.tolist()
-        return result
+        req_ids = [s.req_id for s in srows]
+        if self.async_scheduling:
+            self._last_sampled = out.sampled_token_ids
+            self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
+            for s in srows:
+                s.add_placeholder()
+        return SampledOutput(req_ids, out, prompt_lp)
 
     def _prompt_logprobs(self, rows, counts, hidden, cu, lp_rows) -> dict:
         """Logprobs of each prompt token given the ones before it, for this step's chunk."""

@@ -11,6 +11,7 @@ from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.distributed import parallel_state as ps
 from distgen.model_loader.loader import ModelSource
 from distgen.workers.model_runner import ModelRunner
+from distgen.workers.sampled_output import SampledOutput
 
 logger = logging.getLogger("distgen")
 
@@ -43,6 +44,9 @@ class Worker:
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         return self.runner.execute_model(sched)
+
+    def submit(self, sched: SchedulerOutput) -> SampledOutput | None:
+        return self.runner.submit(sched)
 
     def shutdown(self) -> None:
         ps.destroy_tp_group()

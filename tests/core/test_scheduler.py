@@ -5,12 +5,16 @@ do, and keeps a fake paged KV cache: each slot it writes holds a key of (positio
 position). Before "attending" it checks that every context slot of a scheduled request holds the key its
 own tokens call for, so a prefix-cache hit on a block that was never computed, a block shared by two
 requests that disagree on its content, or a wrong diff (token ids, block ids, computed count) all fail.
+
+Like the real worker with async scheduling, the fake one keeps each token it samples at once; the
+scheduler's later diff must repeat it. ``Sim(ahead=True)`` drives the scheduler as the engine core does
+with async scheduling: step n+1 is scheduled and run before step n's tokens reach the scheduler.
 """
 
 from __future__ import annotations
 
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 import pytest
@@ -56,6 +60,7 @@ class _WorkerReq:
         self.keys: list[int] = []
         self.block_ids = list(block_ids)
         self.num_computed = num_computed
+        self.unconfirmed = 0  # the last tokens: sampled here, not yet repeated by the scheduler
         self.extend(tokens)
 
     def extend(self, tokens: list[int]) -> None:
@@ -72,6 +77,7 @@ class FakeWorker:
         self.kv: list[int | None] = [None] * (num_blocks * block_size)
         self.reqs: dict[str, _WorkerReq] = {}
         self.seen_new: list = []  # every NewRequestData received, in order
+        self.penalized: dict[str, bool] = {}
         self.num_context_checks = 0
 
     def slot(self, st: _WorkerReq, pos: int) -> int:
@@ -86,13 +92,19 @@ class FakeWorker:
             assert nr.num_computed_tokens % self.bs == 0
             assert nr.num_computed_tokens < len(nr.token_ids)
             self.reqs[nr.req_id] = _WorkerReq(nr.token_ids, nr.block_ids, nr.num_computed_tokens)
+            p = nr.sampling_params
+            self.penalized[nr.req_id] = p.presence_penalty != 0 or p.repetition_penalty != 1
             self.seen_new.append(nr)
             new_ids.add(nr.req_id)
         cached_ids = set()
         for cr in out.cached_reqs:
             st = self.reqs[cr.req_id]
             assert cr.num_computed_tokens == st.num_computed, "workers and scheduler disagree on progress"
-            st.extend(cr.new_token_ids)
+            k = min(st.unconfirmed, len(cr.new_token_ids))
+            start = len(st.tokens) - st.unconfirmed
+            assert cr.new_token_ids[:k] == st.tokens[start : start + k], "not the tokens the worker sampled"
+            st.unconfirmed -= k
+            st.extend(cr.new_token_ids[k:])
             st.block_ids.extend(cr.new_block_ids)
             cached_ids.add(cr.req_id)
         assert not new_ids & cached_ids
@@ -103,6 +115,8 @@ class FakeWorker:
         for rid, n in out.num_scheduled_tokens.items():
             st = self.reqs[rid]
             assert n >= 1
+            if self.penalized.get(rid):  # penalties read every earlier token: all must be confirmed
+                assert st.unconfirmed == 0, f"{rid}: a penalized step ran before its last token was known"
             assert st.num_computed + n <= len(st.tokens), "scheduled tokens the worker does not know"
             for pos in range(st.num_computed, st.num_computed + n):
                 self.kv[self.slot(st, pos)] = st.keys[pos]
@@ -116,44 +130,70 @@ class FakeWorker:
             st.num_computed = end
             if end == len(st.tokens):
                 sampled[rid] = choose(rid, st.tokens)
+                st.extend([sampled[rid]])
+                st.unconfirmed += 1
         return sampled
 
 
 class Sim:
-    """Scheduler + fake worker; ``step`` runs one engine step and checks the invariants around it."""
+    """Scheduler + fake worker; ``step`` runs one engine step and checks the invariants around it.
 
-    def __init__(self, sched: Scheduler, choose: Callable[[str, list[int]], int] | None = None) -> None:
+    With ``ahead`` it steps as the engine core does with async scheduling: schedule and run step n+1,
+    then hand step n's tokens to the scheduler (one step stays in flight; with a penalized request
+    among the unfinished ones, steps go one at a time)."""
+
+    def __init__(
+        self, sched: Scheduler, choose: Callable[[str, list[int]], int] | None = None, ahead: bool = False
+    ) -> None:
         self.s = sched
         self.w = FakeWorker(sched.kv.pool.num_blocks, sched.kv.block_size)
         self.choose = choose or (lambda rid, tokens: 10 + len(tokens) % 50)
         self.finished: dict[str, Request] = {}
         self.outputs: list[SchedulerOutput] = []
+        self.ahead = ahead
+        self.in_flight: deque[tuple[SchedulerOutput, dict[str, int]]] = deque()
+        self.events: Counter[str] = Counter()  # what happened to tokens that arrived late
 
     def add(self, req: Request) -> Request:
         self.s.add_request(req)
         return req
 
+    @property
+    def busy(self) -> bool:
+        return self.s.has_unfinished() or bool(self.in_flight)
+
     def step(
         self, between: Callable[[SchedulerOutput], None] | None = None
-    ) -> tuple[SchedulerOutput, dict[str, int]]:
-        """One engine step; ``between`` runs after schedule() and before the model (e.g. an abort)."""
+    ) -> tuple[SchedulerOutput | None, dict[str, int]]:
+        """One engine step; ``between`` runs after schedule() and before the model (e.g. an abort).
+        Returns the step scheduled now (None if none could be) and what the model sampled for it."""
+        launched, result = False, (None, {})
+        if not (self.in_flight and self.s.num_needing_host_tokens):
+            result = self._launch(between)
+            launched = not result[0].is_empty
+        while self.in_flight and (not self.ahead or len(self.in_flight) > 1 or not launched):
+            self._collect(*self.in_flight.popleft())
+        return result
+
+    def _launch(self, between) -> tuple[SchedulerOutput, dict[str, int]]:
         s = self.s
+        pending_before = {rid: r.num_pending for rid, r in s.requests.items()}
         out = s.schedule()
         self.outputs.append(out)
         check_invariants(s)
         cfg = s.config
         assert out.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
         assert len(out.num_scheduled_tokens) <= cfg.max_num_seqs
-        for rid, n in out.num_scheduled_tokens.items():
+        for rid in out.num_scheduled_tokens:
             req = s.requests[rid]
             assert req.status == RequestStatus.RUNNING
-            assert req.num_computed_tokens + n <= req.num_tokens
-            assert len(s.kv.req_blocks[rid]) * s.kv.block_size >= req.num_computed_tokens + n
-        # The model samples exactly for the requests whose chunk reaches their last known token.
+            # A step's tokens count as computed once scheduled; at most the pending token is unknown.
+            assert req.num_computed_tokens <= req.num_tokens + pending_before[rid]
+            assert len(s.kv.req_blocks[rid]) * s.kv.block_size >= req.num_computed_tokens
+            assert req.num_output_tokens + req.num_pending <= req.max_tokens
+        # The model samples exactly for the requests the scheduler expects a token from.
         expect = {
-            rid
-            for rid, n in out.num_scheduled_tokens.items()
-            if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens
+            rid for rid in out.num_scheduled_tokens if s.requests[rid].num_pending > pending_before[rid]
         }
         if between is not None:
             between(out)
@@ -163,19 +203,30 @@ class Sim:
         assert set(sampled) == expect
         for rid in set(out.num_scheduled_tokens) - gone:  # the diffs rebuilt the scheduler's view exactly
             req, st = s.requests[rid], self.w.reqs[rid]
-            assert st.tokens == req.all_token_ids
+            assert st.tokens[: req.num_tokens] == req.all_token_ids
+            assert len(st.tokens) == req.num_tokens + req.num_pending
             assert st.block_ids == s.kv.block_ids(rid)
+        self.in_flight.append((out, sampled))
+        return out, sampled
+
+    def _collect(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
+        s = self.s
+        gone = set(out.num_scheduled_tokens) - set(s.requests)  # aborted, or ended by an earlier token
+        preempted = {
+            rid for rid in sampled if rid in s.requests and s.requests[rid].status != RequestStatus.RUNNING
+        }
         updated = s.update_from_output(out, sampled)
         assert {r.request_id for r in updated} == set(sampled) - gone
+        self.events["dropped"] += len(set(sampled) & gone)
+        self.events["kept by a preempted request"] += len(preempted)
         for r in updated:
             if r.is_finished:
                 self.finished[r.request_id] = r
         check_invariants(s)
-        return out, sampled
 
     def run(self, max_steps: int = 2000) -> int:
         steps = 0
-        while self.s.has_unfinished():
+        while self.busy:
             self.step()
             steps += 1
             assert steps < max_steps, "no progress"
@@ -604,7 +655,7 @@ def test_unscheduled_running_request_gets_all_missed_tokens_later():
 # -- randomized property test -----------------------------------------------------------------------
 
 
-def _random_run(seed: int) -> dict[str, int]:
+def _random_run(seed: int, ahead: bool = False) -> dict[str, int]:
     rng = random.Random(seed)
     bs = rng.choice([1, 2, 4, 8])
     num_blocks = rng.randint(4, 20)
@@ -623,7 +674,7 @@ def _random_run(seed: int) -> dict[str, int]:
     eos = (0,) if rng.random() < 0.5 else ()
     limit = capacity if chunked else min(capacity, max_batched)
     bases = [[rng.randrange(vocab) for _ in range(rng.randint(1, 3 * bs + 2))] for _ in range(3)]
-    sim = Sim(make_scheduler(**cfg), choose=lambda rid, toks: rng.randrange(vocab))
+    sim = Sim(make_scheduler(**cfg), choose=lambda rid, toks: rng.randrange(vocab), ahead=ahead)
 
     pending = []
     for i in range(rng.randint(15, 40)):
@@ -641,13 +692,15 @@ def _random_run(seed: int) -> dict[str, int]:
             params["ignore_eos"] = True
         if rng.random() < 0.1:
             params["prompt_logprobs"] = 1
+        if rng.random() < 0.05:
+            params["presence_penalty"] = 0.5
         pending.append((rng.randint(0, 60), make_request(f"s{seed}-{i}", prompt, max_tokens, eos, **params)))
     pending.sort(key=lambda p: p[0])
     everyone = [r for _, r in pending]
     aborted: set[str] = set()
 
     steps = 0
-    while pending or sim.s.has_unfinished():
+    while pending or sim.busy:
         while pending and pending[0][0] <= steps:
             sim.add(pending.pop(0)[1])
         if sim.s.requests and rng.random() < 0.06:
@@ -692,12 +745,63 @@ def _random_run(seed: int) -> dict[str, int]:
         "hits": sim.s.kv.pool.num_hits,
         "aborted": len(aborted),
         "checks": sim.w.num_context_checks,
+        **sim.events,
     }
 
 
-def test_randomized_invariants():
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
+def test_randomized_invariants(ahead):
     totals: Counter[str] = Counter()
     for seed in range(20):
-        totals.update(_random_run(seed))
+        totals.update(_random_run(seed, ahead))
     # The runs exercise what they are meant to.
     assert totals["preemptions"] > 0 and totals["hits"] > 0 and totals["aborted"] > 0
+    if ahead:  # tokens that arrive after their request ended, or after it was preempted
+        assert totals["dropped"] > 0 and totals["kept by a preempted request"] > 0, totals
+
+
+# -- async scheduling ---------------------------------------------------------------------------------
+
+
+def test_async_scheduling_schedules_the_next_step_before_the_last_tokens_arrive():
+    sim = Sim(make_scheduler(num_blocks=64), choose=lambda rid, toks: 40 + len(toks), ahead=True)
+    r = sim.add(make_request("r", [5, 6, 7], max_tokens=4))
+    out, sampled = sim.step()  # the prefill: launched, not collected
+    assert sampled == {"r": 43} and r.output_token_ids == [] and r.num_pending == 1
+    out, sampled = sim.step()  # the first decode reads the pending token; then the prefill's comes in
+    (cr,) = out.cached_reqs
+    assert cr.new_token_ids == [] and cr.num_computed_tokens == 3 and out.num_scheduled_tokens == {"r": 1}
+    assert sampled == {"r": 44} and r.output_token_ids == [43]
+    out, _ = sim.step()
+    assert out.cached_reqs[0].new_token_ids == [43]  # one step late, as the worker sampled it
+    sim.run()
+    assert r.output_token_ids == [43, 44, 45, 46] and r.status == RequestStatus.FINISHED_LENGTH
+    # No step past max_tokens: the prefill and three decodes.
+    assert sum("r" in o.num_scheduled_tokens for o in sim.outputs) == 4
+    assert_no_leaks(sim)
+
+
+def test_async_scheduling_drops_the_token_after_a_stop():
+    tokens = iter([11, EOS, 12, 13])
+    sim = Sim(make_scheduler(num_blocks=64), choose=lambda rid, toks: next(tokens), ahead=True)
+    r = sim.add(make_request("r", [5, 6, 7], max_tokens=10))
+    sim.run()
+    assert r.output_token_ids == [11, EOS] and r.status == RequestStatus.FINISHED_STOPPED
+    # The step after the EOS was already running when it arrived: its token was dropped.
+    assert sim.events["dropped"] == 1 and sum("r" in o.num_scheduled_tokens for o in sim.outputs) == 3
+    assert_no_leaks(sim)
+
+
+def test_async_scheduling_runs_penalized_requests_one_step_at_a_time():
+    sim = Sim(make_scheduler(num_blocks=64), ahead=True)
+    plain = sim.add(make_request("plain", [1, 2, 3], max_tokens=6))
+    sim.step()
+    sim.step()
+    assert len(sim.in_flight) == 1
+    sim.add(make_request("pen", [4, 5, 6], max_tokens=6, presence_penalty=0.5))
+    out, _ = sim.step()  # nothing launched while a step is in flight: that one is collected
+    assert out is None and not sim.in_flight
+    sim.run()  # the fake worker checks every penalized step saw all its earlier tokens
+    assert plain.num_output_tokens == 6 and len(sim.finished) == 2
+    assert sim.s.num_needing_host_tokens == 0
+    assert_no_leaks(sim)

@@ -83,19 +83,27 @@ B = [700, 31, 9]
 C = A[:8] + [40, 41]  # shares A's first two blocks (block size 4): a prefix-cache hit
 
 
-def _steps(runner: ModelRunner) -> list[tuple[list[int], list[list[float]]]]:
+def _steps(runner: ModelRunner, ahead: bool = False) -> list[tuple[list[int], list[list[float]]]]:
     """Run five hand-scheduled steps; return each step's sampled tokens and top logprobs.
 
     Block 0 is handed out first, as the block pool does: the torch path pads block tables with it.
+    With ``ahead`` the steps come as under async scheduling: a token reaches the runner's diff one
+    step late, so the step right after a sample reads it from a placeholder.
     """
     results = []
+    sampled: list[dict[str, int]] = []
 
     def step(new, cached, counts):
         out = runner.execute_model(SchedulerOutput(new, cached, counts, sum(counts.values())))
         assert out is not None
-        sampled = dict(zip(out.req_ids, out.sampled_token_ids))
+        sampled.append(dict(zip(out.req_ids, out.sampled_token_ids)))
         results.append((out.sampled_token_ids, out.logprobs))
-        return sampled
+        return sampled[-1]
+
+    def new_tokens(rid: str) -> list[int]:
+        """What the scheduler's diff for the next step says ``rid`` sampled since the last one."""
+        k = len(sampled) - (2 if ahead else 1)
+        return [sampled[k][rid]] if k >= 0 and rid in sampled[k] else []
 
     s1 = step(
         [NewRequestData("a", A, 10, GREEDY, [3, 7, 1], 0), NewRequestData("b", B, 3, GREEDY, [0], 0)],
@@ -103,38 +111,40 @@ def _steps(runner: ModelRunner) -> list[tuple[list[int], list[list[float]]]]:
         {"a": 6, "b": 3},
     )
     assert list(s1) == ["b"]  # a's prompt is not finished yet
-    s2 = step(
-        [], [CachedRequestData("a", [], [], 6), CachedRequestData("b", [s1["b"]], [], 3)], {"a": 4, "b": 1}
+    step(
+        [],
+        [CachedRequestData("a", [], [], 6), CachedRequestData("b", new_tokens("b"), [], 3)],
+        {"a": 4, "b": 1},
     )
-    s3 = step(
+    step(
         [NewRequestData("c", C, 10, GREEDY, [3, 7, 11], 8)],
-        [CachedRequestData("a", [s2["a"]], [], 10), CachedRequestData("b", [s2["b"]], [9], 4)],
+        [CachedRequestData("a", new_tokens("a"), [], 10), CachedRequestData("b", new_tokens("b"), [9], 4)],
         {"a": 1, "b": 1, "c": 2},
     )
-    s4 = step(
+    step(
         [],
         [
-            CachedRequestData("a", [s3["a"]], [12], 11),
-            CachedRequestData("b", [s3["b"]], [], 5),
-            CachedRequestData("c", [s3["c"]], [], 10),
+            CachedRequestData("a", new_tokens("a"), [12], 11),
+            CachedRequestData("b", new_tokens("b"), [], 5),
+            CachedRequestData("c", new_tokens("c"), [], 10),
         ],
         {"a": 1, "b": 1, "c": 1},
     )
     step(
         [],
         [
-            CachedRequestData("a", [s4["a"]], [], 12),
-            CachedRequestData("b", [s4["b"]], [], 6),
-            CachedRequestData("c", [s4["c"]], [2], 11),
+            CachedRequestData("a", new_tokens("a"), [], 12),
+            CachedRequestData("b", new_tokens("b"), [], 6),
+            CachedRequestData("c", new_tokens("c"), [2], 11),
         ],
         {"a": 1, "b": 1, "c": 1},
     )
     return results
 
 
-def _runner(path: str, device: str) -> ModelRunner:
+def _runner(path: str, device: str, **engine_args) -> ModelRunner:
     config, source = EngineArgs(
-        model=path, dtype="float32", block_size=4, num_gpu_blocks_override=16, device=device
+        model=path, dtype="float32", block_size=4, num_gpu_blocks_override=16, device=device, **engine_args
     ).create_config()
     runner = ModelRunner(config, source)
     runner.init_kv_cache(16)
@@ -183,6 +193,33 @@ def test_decode_graph_buffers_and_padding_match_the_torch_path(qwen3_dir):
     assert replays == [3, 3]  # the two decode-only steps, each padded to the bucket of 4
     for (tok, lp), (ref_tok, ref_lp) in zip(got, ref):
         assert tok == ref_tok
+        torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "decode-graph"])
+def test_async_scheduling_placeholders_read_the_last_steps_samples(qwen3_dir, graphs):
+    """Under async scheduling a step's input token may still be on the device, sampled by the step
+    before: the runner fills it in there, on the eager path and on the decode-graph buffers (on this
+    CPU run eagerly, the kernels interpreted; on CUDA the captured graphs). Same tokens and logprobs
+    as the synchronous steps."""
+    with dispatch.kernel_mode("torch"):
+        ref = _steps(_runner(qwen3_dir, "cpu"))
+    device = "cuda" if CUDA else "cpu"
+    mode = "auto" if CUDA else ("triton" if graphs else "torch")
+    with dispatch.kernel_mode(mode):
+        runner = _runner(qwen3_dir, device, async_scheduling=True, enforce_eager=not graphs)
+        if graphs and runner.graphs is None:
+            runner.graphs = DecodeGraphs(runner.model, 4, 256, pad_block=15, device=torch.device(device))
+        assert (runner.graphs is not None) == graphs
+        fills = []
+        fill = runner._placeholder_fill
+        runner._placeholder_fill = lambda rows, cu: fills.append(fill(rows, cu)) or fills[-1]
+        got = _steps(runner, ahead=True)
+    # Steps 2-5 each read a placeholder; the last two are decode-only steps in the same row order.
+    assert [f is not None for f in fills] == [False, True, True, True, True]
+    assert isinstance(fills[-1][0], slice)
+    for i, ((tok, lp), (ref_tok, ref_lp)) in enumerate(zip(got, ref)):
+        assert tok == ref_tok, f"step {i}: sampled {tok}, synchronous steps {ref_tok}"
         torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
 
 

@@ -1,5 +1,5 @@
 """Greedy outputs equal transformers' on the same weights, whatever the batching, chunking,
-prefix-cache hits or preemptions (DESIGN.md's rule for near-tie flips)."""
+prefix-cache hits, preemptions or async scheduling (DESIGN.md's rule for near-tie flips)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ SCENARIOS = {
     "chunked-prefill": dict(max_num_batched_tokens=7),
     "preemption": dict(num_gpu_blocks_override=48, block_size=4, max_num_batched_tokens=64),
     "prefix-cache": dict(block_size=4),
+    # The next step scheduled while the last one's tokens are on their way (one worker).
+    "async-scheduling": dict(async_scheduling=True),
+    "async-preemption": dict(
+        async_scheduling=True, num_gpu_blocks_override=48, block_size=4, max_num_batched_tokens=64
+    ),
+    "async-chunked-prefill": dict(async_scheduling=True, max_num_batched_tokens=7),
 }
 
 
@@ -51,7 +57,7 @@ def test_greedy_matches_transformers(arch, scenario, tiny_model_dir, references)
         assert llm.llm_engine.get_stats().prefix_cache_hits > 0
     else:
         got = _generate(llm, PROMPTS)
-    if scenario == "preemption":
+    if scenario.endswith("preemption"):
         assert llm.llm_engine.get_stats().num_preemptions > 0
     rate = check_greedy_close(refs, got, f"{arch}/{scenario}")
     assert rate >= 0.5, f"{arch}/{scenario}: only {rate:.0%} of sequences match exactly"
