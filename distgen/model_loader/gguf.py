@@ -257,16 +257,29 @@ class GGUFCheckpoint:
         cached = _tokenizer_cache_dir(self.path)
         if cached is not None and os.path.isdir(cached):
             try:
-                return AutoTokenizer.from_pretrained(cached)
+                return set_special_tokens(AutoTokenizer.from_pretrained(cached), self.hf_config)
             except Exception:  # a damaged cache entry: rebuild it below
                 shutil.rmtree(cached, ignore_errors=True)
         directory, filename = os.path.split(os.path.abspath(self.path))
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        tokenizer = set_special_tokens(
+            AutoTokenizer.from_pretrained(directory, gguf_file=filename), self.hf_config
+        )
         if self.chat_template is not None:
             tokenizer.chat_template = self.chat_template
         if cached is not None:
             _save_atomically(tokenizer, cached)
         return tokenizer
+
+
+def set_special_tokens(tokenizer, hf_config: dict[str, Any]):
+    """Make the tokenizer's BOS / EOS / pad the ones the GGUF metadata names. transformers' conversion
+    of the vocabulary does not always: 5.17 makes SmolLM2's ``<|im_start|>`` its EOS (and sets no pad),
+    so generation would stop on the wrong token and not on ``<|im_end|>``."""
+    for key in ("bos", "eos", "pad"):
+        token_id = hf_config.get(f"{key}_token_id")
+        if token_id is not None and getattr(tokenizer, f"{key}_token_id") != token_id:
+            setattr(tokenizer, f"{key}_token", tokenizer.convert_ids_to_tokens(token_id))
+    return tokenizer
 
 
 def _tokenizer_cache_dir(path: str) -> str | None:

@@ -187,6 +187,22 @@ def test_tokenizer_special_tokens_and_chat_template(ckpt: GGUFCheckpoint, tokeni
     assert "<|im_start|>user\nHi!<|im_end|>\n" in prompt
 
 
+def test_special_tokens_follow_the_metadata_whatever_transformers_made(
+    ckpt: GGUFCheckpoint, tokenizer
+) -> None:
+    """transformers 5.17 converts this file's vocabulary with ``<|im_start|>`` as EOS and no pad; the
+    file's metadata (EOS and pad ``<|im_end|>``) decides."""
+    import copy
+
+    wrong = copy.deepcopy(tokenizer)
+    wrong.eos_token = "<|im_start|>"
+    wrong.pad_token = None
+    assert wrong.eos_token_id == 1
+    fixed = gguf_loader.set_special_tokens(wrong, ckpt.hf_config)
+    assert (fixed.bos_token_id, fixed.eos_token_id, fixed.pad_token_id) == (1, 2, 2)
+    assert fixed.eos_token == "<|im_end|>"
+
+
 # --------------------------------------------------------------------------- synthetic GGUF files
 
 
