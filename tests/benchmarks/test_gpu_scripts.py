@@ -87,7 +87,8 @@ def test_benchmark_prints_its_table_with_the_peer(gpu_image_env):
     out = _run(gpu_image_env, "benchmarks/gpu.py", "--tiny", "--skip-hf-static")
     assert "| engine | batch | out tok/s |" in out
     rows = [line for line in out.splitlines() if line.startswith(("| distgen ", "| HF eager "))]
-    assert len(rows) == 5, out  # distgen b1, b4, eager b1; HF eager b1, b4
+    assert len(rows) == 7, out  # distgen b1, b4, async b1, b4, eager b1; HF eager b1, b4
+    assert any(r.startswith("| distgen async | 4 |") for r in rows), out
     assert "equal to HF eager" in out
 
 
