@@ -215,7 +215,7 @@ class ModelRunner:
         if logits is None:
             return SampledOutput([], None, prompt_lp)
         srows = [rows[i] for i in sample_rows]
-        out = self.sampler(logits.float(), self._sampling_metadata(srows))
+        out = self.sampler(logits, self._sampling_metadata(srows))  # it widens to float32 if it must
         req_ids = [s.req_id for s in srows]
         if self.async_scheduling:
             self._last_sampled = out.sampled_token_ids
