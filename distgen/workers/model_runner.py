@@ -48,7 +48,7 @@ class ModelRunner:
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler()
         self.states = RequestStates(-(-config.model.max_model_len // self.block_size))
-        self.kv_caches: list[torch.Tensor] = []
+        self.kv_cache = torch.empty(0)  # [layers, 2 (K, V), blocks, kv heads, block size, head dim]
         attn = self.model.attention_layers()[0]
         self.inputs = StepInputBuilder(
             self.block_size, attn.num_kv_heads, attn.head_dim, self.dtype, self.device
@@ -91,16 +91,17 @@ class ModelRunner:
         return int(n)
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = []
         graphs = self._use_graphs()
         # CUDA graphs pad a decode batch to its bucket; the padding rows write to one spare block.
         allocated = num_blocks + 1 if graphs else num_blocks
-        for attn in self.model.attention_layers():
-            shape = (2, allocated, attn.num_kv_heads, self.block_size, attn.head_dim)
-            cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            cache[:, num_blocks:].zero_()
+        layers = self.model.attention_layers()
+        a = layers[0]
+        # One tensor for every layer's cache, so one launch zeroes a block in all of them.
+        shape = (len(layers), 2, allocated, a.num_kv_heads, self.block_size, a.head_dim)
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache[:, :, num_blocks:].zero_()
+        for attn, cache in zip(layers, self.kv_cache):
             attn.kv_cache = cache
-            self.kv_caches.append(cache)
         # Attention reads whole blocks and masks the slots past a sequence's end, but a NaN left in
         # never-written memory would still poison the weighted sum (0 * NaN): each block is zeroed the
         # first time it is handed out (cheaper at start than zeroing gigabytes up front).
@@ -190,9 +191,7 @@ class ModelRunner:
         fresh = ids_np[self._never_used[ids_np]]
         if len(fresh):
             self._never_used[fresh] = False
-            index = to_device(fresh, self.device)
-            for cache in self.kv_caches:
-                cache.index_fill_(1, index, 0)
+            self.kv_cache.index_fill_(2, to_device(fresh, self.device), 0)
 
     # -- sampling --------------------------------------------------------------------------
     def _sample(self, rows, counts, hidden: torch.Tensor, cu: np.ndarray) -> SampledOutput | None:

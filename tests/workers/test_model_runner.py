@@ -159,3 +159,30 @@ def test_plain_greedy_sampling_reads_the_logits_in_the_models_dtype(tiny_model_d
     with Casts():
         assert runner.execute_model(step).sampled_token_ids == greedy.sampled_token_ids
     assert widened
+
+
+def test_a_block_is_zeroed_in_every_layer_when_first_handed_out(runner):
+    """Fresh device memory may hold NaN, and attention reads whole blocks (masking the slots past a
+    sequence's end: 0 x NaN is still NaN). So a block is zeroed, in all layers at once, the first
+    time a step hands it out, and only then."""
+    import math
+
+    import torch
+
+    cache = runner.kv_cache
+    assert all(
+        attn.kv_cache.data_ptr() == cache[i].data_ptr()
+        for i, attn in enumerate(runner.model.attention_layers())
+    )
+    cache.fill_(float("nan"))
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=2)
+    step = SchedulerOutput([NewRequestData("a", [5, 6, 7], 3, params, [5], 0)], [], {"a": 3}, 3)
+    out = runner.execute_model(step)
+    assert all(math.isfinite(lp) for lp in out.logprobs[0])
+    assert torch.isnan(cache[:, :, 4]).all() and torch.isnan(cache[:, :, 6]).all()  # not handed out
+    assert (cache[:, :, 5, :, 3:] == 0).all()  # the unwritten slots of block 5, in every layer
+    # Zeroing happens once per block: a later step zeroes its own fresh block, not block 5 again.
+    cache[:, :, 5, :, 3] = 7.0
+    step = SchedulerOutput([NewRequestData("b", [8, 9], 2, params, [6], 0)], [], {"b": 2}, 2)
+    runner.execute_model(step)
+    assert (cache[:, :, 6, :, 2:] == 0).all() and (cache[:, :, 5, :, 3] == 7.0).all()
