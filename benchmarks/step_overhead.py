@@ -61,7 +61,7 @@ class NullWorker:
     def init_kv_cache(self, num_blocks: int) -> None:
         pass
 
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+    def submit(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         if self.rank != 0:
             return None
         ids = [r.req_id for r in sched.new_reqs] + [r.req_id for r in sched.cached_reqs]
@@ -175,7 +175,7 @@ def control_plane(model: str, steps: int, repeats: int) -> dict[str, dict[str, f
         logging_level="WARNING",
     )
     null = NullWorker(config, source)
-    runners = {"uni": null.execute_model}
+    runners = {"uni": null.submit}
 
     class RayOverTcp(RayExecutor):
         local_ipc = False  # as between nodes

@@ -115,7 +115,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     # Schedule step n+1 while step n runs on the GPU, its inputs taking step n's sampled tokens on
-    # the device (tensor_parallel_size=1 only): the host's per-step work no longer leaves the GPU idle.
+    # the device: the host's per-step work no longer leaves the GPU idle.
     async_scheduling: bool = False
 
     def __post_init__(self) -> None:
@@ -150,12 +150,3 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.model.verify_tensor_parallel(self.parallel.tensor_parallel_size)
-        par = self.parallel
-        if self.scheduler.async_scheduling and (
-            par.tensor_parallel_size != 1 or par.distributed_executor_backend not in (None, "uni")
-        ):
-            raise ValueError(
-                "async_scheduling runs with one in-process worker (tensor_parallel_size=1, executor "
-                f"'uni'), got tensor_parallel_size={par.tensor_parallel_size} with executor "
-                f"{par.distributed_executor_backend!r}"
-            )

@@ -78,3 +78,11 @@ def gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
     parts = [torch.empty_like(x) for _ in range(g.size)] if g.rank == 0 else None
     dist.gather(x, parts, dst=0, group=g.group)
     return torch.cat(parts, dim=dim) if parts is not None else None
+
+
+def broadcast(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``x`` on every rank, in place (the others pass a buffer of the same shape and dtype)."""
+    g = _STATE["tp"]
+    if g.group is not None:
+        dist.broadcast(x, src=0, group=g.group)
+    return x

@@ -16,9 +16,8 @@ from distgen.engine.messages import (
     Logprobs,
     SchedulerStatsMsg,
 )
-from distgen.executor.base import Executor
+from distgen.executor.base import Executor, PendingOutput
 from distgen.model_loader.loader import ModelSource
-from distgen.workers.sampled_output import SampledOutput
 
 logger = logging.getLogger("distgen")
 
@@ -48,7 +47,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
         self._aborted_outputs: list[EngineCoreOutput] = []
         # Async scheduling: launched steps whose outputs are not collected yet, oldest first.
-        self._in_flight: deque[tuple[SchedulerOutput, SampledOutput]] = deque()
+        self._in_flight: deque[tuple[SchedulerOutput, PendingOutput]] = deque()
 
     # -- requests in ------------------------------------------------------------------------
     def validate_request(self, req: EngineCoreRequest) -> None:

@@ -37,7 +37,7 @@ ENGINE_HELP = {
     "served_model_name": "the model name the server answers to (default: the model argument)",
     "device": "cpu | cuda (default: cuda when available)",
     "enforce_eager": "on CUDA, never replay captured CUDA graphs",
-    "async_scheduling": "schedule the next step while the GPU runs this one (one worker only)",
+    "async_scheduling": "schedule the next step while the GPU runs this one",
     "max_logprobs": "most logprobs / prompt_logprobs a request may ask for per token",
 }
 _ALIASES = {"tensor_parallel_size": ["-tp", "--tp"]}

@@ -6,14 +6,17 @@ import importlib.util
 import os
 import sys
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from distgen.config import EngineConfig
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.model_loader.loader import ModelSource
 
-if TYPE_CHECKING:
-    from distgen.workers.sampled_output import SampledOutput
+
+class PendingOutput(Protocol):
+    """A launched step (async scheduling); ``get`` waits for its output."""
+
+    def get(self) -> ModelRunnerOutput: ...
 
 
 class Executor(ABC):
@@ -32,8 +35,9 @@ class Executor(ABC):
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; rank 0's answer."""
 
-    def submit(self, sched: SchedulerOutput) -> SampledOutput:
-        """Launch one step without waiting for its tokens (async scheduling, one in-process worker)."""
+    def submit(self, sched: SchedulerOutput) -> PendingOutput:
+        """Launch one step without waiting for its tokens (async scheduling). Steps are collected
+        (``get()``) in the order they were launched."""
         raise NotImplementedError(f"{type(self).__name__} does not run steps asynchronously")
 
     @abstractmethod

@@ -123,6 +123,19 @@ def _release(channel: Channel, handles: WorkerHandles, alive: list[bool]) -> Non
     channel.close()
 
 
+class _LaunchedStep:
+    """A step sent to the workers; :meth:`get` waits for rank 0's answer."""
+
+    def __init__(self, executor: BroadcastExecutor, seq: int) -> None:
+        self._executor, self._seq = executor, seq
+        self._output: ModelRunnerOutput | None = None
+
+    def get(self) -> ModelRunnerOutput:
+        if self._output is None:
+            self._output = self._executor._collect(self._seq)
+        return self._output
+
+
 class BroadcastExecutor(Executor):
     """Subclasses bind ``self.channel``, then call :meth:`_start` with their handles; their
     ``_start_workers`` starts the ranks and calls :meth:`_wait_ready`."""
@@ -142,6 +155,7 @@ class BroadcastExecutor(Executor):
         self._dead: str | None = None  # the error message once the engine is dead
         self._handles: WorkerHandles | None = None
         self._finalizer: weakref.finalize | None = None
+        self._launched = self._collected = 0  # steps sent by submit / answered
 
     def _start(self, handles: WorkerHandles) -> None:
         """Own ``handles`` (from now on shutdown, garbage collection and interpreter exit release them
@@ -179,6 +193,18 @@ class BroadcastExecutor(Executor):
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self._broadcast(ExecuteModel(sched))
+        return self._expect(StepResult).output
+
+    def submit(self, sched: SchedulerOutput) -> _LaunchedStep:
+        """Send the step to the workers and return at once; rank 0 answers the steps in order."""
+        self._broadcast(ExecuteModel(sched))
+        self._launched += 1
+        return _LaunchedStep(self, self._launched)
+
+    def _collect(self, seq: int) -> ModelRunnerOutput:
+        if seq != self._collected + 1:
+            raise RuntimeError(f"step {seq} collected out of order (step {self._collected + 1} is next)")
+        self._collected = seq
         return self._expect(StepResult).output
 
     def shutdown(self) -> None:

@@ -10,8 +10,11 @@ False after a failure, which it has already reported to the executor as :class:`
 from __future__ import annotations
 
 import os
+import queue
 import signal
+import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +22,7 @@ import msgspec
 import zmq
 
 from distgen.config import EngineConfig
+from distgen.core.scheduler_output import ModelRunnerOutput
 from distgen.executor.messages import (
     Ack,
     DetermineNumBlocks,
@@ -89,7 +93,12 @@ def serve(args: WorkerArgs) -> bool:
             device_index=args.device_index,
         )
         replies.send(encoder.encode(Ready(args.rank, os.getpid())))
-        _loop(args.rank, worker, requests, replies, encoder)
+        sender = _ReplySender(args.rank, replies) if args.config.scheduler.async_scheduling else None
+        try:
+            _loop(args.rank, worker, requests, sender.put if sender else _sender(replies, encoder))
+        finally:
+            if sender is not None:
+                sender.close()
         return True
     except BaseException:
         try:
@@ -109,25 +118,59 @@ def serve(args: WorkerArgs) -> bool:
         ctx.term()
 
 
-def _loop(
-    rank: int,
-    worker: Worker,
-    requests: zmq.Socket,
-    replies: zmq.Socket,
-    encoder: msgspec.msgpack.Encoder,
-) -> None:
+def _sender(replies: zmq.Socket, encoder: msgspec.msgpack.Encoder) -> Callable[[object], None]:
+    return lambda msg: replies.send(encoder.encode(_wire(msg)))
+
+
+def _wire(msg: object) -> msgspec.Struct:
+    """A reply as sent: a step's output as a StepResult, once its tokens are on the host (a launched
+    step's ``SampledOutput`` waits for them here)."""
+    if isinstance(msg, ModelRunnerOutput):
+        return StepResult(msg)
+    return msg if isinstance(msg, msgspec.Struct) else StepResult(msg.get())
+
+
+def _loop(rank: int, worker: Worker, requests: zmq.Socket, reply: Callable[[object], None]) -> None:
     decoder = msgspec.msgpack.Decoder(WorkerRequest)
     while True:
         msg = decoder.decode(requests.recv())
         if isinstance(msg, ExecuteModel):
-            out = worker.execute_model(msg.sched)
+            out = worker.submit(msg.sched)
             if rank == 0:
                 assert out is not None
-                replies.send(encoder.encode(StepResult(out)))
+                reply(out)  # a SampledOutput: its tokens are read back when the reply is sent
         elif isinstance(msg, DetermineNumBlocks):
-            replies.send(encoder.encode(NumBlocks(rank, worker.determine_num_blocks())))
+            reply(NumBlocks(rank, worker.determine_num_blocks()))
         elif isinstance(msg, InitKVCache):
             worker.init_kv_cache(msg.num_blocks)
-            replies.send(encoder.encode(Ack(rank)))
+            reply(Ack(rank))
         elif isinstance(msg, Shutdown):
             return
+
+
+class _ReplySender:
+    """Rank 0's replies under async scheduling, sent in order by a thread of their own: while it
+    waits for step n's tokens to reach the host, the main thread is already launching step n+1."""
+
+    def __init__(self, rank: int, replies: zmq.Socket) -> None:
+        self.rank, self.replies = rank, replies
+        self.encoder = msgspec.msgpack.Encoder()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="distgen-worker-replies", daemon=True)
+        self.thread.start()
+
+    def put(self, msg: object) -> None:
+        self.queue.put(msg)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is queued, then stop."""
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while (msg := self.queue.get()) is not None:
+            try:
+                self.replies.send(self.encoder.encode(_wire(msg)))
+            except BaseException:  # e.g. a CUDA error surfacing at the read-back: the executor gives up
+                self.replies.send(self.encoder.encode(Failed(self.rank, traceback.format_exc())))
+                return

@@ -209,19 +209,27 @@ class ModelRunner:
             else:
                 logits = self.model.compute_logits(hidden[to_device(last, hidden.device)])
         prompt_lp = self._prompt_logprobs(rows, counts, hidden, cu, prompt_lp_rows)
-        if not self.is_driver:
-            return None
-        if logits is None:
-            return SampledOutput([], None, prompt_lp)
         srows = [rows[i] for i in sample_rows]
+        if not self.is_driver:
+            if self.async_scheduling and srows:  # rank 0's samples, for the next step's inputs
+                self._remember(
+                    srows, ps.broadcast(torch.empty(len(srows), dtype=torch.long, device=self.device))
+                )
+            return None
+        if not srows:
+            return SampledOutput([], None, prompt_lp)
         out = self.sampler(logits, self._sampling_metadata(srows))  # it widens to float32 if it must
-        req_ids = [s.req_id for s in srows]
         if self.async_scheduling:
-            self._last_sampled = out.sampled_token_ids
-            self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
-            for s in srows:
-                s.add_placeholder()
-        return SampledOutput(req_ids, out, prompt_lp)
+            self._remember(srows, ps.broadcast(out.sampled_token_ids))
+        return SampledOutput([s.req_id for s in srows], out, prompt_lp)
+
+    def _remember(self, srows: list[CachedRequestState], sampled: torch.Tensor) -> None:
+        """Async scheduling: keep the samples on the device for the next step, whose inputs may be
+        placeholders for them (see :meth:`_placeholder_fill`)."""
+        self._last_sampled = sampled
+        self._last_rows = {s.req_id: i for i, s in enumerate(srows)}
+        for s in srows:
+            s.add_placeholder()
 
     def _prompt_logprobs(self, rows, counts, hidden, cu, lp_rows) -> dict:
         """Logprobs of each prompt token given the ones before it, for this step's chunk."""

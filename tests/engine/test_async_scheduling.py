@@ -2,7 +2,8 @@
 
 In the engine core itself (in this process): outputs come one call behind the launches, an abort or
 a stop while a step is in flight loses nothing for anyone else, penalized requests go one step at a
-time. Through ``LLM``: every sampling feature gives the same tokens as without async scheduling.
+time. Through ``LLM``, with one worker and with two tensor-parallel ranks: every sampling feature
+gives the same tokens as without async scheduling.
 """
 
 from __future__ import annotations
@@ -128,10 +129,17 @@ SAMPLING = [
 
 
 @pytest.mark.slow
-def test_every_sampling_feature_gives_the_same_tokens_as_synchronous_steps(model_dir):
+@pytest.mark.parametrize("tp", [1, 2], ids=["one-worker", "tp2-mp"])
+def test_every_sampling_feature_gives_the_same_tokens_as_synchronous_steps(model_dir, tp):
     runs = []
     for async_scheduling in (False, True):
-        llm = LLM(model_dir, dtype="float32", kv_cache_memory=KV, async_scheduling=async_scheduling)
+        llm = LLM(
+            model_dir,
+            dtype="float32",
+            kv_cache_memory=KV,
+            tensor_parallel_size=tp,
+            async_scheduling=async_scheduling,
+        )
         try:
             prompts = [{"prompt_token_ids": p} for p in PROMPTS]
             runs.append(llm.generate(prompts, SAMPLING, use_tqdm=False))
@@ -153,9 +161,3 @@ def test_every_sampling_feature_gives_the_same_tokens_as_synchronous_steps(model
             ]
     # The min_tokens request held off its stop tokens, then may have stopped on one.
     assert len(sync[2].outputs[0].token_ids) >= 6
-
-
-@pytest.mark.parametrize("args", [dict(tensor_parallel_size=2), dict(distributed_executor_backend="mp")])
-def test_async_scheduling_needs_one_in_process_worker(model_dir, args):
-    with pytest.raises(ValueError, match="async_scheduling runs with one in-process worker"):
-        EngineArgs(model=model_dir, async_scheduling=True, **args).create_config()

@@ -83,10 +83,15 @@ def references(hf_reference):
         ("opt", 4, "plain"),
         ("mistral", 4, "plain"),  # 1 KV head on every rank
         ("qwen3", 2, "plain"),
+        # Async scheduling: rank 0 broadcasts its samples; every rank fills its next inputs from them.
+        ("llama", 2, "async"),
+        ("qwen2", 4, "async-preemption"),
     ],
 )
 def test_tp_greedy_matches_tp1(arch, tp, scenario, tiny_model_dir, references):
-    kwargs = dict(dtype="float32", kv_cache_memory=KV, **(PREEMPTION if scenario == "preemption" else {}))
+    kwargs = dict(
+        dtype="float32", kv_cache_memory=KV, **(PREEMPTION if scenario.endswith("preemption") else {})
+    )
     # prefix-cache: every prompt twice in one batch, so the later copies hit the cache.
     prompts, refs = PROMPTS, references(arch)
     if scenario == "prefix-cache":
@@ -95,14 +100,21 @@ def test_tp_greedy_matches_tp1(arch, tp, scenario, tiny_model_dir, references):
     base = _generate(llm1, prompts)
     llm1.shutdown()
     t0 = time.monotonic()
-    llm = LLM(tiny_model_dir(arch), tensor_parallel_size=tp, distributed_executor_backend="mp", **kwargs)
+    async_scheduling = scenario.startswith("async")
+    llm = LLM(
+        tiny_model_dir(arch),
+        tensor_parallel_size=tp,
+        distributed_executor_backend="mp",
+        async_scheduling=async_scheduling,
+        **kwargs,
+    )
     t_start = time.monotonic() - t0
     core = llm.llm_engine.client.core
     pids = core.executor.worker_pids
     t0 = time.monotonic()
     got = _generate(llm, prompts)
     print(f"[{arch} tp={tp} {scenario}] start {t_start:.1f}s, generate {time.monotonic() - t0:.1f}s")
-    if scenario == "preemption":
+    if scenario.endswith("preemption"):
         assert core.scheduler.num_preemptions > 0
     if scenario == "prefix-cache":
         assert core.scheduler.kv.pool.num_hits > 0
@@ -187,9 +199,14 @@ def test_startup_failure_names_the_rank(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_generation_raises_engine_dead(tiny_model_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
+def test_worker_killed_mid_generation_raises_engine_dead(tiny_model_dir, async_scheduling):
     llm = LLM(
-        tiny_model_dir("llama"), tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=KV
+        tiny_model_dir("llama"),
+        tensor_parallel_size=2,
+        distributed_executor_backend="mp",
+        kv_cache_memory=KV,
+        async_scheduling=async_scheduling,
     )
     executor = llm.llm_engine.client.core.executor
     pids, ipc_dir = executor.worker_pids, executor.ipc_dir

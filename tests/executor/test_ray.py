@@ -96,20 +96,25 @@ def _generate(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREED
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,scenario", [("llama", "preemption"), ("qwen2", "prefix-cache")])
+@pytest.mark.parametrize(
+    "arch,scenario", [("llama", "preemption"), ("qwen2", "prefix-cache"), ("llama", "async-preemption")]
+)
 def test_tp2_greedy_matches_tp1_and_transformers(arch, scenario, cluster, tiny_model_dir, hf_reference):
-    kwargs = dict(dtype="float32", kv_cache_memory=KV, **(PREEMPTION if scenario == "preemption" else {}))
+    kwargs = dict(
+        dtype="float32", kv_cache_memory=KV, **(PREEMPTION if scenario.endswith("preemption") else {})
+    )
     prompts, refs = PROMPTS, hf_reference(arch, PROMPTS, MAX_NEW)
     if scenario == "prefix-cache":  # every prompt twice in one batch: the later copies hit the cache
         prompts, refs, kwargs["block_size"] = PROMPTS * 2, refs * 2, 4
     llm1 = LLM(tiny_model_dir(arch), **kwargs)
     base = _generate(llm1, prompts)
     llm1.shutdown()
-    llm = LLM(tiny_model_dir(arch), tensor_parallel_size=2, distributed_executor_backend="ray", **kwargs)
+    ray_kwargs = dict(tensor_parallel_size=2, distributed_executor_backend="ray")
+    llm = LLM(tiny_model_dir(arch), async_scheduling=scenario.startswith("async"), **ray_kwargs, **kwargs)
     assert len(_actor_pids()) == 2
     got = _generate(llm, prompts)
     stats = llm.llm_engine.get_stats()
-    if scenario == "preemption":
+    if scenario.endswith("preemption"):
         assert stats.num_preemptions > 0
     else:
         assert stats.prefix_cache_hits > 0
