@@ -2,9 +2,10 @@
 # The one prepared GPU check (issue 6), done within 580 s (BUDGET) of a lent NVIDIA machine:
 #   1. the Triton kernel tests, the kernel-dispatch model test and the NCCL test, on the GPU;
 #   2. greedy correctness: distgen on the GPU (float32; CUDA graphs, eager, chunked prefill, prefix
-#      cache) against transformers on the CPU, tiny random models (benchmarks/gpu_greedy.py);
+#      cache, async scheduling) against transformers on the CPU, tiny models (benchmarks/gpu_greedy.py);
 #   3. benchmarks/attention_kernels.py: the paged-attention kernels alone (decode vs prefill kernel);
-#   4. benchmarks/gpu.py: the Llama-3.2-1B-shaped bf16 benchmark against HF generate (eager, static);
+#   4. benchmarks/gpu.py: the Llama-3.2-1B-shaped bf16 benchmark (distgen with and without async
+#      scheduling) against HF generate (eager, static);
 #   5. benchmarks/decode_anatomy.py: a batch-1 decode step of that model kernel by kernel (what the
 #      step costs beside the weight floor), with whatever time the 580 s budget has left;
 # then a summary table, printed last. Logs and gpu.json go to $OUT (or /tmp/gpu_check).
