@@ -1,4 +1,5 @@
-"""Many concurrent streams with a quarter of the clients hanging up midway, and a dead engine core."""
+"""Many concurrent streams with a quarter of the clients hanging up midway (also under async
+scheduling), and a dead engine core."""
 
 from __future__ import annotations
 
@@ -44,7 +45,17 @@ async def _stream(client: httpx.AsyncClient, url: str, prompt: str, hang_up_afte
     raise AssertionError("the stream ended without [DONE]")
 
 
-def test_concurrent_streams_with_disconnects(server):
+@pytest.fixture(scope="module")
+def async_server(tiny_model_dir):
+    s = start_server(tiny_model_dir("llama"), "--served-model-name", "tiny-llama", "--async-scheduling")
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("which", ["server", "async_server"], ids=["default", "async-scheduling"])
+def test_concurrent_streams_with_disconnects(which, request):
+    """With async scheduling a hung-up client's request is aborted while a step for it is in flight."""
+    server = request.getfixturevalue(which)
     url = server.v1 + "/completions"
     prompts = [f"Request number {i} says" for i in range(NUM_CLIENTS)]
     # What each prompt must produce: the same request, alone and not streamed.
