@@ -93,7 +93,10 @@ def serve(args: WorkerArgs) -> bool:
             device_index=args.device_index,
         )
         replies.send(encoder.encode(Ready(args.rank, os.getpid())))
-        sender = _ReplySender(args.rank, replies) if args.config.scheduler.async_scheduling else None
+        sender = None
+        if args.config.scheduler.async_scheduling:
+            device = torch.cuda.current_device() if args.config.device.startswith("cuda") else None
+            sender = _ReplySender(args.rank, replies, device)
         try:
             _loop(args.rank, worker, requests, sender.put if sender else _sender(replies, encoder))
         finally:
@@ -152,8 +155,8 @@ class _ReplySender:
     """Rank 0's replies under async scheduling, sent in order by a thread of their own: while it
     waits for step n's tokens to reach the host, the main thread is already launching step n+1."""
 
-    def __init__(self, rank: int, replies: zmq.Socket) -> None:
-        self.rank, self.replies = rank, replies
+    def __init__(self, rank: int, replies: zmq.Socket, cuda_device: int | None) -> None:
+        self.rank, self.replies, self.cuda_device = rank, replies, cuda_device
         self.encoder = msgspec.msgpack.Encoder()
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="distgen-worker-replies", daemon=True)
@@ -168,9 +171,12 @@ class _ReplySender:
         self.thread.join(timeout)
 
     def _run(self) -> None:
-        while (msg := self.queue.get()) is not None:
-            try:
+        try:
+            if self.cuda_device is not None:  # else this thread's first CUDA call opens a context on GPU 0
+                import torch
+
+                torch.cuda.set_device(self.cuda_device)
+            while (msg := self.queue.get()) is not None:
                 self.replies.send(self.encoder.encode(_wire(msg)))
-            except BaseException:  # e.g. a CUDA error surfacing at the read-back: the executor gives up
-                self.replies.send(self.encoder.encode(Failed(self.rank, traceback.format_exc())))
-                return
+        except BaseException:  # e.g. a CUDA error surfacing at the read-back: the executor gives up
+            self.replies.send(self.encoder.encode(Failed(self.rank, traceback.format_exc())))

@@ -246,6 +246,57 @@ def test_worker_raising_makes_engine_dead(tiny_model_dir):
     llm.shutdown()
 
 
+class _ReadBackFails:
+    def get(self):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+
+
+class BrokenReadBackWorker:
+    """A model-less rank whose launched steps fail when rank 0 reads their output back."""
+
+    def __init__(self, config, source, rank: int = 0, init_method=None, device_index=None) -> None:
+        self.rank = rank
+
+    def determine_num_blocks(self) -> int:
+        return 64
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        pass
+
+    def submit(self, sched):
+        return _ReadBackFails() if self.rank == 0 else None
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_a_read_back_failing_in_the_reply_thread_makes_engine_dead(tiny_model_dir):
+    """Under async scheduling rank 0 reads step outputs back in a thread of its own: an error there
+    (a CUDA fault shows up at that point) reaches the executor, named, instead of a silent hang."""
+    from distgen.executor.multiproc import MultiprocExecutor
+
+    config, source = EngineArgs(
+        model=tiny_model_dir("llama"),
+        tensor_parallel_size=2,
+        distributed_executor_backend="mp",
+        kv_cache_memory=KV,
+        async_scheduling=True,
+    ).create_config()
+    executor = MultiprocExecutor(config, source, worker_cls=BrokenReadBackWorker)
+    try:
+        pids = executor.worker_pids
+        assert executor.determine_num_blocks() == 64
+        step = executor.submit(SchedulerOutput([], [], {}, 0))
+        with pytest.raises(
+            EngineDeadError, match="rank 0 raised RuntimeError: CUDA error: an illegal memory"
+        ):
+            step.get()
+    finally:
+        executor.shutdown()
+    assert wait_gone(pids, timeout=10) == []
+
+
 @pytest.mark.slow
 def test_del_llm_leaves_no_process_or_socket_file(tiny_model_dir):
     llm = LLM(
