@@ -150,13 +150,7 @@ class Scheduler:
             num_scheduled[req.request_id] = n
             budget -= n
 
-        out = self._make_output(num_scheduled, new_blocks, new_reqs)
-        for rid, n in num_scheduled.items():
-            req = self.requests[rid]
-            req.num_computed_tokens += n
-            if req.num_computed_tokens == req.num_tokens + req.num_pending:
-                req.num_pending += 1  # this step samples its next token
-        return out
+        return self._make_output(num_scheduled, new_blocks, new_reqs)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -170,6 +164,7 @@ class Scheduler:
     def _make_output(
         self, num_scheduled: dict[str, int], new_blocks: dict[str, list[int]], new_reqs: list[Request]
     ) -> SchedulerOutput:
+        """The step's diff for the workers; then the step's tokens count as computed (``_scheduled``)."""
         new_ids = {r.request_id for r in new_reqs}
         new_data = []
         for req in new_reqs:
@@ -184,6 +179,7 @@ class Scheduler:
                 )
             )
             req.num_tokens_sent = req.num_tokens
+            _scheduled(req, num_scheduled[req.request_id])
         cached_data = []
         for req in self.running:
             rid = req.request_id
@@ -198,6 +194,7 @@ class Scheduler:
                 )
             )
             req.num_tokens_sent = req.num_tokens
+            _scheduled(req, num_scheduled[rid])
         finished, self.finished_req_ids = self.finished_req_ids, []
         return SchedulerOutput(
             new_reqs=new_data,
@@ -220,7 +217,7 @@ class Scheduler:
             if token is None:
                 continue  # a partial prefill chunk: nothing sampled yet
             req = self.requests.get(rid)
-            if req is None or req.is_finished:
+            if req is None:  # ended meanwhile (ended requests leave ``requests`` at once)
                 continue
             req.num_pending -= 1
             req.append_output_token(token)
@@ -238,3 +235,11 @@ class Scheduler:
             prefix_cache_hits=self.kv.pool.num_hits,
             num_preemptions=self.num_preemptions,
         )
+
+
+def _scheduled(req: Request, n: int) -> None:
+    """``n`` more tokens of ``req`` count as computed; if that reaches its last known (or pending)
+    token, the step samples its next one, pending until the step's output comes back."""
+    req.num_computed_tokens += n
+    if req.num_computed_tokens == req.num_tokens_sent + req.num_pending:
+        req.num_pending += 1

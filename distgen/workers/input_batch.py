@@ -35,8 +35,8 @@ class CachedRequestState:
 
     def append_tokens(self, token_ids: list[int]) -> None:
         """The scheduler's new tokens: they fill the placeholders first, oldest first."""
-        k = min(self.num_placeholders, len(token_ids))
-        if k:
+        if self.num_placeholders:
+            k = min(self.num_placeholders, len(token_ids))
             start = len(self.token_ids) - self.num_placeholders
             self.token_ids[start : start + k] = token_ids[:k]
             start = len(self.output_token_ids) - self.num_placeholders

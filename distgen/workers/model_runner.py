@@ -153,6 +153,8 @@ class ModelRunner:
     ) -> tuple[slice | torch.Tensor, torch.Tensor] | None:
         """Where this step's input tokens are placeholders (sampled by the last step, not yet seen by
         the host): their indices in the flattened batch, and the tokens, on the device."""
+        if self._last_sampled is None:  # nothing sampled on the device yet (always, without async)
+            return None
         dst = [int(cu[i]) for i, s in enumerate(rows) if s.num_placeholders]
         if not dst:
             return None
@@ -161,7 +163,6 @@ class ModelRunner:
         except KeyError as e:
             msg = f"request {e.args[0]} has a placeholder token that the last step did not sample"
             raise RuntimeError(msg) from None
-        assert self._last_sampled is not None
         n = len(dst)
         if dst[-1] == n - 1 and src == list(range(n)):  # the usual decode step: same rows, same order
             return slice(0, n), self._last_sampled[:n]
