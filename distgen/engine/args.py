@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import types
+import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -22,9 +25,9 @@ from distgen.model_loader.loader import ModelSource, resolve_model
 
 @dataclass
 class EngineArgs:
-    model: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "auto"
+    model: str | os.PathLike | None = None
+    tokenizer: str | os.PathLike | None = None
+    dtype: str | torch.dtype = "auto"
     seed: int = 0
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
@@ -43,6 +46,13 @@ class EngineArgs:
     enforce_eager: bool = False
     async_scheduling: bool = False
     max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        """Every argument must have its declared type: ``enforce_eager="no"`` would otherwise count as
+        True, and ``tensor_parallel_size="2"`` fail deep inside with a TypeError about ``<``."""
+        hints = typing.get_type_hints(EngineArgs)
+        for f in fields(self):
+            check_type(f.name, getattr(self, f.name), hints[f.name])
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -101,6 +111,26 @@ class EngineArgs:
             parallel=ParallelConfig(self.tensor_parallel_size, backend),
             device=device,
         ), source
+
+
+def check_type(name: str, value: Any, hint: Any) -> None:
+    """Raise TypeError naming ``name`` unless ``value`` fits ``hint`` (a type or a union of types).
+    A bool is not an int here, and an int is a float."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(hint) if union else (hint,)
+    for t in allowed:
+        if t is type(None):
+            ok = value is None
+        elif t is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif t is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, t)
+        if ok:
+            return
+    names = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+    raise TypeError(f"{name} must be {names}, got {value!r} ({type(value).__name__})")
 
 
 def check_device(device: str, backend: str) -> None:

@@ -1,0 +1,43 @@
+"""Engine arguments are checked against their declared types before anything is built."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+from distgen import LLM
+from distgen.engine.args import EngineArgs
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(enforce_eager="no"), "enforce_eager must be bool, got 'no'"),  # a non-empty string is truthy
+        (dict(enable_prefix_caching="false"), "enable_prefix_caching must be bool"),
+        (dict(async_scheduling=1), "async_scheduling must be bool, got 1"),
+        (dict(tensor_parallel_size="2"), "tensor_parallel_size must be int, got '2'"),
+        (dict(max_num_seqs=2.5), "max_num_seqs must be int, got 2.5"),
+        (dict(max_model_len=True), "max_model_len must be int or None, got True"),
+        (dict(gpu_memory_utilization="0.5"), "gpu_memory_utilization must be float"),
+        (dict(kv_cache_memory="4GiB"), "kv_cache_memory must be int or None"),
+        (dict(dtype=32), "dtype must be str or dtype"),
+    ],
+)
+def test_a_wrongly_typed_argument_is_named(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        EngineArgs(**kwargs)
+    with pytest.raises(TypeError, match=message):  # the same through LLM, before any process starts
+        LLM("no/such/model", **kwargs)
+
+
+def test_the_types_a_user_may_pass(tiny_model_dir):
+    config, _ = EngineArgs(
+        model=pathlib.Path(tiny_model_dir("llama")),
+        dtype=torch.float32,
+        gpu_memory_utilization=1,  # an int is a float
+        kv_cache_memory=16 << 20,
+        max_model_len=None,
+    ).create_config()
+    assert config.model.dtype == torch.float32 and config.cache.gpu_memory_utilization == 1
