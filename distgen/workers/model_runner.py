@@ -155,7 +155,8 @@ class ModelRunner:
         the host): their indices in the flattened batch, and the tokens, on the device."""
         if self._last_sampled is None:  # nothing sampled on the device yet (always, without async)
             return None
-        dst = [int(cu[i]) for i, s in enumerate(rows) if s.num_placeholders]
+        # A placeholder is always a row's last token (decode rows: their only one).
+        dst = [int(cu[i + 1]) - 1 for i, s in enumerate(rows) if s.num_placeholders]
         if not dst:
             return None
         try:
