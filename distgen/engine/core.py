@@ -94,15 +94,15 @@ class EngineCore:
     def _step_ahead(self) -> list[EngineCoreOutput]:
         """Async scheduling: launch step n+1, then collect step n, so the host's work on both
         overlaps the GPU's on n+1. Outputs lag one call behind the launches."""
-        launched = False
         # Penalties read the last token on the host: with such a request, steps go one at a time.
-        ahead_ok = not (self._in_flight and self.scheduler.num_needing_host_tokens)
-        if self.scheduler.has_unfinished() and ahead_ok:
+        one_at_a_time = self.scheduler.num_needing_host_tokens > 0
+        running_ahead = False
+        if self.scheduler.has_unfinished() and not (self._in_flight and one_at_a_time):
             sched = self.scheduler.schedule()
             self._in_flight.append((sched, self.executor.submit(sched)))
-            launched = not sched.is_empty
+            running_ahead = not (sched.is_empty or one_at_a_time)
         outputs = []
-        while self._in_flight and (len(self._in_flight) > 1 or not launched):
+        while self._in_flight and (len(self._in_flight) > 1 or not running_ahead):
             sched, pending = self._in_flight.popleft()
             outputs.extend(self._make_outputs(sched, pending.get()))
         return outputs

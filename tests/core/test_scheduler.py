@@ -167,11 +167,12 @@ class Sim:
     ) -> tuple[SchedulerOutput | None, dict[str, int]]:
         """One engine step; ``between`` runs after schedule() and before the model (e.g. an abort).
         Returns the step scheduled now (None if none could be) and what the model sampled for it."""
-        launched, result = False, (None, {})
-        if not (self.in_flight and self.s.num_needing_host_tokens):
+        one_at_a_time = self.s.num_needing_host_tokens > 0
+        running_ahead, result = False, (None, {})
+        if not (self.in_flight and one_at_a_time):
             result = self._launch(between)
-            launched = not result[0].is_empty
-        while self.in_flight and (not self.ahead or len(self.in_flight) > 1 or not launched):
+            running_ahead = not (result[0].is_empty or one_at_a_time)
+        while self.in_flight and (not self.ahead or len(self.in_flight) > 1 or not running_ahead):
             self._collect(*self.in_flight.popleft())
         return result
 
@@ -801,6 +802,8 @@ def test_async_scheduling_runs_penalized_requests_one_step_at_a_time():
     sim.add(make_request("pen", [4, 5, 6], max_tokens=6, presence_penalty=0.5))
     out, _ = sim.step()  # nothing launched while a step is in flight: that one is collected
     assert out is None and not sim.in_flight
+    out, sampled = sim.step()  # from now on each step is launched and collected at once
+    assert set(sampled) == {"plain", "pen"} and not sim.in_flight  # pen: its whole prompt
     sim.run()  # the fake worker checks every penalized step saw all its earlier tokens
     assert plain.num_output_tokens == 6 and len(sim.finished) == 2
     assert sim.s.num_needing_host_tokens == 0
