@@ -80,7 +80,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
+        return self.status >= RequestStatus.FINISHED_STOPPED  # RequestStatus.is_finished, inlined
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
@@ -90,10 +90,11 @@ class Request:
         """Apply length and stop-token rules after a new token, in vLLM's order; set status and
         return True if finished. An EOS on the last allowed token counts as "length", as in vLLM."""
         params = self.sampling_params
-        if self.num_output_tokens >= self.max_tokens:
+        n = len(self.output_token_ids)
+        if n >= self.max_tokens:
             self.status = RequestStatus.FINISHED_LENGTH
             return True
-        if self.num_output_tokens < params.min_tokens:
+        if n < params.min_tokens:
             return False
         last = self.output_token_ids[-1]
         if last in self.stop_token_ids:
