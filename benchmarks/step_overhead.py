@@ -44,6 +44,7 @@ from distgen.core.scheduler_output import (
     SchedulerOutput,
 )
 from distgen.sampling_params import SamplingParams
+from distgen.workers.sampled_output import SampledOutput
 
 logger = logging.getLogger("benchmarks.step_overhead")
 EQUAL_NICE = True  # --ray-niceness turns it off
@@ -61,11 +62,11 @@ class NullWorker:
     def init_kv_cache(self, num_blocks: int) -> None:
         pass
 
-    def submit(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+    def submit(self, sched: SchedulerOutput) -> SampledOutput | None:
         if self.rank != 0:
             return None
         ids = [r.req_id for r in sched.new_reqs] + [r.req_id for r in sched.cached_reqs]
-        return ModelRunnerOutput(ids, [7] * len(ids))
+        return SampledOutput.done(ModelRunnerOutput(ids, [7] * len(ids)))
 
     def shutdown(self) -> None:
         pass
@@ -175,7 +176,7 @@ def control_plane(model: str, steps: int, repeats: int) -> dict[str, dict[str, f
         logging_level="WARNING",
     )
     null = NullWorker(config, source)
-    runners = {"uni": null.submit}
+    runners = {"uni": lambda sched: null.submit(sched).get()}  # what UniProcExecutor.execute_model does
 
     class RayOverTcp(RayExecutor):
         local_ipc = False  # as between nodes

@@ -16,10 +16,6 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
 
-    @property
-    def is_finished(self) -> bool:
-        return self >= RequestStatus.FINISHED_STOPPED
-
 
 FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
@@ -80,7 +76,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status >= RequestStatus.FINISHED_STOPPED  # RequestStatus.is_finished, inlined
+        return self.status >= RequestStatus.FINISHED_STOPPED  # the FINISHED_* statuses come last
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

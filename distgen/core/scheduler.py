@@ -75,7 +75,7 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         else:
-            self.waiting.remove(req)  # preempted while its last token was being sampled
+            self.waiting.remove(req)  # waiting, or preempted while a step sampled its last token
         self.kv.free(req)
         self.requests.pop(req.request_id, None)
         self.finished_req_ids.append(req.request_id)

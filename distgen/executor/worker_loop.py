@@ -22,7 +22,6 @@ import msgspec
 import zmq
 
 from distgen.config import EngineConfig
-from distgen.core.scheduler_output import ModelRunnerOutput
 from distgen.executor.messages import (
     Ack,
     DetermineNumBlocks,
@@ -126,10 +125,8 @@ def _sender(replies: zmq.Socket, encoder: msgspec.msgpack.Encoder) -> Callable[[
 
 
 def _wire(msg: object) -> msgspec.Struct:
-    """A reply as sent: a step's output as a StepResult, once its tokens are on the host (a launched
-    step's ``SampledOutput`` waits for them here)."""
-    if isinstance(msg, ModelRunnerOutput):
-        return StepResult(msg)
+    """A reply as sent: a launched step (``SampledOutput``) as a StepResult once its tokens are on the
+    host, which ``get`` waits for."""
     return msg if isinstance(msg, msgspec.Struct) else StepResult(msg.get())
 
 

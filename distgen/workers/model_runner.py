@@ -155,12 +155,13 @@ class ModelRunner:
         the host): their indices in the flattened batch, and the tokens, on the device."""
         if self._last_sampled is None:  # nothing sampled on the device yet (always, without async)
             return None
-        # A placeholder is always a row's last token (decode rows: their only one).
-        dst = [int(cu[i + 1]) - 1 for i, s in enumerate(rows) if s.num_placeholders]
-        if not dst:
+        marked = [i for i, s in enumerate(rows) if s.num_placeholders]
+        if not marked:
             return None
+        # A placeholder is always a row's last token (decode rows: their only one).
+        dst = [int(cu[i + 1]) - 1 for i in marked]
         try:
-            src = [self._last_rows[s.req_id] for s in rows if s.num_placeholders]
+            src = [self._last_rows[rows[i].req_id] for i in marked]
         except KeyError as e:
             msg = f"request {e.args[0]} has a placeholder token that the last step did not sample"
             raise RuntimeError(msg) from None
