@@ -130,7 +130,7 @@ class ModelRunner:
         self.states.apply(sched)
         self._zero_fresh_blocks(sched)
         if sched.is_empty:
-            return SampledOutput.done(ModelRunnerOutput([], [])) if self.is_driver else None
+            return SampledOutput([], None) if self.is_driver else None
         rows = [self.states[rid] for rid in sched.num_scheduled_tokens]
         counts = [sched.num_scheduled_tokens[s.req_id] for s in rows]
         # Decodes (one token) first, shortest context first; then prefill chunks.
