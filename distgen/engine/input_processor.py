@@ -16,6 +16,20 @@ from distgen.sampling_params import SamplingParams
 PromptType = str | dict[str, Any] | list[int]
 
 
+def encode_text(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """``text``'s token ids. Text that is not valid Unicode (a lone surrogate, which JSON's
+    ``\\ud800`` escape can carry) is a ValueError that says so; the tokenizer would raise a TypeError
+    about its input's type."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end]
+        raise ValueError(
+            f"the prompt is not valid Unicode text: {bad!r} at character {e.start} ({e.reason})"
+        ) from None
+    return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+
 class InputProcessor:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.config = config
@@ -31,12 +45,12 @@ class InputProcessor:
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            return prompt, self.tokenizer(prompt).input_ids
+            return prompt, encode_text(self.tokenizer, prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer(prompt["prompt"]).input_ids
+                return prompt["prompt"], encode_text(self.tokenizer, prompt["prompt"])
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)

@@ -9,6 +9,8 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from distgen.engine.input_processor import encode_text
+
 Message = dict[str, Any]
 Conversation = list[Message]
 
@@ -87,5 +89,5 @@ def render_chat(
         )
     except (TemplateError, TypeError) as e:  # e.g. a message without the content the template reads
         raise ValueError(f"the chat template could not render this conversation: {e}") from e
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = encode_text(tokenizer, text, add_special_tokens=False)
     return text, ids

@@ -200,6 +200,10 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
         llm.generate({"prompt_token_ids": [5, 10**7]}, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match=r"not valid Unicode text: '\\ud800' at character 3"):
+        llm.generate("Hi \ud800", GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        llm.chat([{"role": "user", "content": "\udfff"}], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match=r"prompt_logprobs=21 is more than this engine allows \(20\)"):
         llm.generate(
             tok_prompts(PROMPTS[:1]), SamplingParams(max_tokens=2, prompt_logprobs=21), use_tqdm=False

@@ -27,7 +27,7 @@ from distgen.entrypoints.openai.protocol import (
     TokenizeRequest,
 )
 from distgen.entrypoints.openai.serving_chat import create_chat_completion, render_request
-from distgen.entrypoints.openai.serving_common import ServingContext, now
+from distgen.entrypoints.openai.serving_common import ServingContext, encode_prompt, now
 from distgen.entrypoints.openai.serving_completion import create_completion
 
 logger = logging.getLogger("distgen")
@@ -73,9 +73,10 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
         first = e.errors()[0] if e.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         where = ".".join(loc)
-        return error_response(
-            f"{where}: {first.get('msg', 'invalid request')}" if where else str(e), 400, where
-        )
+        msg = first.get("msg", "invalid request")
+        if not where and first.get("type") == "model_attributes_type":
+            msg = "the request body must be a JSON object"
+        return error_response(f"{where}: {msg}" if where else msg, 400, where or None)
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, e: EngineDeadError):
@@ -133,7 +134,7 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
             )
             _, ids = render_request(ctx, chat)
         else:
-            ids = engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+            ids = encode_prompt(engine.tokenizer, req.prompt, req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")

@@ -14,6 +14,7 @@ from fastapi import Request
 
 from distgen.engine.async_llm import AsyncLLM
 from distgen.engine.core import validate_prompt
+from distgen.engine.input_processor import encode_text
 from distgen.entrypoints.openai.errors import OpenAIError, error_body
 from distgen.outputs import Logprob
 
@@ -111,6 +112,14 @@ async def until_disconnected(coro, request: Request):
             if not task.done():
                 task.cancel()
         await asyncio.gather(work, watcher, return_exceptions=True)
+
+
+def encode_prompt(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """A text prompt's token ids; 400 for text that is not valid Unicode."""
+    try:
+        return encode_text(tokenizer, text, add_special_tokens)
+    except ValueError as e:
+        raise OpenAIError(str(e), param="prompt") from e
 
 
 def check_prompt(ids: list[int], limit: int, vocab: int) -> None:

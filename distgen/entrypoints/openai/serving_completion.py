@@ -13,6 +13,7 @@ from distgen.entrypoints.openai.protocol import CompletionRequest
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
     check_prompt,
+    encode_prompt,
     merge_async_iterators,
     now,
     sse,
@@ -46,7 +47,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         raise OpenAIError("echo together with logprobs is not supported", param="echo")
     inputs: list[tuple[str | None, list[int], SamplingParams]] = []
     for p in req.prompts():
-        text, ids = (p, engine.tokenizer(p).input_ids) if isinstance(p, str) else (None, p)
+        text, ids = (p, encode_prompt(engine.tokenizer, p)) if isinstance(p, str) else (None, p)
         check_prompt(ids, engine.max_model_len, engine.config.model.vocab_size)
         inputs.append(
             (text, ids, req.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len))

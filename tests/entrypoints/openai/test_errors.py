@@ -3,6 +3,7 @@ serving afterwards."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -89,6 +90,9 @@ def test_bad_types_and_bodies(server):
     _assert_error(resp, 400, "messages", param="messages")
     resp = httpx.post(server.v1 + "/completions", json={**OK, "prompt": [5, 10**9]})
     _assert_error(resp, 400, "vocabulary", param="prompt")
+    resp = httpx.post(server.v1 + "/completions", json=[1, 2])
+    err = _assert_error(resp, 400, "must be a JSON object")
+    assert "File" not in err["message"]  # no traceback text
     # Unknown fields are ignored, as OpenAI's newer SDKs may send some.
     assert httpx.post(server.v1 + "/completions", json={**OK, "some_new_field": 1}).status_code == 200
     _still_serves(server)
@@ -105,6 +109,23 @@ def test_values_the_engine_could_not_carry_or_would_not_allow(server):
     resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "top_logprobs": 21})
     _assert_error(resp, 400, "logprobs=21", param="logprobs")
     assert httpx.post(server.v1 + "/completions", json={**OK, "logprobs": 20}).status_code == 200
+    _still_serves(server)
+
+
+def test_text_that_is_not_unicode(server):
+    """JSON's \\ud800 escape decodes to a lone surrogate, which no tokenizer can encode."""
+    bad = json.dumps("Hi \ud800 there")  # the escape, as a client's encoder writes it
+
+    def post(url: str, body: str) -> httpx.Response:
+        return httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+
+    resp = post(server.v1 + "/completions", f'{{"prompt": {bad}, "max_tokens": 2}}')
+    _assert_error(resp, 400, "not valid Unicode", "character 3", param="prompt")
+    resp = post(server.v1 + "/completions", f'{{"prompt": ["fine", {bad}], "max_tokens": 2}}')
+    _assert_error(resp, 400, "not valid Unicode", param="prompt")
+    chat = f'{{"messages": [{{"role": "user", "content": {bad}}}], "max_tokens": 2}}'
+    _assert_error(post(server.v1 + "/chat/completions", chat), 400, "not valid Unicode", param="messages")
+    _assert_error(post(server.url + "/tokenize", f'{{"prompt": {bad}}}'), 400, "not valid Unicode")
     _still_serves(server)
 
 
