@@ -9,6 +9,15 @@ from typing import Any
 _GREEDY_EPS = 1e-5
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    """A real number that is not NaN (True is not a temperature)."""
+    return (isinstance(v, float) and v == v) or _is_int(v)
+
+
 @dataclass
 class SamplingParams:
     """How to sample the continuation of one prompt.
@@ -45,9 +54,18 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        else:
+            raise ValueError(f"SamplingParams.stop must be a string or a list of strings, got {self.stop!r}.")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        else:
+            raise ValueError(
+                f"SamplingParams.stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}."
+            )
         if self.top_k is None:
             self.top_k = 0
         self._verify()
@@ -60,41 +78,47 @@ class SamplingParams:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}.")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "must be an integer >= 1")
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not _is_number(getattr(self, name)):
+                raise bad(name, "must be a number")
+        for name in ("temperature", "top_p", "min_p"):
+            if not _is_number(getattr(self, name)):
+                raise bad(name, "must be a number")
+        for name in ("n", "top_k", "min_tokens"):
+            if not _is_int(getattr(self, name)):
+                raise bad(name, "must be an integer")
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                raise bad(name, "must be an integer or None")
+        if self.n < 1:
+            raise bad("n", "must be >= 1")
         for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
+            if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "must be in [-2, 2]")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0.0:
+        if self.repetition_penalty <= 0.0:
             raise bad("repetition_penalty", "must be > 0")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0.0:
+        if self.temperature < 0.0:
             raise bad("temperature", "must be >= 0")
-        if self.temperature != self.temperature:  # NaN
-            raise bad("temperature", "must be a number")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or (self.top_k < 0 and self.top_k != -1):
+        if self.top_k < 0 and self.top_k != -1:
             raise bad("top_k", "must be 0 or -1 (disabled) or at least 1")
-        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+        if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]")
-        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63):
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             raise bad("seed", "must be a 64-bit signed integer or None")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad("max_tokens", "must be an integer >= 1 or None")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("max_tokens", "must be >= 1 or None")
+        if self.min_tokens < 0:
+            raise bad("min_tokens", "must be >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise bad("logprobs", "must be an integer >= 0 or None")
-        if self.prompt_logprobs is not None and (
-            not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0
-        ):
-            raise bad("prompt_logprobs", "must be an integer >= 0 or None")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise bad(name, "must be >= 0 or None")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise bad("stop", "must hold non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must hold non-negative integers")
 
     # -- derived ------------------------------------------------------------------------------
@@ -131,9 +155,14 @@ class BeamSearchParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.beam_width, int) or self.beam_width < 1:
-            raise ValueError(f"BeamSearchParams.beam_width must be an integer >= 1, got {self.beam_width!r}.")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"BeamSearchParams.max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"BeamSearchParams.{name} {why}, got {getattr(self, name)!r}.")
+
+        for name in ("beam_width", "max_tokens"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "must be an integer >= 1")
+        for name in ("temperature", "length_penalty"):
+            if not _is_number(getattr(self, name)):
+                raise bad(name, "must be a number")
         if self.temperature < 0:
-            raise ValueError(f"BeamSearchParams.temperature must be >= 0, got {self.temperature!r}.")
+            raise bad("temperature", "must be >= 0")

@@ -37,7 +37,26 @@ INVALID = [
     ("stop", {"stop": ["ok", 3]}),
     ("stop_token_ids", {"stop_token_ids": [-1]}),
     ("stop_token_ids", {"stop_token_ids": ["2"]}),
+    # Wrong types get a message naming the field too, not a TypeError from deep inside.
+    ("stop", {"stop": 5}),
+    ("stop_token_ids", {"stop_token_ids": 5}),
+    ("stop_token_ids", {"stop_token_ids": [True]}),
+    ("temperature", {"temperature": "0.5"}),
+    ("top_p", {"top_p": None}),
+    ("n", {"n": True}),
+    ("max_tokens", {"max_tokens": "16"}),
+    ("logprobs", {"logprobs": 1.0}),
 ]
+
+
+@pytest.mark.parametrize(
+    "name, value, says",
+    [("temperature", "0.5", "must be a number"), ("n", True, "must be an integer"), ("stop", 5, "a string")],
+)
+def test_a_wrong_type_says_so(name, value, says):
+    """Not a range message: "must be >= 0, got '0.5'" would send the user looking at the value."""
+    with pytest.raises(ValueError, match=says):
+        SamplingParams(**{name: value})
 
 
 @pytest.mark.parametrize("name, kwargs", INVALID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(INVALID)])
@@ -120,6 +139,9 @@ def test_from_optional_drops_none_and_clone_is_deep():
         ("beam_width", {"beam_width": 0, "max_tokens": 4}),
         ("max_tokens", {"beam_width": 2, "max_tokens": 0}),
         ("temperature", {"beam_width": 2, "max_tokens": 4, "temperature": -1.0}),
+        ("temperature", {"beam_width": 2, "max_tokens": 4, "temperature": "hot"}),
+        ("length_penalty", {"beam_width": 2, "max_tokens": 4, "length_penalty": None}),
+        ("beam_width", {"beam_width": 2.0, "max_tokens": 4}),
     ],
 )
 def test_beam_search_params_validation(name, kwargs):
