@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import re
+import signal
 import sys
 from typing import Any
 
@@ -203,7 +204,15 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
     return parser.parse_args(argv)
 
 
+def _stop_like_ctrl_c(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
+    # SIGTERM takes Ctrl-C's path, so one that arrives while the model loads (before uvicorn has
+    # handlers of its own) still stops the engine core and its workers instead of leaving them to
+    # notice their parent is gone.
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     parser = build_parser()
     ns = _apply_config(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(levelname)s %(asctime)s %(message)s", level=logging.INFO)

@@ -1,0 +1,49 @@
+"""Stopping ``distgen serve`` with SIGTERM (as systemd, Kubernetes or a Ray job do): at any moment,
+the server exits cleanly and takes its engine core and workers with it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distgen.executor.multiproc import free_port
+from tests.conftest import wait_gone
+from tests.entrypoints.openai.conftest import descendants, start_server
+
+pytestmark = pytest.mark.slow
+
+
+def test_sigterm_while_the_model_loads(tiny_model_dir):
+    """Before uvicorn runs, nothing but Python's default handled SIGTERM: the server died at once and
+    its engine core and workers lived on until they noticed (after loading the model)."""
+    cmd = [sys.executable, "-m", "distgen.entrypoints.cli", "serve", tiny_model_dir("llama")]
+    cmd += ["--port", str(free_port()), "--tp", "2", "--kv-cache-memory", "16MiB", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd)
+    try:
+        deadline = time.monotonic() + 60
+        while len(kids := descendants(proc.pid)) < 3 and time.monotonic() < deadline:  # core + 2 ranks
+            assert proc.poll() is None, f"the server exited with {proc.returncode} during startup"
+            time.sleep(0.02)
+        assert len(kids) >= 3, "the workers never started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        # The server waited for what it started: nothing of it is left when it exits.
+        assert wait_gone(kids, timeout=0.5) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in descendants(proc.pid):
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+
+
+def test_sigterm_while_serving(tiny_model_dir):
+    server = start_server(tiny_model_dir("llama"), "--tp", "2")
+    kids = descendants(server.proc.pid)
+    assert len(kids) >= 3
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0
+    assert wait_gone(kids, timeout=0.5) == []
