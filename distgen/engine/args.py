@@ -20,7 +20,7 @@ from distgen.config import (
     parse_dtype,
 )
 from distgen.executor.base import Executor
-from distgen.model_loader.loader import ModelSource, resolve_model
+from distgen.model_loader.loader import ModelSource, local_path, resolve_model
 
 
 @dataclass
@@ -79,7 +79,7 @@ class EngineArgs:
             dtype=parse_dtype(self.dtype, device, hf.get("torch_dtype") or hf.get("dtype")),
             max_model_len=max_len,
             seed=self.seed,
-            tokenizer=self.tokenizer,
+            tokenizer=None if self.tokenizer is None else local_path(self.tokenizer, "tokenizer"),
             generation_config=gen,
             served_model_name=self.served_model_name or self.model or "SmolLM2-135M-Instruct",
             enforce_eager=self.enforce_eager,

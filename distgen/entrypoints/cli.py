@@ -18,8 +18,9 @@ import yaml
 
 from distgen.engine.args import EngineArgs
 
+MODEL_HELP = "HF directory, .gguf file, or the id of a model in the local HF cache (default: SmolLM2)"
 ENGINE_HELP = {
-    "tokenizer": "tokenizer directory, if not the model's",
+    "tokenizer": "tokenizer directory or cached hub id, if not the model's",
     "dtype": "auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, the checkpoint's on CUDA)",
     "seed": "seed for requests that carry none",
     "max_model_len": "longest sequence, prompt plus output (default: the model's limit)",
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
         "/v1/models, /health, /metrics, /tokenize, /detokenize, /version).",
     )
-    serve.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: SmolLM2)")
+    serve.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     serve.add_argument("--config", metavar="YAML", help="defaults for any flag below, read from a YAML file")
     net = serve.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load MODEL, generate for PROMPT, print the text and exit.",
     )
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2)")
+    gen.add_argument("--model", default=None, help=MODEL_HELP)
     gen.add_argument("--config", metavar="YAML", help="defaults for any flag below, read from a YAML file")
     gen.add_argument("--max-tokens", dest="max_tokens", type=int, default=16, help="tokens to generate")
     gen.add_argument("--temperature", type=float, default=None, help="default: the model's, else 1.0")

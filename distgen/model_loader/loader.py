@@ -45,18 +45,43 @@ class ModelSource:
         return AutoTokenizer.from_pretrained(self.path)
 
 
+def local_path(model: str | os.PathLike, what: str = "model") -> str:
+    """The local file or directory ``model`` names: a path, or a Hugging Face hub id (``org/name``)
+    whose snapshot is already in the local hub cache (``HF_HUB_CACHE``, ``HF_HOME``), as a vLLM user
+    would name it. Nothing is downloaded."""
+    model = os.fspath(model)
+    path = os.path.abspath(os.path.expanduser(model))
+    if os.path.exists(path):
+        return path
+    cached = _hub_cache_snapshot(model)
+    if cached is None:
+        raise FileNotFoundError(
+            f"{what} {model!r} not found: give a local Hugging Face directory, a .gguf file, or the id "
+            "of a model in the local Hugging Face cache (nothing is downloaded from a model hub)"
+        )
+    return cached
+
+
+def _hub_cache_snapshot(repo_id: str) -> str | None:
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
+
+
 def resolve_model(model: str | None) -> ModelSource:
-    """``None`` -> the embedded SmolLM2 default; a ``.gguf`` file; or a Hugging Face directory."""
+    """``None`` -> the embedded SmolLM2 default; a ``.gguf`` file; a Hugging Face directory; or the
+    id of one in the local Hugging Face cache."""
     if model is None:
         from distgen.model_loader.gguf import default_model_path
 
         model = default_model_path()
-    path = os.path.abspath(os.path.expanduser(model))
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"model {model!r} not found: give a local Hugging Face directory or a .gguf file "
-            "(nothing is downloaded from a model hub)"
-        )
+    path = local_path(model)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise ValueError(f"model file {path!r} is not a .gguf file")
