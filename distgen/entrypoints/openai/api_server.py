@@ -74,6 +74,8 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         where = ".".join(loc)
         msg = first.get("msg", "invalid request")
+        if first.get("type") == "value_error":  # our validators' own words, without "Value error, "
+            msg = str(first.get("ctx", {}).get("error", msg))
         if not where and first.get("type") == "model_attributes_type":
             msg = "the request body must be a JSON object"
         return error_response(f"{where}: {msg}" if where else msg, 400, where or None)

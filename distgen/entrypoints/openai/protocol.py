@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distgen.entrypoints.openai.errors import OpenAIError
 from distgen.sampling_params import SamplingParams
@@ -95,6 +95,21 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: int | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, p: Any) -> Any:
+        """One message for every wrong shape (pydantic's would name one union member: "prompt.str:
+        Input should be a valid string" for ``[1.5]``), and no silent ``true`` -> token 1."""
+
+        def token_ids(x: Any) -> bool:
+            return isinstance(x, list) and all(type(t) is int for t in x)
+
+        if isinstance(p, str) or token_ids(p):
+            return p
+        if isinstance(p, list) and (all(isinstance(x, str) for x in p) or all(token_ids(x) for x in p)):
+            return p
+        raise ValueError("must be a string, a list of strings, a list of token ids, or a list of those")
+
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
         if isinstance(p, str):
@@ -123,8 +138,22 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Asked for, but not done: a request that needs them fails rather than get plain text back.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     def to_sampling_params(self, defaults: dict[str, Any], prompt_len: int, limit: int) -> SamplingParams:
+        if self.tools and self.tool_choice != "none":
+            raise OpenAIError(
+                "tool calling is not supported (send tool_choice='none' to ignore the tools)", param="tools"
+            )
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise OpenAIError(
+                f"response_format {self.response_format.get('type')!r} is not supported: there is no "
+                "guided decoding, only 'text'",
+                param="response_format",
+            )
         if self.top_logprobs and not self.logprobs:
             raise OpenAIError("top_logprobs needs logprobs=true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

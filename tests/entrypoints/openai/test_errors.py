@@ -90,6 +90,10 @@ def test_bad_types_and_bodies(server):
     _assert_error(resp, 400, "messages", param="messages")
     resp = httpx.post(server.v1 + "/completions", json={**OK, "prompt": [5, 10**9]})
     _assert_error(resp, 400, "vocabulary", param="prompt")
+    for prompt in ([1.5], [True], ["a", 1], 5, [[1.0]]):  # not silently token 1, and one message
+        resp = httpx.post(server.v1 + "/completions", json={**OK, "prompt": prompt})
+        err = _assert_error(resp, 400, "prompt: must be a string, a list of strings", param="prompt")
+        assert "Value error" not in err["message"]
     resp = httpx.post(server.v1 + "/completions", json=[1, 2])
     err = _assert_error(resp, 400, "must be a JSON object")
     assert "File" not in err["message"]  # no traceback text
@@ -143,6 +147,24 @@ def test_text_that_is_not_unicode(server):
 def test_malformed_chat_messages(server, message, needle):
     resp = httpx.post(server.v1 + "/chat/completions", json={"messages": [message], "max_tokens": 2})
     _assert_error(resp, 400, needle, param="messages")
+    _still_serves(server)
+
+
+def test_features_not_done_fail_instead_of_answering_plain_text(server):
+    """A client that sends tools or a JSON response format relies on them: silently ignoring them
+    would hand it text it then misreads as a refusal to call a tool or as broken JSON."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "tools": tools})
+    _assert_error(resp, 400, "tool calling is not supported", param="tools")
+    resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "tools": tools, "stream": True})
+    _assert_error(resp, 400, "tool calling", param="tools")
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}):
+        resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "response_format": fmt})
+        _assert_error(resp, 400, fmt["type"], "guided decoding", param="response_format")
+    # What needs neither is served.
+    ok = {**chat, "tools": tools, "tool_choice": "none", "response_format": {"type": "text"}}
+    assert httpx.post(server.v1 + "/chat/completions", json=ok).status_code == 200
     _still_serves(server)
 
 
