@@ -13,6 +13,7 @@ from torch import nn
 
 from distgen.model_loader.safetensors import iter_safetensors
 from distgen.models.registry import resolve_model_class
+from distgen.sampling_params import SamplingParams
 
 logger = logging.getLogger("distgen")
 
@@ -117,11 +118,17 @@ def load_generation_config(source: ModelSource, generation_config: str) -> dict[
             raise FileNotFoundError(f"generation_config {generation_config!r} not found")
     with open(path) as f:
         raw = json.load(f)
-    out = {k: raw[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if k in raw}
-    if "max_new_tokens" in raw:
+    # null means "not set" there (some checkpoints write it), not a value.
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    out = {k: raw[k] for k in keys if raw.get(k) is not None}
+    if raw.get("max_new_tokens") is not None:
         out["max_tokens"] = raw["max_new_tokens"]
     if raw.get("do_sample") is False and "temperature" not in out:
         out["temperature"] = 0.0
+    try:  # at start, not as every request's error
+        SamplingParams(**out)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return out
 
 

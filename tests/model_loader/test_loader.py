@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import huggingface_hub.constants
 import pytest
 
 from distgen.engine.args import EngineArgs
-from distgen.model_loader.loader import resolve_model
+from distgen.model_loader.loader import load_generation_config, resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -71,3 +72,13 @@ def test_generate_with_a_cached_hub_id(tmp_path, tiny_model_dir):
         return res.stdout
 
     assert generate("acme/tiny-llama") == generate(model)
+
+
+def test_generation_config_nulls_are_unset_and_bad_values_fail_at_load(tmp_path, tiny_model_dir):
+    path = tmp_path / "generation_config.json"
+    source = resolve_model(tiny_model_dir("llama"))
+    path.write_text(json.dumps({"temperature": None, "top_k": 20, "max_new_tokens": None, "do_sample": True}))
+    assert load_generation_config(source, str(path)) == {"top_k": 20}
+    path.write_text(json.dumps({"temperature": -0.5}))
+    with pytest.raises(ValueError, match=r"generation_config\.json: SamplingParams\.temperature must be"):
+        load_generation_config(source, str(path))
