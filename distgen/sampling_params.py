@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 _GREEDY_EPS = 1e-5
+
+
+_FLOATS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p")
+_INTS = ("n", "top_k", "min_tokens")
+_OPTIONAL_INTS = ("seed", "max_tokens", "logprobs", "prompt_logprobs")
+
+
+def _plain(v: Any, kind: type) -> Any:
+    """``v`` as a plain ``int``/``float`` when it is a number of that kind (numpy's scalars too,
+    which could not cross to the engine core); anything else unchanged, for the checks to name."""
+    if isinstance(v, bool):
+        return v
+    if kind is int and isinstance(v, numbers.Integral):
+        return int(v)
+    if kind is float and isinstance(v, numbers.Real):
+        return float(v)
+    return v
 
 
 def _is_int(v: object) -> bool:
@@ -68,6 +86,11 @@ class SamplingParams:
             )
         if self.top_k is None:
             self.top_k = 0
+        for name in _FLOATS:
+            setattr(self, name, _plain(getattr(self, name), float))
+        for name in _INTS + _OPTIONAL_INTS:
+            setattr(self, name, _plain(getattr(self, name), int))
+        self.stop_token_ids = [_plain(t, int) for t in self.stop_token_ids]
         self._verify()
         if self.is_greedy:
             # Greedy ignores the truncation knobs, as in vLLM.
@@ -78,16 +101,13 @@ class SamplingParams:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}.")
 
-        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in _FLOATS:
             if not _is_number(getattr(self, name)):
                 raise bad(name, "must be a number")
-        for name in ("temperature", "top_p", "min_p"):
-            if not _is_number(getattr(self, name)):
-                raise bad(name, "must be a number")
-        for name in ("n", "top_k", "min_tokens"):
+        for name in _INTS:
             if not _is_int(getattr(self, name)):
                 raise bad(name, "must be an integer")
-        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
+        for name in _OPTIONAL_INTS:
             if getattr(self, name) is not None and not _is_int(getattr(self, name)):
                 raise bad(name, "must be an integer or None")
         if self.n < 1:
@@ -158,6 +178,9 @@ class BeamSearchParams:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"BeamSearchParams.{name} {why}, got {getattr(self, name)!r}.")
 
+        kinds = {"beam_width": int, "max_tokens": int, "temperature": float, "length_penalty": float}
+        for name, kind in kinds.items():
+            setattr(self, name, _plain(getattr(self, name), kind))
         for name in ("beam_width", "max_tokens"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "must be an integer >= 1")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import msgspec
+import numpy as np
 import pytest
 
 from distgen.sampling_params import BeamSearchParams, SamplingParams
@@ -100,6 +102,21 @@ def test_greedy_resets_truncation_knobs():
     q = SamplingParams(temperature=0.8, top_p=0.5, top_k=7, min_p=0.3)
     assert not q.is_greedy
     assert (q.top_p, q.top_k, q.min_p) == (0.5, 7, 0.3)
+
+
+def test_numpy_numbers_become_plain_ones():
+    """Values computed with numpy are numbers a user means; they must also cross to the engine core
+    (msgpack knows no numpy scalars)."""
+    p = SamplingParams(
+        max_tokens=np.int64(5), temperature=np.float32(0.5), top_k=np.int32(3), stop_token_ids=[np.int64(7)]
+    )
+    assert (p.max_tokens, p.temperature, p.top_k, p.stop_token_ids) == (5, 0.5, 3, [7])
+    assert type(p.max_tokens) is int and type(p.temperature) is float and type(p.stop_token_ids[0]) is int
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(p), type=SamplingParams) == p
+    b = BeamSearchParams(beam_width=np.int64(2), max_tokens=np.int64(4), temperature=np.float64(0.0))
+    assert type(b.beam_width) is int and type(b.max_tokens) is int
+    with pytest.raises(ValueError, match="max_tokens must be an integer"):
+        SamplingParams(max_tokens=np.float64(5.0))
 
 
 def test_stop_normalised_to_list():
