@@ -30,6 +30,18 @@ def encode_text(tokenizer, text: str, add_special_tokens: bool = True) -> list[i
     return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
 
+def token_id_list(ids: Any) -> list[int]:
+    """Prompt token ids as plain ints; a numpy array or torch tensor is read with ``tolist`` (its
+    scalars could not cross to the engine core)."""
+    if not isinstance(ids, list) and hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    ids = list(ids)
+    bad = next((t for t in ids if type(t) is not int), None)
+    if bad is not None:
+        raise TypeError(f"prompt_token_ids must be integers, got {bad!r} ({type(bad).__name__})")
+    return ids
+
+
 class InputProcessor:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.config = config
@@ -48,7 +60,7 @@ class InputProcessor:
             return prompt, encode_text(self.tokenizer, prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                return prompt.get("prompt"), token_id_list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 return prompt["prompt"], encode_text(self.tokenizer, prompt["prompt"])
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")

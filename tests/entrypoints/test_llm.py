@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,12 @@ def test_input_forms_and_order(llm):
     ids = tok(texts[0]).input_ids
     as_ids = llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0]
     assert as_ids.prompt_token_ids == ids and as_ids.outputs[0].token_ids == by_text[0].outputs[0].token_ids
+    # Token ids as a tokenizer's arrays (return_tensors="np" / "pt") are the same prompt.
+    for arr in (np.array(ids), torch.tensor(ids)):
+        out = llm.generate({"prompt_token_ids": arr}, GREEDY, use_tqdm=False)[0]
+        assert out.prompt_token_ids == ids and out.outputs[0].token_ids == as_ids.outputs[0].token_ids
+    with pytest.raises(TypeError, match=r"prompt_token_ids must be integers, got 1.5"):
+        llm.generate({"prompt_token_ids": [1, 1.5]}, GREEDY, use_tqdm=False)
     # One SamplingParams per prompt.
     outs = llm.generate(texts, [GREEDY, SamplingParams(temperature=0, max_tokens=3), GREEDY], use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [12, 3, 12]
