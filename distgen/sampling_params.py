@@ -64,6 +64,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
     # Filled by the engine: EOS ids from the tokenizer / generation_config that end a sequence.
     _eos_token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -91,6 +93,10 @@ class SamplingParams:
         for name in _INTS + _OPTIONAL_INTS:
             setattr(self, name, _plain(getattr(self, name), int))
         self.stop_token_ids = [_plain(t, int) for t in self.stop_token_ids]
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = {_plain(t, int): _plain(b, float) for t, b in self.logit_bias.items()} or None
+        if isinstance(self.allowed_token_ids, (list, tuple)):
+            self.allowed_token_ids = [_plain(t, int) for t in self.allowed_token_ids]
         self._verify()
         if self.is_greedy:
             # Greedy ignores the truncation knobs, as in vLLM.
@@ -138,10 +144,38 @@ class SamplingParams:
                 raise bad(name, "must be >= 0 or None")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise bad("stop", "must hold non-empty strings")
+        if self.logit_bias is not None and (
+            not isinstance(self.logit_bias, dict)
+            or any(
+                not _is_int(t) or t < 0 or not _is_number(b) or abs(b) == float("inf")
+                for t, b in self.logit_bias.items()
+            )
+        ):
+            raise bad("logit_bias", "must map token ids to finite numbers")
+        if self.allowed_token_ids is not None and (
+            not isinstance(self.allowed_token_ids, list)
+            or not self.allowed_token_ids
+            or any(not _is_int(t) or t < 0 for t in self.allowed_token_ids)
+        ):
+            raise bad("allowed_token_ids", "must be a non-empty list of token ids")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must hold non-negative integers")
 
     # -- derived ------------------------------------------------------------------------------
+    def verify_token_ids(self, vocab_size: int) -> None:
+        """Raise ValueError for a ``logit_bias`` or ``allowed_token_ids`` id the model does not have
+        (it would index past the logits on the device)."""
+        for name, ids in (
+            ("logit_bias", self.logit_bias or ()),
+            ("allowed_token_ids", self.allowed_token_ids or ()),
+        ):
+            bad = next((t for t in ids if t >= vocab_size), None)
+            if bad is not None:
+                raise ValueError(
+                    f"SamplingParams.{name} holds token id {bad}, out of the vocabulary range "
+                    f"[0, {vocab_size})"
+                )
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS

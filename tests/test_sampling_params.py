@@ -39,6 +39,13 @@ INVALID = [
     ("stop", {"stop": ["ok", 3]}),
     ("stop_token_ids", {"stop_token_ids": [-1]}),
     ("stop_token_ids", {"stop_token_ids": ["2"]}),
+    ("logit_bias", {"logit_bias": {-1: 1.0}}),
+    ("logit_bias", {"logit_bias": {"5": 1.0}}),
+    ("logit_bias", {"logit_bias": {5: float("inf")}}),
+    ("logit_bias", {"logit_bias": [5]}),
+    ("allowed_token_ids", {"allowed_token_ids": []}),
+    ("allowed_token_ids", {"allowed_token_ids": [3, -1]}),
+    ("allowed_token_ids", {"allowed_token_ids": 3}),
     # Wrong types get a message naming the field too, not a TypeError from deep inside.
     ("stop", {"stop": 5}),
     ("stop_token_ids", {"stop_token_ids": 5}),

@@ -83,6 +83,7 @@ class InputProcessor:
         for more logprobs than ``max_logprobs`` (default: the engine's; an internal caller such as
         beam search passes what its algorithm needs)."""
         validate_prompt(prompt_ids, max_model_len, self.config.model.vocab_size)
+        params.verify_token_ids(self.config.model.vocab_size)
         limit = self.config.model.max_logprobs if max_logprobs is None else max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             asked = getattr(params, name)

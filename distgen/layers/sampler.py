@@ -3,7 +3,8 @@
 Order of operations per step, for a batch of ``B`` rows over a vocabulary of ``V``:
 
 1. logprobs of the *raw* logits (float32 ``log_softmax``), when any row asks for them;
-2. ``min_tokens`` blocking: stop/EOS ids set to ``-inf`` while a row is below its ``min_tokens``;
+2. ``allowed_token_ids`` (every other id set to ``-inf``), then ``logit_bias`` (added);
+   ``min_tokens`` blocking: stop/EOS ids set to ``-inf`` while a row is below its ``min_tokens``;
 3. penalties: repetition (prompt + output tokens), then frequency and presence (output tokens);
 4. greedy rows: ``argmax``;
 5. random rows: temperature, top-k, top-p, min-p, then the Exp(1) race
@@ -14,36 +15,12 @@ Order of operations per step, for a batch of ``B`` rows over a vocabulary of ``V
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from distgen.host_to_device import to_device
-from distgen.sampling_params import SamplingParams
-
-_SAMPLING_EPS = 1e-5
-
-
-@dataclass
-class SamplingMetadata:
-    """Per-step sampling state of the ``B`` rows in a batch (built once per step by the runner)."""
-
-    temperature: torch.Tensor  # [B] float32 (0 for greedy rows)
-    all_greedy: bool
-    all_random: bool
-    top_p: torch.Tensor | None  # [B] float32; None when no row uses top-p (< 1)
-    top_k: torch.Tensor | None  # [B] int64, vocab_size where disabled; None when no row uses it
-    min_p: torch.Tensor | None  # [B] float32; None when no row uses it
-    generators: dict[int, torch.Generator]  # row -> per-request generator (seeded requests)
-    max_num_logprobs: int | None  # None: no row wants logprobs
-    no_penalties: bool
-    presence_penalties: torch.Tensor | None  # [B]
-    frequency_penalties: torch.Tensor | None  # [B]
-    repetition_penalties: torch.Tensor | None  # [B]
-    prompt_token_ids: torch.Tensor | None  # [B, P] int64, padded with vocab_size
-    output_token_ids: list[list[int]]  # per row, tokens generated so far
-    min_tokens_blocked: dict[int, set[int]] = field(default_factory=dict)  # row -> ids to forbid
+from distgen.layers.sampling_metadata import SAMPLING_EPS, SamplingMetadata
 
 
 @dataclass
@@ -59,7 +36,8 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         plain_greedy = meta.all_greedy and meta.no_penalties and meta.max_num_logprobs is None
-        if plain_greedy and not meta.min_tokens_blocked:
+        no_bias = meta.allowed is None and meta.logit_bias is None
+        if plain_greedy and not meta.min_tokens_blocked and no_bias:
             # Widening to float32 keeps every value and its order, so argmax needs no float32 copy
             # of the logits (a launch and B x V x 6 bytes of traffic each step on a GPU).
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)
@@ -68,6 +46,7 @@ class Sampler(torch.nn.Module):
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
 
+        logits = apply_allowed_and_bias(logits, meta.allowed, meta.logit_bias)
         logits = apply_min_tokens(logits, meta.min_tokens_blocked)
         if not meta.no_penalties:
             logits = apply_penalties(logits, meta)
@@ -80,7 +59,7 @@ class Sampler(torch.nn.Module):
             if greedy_ids is None:
                 sampled = random_ids
             else:
-                sampled = torch.where(meta.temperature < _SAMPLING_EPS, greedy_ids, random_ids)
+                sampled = torch.where(meta.temperature < SAMPLING_EPS, greedy_ids, random_ids)
 
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
@@ -89,6 +68,25 @@ class Sampler(torch.nn.Module):
 
 
 # -- steps, usable on their own ---------------------------------------------------------------------
+def apply_allowed_and_bias(
+    logits: torch.Tensor,
+    allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Rows with ``allowed_token_ids`` keep only those ids (the rest ``-inf``); then each
+    ``logit_bias`` entry is added to its (row, id). Two indexed writes at most, no host sync."""
+    if allowed is not None:
+        rows, pair_rows, pair_ids = allowed
+        forbidden = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        forbidden[rows] = True
+        forbidden[pair_rows, pair_ids] = False
+        logits = logits.masked_fill(forbidden, float("-inf"))
+    if bias is not None:
+        rows, ids, values = bias
+        logits = logits.index_put((rows, ids), values, accumulate=True)
+    return logits
+
+
 def apply_min_tokens(logits: torch.Tensor, blocked: dict[int, set[int]]) -> torch.Tensor:
     """Set ``logits[row, id] = -inf`` for every blocked (row, id), in one indexed write."""
     if not blocked:
@@ -236,7 +234,7 @@ def sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p, then the exponential race, for every row of the batch."""
     temperature = meta.temperature.to(logits)
     if not meta.all_random:  # greedy rows carry 0; they are sampled here only to be discarded
-        temperature = torch.where(temperature < _SAMPLING_EPS, torch.ones_like(temperature), temperature)
+        temperature = torch.where(temperature < SAMPLING_EPS, torch.ones_like(temperature), temperature)
     logits = logits / temperature.unsqueeze(1)
     logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
     if meta.min_p is not None:
@@ -254,67 +252,3 @@ def gather_logprobs(
     top_logprobs, top_ids = logprobs.topk(num_logprobs, dim=-1)
     ids = torch.cat([sampled, top_ids], dim=1)
     return ids, torch.cat([sampled_logprob, top_logprobs], dim=1), ranks
-
-
-# -- metadata from requests ---------------------------------------------------------------------------
-def build_sampling_metadata(
-    params: Sequence[SamplingParams],
-    prompt_token_ids: Sequence[Sequence[int]],
-    output_token_ids: list[list[int]],
-    generators: dict[int, torch.Generator],
-    vocab_size: int,
-    device: torch.device | str = "cpu",
-) -> SamplingMetadata:
-    """Build the step's metadata from each row's ``SamplingParams`` and token history.
-
-    ``generators`` maps a row to its request's persistent generator (requests with a seed);
-    ``output_token_ids`` is kept by reference. Optional tensors are left ``None`` when no row needs
-    them, so the sampler skips that work.
-    """
-    temps = [float(p.temperature) for p in params]
-    greedy = [p.is_greedy for p in params]
-    top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-    rep = [float(p.repetition_penalty) for p in params]
-    freq = [float(p.frequency_penalty) for p in params]
-    pres = [float(p.presence_penalty) for p in params]
-
-    def floats(values: list[float]) -> torch.Tensor:
-        return to_device(values, device, torch.float32)
-
-    use_rep = any(abs(r - 1.0) > _SAMPLING_EPS for r in rep)
-    use_freq = any(abs(f) > _SAMPLING_EPS for f in freq)
-    use_pres = any(abs(p) > _SAMPLING_EPS for p in pres)
-    prompts = None
-    if use_rep:
-        width = max((len(p) for p in prompt_token_ids), default=0)
-        padded = [list(p) + [vocab_size] * (width - len(p)) for p in prompt_token_ids]
-        prompts = to_device(padded, device, torch.long).reshape(len(params), width)
-
-    blocked: dict[int, set[int]] = {}
-    for row, p in enumerate(params):
-        if len(output_token_ids[row]) < p.min_tokens:
-            ids = {t for t in p.all_stop_token_ids if t < vocab_size}
-            if ids:
-                blocked[row] = ids
-
-    wanted = [p.logprobs for p in params if p.logprobs is not None]
-    use_top_p = any(p.top_p < 1.0 for p in params)
-    use_top_k = any(k < vocab_size for k in top_k)
-    use_min_p = any(p.min_p > _SAMPLING_EPS for p in params)
-    return SamplingMetadata(
-        temperature=floats([0.0 if g else t for g, t in zip(greedy, temps, strict=True)]),
-        all_greedy=all(greedy),
-        all_random=not any(greedy),
-        top_p=floats([float(p.top_p) for p in params]) if use_top_p else None,
-        top_k=to_device(top_k, device, torch.long) if use_top_k else None,
-        min_p=floats([float(p.min_p) for p in params]) if use_min_p else None,
-        generators=generators,
-        max_num_logprobs=max(wanted) if wanted else None,
-        no_penalties=not (use_rep or use_freq or use_pres),
-        presence_penalties=floats(pres) if use_pres else None,
-        frequency_penalties=floats(freq) if use_freq else None,
-        repetition_penalties=floats(rep) if use_rep else None,
-        prompt_token_ids=prompts,
-        output_token_ids=output_token_ids,
-        min_tokens_blocked=blocked,
-    )

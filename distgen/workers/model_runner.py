@@ -26,7 +26,8 @@ from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.distributed import parallel_state as ps
 from distgen.host_to_device import to_device
 from distgen.kernels.dispatch import use_triton_on
-from distgen.layers.sampler import Sampler, SamplingMetadata, build_sampling_metadata
+from distgen.layers.sampler import Sampler
+from distgen.layers.sampling_metadata import SamplingMetadata, build_sampling_metadata
 from distgen.model_loader.loader import ModelSource, build_model
 from distgen.workers.cuda_graphs import DecodeGraphs
 from distgen.workers.input_batch import CachedRequestState, RequestStates

@@ -20,7 +20,7 @@ from distgen.engine.messages import EngineCoreRequest
 from tests.conftest import random_prompts
 
 KV = 16 << 20
-PROMPTS = random_prompts(5, seed=11, lo=4, hi=24)
+PROMPTS = random_prompts(6, seed=11, lo=4, hi=24)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,7 @@ SAMPLING = [
     SamplingParams(temperature=0, max_tokens=14, min_tokens=6, stop_token_ids=[5, 9, 17]),
     SamplingParams(temperature=0.7, seed=9, max_tokens=10, presence_penalty=0.8, repetition_penalty=1.2),
     SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=1, logprobs=1),
+    SamplingParams(temperature=0.9, seed=11, max_tokens=8, allowed_token_ids=[5, 9, 17], logit_bias={9: 1.5}),
 ]
 
 
@@ -163,3 +164,4 @@ def test_every_sampling_feature_gives_the_same_tokens_as_synchronous_steps(model
             ]
     # The min_tokens request held off its stop tokens, then may have stopped on one.
     assert len(sync[2].outputs[0].token_ids) >= 6
+    assert set(sync[5].outputs[0].token_ids) <= {5, 9, 17}

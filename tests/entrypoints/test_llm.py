@@ -229,6 +229,20 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
     assert_engine_idle_and_empty(llm)
 
 
+def test_logit_bias_and_allowed_token_ids(llm):
+    prompts = tok_prompts(PROMPTS[:2])
+    pushed = SamplingParams(temperature=0, max_tokens=6, logit_bias={123: 100.0}, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, pushed, use_tqdm=False)] == [[123] * 6] * 2
+    allowed = [7, 300, 4000]
+    sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=12, allowed_token_ids=allowed)
+    outs = llm.generate(prompts, sampled, use_tqdm=False)
+    assert all(set(o.outputs[0].token_ids) <= set(allowed) for o in outs)
+    vocab = llm.llm_engine.config.model.vocab_size
+    with pytest.raises(ValueError, match=f"logit_bias holds token id {vocab}"):
+        llm.generate(prompts, SamplingParams(logit_bias={vocab: 1.0}), use_tqdm=False)
+    assert_engine_idle_and_empty(llm)
+
+
 def test_unsupported_architecture(tmp_path, model_dir):
     d = tmp_path / "gpt2ish"
     shutil.copytree(model_dir, d)

@@ -1,21 +1,15 @@
-"""Sampler: greedy, seeds, top-k/top-p/min-p, temperature, penalties, min_tokens, logprobs."""
+"""Sampler: greedy, seeds, top-k/top-p/min-p, temperature, penalties, min_tokens, allowed ids and
+logit bias, logprobs."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import pytest
 import torch
 
-from distgen.layers.sampler import (
-    Sampler,
-    SamplingMetadata,
-    apply_min_p,
-    apply_penalties,
-    apply_top_k_top_p,
-    build_sampling_metadata,
-)
+from distgen.layers.sampler import Sampler, apply_min_p, apply_penalties, apply_top_k_top_p
+from distgen.layers.sampling_metadata import SamplingMetadata, build_sampling_metadata
 from distgen.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -341,12 +335,51 @@ def test_min_tokens_blocks_eos():
     assert eos not in support(ids)
 
 
-def test_build_metadata_min_tokens():
-    p = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[5], max_tokens=8)
-    p._eos_token_ids = [3, 99]  # 99 is outside the vocabulary and must be dropped
-    q = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[5], ignore_eos=True)
-    meta = build_sampling_metadata([p, p, q], [[1], [1], [1]], [[4], [4, 4], []], {}, vocab_size=10)
-    assert meta.min_tokens_blocked == {0: {3, 5}, 2: {5}}
+# -- allowed_token_ids and logit_bias --------------------------------------------------------------------
+def _metadata_for(params: list[SamplingParams], vocab: int) -> SamplingMetadata:
+    return build_sampling_metadata(params, [[1]] * len(params), [[] for _ in params], {}, vocab)
+
+
+def test_logit_bias_moves_greedy_and_random_rows_and_leaves_logprobs_raw():
+    vocab, favourite, pushed = 30, 4, 17
+    logits = torch.randn(3, vocab)
+    logits[:, favourite] = 8.0
+    params = [
+        SamplingParams(temperature=0, logit_bias={pushed: 100.0}),
+        SamplingParams(temperature=0, logit_bias={favourite: -100.0}, logprobs=1),
+        SamplingParams(temperature=0),  # no bias: untouched by its neighbours'
+    ]
+    out = sampler(logits, _metadata_for(params, vocab))
+    unfavoured = logits[1].clone()
+    unfavoured[favourite] -= 100
+    assert out.sampled_token_ids.tolist() == [pushed, int(unfavoured.argmax()), favourite]
+    # Logprobs are of the raw logits, as in vLLM: the bias does not show in them.
+    raw = torch.log_softmax(logits[1], -1)
+    torch.testing.assert_close(out.logprobs[1, 0], raw[out.sampled_token_ids[1]])
+    # A random row: a +100 bias takes essentially all the mass.
+    n = 200
+    biased = [SamplingParams(temperature=1.0, logit_bias={pushed: 100.0}) for _ in range(n)]
+    drawn = sampler(repeated(logits[0], n), _metadata_for(biased, vocab)).sampled_token_ids
+    assert support(drawn) == {pushed}
+
+
+def test_allowed_token_ids_restrict_only_their_rows():
+    vocab, allowed = 30, [2, 11, 29]
+    logits = torch.randn(4, vocab)
+    logits[:, 5] = 20.0  # everyone's favourite, not allowed
+    params = [
+        SamplingParams(temperature=0, allowed_token_ids=allowed),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, allowed_token_ids=[7], logit_bias={7: -50.0, 5: 3.0}),
+        SamplingParams(temperature=0, allowed_token_ids=allowed, logit_bias={29: 100.0}),
+    ]
+    ids = sampler(logits, _metadata_for(params, vocab)).sampled_token_ids.tolist()
+    assert ids[0] == allowed[int(logits[0, allowed].argmax())]
+    assert ids[1:] == [5, 7, 29]  # row 2: the only allowed id, however biased
+    n = 400
+    rows = [SamplingParams(temperature=1.5, allowed_token_ids=allowed) for _ in range(n)]
+    drawn = sampler(repeated(logits[0], n), _metadata_for(rows, vocab)).sampled_token_ids
+    assert support(drawn) <= set(allowed) and len(support(drawn)) > 1
 
 
 # -- logprobs ----------------------------------------------------------------------------------------------
@@ -385,33 +418,6 @@ def test_zero_logprobs_gives_only_the_sampled_token():
     assert out.logprob_token_ids.shape == (3, 1)
     assert torch.equal(out.sampled_token_ranks, torch.ones(3, dtype=torch.long))
     torch.testing.assert_close(out.logprobs[:, 0], torch.log_softmax(logits, -1).amax(-1))
-
-
-# -- metadata builder -------------------------------------------------------------------------------------
-def test_build_metadata_fields():
-    vocab = 50
-    params = [
-        SamplingParams(temperature=0.0, top_k=5, top_p=0.5),  # greedy: knobs reset
-        SamplingParams(temperature=0.7, top_k=-1, logprobs=2),
-        SamplingParams(temperature=1.0, top_k=0, logprobs=5, repetition_penalty=1.2),
-    ]
-    meta = build_sampling_metadata(params, [[1, 2], [3], [4, 5, 6]], [[], [7], []], {}, vocab)
-    torch.testing.assert_close(meta.temperature, torch.tensor([0.0, 0.7, 1.0]))
-    assert not meta.all_greedy and not meta.all_random
-    assert meta.top_k is None and meta.top_p is None and meta.min_p is None
-    assert meta.max_num_logprobs == 5
-    assert not meta.no_penalties and meta.frequency_penalties is None and meta.presence_penalties is None
-    torch.testing.assert_close(meta.repetition_penalties, torch.tensor([1.0, 1.0, 1.2]))
-    assert meta.prompt_token_ids.tolist() == [[1, 2, vocab], [3, vocab, vocab], [4, 5, 6]]
-
-    params = [SamplingParams(top_k=3, min_p=0.1), SamplingParams(top_p=0.9)]
-    meta = build_sampling_metadata(params, [[1], [2]], [[], []], {}, vocab)
-    assert meta.all_random and meta.no_penalties and meta.prompt_token_ids is None
-    assert meta.top_k.tolist() == [3, vocab]
-    torch.testing.assert_close(meta.top_p, torch.tensor([1.0, 0.9]))
-    torch.testing.assert_close(meta.min_p, torch.tensor([0.1, 0.0]))
-    assert meta.max_num_logprobs is None
-    assert math.isclose(float(meta.temperature[0]), 1.0)
 
 
 @pytest.mark.parametrize("p", [0.3, 0.9, 0.99])

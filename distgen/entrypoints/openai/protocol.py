@@ -42,7 +42,8 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> [-100, 100]
+    allowed_token_ids: list[int] | None = None
     user: str | None = None
 
     def _sampling_params(
@@ -53,8 +54,14 @@ class _SamplingFields(BaseModel):
         prompt_len: int,
         limit: int,
     ) -> SamplingParams:
+        bias = None
         if self.logit_bias:
-            raise OpenAIError("logit_bias is not supported", param="logit_bias")
+            try:
+                bias = {int(t): float(b) for t, b in self.logit_bias.items()}
+            except ValueError:
+                raise OpenAIError("logit_bias keys must be token ids", param="logit_bias") from None
+            if any(not -100 <= b <= 100 for b in bias.values()):
+                raise OpenAIError("logit_bias values must be in [-100, 100]", param="logit_bias")
         if max_tokens is not None and prompt_len + max_tokens > limit:
             raise OpenAIError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -81,6 +88,8 @@ class _SamplingFields(BaseModel):
                 min_tokens=self.min_tokens,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                logit_bias=bias,
+                allowed_token_ids=self.allowed_token_ids,
                 **knobs,
             )
         except ValueError as e:

@@ -168,6 +168,16 @@ def test_features_not_done_fail_instead_of_answering_plain_text(server):
     _still_serves(server)
 
 
+@pytest.mark.parametrize(
+    "bias, needle",
+    [({"abc": 1}, "keys must be token ids"), ({"5": 101}, "[-100, 100]"), ({"999999": 1}, "vocabulary")],
+)
+def test_bad_logit_bias(server, bias, needle):
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "logit_bias": bias})
+    _assert_error(resp, 400, needle, param="logit_bias")
+    _still_serves(server)
+
+
 def test_unknown_model_is_404(server):
     resp = httpx.post(server.v1 + "/completions", json={**OK, "model": "gpt-17"})
     _assert_error(resp, 404, "gpt-17", param="model")

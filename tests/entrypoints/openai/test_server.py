@@ -48,6 +48,28 @@ def test_completion_matches_offline_greedy(client, offline):
     assert got.model == "tiny-llama"
 
 
+def test_logit_bias_and_allowed_token_ids(client, offline):
+    """OpenAI's logit_bias (string keys) and vLLM's allowed_token_ids reach the sampler."""
+    tok = offline.get_tokenizer()
+    target = tok(" banana", add_special_tokens=False).input_ids[0]
+    got = client.completions.create(
+        model="tiny-llama", prompt=PROMPT, max_tokens=4, temperature=0, logit_bias={str(target): 100}
+    )
+    assert got.choices[0].text == tok.decode([target] * 4)
+    allowed = [tok(w, add_special_tokens=False).input_ids[0] for w in (" red", " green", " blue")]
+    chat = client.chat.completions.create(
+        model="tiny-llama",
+        messages=CONVERSATION,
+        max_tokens=5,
+        temperature=1.0,
+        seed=1,
+        extra_body={"allowed_token_ids": allowed, "ignore_eos": True},
+        logprobs=True,
+    )
+    tokens = [t.token for t in chat.choices[0].logprobs.content]
+    assert len(tokens) == 5 and set(tokens) <= {tok.decode([t]) for t in allowed}, tokens
+
+
 def test_completion_stream_equals_non_stream(client):
     kwargs = dict(
         model="tiny-llama", prompt=PROMPT, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}

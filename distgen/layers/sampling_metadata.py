@@ -1,0 +1,125 @@
+"""The per-step sampling state of a batch, built from each row's ``SamplingParams`` on rank 0.
+
+Optional parts stay ``None`` (or empty) when no row in the batch uses them, so the sampler
+(:mod:`distgen.layers.sampler`) skips that work; per-row sparse settings (``allowed_token_ids``,
+``logit_bias``) travel as index tensors, applied with one indexed write each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from distgen.host_to_device import to_device
+from distgen.sampling_params import SamplingParams
+
+SAMPLING_EPS = 1e-5
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-step sampling state of the ``B`` rows in a batch (built once per step by the runner)."""
+
+    temperature: torch.Tensor  # [B] float32 (0 for greedy rows)
+    all_greedy: bool
+    all_random: bool
+    top_p: torch.Tensor | None  # [B] float32; None when no row uses top-p (< 1)
+    top_k: torch.Tensor | None  # [B] int64, vocab_size where disabled; None when no row uses it
+    min_p: torch.Tensor | None  # [B] float32; None when no row uses it
+    generators: dict[int, torch.Generator]  # row -> per-request generator (seeded requests)
+    max_num_logprobs: int | None  # None: no row wants logprobs
+    no_penalties: bool
+    presence_penalties: torch.Tensor | None  # [B]
+    frequency_penalties: torch.Tensor | None  # [B]
+    repetition_penalties: torch.Tensor | None  # [B]
+    prompt_token_ids: torch.Tensor | None  # [B, P] int64, padded with vocab_size
+    output_token_ids: list[list[int]]  # per row, tokens generated so far
+    min_tokens_blocked: dict[int, set[int]] = field(default_factory=dict)  # row -> ids to forbid
+    # (rows with allowed_token_ids, then row and id of each allowed pair); None when no row has them
+    allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, ids, biases)
+
+
+def build_sampling_metadata(
+    params: Sequence[SamplingParams],
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: list[list[int]],
+    generators: dict[int, torch.Generator],
+    vocab_size: int,
+    device: torch.device | str = "cpu",
+) -> SamplingMetadata:
+    """Build the step's metadata from each row's ``SamplingParams`` and token history.
+
+    ``generators`` maps a row to its request's persistent generator (requests with a seed);
+    ``output_token_ids`` is kept by reference. Optional tensors are left ``None`` when no row needs
+    them, so the sampler skips that work.
+    """
+    temps = [float(p.temperature) for p in params]
+    greedy = [p.is_greedy for p in params]
+    top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+    rep = [float(p.repetition_penalty) for p in params]
+    freq = [float(p.frequency_penalty) for p in params]
+    pres = [float(p.presence_penalty) for p in params]
+
+    def floats(values: list[float]) -> torch.Tensor:
+        return to_device(values, device, torch.float32)
+
+    use_rep = any(abs(r - 1.0) > SAMPLING_EPS for r in rep)
+    use_freq = any(abs(f) > SAMPLING_EPS for f in freq)
+    use_pres = any(abs(p) > SAMPLING_EPS for p in pres)
+    prompts = None
+    if use_rep:
+        width = max((len(p) for p in prompt_token_ids), default=0)
+        padded = [list(p) + [vocab_size] * (width - len(p)) for p in prompt_token_ids]
+        prompts = to_device(padded, device, torch.long).reshape(len(params), width)
+
+    blocked: dict[int, set[int]] = {}
+    for row, p in enumerate(params):
+        if len(output_token_ids[row]) < p.min_tokens:
+            ids = {t for t in p.all_stop_token_ids if t < vocab_size}
+            if ids:
+                blocked[row] = ids
+
+    allowed = None
+    restricted = [r for r, p in enumerate(params) if p.allowed_token_ids]
+    if restricted:
+        pairs = [(r, t) for r in restricted for t in params[r].allowed_token_ids]
+        allowed = (
+            to_device(restricted, device, torch.long),
+            to_device([r for r, _ in pairs], device, torch.long),
+            to_device([t for _, t in pairs], device, torch.long),
+        )
+    bias = None
+    entries = [(r, t, b) for r, p in enumerate(params) if p.logit_bias for t, b in p.logit_bias.items()]
+    if entries:
+        bias = (
+            to_device([r for r, _, _ in entries], device, torch.long),
+            to_device([t for _, t, _ in entries], device, torch.long),
+            floats([b for _, _, b in entries]),
+        )
+
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    use_top_p = any(p.top_p < 1.0 for p in params)
+    use_top_k = any(k < vocab_size for k in top_k)
+    use_min_p = any(p.min_p > SAMPLING_EPS for p in params)
+    return SamplingMetadata(
+        temperature=floats([0.0 if g else t for g, t in zip(greedy, temps, strict=True)]),
+        all_greedy=all(greedy),
+        all_random=not any(greedy),
+        top_p=floats([float(p.top_p) for p in params]) if use_top_p else None,
+        top_k=to_device(top_k, device, torch.long) if use_top_k else None,
+        min_p=floats([float(p.min_p) for p in params]) if use_min_p else None,
+        generators=generators,
+        max_num_logprobs=max(wanted) if wanted else None,
+        no_penalties=not (use_rep or use_freq or use_pres),
+        presence_penalties=floats(pres) if use_pres else None,
+        frequency_penalties=floats(freq) if use_freq else None,
+        repetition_penalties=floats(rep) if use_rep else None,
+        prompt_token_ids=prompts,
+        output_token_ids=output_token_ids,
+        min_tokens_blocked=blocked,
+        allowed=allowed,
+        logit_bias=bias,
+    )

@@ -1,0 +1,69 @@
+"""SamplingMetadata from each row's SamplingParams: what is left None, what is blocked, what is sparse."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distgen.layers.sampling_metadata import build_sampling_metadata
+from distgen.sampling_params import SamplingParams
+
+
+def test_build_metadata_fields():
+    vocab = 50
+    params = [
+        SamplingParams(temperature=0.0, top_k=5, top_p=0.5),  # greedy: knobs reset
+        SamplingParams(temperature=0.7, top_k=-1, logprobs=2),
+        SamplingParams(temperature=1.0, top_k=0, logprobs=5, repetition_penalty=1.2),
+    ]
+    meta = build_sampling_metadata(params, [[1, 2], [3], [4, 5, 6]], [[], [7], []], {}, vocab)
+    torch.testing.assert_close(meta.temperature, torch.tensor([0.0, 0.7, 1.0]))
+    assert not meta.all_greedy and not meta.all_random
+    assert meta.top_k is None and meta.top_p is None and meta.min_p is None
+    assert meta.max_num_logprobs == 5
+    assert not meta.no_penalties and meta.frequency_penalties is None and meta.presence_penalties is None
+    torch.testing.assert_close(meta.repetition_penalties, torch.tensor([1.0, 1.0, 1.2]))
+    assert meta.prompt_token_ids.tolist() == [[1, 2, vocab], [3, vocab, vocab], [4, 5, 6]]
+
+    params = [SamplingParams(top_k=3, min_p=0.1), SamplingParams(top_p=0.9)]
+    meta = build_sampling_metadata(params, [[1], [2]], [[], []], {}, vocab)
+    assert meta.all_random and meta.no_penalties and meta.prompt_token_ids is None
+    assert meta.top_k.tolist() == [3, vocab]
+    torch.testing.assert_close(meta.top_p, torch.tensor([1.0, 0.9]))
+    torch.testing.assert_close(meta.min_p, torch.tensor([0.1, 0.0]))
+    assert meta.max_num_logprobs is None
+    assert math.isclose(float(meta.temperature[0]), 1.0)
+
+
+def test_build_metadata_min_tokens():
+    p = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[5], max_tokens=8)
+    p._eos_token_ids = [3, 99]  # 99 is outside the vocabulary and must be dropped
+    q = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[5], ignore_eos=True)
+    meta = build_sampling_metadata([p, p, q], [[1], [1], [1]], [[4], [4, 4], []], {}, vocab_size=10)
+    assert meta.min_tokens_blocked == {0: {3, 5}, 2: {5}}
+
+
+def test_allowed_ids_and_logit_bias_become_index_tensors():
+    vocab = 40
+    params = [
+        SamplingParams(allowed_token_ids=[3, 5]),
+        SamplingParams(),
+        SamplingParams(logit_bias={7: 2.5, 9: -1.0}, allowed_token_ids=[7]),
+    ]
+    meta = build_sampling_metadata(params, [[1]] * 3, [[], [], []], {}, vocab)
+    rows, pair_rows, pair_ids = meta.allowed
+    assert rows.tolist() == [0, 2] and pair_rows.tolist() == [0, 0, 2] and pair_ids.tolist() == [3, 5, 7]
+    rows, ids, values = meta.logit_bias
+    assert rows.tolist() == [2, 2] and ids.tolist() == [7, 9] and values.tolist() == [2.5, -1.0]
+    plain = build_sampling_metadata([SamplingParams()], [[1]], [[]], {}, vocab)
+    assert plain.allowed is None and plain.logit_bias is None
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused():
+    SamplingParams(logit_bias={9: 1.0}, allowed_token_ids=[0, 9]).verify_token_ids(10)
+    with pytest.raises(ValueError, match=r"logit_bias holds token id 10, out of the vocabulary range"):
+        SamplingParams(logit_bias={10: 1.0}).verify_token_ids(10)
+    with pytest.raises(ValueError, match="allowed_token_ids holds token id 12"):
+        SamplingParams(allowed_token_ids=[1, 12]).verify_token_ids(10)
