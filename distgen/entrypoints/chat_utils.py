@@ -64,8 +64,10 @@ def render_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[int]]:
-    """Render ``conversation`` with ``chat_template`` (else the model's) into (text, token ids).
+    """Render ``conversation`` with ``chat_template`` (else the model's) into (text, token ids);
+    ``tools`` (OpenAI-style function schemas) go to the template, which may describe them.
 
     The ids are the text tokenized without adding special tokens again: the template already
     places them, as transformers' ``apply_chat_template(tokenize=True)`` does.
@@ -85,6 +87,7 @@ def render_chat(
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            tools=tools,
             **(chat_template_kwargs or {}),
         )
     except (TemplateError, TypeError) as e:  # e.g. a message without the content the template reads

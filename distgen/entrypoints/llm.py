@@ -89,9 +89,12 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, rendered with the model's chat
-        template (or ``chat_template``: a Jinja string, see ``load_chat_template``)."""
+        template (or ``chat_template``: a Jinja string, see ``load_chat_template``). ``tools`` are
+        rendered by the template as it describes them; the reply is text (tool calls unparsed), as
+        with vLLM's ``LLM.chat``."""
         if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
             raise ValueError("messages must be a conversation (a list of message dicts) or a list of them")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
@@ -104,6 +107,7 @@ class LLM:
                 add_generation_prompt,
                 continue_final_message,
                 chat_template_kwargs,
+                tools,
             )
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -66,6 +66,20 @@ def test_custom_template_from_file_and_string(llm, tmp_path):
         load_chat_template("no/such/template.jinja")
 
 
+def test_tools_reach_the_template(llm):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    template = "{% for t in tools or [] %}TOOL {{ t.function.name }}\n{% endfor %}" + CHATML
+    (out,) = llm.chat(CONV_B, GREEDY, chat_template=template, tools=tools, use_tqdm=False)
+    assert out.prompt.startswith("TOOL get_weather\n<|im_start|>user")
+    (plain,) = llm.chat(CONV_B, GREEDY, chat_template=template, use_tqdm=False)
+    assert plain.prompt.startswith("<|im_start|>user")
+    # The model's own template (SmolLM2's does not use tools) renders as without them.
+    tok = llm.get_tokenizer()
+    (own,) = llm.chat(CONV_B, GREEDY, tools=tools, use_tqdm=False)
+    want = tok.apply_chat_template(CONV_B, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert own.prompt == want
+
+
 def test_missing_template_names_the_remedy(tiny_model_dir, tmp_path):
     import json
     import shutil
