@@ -16,6 +16,8 @@ class Envs:
     cache_dir: str
     # Which kernels the layers use: auto (Triton on CUDA, torch on the CPU), torch, triton.
     kernels: str
+    # The server's API key when --api-key is not given (a flag shows in `ps`; the environment does not).
+    api_key: str | None
 
 
 _FALSE = ("0", "false", "no", "off")
@@ -28,4 +30,5 @@ def envs() -> Envs:
         engine_ready_timeout_s=float(env.get("DISTGEN_ENGINE_READY_TIMEOUT_S", "600")),
         cache_dir=env.get("DISTGEN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "distgen")),
         kernels=env.get("DISTGEN_KERNELS", "auto"),
+        api_key=env.get("DISTGEN_API_KEY") or None,
     )

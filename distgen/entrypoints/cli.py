@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     net = serve.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     net.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
-    net.add_argument("--api-key", dest="api_key", default=None, help="require 'Authorization: Bearer KEY'")
+    net.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $DISTGEN_API_KEY)"
+    )
     net.add_argument(
         "--chat-template", dest="chat_template", default=None, help="Jinja template file or string"
     )

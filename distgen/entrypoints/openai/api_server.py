@@ -29,6 +29,7 @@ from distgen.entrypoints.openai.protocol import (
 from distgen.entrypoints.openai.serving_chat import create_chat_completion, render_request
 from distgen.entrypoints.openai.serving_common import ServingContext, encode_prompt, now
 from distgen.entrypoints.openai.serving_completion import create_completion
+from distgen.envs import envs
 
 logger = logging.getLogger("distgen")
 
@@ -56,11 +57,13 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
     app.state.ctx = ctx
     app.state.metrics = metrics
 
+    api_key = server.api_key or envs().api_key
+
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        if server.api_key and request.url.path.startswith("/v1"):
+        if api_key and request.url.path.startswith("/v1"):
             given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error_response("invalid or missing API key (Authorization: Bearer ...)", 401)
         return await call_next(request)
 

@@ -75,7 +75,7 @@ class Server:
         assert not left, f"processes left after the server stopped: {left}"
 
 
-def start_server(model_dir: str, *args: str) -> Server:
+def start_server(model_dir: str, *args: str, env: dict[str, str] | None = None) -> Server:
     port = free_port()
     cmd = [
         sys.executable,
@@ -93,7 +93,7 @@ def start_server(model_dir: str, *args: str) -> Server:
         "warning",
         *args,
     ]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=None if env is None else {**os.environ, **env})
     server = Server(proc, f"http://127.0.0.1:{port}", model_dir)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:

@@ -214,6 +214,17 @@ def test_api_key(keyed_server):
     assert models.status_code == 200
 
 
+def test_api_key_from_the_environment(tiny_model_dir):
+    """DISTGEN_API_KEY, so the key need not sit on a command line that `ps` shows."""
+    s = start_server(tiny_model_dir("llama"), env={"DISTGEN_API_KEY": "from-env"})
+    try:
+        _assert_error(httpx.post(s.v1 + "/completions", json=OK), 401, "API key")
+        ok = httpx.post(s.v1 + "/completions", json=OK, headers={"Authorization": "Bearer from-env"})
+        assert ok.status_code == 200
+    finally:
+        s.stop()
+
+
 def test_chat_template_flag(keyed_server):
     """--chat-template replaces the model's template for chat requests (and /tokenize)."""
     messages = [{"role": "user", "content": "Hi there"}]
