@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -27,8 +28,21 @@ def envs() -> Envs:
     env = os.environ
     return Envs(
         enable_multiprocessing=env.get("DISTGEN_ENABLE_MULTIPROCESSING", "1").lower() not in _FALSE,
-        engine_ready_timeout_s=float(env.get("DISTGEN_ENGINE_READY_TIMEOUT_S", "600")),
+        engine_ready_timeout_s=_positive_float(env, "DISTGEN_ENGINE_READY_TIMEOUT_S", 600.0),
         cache_dir=env.get("DISTGEN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "distgen")),
         kernels=env.get("DISTGEN_KERNELS", "auto"),
         api_key=env.get("DISTGEN_API_KEY") or None,
     )
+
+
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    text = env.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {text!r}")
+    return value
