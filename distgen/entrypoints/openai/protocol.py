@@ -134,7 +134,19 @@ class CompletionRequest(_SamplingFields):
             raise OpenAIError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise OpenAIError("best_of is not supported (use n)", param="best_of")
-        return self._sampling_params(self.max_tokens, self.logprobs, defaults, prompt_len, limit)
+        if self.max_tokens == 0 and not self.echo:
+            raise OpenAIError("max_tokens may be 0 only with echo (the prompt alone)", param="max_tokens")
+        # max_tokens 0 with echo (how evaluation harnesses score a text): one token is generated, then
+        # dropped by the handler (``echo_only``).
+        max_tokens = 1 if self.echo_only else self.max_tokens
+        params = self._sampling_params(max_tokens, self.logprobs, defaults, prompt_len, limit)
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs  # the echoed prompt comes with its logprobs
+        return params
+
+    @property
+    def echo_only(self) -> bool:
+        return self.echo and self.max_tokens == 0
 
 
 class ChatCompletionRequest(_SamplingFields):

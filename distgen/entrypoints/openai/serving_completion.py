@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from distgen.entrypoints.openai.errors import OpenAIError
 from distgen.entrypoints.openai.protocol import CompletionRequest
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
@@ -23,7 +22,7 @@ from distgen.entrypoints.openai.serving_common import (
     until_disconnected,
     usage,
 )
-from distgen.outputs import CompletionOutput
+from distgen.outputs import CompletionOutput, Logprob, RequestOutput
 from distgen.sampling_params import SamplingParams
 
 
@@ -35,16 +34,16 @@ class _Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     tokens: list[str] = field(default_factory=list)
-    token_logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)  # None: the prompt's first token
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
+    prompt_folded: bool = False
+    echoed: bool = False  # streaming: the echoed prompt went out (in the first chunk)
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
     model = ctx.check_model(req.model)
     engine = ctx.engine
-    if req.echo and req.logprobs is not None:
-        raise OpenAIError("echo together with logprobs is not supported", param="echo")
     inputs: list[tuple[str | None, list[int], SamplingParams]] = []
     for p in req.prompts():
         text, ids = (p, encode_prompt(engine.tokenizer, p)) if isinstance(p, str) else (None, p)
@@ -67,6 +66,16 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         (i, j): _Choice(text=echo[i], offset=len(echo[i])) for i in range(len(inputs)) for j in range(n)
     }
     merged = merge_async_iterators(*gens)
+    echo_logprobs = req.echo and req.logprobs is not None
+
+    def fold(ch: _Choice, out: RequestOutput, c: CompletionOutput) -> dict | None:
+        start = len(ch.tokens)
+        plp = out.prompt_logprobs
+        # Complete once the prefill is (a chunked prefill's outputs carry it piece by piece).
+        if echo_logprobs and not ch.prompt_folded and plp and len(plp) == len(out.prompt_token_ids):
+            _fold_prompt(ch, out.prompt_token_ids, plp, engine.tokenizer, req.logprobs)
+        _fold(ch, c, engine.tokenizer, req.logprobs, keep=not req.echo_only)
+        return _logprobs_body(ch, start) if req.logprobs is not None else None
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -78,13 +87,17 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                         ch = choices[(i, c.index)]
                         if ch.finish_reason is not None:
                             continue
-                        first = ch.num_tokens == 0 and echo[i]
-                        delta = _fold(ch, c, engine.tokenizer, req.logprobs)
-                        if not (c.text or c.finish_reason or first):
+                        first = bool(echo[i]) and not ch.echoed
+                        delta = fold(ch, out, c)
+                        if echo_logprobs and not ch.prompt_folded:
+                            continue  # the echo goes out with its logprobs, once the prompt is scored
+                        text = "" if req.echo_only else c.text
+                        if not (text or c.finish_reason or first):
                             continue
+                        ch.echoed = True
                         choice = {
                             "index": i * n + c.index,
-                            "text": (echo[i] if first else "") + c.text,
+                            "text": (echo[i] if first else "") + text,
                             "logprobs": delta,
                             "finish_reason": c.finish_reason,
                             "stop_reason": c.stop_reason,
@@ -102,7 +115,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     async def collect() -> None:
         async for i, out in merged:
             for c in out.outputs:
-                _fold(choices[(i, c.index)], c, engine.tokenizer, req.logprobs)
+                fold(choices[(i, c.index)], out, c)
 
     await until_disconnected(collect(), raw)
     body = {
@@ -122,15 +135,16 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     return JSONResponse(body)
 
 
-def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None) -> dict | None:
-    """Add one delta to the choice; returns the delta's logprobs body (None without logprobs)."""
-    ch.text += c.text
-    ch.num_tokens += len(c.token_ids)
+def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None, keep: bool = True) -> None:
+    """Add one delta to the choice; ``keep=False`` (echo with max_tokens 0) drops its tokens."""
     if c.finish_reason is not None:
         ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
+    if not keep:
+        return
+    ch.text += c.text
+    ch.num_tokens += len(c.token_ids)
     if k is None or c.logprobs is None:
-        return None
-    start = len(ch.tokens)
+        return
     for tid, entries in zip(c.token_ids, c.logprobs):
         lp = entries[tid]
         s = token_str(tokenizer, tid, lp)
@@ -139,7 +153,26 @@ def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None) -> dict | 
         ch.top_logprobs.append({token_str(tokenizer, t, e): e.logprob for t, e in top_entries(entries, k)})
         ch.text_offset.append(ch.offset)
         ch.offset += len(s)
-    return _logprobs_body(ch, start)
+
+
+def _fold_prompt(
+    ch: _Choice, ids: list[int], prompt_logprobs: list[dict[int, Logprob] | None], tokenizer, k: int
+) -> None:
+    """The echoed prompt's tokens and logprobs, ahead of the generated ones (OpenAI's echo with
+    logprobs: the first token has none, nothing comes before it)."""
+    offset = 0
+    for tid, entries in zip(ids, prompt_logprobs):
+        if entries is None:
+            s, lp, top = tokenizer.decode([tid]), None, None
+        else:
+            s, lp = token_str(tokenizer, tid, entries[tid]), entries[tid].logprob
+            top = {token_str(tokenizer, t, e): e.logprob for t, e in top_entries(entries, k)}
+        ch.tokens.append(s)
+        ch.token_logprobs.append(lp)
+        ch.top_logprobs.append(top)
+        ch.text_offset.append(offset)
+        offset += len(s)
+    ch.prompt_folded = True
 
 
 def _logprobs_body(ch: _Choice, start: int = 0) -> dict:

@@ -304,6 +304,43 @@ def test_tensor_parallel_server_matches_tp1(server, client):
         tp2.stop()
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, offline):
+    """What evaluation harnesses (lm-eval's local-completions) send to score a text: token-id prompts,
+    echo, max_tokens 0, logprobs. The prompt's logprobs equal the offline engine's prompt_logprobs."""
+    tok = offline.get_tokenizer()
+    prompts = [tok(PROMPT).input_ids, tok("Paris is the capital of").input_ids]
+    want = offline.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2),
+        use_tqdm=False,
+    )
+    got = client.completions.create(
+        model="tiny-llama", prompt=prompts, echo=True, max_tokens=0, temperature=0, logprobs=2
+    )
+    assert got.usage.completion_tokens == 0
+    for choice, ids, ref in zip(got.choices, prompts, want):
+        lp = choice.logprobs
+        assert choice.text == tok.decode(ids) and choice.finish_reason == "length"
+        assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        expected = [ref.prompt_logprobs[p][t].logprob for p, t in enumerate(ids) if p > 0]
+        assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+        assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+    # With generated tokens: the prompt's entries, then the completion's, in the text and the stream.
+    kwargs = dict(model="tiny-llama", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=1, echo=True)
+    full = client.completions.create(**kwargs)
+    n_prompt = len(prompts[0])
+    assert full.usage.completion_tokens == 4 and len(full.choices[0].logprobs.tokens) == n_prompt + 4
+    assert full.choices[0].logprobs.text_offset[n_prompt] == len(PROMPT)  # the completion starts there
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed == full.choices[0].logprobs.token_logprobs
+    with pytest.raises(openai.BadRequestError, match="max_tokens may be 0 only with echo"):
+        client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=0)
+
+
 def test_echo(client):
     plain = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=5, temperature=0)
     echoed = client.completions.create(
