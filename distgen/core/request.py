@@ -54,6 +54,9 @@ class Request:
         self.stop_token_ids = sampling_params.all_stop_token_ids
         # How many of all_token_ids the workers already hold (for diff-based step messages).
         self.num_tokens_sent = 0
+        # Prompt positions whose logprobs went out: a prefill recomputed after a preemption scores
+        # them again, and must not report them twice.
+        self.num_prompt_logprobs_sent = 0
 
     @property
     def num_tokens(self) -> int:

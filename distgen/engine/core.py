@@ -110,6 +110,9 @@ class EngineCore:
     def _make_outputs(self, sched, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         sampled = dict(zip(result.req_ids, result.sampled_token_ids))
         row = {rid: i for i, rid in enumerate(result.req_ids)}
+        prompt_lps = {}
+        if result.prompt_logprobs:
+            prompt_lps = self._new_prompt_logprobs(sched, result.prompt_logprobs)
         updated = self.scheduler.update_from_output(sched, sampled)
         outs = []
         for req in updated:
@@ -126,15 +129,30 @@ class EngineCore:
                     [result.logprobs[i][: k + 1]],
                     [result.sampled_ranks[i]],
                 )
-            plp = result.prompt_logprobs.get(req.request_id)
+            plp = prompt_lps.get(req.request_id)
             if plp is not None:
                 out.new_prompt_logprobs = _prompt_lp(plp)
             outs.append(out)
         # Prompt logprobs of chunks that did not sample yet still travel with an empty token list.
-        for rid, plp in result.prompt_logprobs.items():
+        for rid, plp in prompt_lps.items():
             if rid not in sampled and plp:
                 outs.append(EngineCoreOutput(rid, [], new_prompt_logprobs=_prompt_lp(plp)))
         return outs
+
+    def _new_prompt_logprobs(self, sched: SchedulerOutput, computed: dict[str, list]) -> dict[str, list]:
+        """The step's prompt logprobs that were not reported before, per request. The step computed
+        them from each chunk's start on; a prefill recomputed after a preemption repeats positions
+        already sent. (Read before the step's outputs end any request.)"""
+        starts = {d.req_id: d.num_computed_tokens for d in (*sched.new_reqs, *sched.cached_reqs)}
+        fresh = {}
+        for rid, plp in computed.items():
+            req = self.scheduler.requests.get(rid)
+            if req is None:  # ended meanwhile: its outputs are dropped
+                continue
+            start = starts[rid]
+            fresh[rid] = plp[max(0, req.num_prompt_logprobs_sent - start) :]
+            req.num_prompt_logprobs_sent = max(req.num_prompt_logprobs_sent, start + len(plp))
+        return fresh
 
     def stats(self) -> SchedulerStatsMsg:
         s = self.scheduler.stats()

@@ -229,6 +229,33 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
     assert_engine_idle_and_empty(llm)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_prompt_logprobs_are_reported_once_across_preemptions(llm, model_dir, async_scheduling):
+    """A preempted request recomputes its prefill, which scores the prompt again: those positions
+    must not be reported twice (they were: 38 prompt tokens came back with 75 entries)."""
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(8, seed=3, lo=20, hi=40)]
+    params = SamplingParams(temperature=0, max_tokens=30, prompt_logprobs=1, ignore_eos=True)
+    want = llm.generate(prompts, params, use_tqdm=False)
+    small = LLM(
+        model_dir,
+        dtype="float32",
+        num_gpu_blocks_override=40,
+        block_size=4,
+        max_num_batched_tokens=64,
+        async_scheduling=async_scheduling,
+    )
+    try:
+        got = small.generate(prompts, params, use_tqdm=False)
+        assert small.llm_engine.get_stats().num_preemptions > 0
+    finally:
+        small.shutdown()
+    for w, g in zip(want, got):
+        assert len(g.prompt_logprobs) == len(g.prompt_token_ids)
+        for pos, (dw, dg) in enumerate(zip(w.prompt_logprobs[1:], g.prompt_logprobs[1:]), 1):
+            t = g.prompt_token_ids[pos]
+            assert math.isclose(dw[t].logprob, dg[t].logprob, abs_tol=1e-4), pos
+
+
 def test_logit_bias_and_allowed_token_ids(llm):
     prompts = tok_prompts(PROMPTS[:2])
     pushed = SamplingParams(temperature=0, max_tokens=6, logit_bias={123: 100.0}, ignore_eos=True)
