@@ -27,18 +27,48 @@ from distgen.sampling_params import SamplingParams
 
 
 @dataclass
-class _Choice:
-    text: str = ""
-    num_tokens: int = 0
-    offset: int = 0  # characters of text so far (logprobs' text_offset)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
+class _Logprobs:
+    """OpenAI's completion logprobs: parallel lists, one entry per token."""
+
     tokens: list[str] = field(default_factory=list)
-    token_logprobs: list[float | None] = field(default_factory=list)  # None: the prompt's first token
+    token_logprobs: list[float | None] = field(default_factory=list)  # None: a prompt's first token
     top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
-    prompt_folded: bool = False
-    echoed: bool = False  # streaming: the echoed prompt went out (in the first chunk)
+
+    def add(self, token: str, logprob: float | None, top: dict[str, float] | None, offset: int) -> None:
+        self.tokens.append(token)
+        self.token_logprobs.append(logprob)
+        self.top_logprobs.append(top)
+        self.text_offset.append(offset)
+
+
+@dataclass
+class _Choice:
+    text: str = ""  # the echoed prompt, then the completion
+    num_tokens: int = 0
+    offset: int = 0  # characters of text so far (the completion's text_offset)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt: _Logprobs | None = None  # echo with logprobs: the prompt's, once it is all scored
+    completion: _Logprobs = field(default_factory=_Logprobs)
+    # Streaming: what went out already.
+    sent_text: int = 0
+    sent_prompt: bool = False
+    sent_tokens: int = 0
+
+    def logprobs(self, stream: bool = False) -> dict:
+        """The body: the prompt's entries (echo), then the completion's; ``stream``: only what was
+        not sent before, and marks it sent."""
+        parts = [] if self.prompt is None or (stream and self.sent_prompt) else [self.prompt]
+        start = self.sent_tokens if stream else 0
+        if stream:
+            self.sent_prompt = self.sent_prompt or self.prompt is not None
+            self.sent_tokens = len(self.completion.tokens)
+        c = self.completion
+        return {
+            name: [v for part in parts for v in getattr(part, name)] + getattr(c, name)[start:]
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        }
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
@@ -68,14 +98,12 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     merged = merge_async_iterators(*gens)
     echo_logprobs = req.echo and req.logprobs is not None
 
-    def fold(ch: _Choice, out: RequestOutput, c: CompletionOutput) -> dict | None:
-        start = len(ch.tokens)
+    def fold(ch: _Choice, out: RequestOutput, c: CompletionOutput) -> None:
         plp = out.prompt_logprobs
         # Complete once the prefill is (a chunked prefill's outputs carry it piece by piece).
-        if echo_logprobs and not ch.prompt_folded and plp and len(plp) == len(out.prompt_token_ids):
-            _fold_prompt(ch, out.prompt_token_ids, plp, engine.tokenizer, req.logprobs)
+        if echo_logprobs and ch.prompt is None and plp and len(plp) == len(out.prompt_token_ids):
+            ch.prompt = _prompt_logprobs(out.prompt_token_ids, plp, engine.tokenizer, req.logprobs)
         _fold(ch, c, engine.tokenizer, req.logprobs, keep=not req.echo_only)
-        return _logprobs_body(ch, start) if req.logprobs is not None else None
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -87,18 +115,16 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                         ch = choices[(i, c.index)]
                         if ch.finish_reason is not None:
                             continue
-                        first = bool(echo[i]) and not ch.echoed
-                        delta = fold(ch, out, c)
-                        if echo_logprobs and not ch.prompt_folded:
+                        fold(ch, out, c)
+                        if echo_logprobs and ch.prompt is None:
                             continue  # the echo goes out with its logprobs, once the prompt is scored
-                        text = "" if req.echo_only else c.text
-                        if not (text or c.finish_reason or first):
+                        if not (len(ch.text) > ch.sent_text or c.finish_reason):
                             continue
-                        ch.echoed = True
+                        text, ch.sent_text = ch.text[ch.sent_text :], len(ch.text)
                         choice = {
                             "index": i * n + c.index,
-                            "text": (echo[i] if first else "") + text,
-                            "logprobs": delta,
+                            "text": text,
+                            "logprobs": ch.logprobs(stream=True) if req.logprobs is not None else None,
                             "finish_reason": c.finish_reason,
                             "stop_reason": c.stop_reason,
                         }
@@ -124,7 +150,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             {
                 "index": i * n + j,
                 "text": ch.text,
-                "logprobs": _logprobs_body(ch) if req.logprobs is not None else None,
+                "logprobs": ch.logprobs() if req.logprobs is not None else None,
                 "finish_reason": ch.finish_reason,
                 "stop_reason": ch.stop_reason,
             }
@@ -146,39 +172,24 @@ def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None, keep: bool
     if k is None or c.logprobs is None:
         return
     for tid, entries in zip(c.token_ids, c.logprobs):
-        lp = entries[tid]
-        s = token_str(tokenizer, tid, lp)
-        ch.tokens.append(s)
-        ch.token_logprobs.append(lp.logprob)
-        ch.top_logprobs.append({token_str(tokenizer, t, e): e.logprob for t, e in top_entries(entries, k)})
-        ch.text_offset.append(ch.offset)
+        s = token_str(tokenizer, tid, entries[tid])
+        top = {token_str(tokenizer, t, e): e.logprob for t, e in top_entries(entries, k)}
+        ch.completion.add(s, entries[tid].logprob, top, ch.offset)
         ch.offset += len(s)
 
 
-def _fold_prompt(
-    ch: _Choice, ids: list[int], prompt_logprobs: list[dict[int, Logprob] | None], tokenizer, k: int
-) -> None:
-    """The echoed prompt's tokens and logprobs, ahead of the generated ones (OpenAI's echo with
-    logprobs: the first token has none, nothing comes before it)."""
-    offset = 0
+def _prompt_logprobs(
+    ids: list[int], prompt_logprobs: list[dict[int, Logprob] | None], tokenizer, k: int
+) -> _Logprobs:
+    """The echoed prompt's entries (OpenAI's echo with logprobs: the first token has none)."""
+    out, offset = _Logprobs(), 0
     for tid, entries in zip(ids, prompt_logprobs):
         if entries is None:
-            s, lp, top = tokenizer.decode([tid]), None, None
+            s = tokenizer.decode([tid])
+            out.add(s, None, None, offset)
         else:
-            s, lp = token_str(tokenizer, tid, entries[tid]), entries[tid].logprob
+            s = token_str(tokenizer, tid, entries[tid])
             top = {token_str(tokenizer, t, e): e.logprob for t, e in top_entries(entries, k)}
-        ch.tokens.append(s)
-        ch.token_logprobs.append(lp)
-        ch.top_logprobs.append(top)
-        ch.text_offset.append(offset)
+            out.add(s, entries[tid].logprob, top, offset)
         offset += len(s)
-    ch.prompt_folded = True
-
-
-def _logprobs_body(ch: _Choice, start: int = 0) -> dict:
-    return {
-        "tokens": ch.tokens[start:],
-        "token_logprobs": ch.token_logprobs[start:],
-        "top_logprobs": ch.top_logprobs[start:],
-        "text_offset": ch.text_offset[start:],
-    }
+    return out
