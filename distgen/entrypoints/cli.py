@@ -207,15 +207,18 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
     return parser.parse_args(argv)
 
 
-def _stop_like_ctrl_c(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    # SystemExit rather than KeyboardInterrupt: CPython remembers a KeyboardInterrupt raised inside
+    # exec() (an import in progress runs some: dataclasses) and ends the process by SIGINT at exit,
+    # even after the interrupt was caught and everything was shut down cleanly.
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
-    # SIGTERM takes Ctrl-C's path, so one that arrives while the model loads (before uvicorn has
+    # SIGTERM unwinds like Ctrl-C, so one that arrives while the model loads (before uvicorn has
     # handlers of its own) still stops the engine core and its workers instead of leaving them to
     # notice their parent is gone.
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = build_parser()
     ns = _apply_config(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(levelname)s %(asctime)s %(message)s", level=logging.INFO)
