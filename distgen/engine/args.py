@@ -81,7 +81,7 @@ class EngineArgs:
             seed=self.seed,
             tokenizer=None if self.tokenizer is None else local_path(self.tokenizer, "tokenizer"),
             generation_config=gen,
-            served_model_name=self.served_model_name or self.model or "SmolLM2-135M-Instruct",
+            served_model_name=self.served_model_name or os.fspath(self.model or "SmolLM2-135M-Instruct"),
             enforce_eager=self.enforce_eager,
             max_logprobs=self.max_logprobs,
         )  # checks max_model_len and max_logprobs themselves, as the other configs check theirs

@@ -41,3 +41,5 @@ def test_the_types_a_user_may_pass(tiny_model_dir):
         max_model_len=None,
     ).create_config()
     assert config.model.dtype == torch.float32 and config.cache.gpu_memory_utilization == 1
+    # The server answers with this name in JSON: a path object would not serialize.
+    assert config.model.served_model_name == tiny_model_dir("llama")
