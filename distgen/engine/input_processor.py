@@ -64,8 +64,8 @@ class InputProcessor:
             if "prompt" in prompt:
                 return prompt["prompt"], encode_text(self.tokenizer, prompt["prompt"])
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, token_id_list(prompt)
         raise TypeError(f"a prompt must be a string, a token-id list or a dict, got {type(prompt).__name__}")
 
     def process(

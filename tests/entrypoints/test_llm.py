@@ -59,6 +59,9 @@ def test_input_forms_and_order(llm):
         assert out.prompt_token_ids == ids and out.outputs[0].token_ids == as_ids.outputs[0].token_ids
     with pytest.raises(TypeError, match=r"prompt_token_ids must be integers, got 1.5"):
         llm.generate({"prompt_token_ids": [1, 1.5]}, GREEDY, use_tqdm=False)
+    # The bare-list form goes through the same check (True was sent on and the engine core aborted it).
+    with pytest.raises(TypeError, match=r"prompt_token_ids must be integers, got True \(bool\)"):
+        llm.generate([True, 5], GREEDY, use_tqdm=False)
     # One SamplingParams per prompt.
     outs = llm.generate(texts, [GREEDY, SamplingParams(temperature=0, max_tokens=3), GREEDY], use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [12, 3, 12]

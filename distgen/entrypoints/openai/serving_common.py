@@ -123,9 +123,8 @@ def encode_prompt(tokenizer, text: str, add_special_tokens: bool = True) -> list
 
 
 def check_prompt(ids: list[int], limit: int, vocab: int) -> None:
-    """400 for a prompt the engine could never run (wrong type, no room for output, bad ids)."""
-    if any(not isinstance(t, int) for t in ids):
-        raise OpenAIError("a prompt must be a string or a list of token ids", param="prompt")
+    """400 for a prompt the engine could never run (no room for output, bad ids). Its shape was
+    checked with the request (``CompletionRequest._prompt_shape``)."""
     if len(ids) >= limit:
         raise OpenAIError(
             f"This model's maximum context length is {limit} tokens. However, your prompt has "
