@@ -12,7 +12,7 @@ _GREEDY_EPS = 1e-5
 
 _FLOATS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p")
 _INTS = ("n", "top_k", "min_tokens")
-_OPTIONAL_INTS = ("seed", "max_tokens", "logprobs", "prompt_logprobs")
+_OPTIONAL_INTS = ("seed", "max_tokens", "logprobs", "prompt_logprobs", "truncate_prompt_tokens")
 
 
 def _plain(v: Any, kind: type) -> Any:
@@ -34,6 +34,12 @@ def _is_int(v: object) -> bool:
 def _is_number(v: object) -> bool:
     """A real number that is not NaN (True is not a temperature)."""
     return (isinstance(v, float) and v == v) or _is_int(v)
+
+
+def prompt_limit(truncate_prompt_tokens: int | None, max_model_len: int) -> int | None:
+    """How many of a prompt's last tokens ``truncate_prompt_tokens`` keeps: -1 means as many as the
+    model's context holds with room for one generated token, None all of them."""
+    return max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
 
 
 @dataclass
@@ -66,8 +72,13 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # words never generated (each as its tokens, see below)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: all that fit)
     # Filled by the engine: EOS ids from the tokenizer / generation_config that end a sequence.
     _eos_token_ids: list[int] = field(default_factory=list, repr=False)
+    # Filled by the engine from ``bad_words``: token sequences whose last token is forbidden right
+    # after the rest of the sequence (a one-token word: always).
+    _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -97,6 +108,10 @@ class SamplingParams:
             self.logit_bias = {_plain(t, int): _plain(b, float) for t, b in self.logit_bias.items()} or None
         if isinstance(self.allowed_token_ids, (list, tuple)):
             self.allowed_token_ids = [_plain(t, int) for t in self.allowed_token_ids]
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        elif isinstance(self.bad_words, tuple):
+            self.bad_words = list(self.bad_words)
         self._verify()
         if self.is_greedy:
             # Greedy ignores the truncation knobs, as in vLLM.
@@ -160,6 +175,15 @@ class SamplingParams:
             raise bad("allowed_token_ids", "must be a non-empty list of token ids")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must hold non-negative integers")
+        if self.bad_words is not None and (
+            not isinstance(self.bad_words, list)
+            or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)
+        ):
+            raise bad("bad_words", "must be a list of words (non-blank strings)")
+        if self.truncate_prompt_tokens is not None and (
+            self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1
+        ):
+            raise bad("truncate_prompt_tokens", "must be >= 1, -1 (as many as fit the model) or None")
 
     # -- derived ------------------------------------------------------------------------------
     def verify_token_ids(self, vocab_size: int) -> None:
@@ -175,6 +199,10 @@ class SamplingParams:
                     f"SamplingParams.{name} holds token id {bad}, out of the vocabulary range "
                     f"[0, {vocab_size})"
                 )
+
+    def prompt_limit(self, max_model_len: int) -> int | None:
+        """How many of the prompt's last tokens to keep (``truncate_prompt_tokens``); None: all."""
+        return prompt_limit(self.truncate_prompt_tokens, max_model_len)
 
     @property
     def is_greedy(self) -> bool:

@@ -46,6 +46,13 @@ INVALID = [
     ("allowed_token_ids", {"allowed_token_ids": []}),
     ("allowed_token_ids", {"allowed_token_ids": [3, -1]}),
     ("allowed_token_ids", {"allowed_token_ids": 3}),
+    ("bad_words", {"bad_words": [""]}),
+    ("bad_words", {"bad_words": ["ok", "  "]}),
+    ("bad_words", {"bad_words": [5]}),
+    ("bad_words", {"bad_words": 5}),
+    ("truncate_prompt_tokens", {"truncate_prompt_tokens": 0}),
+    ("truncate_prompt_tokens", {"truncate_prompt_tokens": -2}),
+    ("truncate_prompt_tokens", {"truncate_prompt_tokens": 1.5}),
     # Wrong types get a message naming the field too, not a TypeError from deep inside.
     ("stop", {"stop": 5}),
     ("stop_token_ids", {"stop_token_ids": 5}),
@@ -96,6 +103,9 @@ def test_invalid_field_raises_naming_it(name, kwargs):
         {"seed": 0},
         {"seed": 2**63 - 1},
         {"seed": -(2**63)},
+        {"truncate_prompt_tokens": 1},
+        {"truncate_prompt_tokens": -1},
+        {"bad_words": []},
     ],
 )
 def test_boundary_values_are_accepted(kwargs):
@@ -132,6 +142,14 @@ def test_stop_normalised_to_list():
     assert SamplingParams().stop == []
     assert SamplingParams(stop_token_ids=(4, 5)).stop_token_ids == [4, 5]
     assert SamplingParams().stop_token_ids == []
+
+
+def test_bad_words_normalised_and_prompt_limit():
+    assert SamplingParams(bad_words="darn").bad_words == ["darn"]
+    assert SamplingParams(bad_words=("a", "b")).bad_words == ["a", "b"]
+    assert SamplingParams(truncate_prompt_tokens=5).prompt_limit(100) == 5
+    assert SamplingParams(truncate_prompt_tokens=-1).prompt_limit(100) == 99
+    assert SamplingParams().prompt_limit(100) is None
 
 
 def test_defaults_follow_vllm():

@@ -64,10 +64,15 @@ class Request:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """Penalties read every earlier output token on the host, so its next step cannot be
-        scheduled before the previous one's token is known."""
+        """Penalties and multi-token bad words read earlier output tokens on the host, so the next
+        step cannot be scheduled before the previous one's token is known."""
         p = self.sampling_params
-        return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+        return (
+            p.presence_penalty != 0.0
+            or p.frequency_penalty != 0.0
+            or p.repetition_penalty != 1.0
+            or any(len(seq) > 1 for seq in p._bad_words_token_ids)
+        )
 
     @property
     def num_prompt_tokens(self) -> int:

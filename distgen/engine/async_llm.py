@@ -88,9 +88,9 @@ class AsyncLLM:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._start_output_handler()
-        text, ids = self.input_processor.tokenize_prompt(prompt)
-        arrival = time.time()
         limit = self.max_model_len
+        text, ids = self.input_processor.tokenize_prompt(prompt, params.prompt_limit(limit))
+        arrival = time.time()
         params, children, reqs = self.input_processor.process(request_id, ids, params, arrival, limit)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue

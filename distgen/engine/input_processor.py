@@ -42,6 +42,17 @@ def token_id_list(ids: Any) -> list[int]:
     return ids
 
 
+def keep_last_tokens(
+    tokenizer, text: str | None, ids: list[int], keep_last: int | None
+) -> tuple[str | None, list[int]]:
+    """A prompt cut to its last ``keep_last`` tokens (``truncate_prompt_tokens``); its text, when it
+    has one, becomes the text of the tokens kept."""
+    if keep_last is None or len(ids) <= keep_last:
+        return text, ids
+    ids = ids[-keep_last:]
+    return (None if text is None else tokenizer.decode(ids)), ids
+
+
 class InputProcessor:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.config = config
@@ -55,7 +66,16 @@ class InputProcessor:
     def default_sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.generation_defaults) if self.generation_defaults else SamplingParams()
 
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def tokenize_prompt(
+        self, prompt: PromptType, keep_last: int | None = None
+    ) -> tuple[str | None, list[int]]:
+        """The prompt's text (None when given as token ids only) and token ids. With ``keep_last``
+        (``SamplingParams.truncate_prompt_tokens``), a longer prompt keeps only its last
+        ``keep_last`` tokens, and its text becomes theirs."""
+        text, ids = self._tokenize(prompt)
+        return keep_last_tokens(self.tokenizer, text, ids, keep_last)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, encode_text(self.tokenizer, prompt)
         if isinstance(prompt, dict):
@@ -67,6 +87,17 @@ class InputProcessor:
         if isinstance(prompt, (list, tuple)):
             return None, token_id_list(prompt)
         raise TypeError(f"a prompt must be a string, a token-id list or a dict, got {type(prompt).__name__}")
+
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's token sequences: as it reads at the start of a text and after a space
+        (most tokenizers spell the two differently), each distinct one once."""
+        seqs: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = encode_text(self.tokenizer, text, add_special_tokens=False)
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        return seqs
 
     def process(
         self,
@@ -94,6 +125,8 @@ class InputProcessor:
                 )
         params = params.clone()
         params._eos_token_ids = list(self.eos_token_ids)
+        if params.bad_words:
+            params._bad_words_token_ids = self.bad_words_token_ids(params.bad_words)
         children = []
         for i in range(params.n):
             child = params.clone()

@@ -4,7 +4,8 @@ Order of operations per step, for a batch of ``B`` rows over a vocabulary of ``V
 
 1. logprobs of the *raw* logits (float32 ``log_softmax``), when any row asks for them;
 2. ``allowed_token_ids`` (every other id set to ``-inf``), then ``logit_bias`` (added);
-   ``min_tokens`` blocking: stop/EOS ids set to ``-inf`` while a row is below its ``min_tokens``;
+   blocked ids set to ``-inf``: stop/EOS ids while a row is below its ``min_tokens``, and each
+   bad word's last token where the output ends with the rest of the word;
 3. penalties: repetition (prompt + output tokens), then frequency and presence (output tokens);
 4. greedy rows: ``argmax``;
 5. random rows: temperature, top-k, top-p, min-p, then the Exp(1) race
@@ -37,7 +38,7 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         plain_greedy = meta.all_greedy and meta.no_penalties and meta.max_num_logprobs is None
         no_bias = meta.allowed is None and meta.logit_bias is None
-        if plain_greedy and not meta.min_tokens_blocked and no_bias:
+        if plain_greedy and not meta.blocked and no_bias:
             # Widening to float32 keeps every value and its order, so argmax needs no float32 copy
             # of the logits (a launch and B x V x 6 bytes of traffic each step on a GPU).
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)
@@ -47,7 +48,7 @@ class Sampler(torch.nn.Module):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
 
         logits = apply_allowed_and_bias(logits, meta.allowed, meta.logit_bias)
-        logits = apply_min_tokens(logits, meta.min_tokens_blocked)
+        logits = apply_blocked(logits, meta.blocked)
         if not meta.no_penalties:
             logits = apply_penalties(logits, meta)
 
@@ -87,7 +88,7 @@ def apply_allowed_and_bias(
     return logits
 
 
-def apply_min_tokens(logits: torch.Tensor, blocked: dict[int, set[int]]) -> torch.Tensor:
+def apply_blocked(logits: torch.Tensor, blocked: dict[int, set[int]]) -> torch.Tensor:
     """Set ``logits[row, id] = -inf`` for every blocked (row, id), in one indexed write."""
     if not blocked:
         return logits

@@ -36,10 +36,22 @@ class SamplingMetadata:
     repetition_penalties: torch.Tensor | None  # [B]
     prompt_token_ids: torch.Tensor | None  # [B, P] int64, padded with vocab_size
     output_token_ids: list[list[int]]  # per row, tokens generated so far
-    min_tokens_blocked: dict[int, set[int]] = field(default_factory=dict)  # row -> ids to forbid
+    # row -> ids forbidden this step: stop/EOS ids below min_tokens, and bad words' last tokens
+    blocked: dict[int, set[int]] = field(default_factory=dict)
     # (rows with allowed_token_ids, then row and id of each allowed pair); None when no row has them
     allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, ids, biases)
+
+
+def bad_word_ends(bad_words: list[list[int]], output: Sequence[int]) -> set[int]:
+    """The tokens that would complete a bad word now: a word's last token, where the output ends
+    with the rest of it (a one-token word: always). Only the output counts, not the prompt."""
+    ends = set()
+    for seq in bad_words:
+        head = len(seq) - 1
+        if head == 0 or (len(output) >= head and list(output[len(output) - head :]) == seq[:-1]):
+            ends.add(seq[-1])
+    return ends
 
 
 def build_sampling_metadata(
@@ -77,10 +89,14 @@ def build_sampling_metadata(
 
     blocked: dict[int, set[int]] = {}
     for row, p in enumerate(params):
+        ids = set()
         if len(output_token_ids[row]) < p.min_tokens:
-            ids = {t for t in p.all_stop_token_ids if t < vocab_size}
-            if ids:
-                blocked[row] = ids
+            ids.update(p.all_stop_token_ids)
+        if p._bad_words_token_ids:
+            ids.update(bad_word_ends(p._bad_words_token_ids, output_token_ids[row]))
+        ids = {t for t in ids if t < vocab_size}
+        if ids:
+            blocked[row] = ids
 
     allowed = None
     restricted = [r for r, p in enumerate(params) if p.allowed_token_ids]
@@ -119,7 +135,7 @@ def build_sampling_metadata(
         repetition_penalties=floats(rep) if use_rep else None,
         prompt_token_ids=prompts,
         output_token_ids=output_token_ids,
-        min_tokens_blocked=blocked,
+        blocked=blocked,
         allowed=allowed,
         logit_bias=bias,
     )

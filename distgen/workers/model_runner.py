@@ -262,13 +262,17 @@ class ModelRunner:
 
     def _sampling_metadata(self, rows: list[CachedRequestState]) -> SamplingMetadata:
         """The step's sampling metadata; the previous step's when the same requests sample in the
-        same order and nothing in it changes per step (seeded generators, ``min_tokens`` blocking).
+        same order and nothing in it changes per step (seeded generators, blocked ids).
         Penalties read the rows' token lists by reference, so they stay current."""
         key = (self.states.version, [s.req_id for s in rows])
         if self._meta_cache is not None and self._meta_cache[0] == key:
             return self._meta_cache[1]
         meta = self._build_sampling_metadata(rows)
-        reusable = not meta.generators and not meta.min_tokens_blocked
+        reusable = (
+            not meta.generators
+            and not meta.blocked
+            and not any(s.sampling_params._bad_words_token_ids for s in rows)
+        )
         self._meta_cache = (key, meta) if reusable else None
         return meta
 

@@ -128,6 +128,7 @@ SAMPLING = [
     SamplingParams(temperature=0.7, seed=9, max_tokens=10, presence_penalty=0.8, repetition_penalty=1.2),
     SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=1, logprobs=1),
     SamplingParams(temperature=0.9, seed=11, max_tokens=8, allowed_token_ids=[5, 9, 17], logit_bias={9: 1.5}),
+    SamplingParams(temperature=0, max_tokens=12, bad_words=["the", "of the", "and a"]),
 ]
 
 
@@ -144,7 +145,7 @@ def test_every_sampling_feature_gives_the_same_tokens_as_synchronous_steps(model
             async_scheduling=async_scheduling,
         )
         try:
-            prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+            prompts = [{"prompt_token_ids": PROMPTS[i % len(PROMPTS)]} for i in range(len(SAMPLING))]
             runs.append(llm.generate(prompts, SAMPLING, use_tqdm=False))
         finally:
             llm.shutdown()

@@ -336,3 +336,65 @@ def test_n_samples_share_the_prompt_blocks(llm):
     # The second and third samples reuse the first one's full prompt blocks.
     assert llm.llm_engine.get_stats().prefix_cache_hits - before >= 2 * ((len(prompt) - 1) // bs) * bs
     assert_engine_idle_and_empty(llm)
+
+
+def _occurs(seq: list[int], tokens: list[int]) -> bool:
+    return any(tokens[i : i + len(seq)] == seq for i in range(len(tokens) - len(seq) + 1))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_bad_words_are_never_generated(model_dir, async_scheduling):
+    """A two-token word taken from the greedy output is steered around exactly where it began; with
+    async scheduling the step after its first token must see that token on the host."""
+    llm = LLM(model_dir, dtype="float32", kv_cache_memory=KV, async_scheduling=async_scheduling)
+    try:
+        tok, ip = llm.get_tokenizer(), llm.llm_engine.input_processor
+        greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        prompt = {"prompt_token_ids": PROMPTS[1]}
+        free = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+        # The first two-token word in the output whose spellings occur nowhere before it.
+        for i in range(len(free) - 1):
+            word = tok.decode(free[i : i + 2])
+            seqs = ip.bad_words_token_ids([word])
+            if free[i : i + 2] in seqs and not any(_occurs(s, free[: i + 1]) for s in seqs):
+                break
+        else:
+            pytest.fail(f"no two-token word to forbid in {free}")
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, bad_words=[word])
+        got = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+        assert got[: i + 1] == free[: i + 1] and got[i + 1] != free[i + 1], (word, free, got)
+        assert not any(_occurs(s, got) for s in seqs), (word, seqs, got)
+        # A one-token word is forbidden everywhere.
+        single = tok.decode([free[0]])
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, bad_words=[single])
+        got = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+        assert all(not _occurs(s, got) for s in ip.bad_words_token_ids([single]))
+        assert got[0] != free[0]
+        assert_engine_idle_and_empty(llm)
+    finally:
+        llm.shutdown()
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(llm):
+    long = PROMPTS[1]
+    k = 5
+    params = dict(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
+    cut = llm.generate(long, SamplingParams(**params, truncate_prompt_tokens=k), use_tqdm=False)
+    want = llm.generate(long[-k:], SamplingParams(**params), use_tqdm=False)
+    assert cut[0].prompt_token_ids == long[-k:]
+    assert cut[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    assert len(cut[0].prompt_logprobs) == k
+    # A text prompt's text becomes that of the tokens kept; a short prompt is left whole.
+    tok = llm.get_tokenizer()
+    text = "one two three four five six seven eight nine ten"
+    out = llm.generate(text, SamplingParams(max_tokens=1, truncate_prompt_tokens=3), use_tqdm=False)[0]
+    assert out.prompt_token_ids == tok(text).input_ids[-3:]
+    assert out.prompt == tok.decode(out.prompt_token_ids) and out.prompt.endswith("ten")
+    short = llm.generate(text, SamplingParams(max_tokens=1, truncate_prompt_tokens=1000), use_tqdm=False)[0]
+    assert short.prompt == text and short.prompt_token_ids == tok(text).input_ids
+    # -1: as many as fit with room for one generated token.
+    limit = llm.llm_engine.max_model_len
+    prompt = random_prompts(1, seed=3, lo=limit + 5, hi=limit + 6)[0]
+    fit = llm.generate(prompt, SamplingParams(max_tokens=1, truncate_prompt_tokens=-1), use_tqdm=False)[0]
+    assert fit.prompt_token_ids == prompt[-(limit - 1) :] and len(fit.outputs[0].token_ids) == 1
+    assert_engine_idle_and_empty(llm)

@@ -32,7 +32,7 @@ def make_meta(batch: int, **overrides) -> SamplingMetadata:
         repetition_penalties=None,
         prompt_token_ids=None,
         output_token_ids=[[] for _ in range(batch)],
-        min_tokens_blocked={},
+        blocked={},
     )
     fields.update(overrides)
     return SamplingMetadata(**fields)
@@ -101,7 +101,7 @@ def test_caller_logits_untouched():
         no_penalties=False,
         repetition_penalties=torch.tensor([1.5, 1.5, 1.5]),
         output_token_ids=[[1, 2], [3], []],
-        min_tokens_blocked={0: {4}},
+        blocked={0: {4}},
     )
     sampler(logits, meta)
     assert torch.equal(logits, before)
@@ -321,7 +321,7 @@ def test_min_tokens_blocks_eos():
     logits = torch.randn(2, 10)
     logits[:, eos] = 10.0
     logits[:, other_stop] = 9.0
-    meta = greedy_meta(2, min_tokens_blocked={0: {eos, other_stop}})
+    meta = greedy_meta(2, blocked={0: {eos, other_stop}})
     ids = sampler(logits, meta).sampled_token_ids
     masked = logits[0].clone()
     masked[[eos, other_stop]] = NEG_INF
@@ -330,7 +330,7 @@ def test_min_tokens_blocks_eos():
 
     # Random rows too: never EOS while blocked, even though it holds almost all the mass.
     n = 500
-    meta = make_meta(n, min_tokens_blocked={r: {eos} for r in range(n)})
+    meta = make_meta(n, blocked={r: {eos} for r in range(n)})
     ids = sampler(repeated(logits[0], n), meta).sampled_token_ids
     assert eos not in support(ids)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distgen.layers.sampling_metadata import build_sampling_metadata
+from distgen.layers.sampling_metadata import bad_word_ends, build_sampling_metadata
 from distgen.sampling_params import SamplingParams
 
 
@@ -42,7 +42,25 @@ def test_build_metadata_min_tokens():
     p._eos_token_ids = [3, 99]  # 99 is outside the vocabulary and must be dropped
     q = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[5], ignore_eos=True)
     meta = build_sampling_metadata([p, p, q], [[1], [1], [1]], [[4], [4, 4], []], {}, vocab_size=10)
-    assert meta.min_tokens_blocked == {0: {3, 5}, 2: {5}}
+    assert meta.blocked == {0: {3, 5}, 2: {5}}
+
+
+def test_bad_word_ends_follow_the_output():
+    words = [[7], [3, 4], [1, 2, 5], [9, 9]]
+    assert bad_word_ends(words, []) == {7}  # a one-token word is always forbidden
+    assert bad_word_ends(words, [8, 3]) == {7, 4}
+    assert bad_word_ends(words, [1, 2]) == {7, 5}
+    assert bad_word_ends(words, [2]) == {7}  # [1, 2, 5] needs both of its first tokens
+    assert bad_word_ends(words, [9]) == {7, 9}
+
+
+def test_bad_words_and_min_tokens_block_together():
+    p = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[5])
+    p._bad_words_token_ids = [[6], [2, 8], [2, 40]]  # 40 is outside the vocabulary: dropped
+    q = SamplingParams()
+    q._bad_words_token_ids = [[4, 1]]
+    meta = build_sampling_metadata([p, q, q], [[1]] * 3, [[2], [4], [1, 4, 3]], {}, vocab_size=10)
+    assert meta.blocked == {0: {5, 6, 8}, 1: {1}}
 
 
 def test_allowed_ids_and_logit_bias_become_index_tensors():

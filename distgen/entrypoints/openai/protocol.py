@@ -11,8 +11,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from distgen.engine.input_processor import keep_last_tokens
 from distgen.entrypoints.openai.errors import OpenAIError
-from distgen.sampling_params import SamplingParams
+from distgen.sampling_params import SamplingParams, prompt_limit
 
 _DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -44,7 +45,22 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> [-100, 100]
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
     user: str | None = None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keep_some(cls, k: int | None) -> int | None:
+        if k is not None and k < 1 and k != -1:
+            raise ValueError("must be >= 1, or -1 for as many as fit the model's context")
+        return k
+
+    def truncate(
+        self, tokenizer, text: str | None, ids: list[int], limit: int
+    ) -> tuple[str | None, list[int]]:
+        """The prompt cut to its last ``truncate_prompt_tokens`` tokens, before the length checks."""
+        return keep_last_tokens(tokenizer, text, ids, prompt_limit(self.truncate_prompt_tokens, limit))
 
     def _sampling_params(
         self,
@@ -90,6 +106,8 @@ class _SamplingFields(BaseModel):
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 logit_bias=bias,
                 allowed_token_ids=self.allowed_token_ids,
+                bad_words=self.bad_words,
+                truncate_prompt_tokens=self.truncate_prompt_tokens,
                 **knobs,
             )
         except ValueError as e:

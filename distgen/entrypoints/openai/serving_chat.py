@@ -52,8 +52,8 @@ def render_request(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[str
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
     model = ctx.check_model(req.model)
     engine = ctx.engine
-    text, ids = render_request(ctx, req)
     limit = engine.max_model_len
+    text, ids = req.truncate(engine.tokenizer, *render_request(ctx, req), limit)
     check_prompt(ids, limit, engine.config.model.vocab_size)
     params = req.to_sampling_params(engine.generation_defaults, len(ids), limit)
     request_id = ctx.new_request_id("chatcmpl")

@@ -77,6 +77,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     inputs: list[tuple[str | None, list[int], SamplingParams]] = []
     for p in req.prompts():
         text, ids = (p, encode_prompt(engine.tokenizer, p)) if isinstance(p, str) else (None, p)
+        text, ids = req.truncate(engine.tokenizer, text, ids, engine.max_model_len)
         check_prompt(ids, engine.max_model_len, engine.config.model.vocab_size)
         inputs.append(
             (text, ids, req.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len))

@@ -178,6 +178,25 @@ def test_bad_logit_bias(server, bias, needle):
     _still_serves(server)
 
 
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("truncate_prompt_tokens", 0, "must be >= 1"),
+        ("truncate_prompt_tokens", "all", "integer"),
+        ("bad_words", [""], "bad_words must be a list of words"),
+        ("bad_words", "darn", "list"),
+    ],
+)
+def test_bad_truncate_prompt_tokens_and_bad_words(server, field, value, needle):
+    for path, body in (
+        ("/completions", OK),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ):
+        resp = httpx.post(server.v1 + path, json={**body, field: value})
+        _assert_error(resp, 400, needle, param=field)
+    _still_serves(server)
+
+
 def test_unknown_model_is_404(server):
     resp = httpx.post(server.v1 + "/completions", json={**OK, "model": "gpt-17"})
     _assert_error(resp, 404, "gpt-17", param="model")

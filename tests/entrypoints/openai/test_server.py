@@ -70,6 +70,48 @@ def test_logit_bias_and_allowed_token_ids(client, offline):
     assert len(tokens) == 5 and set(tokens) <= {tok.decode([t]) for t in allowed}, tokens
 
 
+def test_truncate_prompt_tokens_and_bad_words(client, offline):
+    """vLLM's extra fields: the prompt is cut before the length checks (a prompt longer than the
+    model fits), and a word the model would say is not said."""
+    tok = offline.get_tokenizer()
+    long = " ".join(["word"] * 5000)  # far past the tiny model's context
+    got = client.completions.create(
+        model="tiny-llama",
+        prompt=long + " " + PROMPT,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"truncate_prompt_tokens": 8, "ignore_eos": True},
+    )
+    kept = tok(long + " " + PROMPT).input_ids[-8:]
+    want = offline.generate(
+        kept, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False
+    )
+    assert got.usage.prompt_tokens == 8 and got.choices[0].text == want[0].outputs[0].text
+    chat = client.chat.completions.create(
+        model="tiny-llama", messages=CONVERSATION, max_tokens=4, extra_body={"truncate_prompt_tokens": 3}
+    )
+    assert chat.usage.prompt_tokens == 3
+
+    free = offline.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
+    word = tok.decode(free[0].outputs[0].token_ids[:1]).strip()
+    got = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"bad_words": [word], "ignore_eos": True},
+    )
+    banned = offline.llm_engine.input_processor.bad_words_token_ids([word])
+    ids = tok(got.choices[0].text, add_special_tokens=False).input_ids
+    assert got.choices[0].text != free[0].outputs[0].text
+    assert not any(ids[i : i + len(s)] == s for s in banned for i in range(len(ids))), (
+        word,
+        got.choices[0].text,
+    )
+
+
 def test_completion_stream_equals_non_stream(client):
     kwargs = dict(
         model="tiny-llama", prompt=PROMPT, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
