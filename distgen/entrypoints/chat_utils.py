@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,26 @@ def _flatten_content(i: int, message: Message) -> Message:
     return message
 
 
+def _arguments_as_objects(message: Message) -> Message:
+    """An assistant message's earlier tool calls with their arguments decoded: OpenAI sends them as
+    JSON text, and chat templates write them with ``tojson`` (text would come out quoted twice)."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return message
+    decoded = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                args = json.loads(fn["arguments"])
+            except json.JSONDecodeError:
+                args = None
+            if isinstance(args, dict):
+                call = {**call, "function": {**fn, "arguments": args}}
+        decoded.append(call)
+    return {**message, "tool_calls": decoded}
+
+
 def validate_conversation(conversation: Any) -> Conversation:
     if not isinstance(conversation, Sequence) or isinstance(conversation, str) or not conversation:
         raise ValueError("a conversation must be a non-empty list of {'role': ..., 'content': ...} messages")
@@ -53,7 +74,7 @@ def validate_conversation(conversation: Any) -> Conversation:
     for i, m in enumerate(conversation):
         if not isinstance(m, dict) or "role" not in m:
             raise ValueError(f"message {i} of the conversation must be a dict with a 'role', got {m!r}")
-        out.append(_flatten_content(i, m))
+        out.append(_arguments_as_objects(_flatten_content(i, m)))
     return out
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from distgen.engine.args import EngineArgs
+from distgen.entrypoints.openai.tool_parsers import PARSERS
 
 MODEL_HELP = "HF directory, .gguf file, or the id of a model in the local HF cache (default: SmolLM2)"
 ENGINE_HELP = {
@@ -43,7 +44,15 @@ ENGINE_HELP = {
     "max_logprobs": "most logprobs / prompt_logprobs a request may ask for per token",
 }
 _ALIASES = {"tensor_parallel_size": ["-tp", "--tp"]}
-_SERVER_KEYS = ("host", "port", "api_key", "chat_template", "log_level")
+_SERVER_KEYS = (
+    "host",
+    "port",
+    "api_key",
+    "chat_template",
+    "log_level",
+    "enable_auto_tool_choice",
+    "tool_call_parser",
+)
 _UNITS = {
     "": 1,
     "b": 1,
@@ -165,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-template", dest="chat_template", default=None, help="Jinja template file or string"
     )
     net.add_argument("--log-level", dest="log_level", default="info", help="debug | info | warning | error")
+    net.add_argument(
+        "--enable-auto-tool-choice",
+        dest="enable_auto_tool_choice",
+        action="store_true",
+        help="serve tool_choice 'auto': calls are read out of the model's text by --tool-call-parser",
+    )
+    net.add_argument(
+        "--tool-call-parser",
+        dest="tool_call_parser",
+        default=None,
+        choices=sorted(PARSERS),
+        help="how the model writes tool calls: hermes (Qwen2.5, Qwen3, Hermes), llama3_json (Llama 3.1+)",
+    )
     add_engine_args(serve)
 
     gen = sub.add_parser(

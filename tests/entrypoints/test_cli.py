@@ -38,6 +38,8 @@ def test_vllm_flag_names_and_defaults():
     assert args.enable_prefix_caching is False
     assert (ns.host, ns.port, ns.api_key) == ("127.0.0.1", 8000, None)
     assert engine_args_from(_parse("serve")) == EngineArgs()
+    ns = _parse("serve", "m", "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    assert (ns.enable_auto_tool_choice, ns.tool_call_parser) == (True, "hermes")
 
 
 @pytest.mark.parametrize(
@@ -100,6 +102,8 @@ def test_generate_one_shot(tiny_model_dir):
         (["serve", "--port", "99999"], "not a TCP port"),
         (["serve", "--max-model-len", "0"], "max_model_len must be an integer >= 1, got 0"),
         (["serve", "--device", "tpu"], "device must be 'cpu' or 'cuda', got 'tpu'"),
+        (["serve", "--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
+        (["serve", "--tool-call-parser", "pythonic"], "invalid choice: 'pythonic'"),
         pytest.param(
             ["serve", "--device", "cuda"],
             "torch sees no CUDA GPU here",

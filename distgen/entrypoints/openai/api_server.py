@@ -29,6 +29,7 @@ from distgen.entrypoints.openai.protocol import (
 from distgen.entrypoints.openai.serving_chat import create_chat_completion, render_request
 from distgen.entrypoints.openai.serving_common import ServingContext, encode_prompt, now
 from distgen.entrypoints.openai.serving_completion import create_completion
+from distgen.entrypoints.openai.tool_parsers import PARSERS
 from distgen.envs import envs
 
 logger = logging.getLogger("distgen")
@@ -41,12 +42,27 @@ class ServerArgs:
     api_key: str | None = None
     chat_template: str | None = None
     log_level: str = "info"
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(
+                f"unknown tool call parser {self.tool_call_parser!r}; there are: {', '.join(PARSERS)}"
+            )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser ({' | '.join(PARSERS)})")
 
 
 def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str]) -> FastAPI:
     metrics = PrometheusStatLogger(served_model_names[0])
     engine.stat_loggers.append(metrics)
-    ctx = ServingContext(engine, served_model_names, load_chat_template(server.chat_template))
+    ctx = ServingContext(
+        engine,
+        served_model_names,
+        load_chat_template(server.chat_template),
+        server.tool_call_parser if server.enable_auto_tool_choice else None,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -7,7 +7,7 @@ newer ones; a known field with a bad type is a 400.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -167,6 +167,22 @@ class CompletionRequest(_SamplingFields):
         return self.echo and self.max_tokens == 0
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: dict[str, Any]
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[dict[str, Any]]
     max_tokens: int | None = None
@@ -177,16 +193,12 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # Asked for, but not done: a request that needs them fails rather than get plain text back.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None  # read by the server's tool parser (serving_chat.tool_parser)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # Asked for, but not done: a request that needs it fails rather than get plain text back.
     response_format: dict[str, Any] | None = None
 
     def to_sampling_params(self, defaults: dict[str, Any], prompt_len: int, limit: int) -> SamplingParams:
-        if self.tools and self.tool_choice != "none":
-            raise OpenAIError(
-                "tool calling is not supported (send tool_choice='none' to ignore the tools)", param="tools"
-            )
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise OpenAIError(
                 f"response_format {self.response_format.get('type')!r} is not supported: there is no "

@@ -22,20 +22,70 @@ from distgen.entrypoints.openai.serving_common import (
     until_disconnected,
     usage,
 )
+from distgen.entrypoints.openai.tool_parsers import PARSERS, ToolCall, ToolParser
 from distgen.outputs import CompletionOutput
 
 
 @dataclass
 class _Choice:
-    text: str = ""
+    text: str = ""  # everything the model wrote, tool-call markup included
     num_tokens: int = 0
     started: bool = False
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict] = field(default_factory=list)
+    sent_logprobs: int = 0  # streaming: entries already sent (a delta whose text is held back has some)
+    parser: ToolParser | None = None  # with tools: reads calls out of the text
+    calls: list[ToolCall] = field(default_factory=list)
+
+    @property
+    def openai_finish_reason(self) -> str | None:
+        return "tool_calls" if self.calls and self.finish_reason == "stop" else self.finish_reason
+
+    def parse(self, text: str, last: bool) -> dict:
+        """The delta that ``text`` (the model's next text) makes: content, and calls once complete."""
+        if self.parser is None:
+            return {"content": text} if text else {}
+        events = self.parser.feed(text) + (self.parser.finish() if last else [])
+        delta: dict = {}
+        content = "".join(e for e in events if isinstance(e, str))
+        if content:
+            delta["content"] = content
+        calls = [e for e in events if isinstance(e, ToolCall)]
+        if calls:
+            delta["tool_calls"] = [c.to_openai(len(self.calls) + i) for i, c in enumerate(calls)]
+            self.calls.extend(calls)
+        return delta
+
+    def unsent_logprobs(self) -> list[dict]:
+        new = self.logprobs[self.sent_logprobs :]
+        self.sent_logprobs = len(self.logprobs)
+        return new
 
 
-def render_request(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+def tool_parser(ctx: ServingContext, req: ChatCompletionRequest) -> type[ToolParser] | None:
+    """The parser for a request's tool calls; None when it has no tools or asks for none. A request
+    that needs calls the server cannot give is a 400, never a plain-text answer it would misread."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    if req.tool_choice not in (None, "auto"):
+        raise OpenAIError(
+            "tool_choice 'required' or a named function needs guided decoding, which distgen does not "
+            "do; send 'auto' (the model decides) or 'none'",
+            param="tool_choice",
+        )
+    if ctx.tool_parser is None:
+        raise OpenAIError(
+            "tool calling needs the server started with --enable-auto-tool-choice and --tool-call-parser "
+            f"({' | '.join(PARSERS)}); send tool_choice='none' to ignore the tools",
+            param="tools",
+        )
+    return PARSERS[ctx.tool_parser]
+
+
+def render_request(
+    ctx: ServingContext, req: ChatCompletionRequest, tools: list[dict] | None = None
+) -> tuple[str, list[int]]:
     try:
         return render_chat(
             ctx.engine.tokenizer,
@@ -44,6 +94,7 @@ def render_request(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[str
             req.add_generation_prompt,
             req.continue_final_message,
             req.chat_template_kwargs,
+            tools,
         )
     except ValueError as e:
         raise OpenAIError(str(e), param="messages") from e
@@ -53,14 +104,16 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     model = ctx.check_model(req.model)
     engine = ctx.engine
     limit = engine.max_model_len
-    text, ids = req.truncate(engine.tokenizer, *render_request(ctx, req), limit)
+    parser = tool_parser(ctx, req)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if parser and req.tools else None
+    text, ids = req.truncate(engine.tokenizer, *render_request(ctx, req, tools), limit)
     check_prompt(ids, limit, engine.config.model.vocab_size)
     params = req.to_sampling_params(engine.generation_defaults, len(ids), limit)
     request_id = ctx.new_request_id("chatcmpl")
     gen = engine.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id)
     k = params.logprobs
     base = {"id": request_id, "created": now(), "model": model}
-    choices = [_Choice() for _ in range(req.n)]
+    choices = [_Choice(parser=parser() if parser else None) for _ in range(req.n)]
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -79,14 +132,15 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                             yield sse(
                                 {**chunk, "choices": [{**first, "logprobs": None, "finish_reason": None}]}
                             )
-                        lps = _fold(ch, c, engine.tokenizer, k)
-                        if not (c.text or c.finish_reason):
-                            continue
+                        _fold(ch, c, engine.tokenizer, k)
+                        delta = ch.parse(c.text, last=c.finish_reason is not None)
+                        if not (delta or c.finish_reason):
+                            continue  # its logprobs go with the next chunk
                         choice = {
                             "index": c.index,
-                            "delta": {"content": c.text} if c.text else {},
-                            "logprobs": {"content": lps} if lps is not None else None,
-                            "finish_reason": c.finish_reason,
+                            "delta": delta,
+                            "logprobs": {"content": ch.unsent_logprobs()} if k is not None else None,
+                            "finish_reason": ch.openai_finish_reason,
                             "stop_reason": c.stop_reason,
                         }
                         yield sse({**chunk, "choices": [choice]})
@@ -111,9 +165,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": ch.text},
+                "message": _message(ch),
                 "logprobs": {"content": ch.logprobs} if k is not None else None,
-                "finish_reason": ch.finish_reason,
+                "finish_reason": ch.openai_finish_reason,
                 "stop_reason": ch.stop_reason,
             }
             for i, ch in enumerate(choices)
@@ -123,23 +177,34 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     return JSONResponse(body)
 
 
-def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None) -> list[dict] | None:
-    """Add one delta to the choice; returns the delta's logprob entries (None without logprobs)."""
+def _message(ch: _Choice) -> dict:
+    """A whole choice's message: with tool calls, the text around them is the content (None when
+    there is none)."""
+    delta = ch.parse(ch.text, last=True)
+    if not ch.calls:
+        return {"role": "assistant", "content": ch.text}
+    content = delta.get("content", "")
+    return {
+        "role": "assistant",
+        "content": content if content.strip() else None,
+        "tool_calls": [c.to_openai() for c in ch.calls],
+    }
+
+
+def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None) -> None:
+    """Add one delta's text, tokens, finish and logprob entries to the choice."""
     ch.text += c.text
     ch.num_tokens += len(c.token_ids)
     if c.finish_reason is not None:
         ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
     if k is None or c.logprobs is None:
-        return None
-    new = []
+        return
     for tid, entries in zip(c.token_ids, c.logprobs):
         s = token_str(tokenizer, tid, entries[tid])
         top = [
             {"token": (t := token_str(tokenizer, i, e)), "logprob": e.logprob, "bytes": list(t.encode())}
             for i, e in top_entries(entries, k)
         ]
-        new.append(
+        ch.logprobs.append(
             {"token": s, "logprob": entries[tid].logprob, "bytes": list(s.encode()), "top_logprobs": top}
         )
-    ch.logprobs.extend(new)
-    return new

@@ -26,6 +26,7 @@ class ServingContext:
     engine: AsyncLLM
     served_model_names: list[str]
     chat_template: str | None = None
+    tool_parser: str | None = None  # a name in tool_parsers.PARSERS: tool_choice "auto" is served
 
     def check_model(self, model: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""

@@ -151,12 +151,15 @@ def test_malformed_chat_messages(server, message, needle):
 
 
 def test_features_not_done_fail_instead_of_answering_plain_text(server):
-    """A client that sends tools or a JSON response format relies on them: silently ignoring them
-    would hand it text it then misreads as a refusal to call a tool or as broken JSON."""
+    """A client that sends tools (to a server started without a tool parser) or a JSON response format
+    relies on them: silently ignoring them would hand it text it then misreads as a refusal to call a
+    tool or as broken JSON."""
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "tools": tools})
-    _assert_error(resp, 400, "tool calling is not supported", param="tools")
+    _assert_error(
+        resp, 400, "tool calling needs the server started with --enable-auto-tool-choice", param="tools"
+    )
     resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "tools": tools, "stream": True})
     _assert_error(resp, 400, "tool calling", param="tools")
     for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}):
