@@ -34,7 +34,7 @@ import httpx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import Request, make_requests, special_token_ids  # noqa: E402
 
-from distgen.executor.multiproc import free_port
+from distgen.executor.ports import free_port
 
 logger = logging.getLogger("benchmarks.serving")
 

@@ -11,13 +11,13 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import tempfile
 import time
 
 from distgen.config import EngineConfig
 from distgen.engine.exceptions import describe_exit
 from distgen.executor.broadcast import BroadcastExecutor, Channel, WorkerExit, WorkerHandles
+from distgen.executor.ports import free_port
 from distgen.executor.worker_loop import WorkerArgs, run_mp_worker
 from distgen.model_loader.loader import ModelSource
 
@@ -27,12 +27,6 @@ _SPAWN_HINT = (
     " before reporting (see its stderr; the workers are spawned, so a script that starts the engine "
     "needs an `if __name__ == '__main__':` guard)"
 )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class _Processes(WorkerHandles):

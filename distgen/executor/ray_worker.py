@@ -6,9 +6,9 @@ them (``worker_loop.serve``) and returns only at shutdown, so its ObjectRef doub
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
+from distgen.executor.ports import free_port
 from distgen.executor.worker_loop import WorkerArgs, serve
 
 
@@ -30,10 +30,7 @@ class DistgenWorker:
         import ray
 
         ip = ray.util.get_node_ip_address()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((ip, 0))
-            port = s.getsockname()[1]
-        return ActorInfo(os.getpid(), ray.get_runtime_context().get_node_id(), ip, port)
+        return ActorInfo(os.getpid(), ray.get_runtime_context().get_node_id(), ip, free_port(ip))
 
     def run(self, args: WorkerArgs) -> None:
         if not serve(args):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from distgen.distributed import parallel_state as ps
-from distgen.executor.multiproc import free_port
+from distgen.executor.ports import free_port
 
 
 def test_default_backend_is_nccl_on_cuda():

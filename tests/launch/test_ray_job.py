@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from distgen.executor.ports import free_port
+
 pytest.importorskip("ray.dashboard.modules.job.sdk", reason="ray[default] (the job server) is not installed")
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 5.0) -> dict:
@@ -71,8 +66,8 @@ def cluster_env():
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(16),
         RAY_HEAD_IP="127.0.0.1",
-        RAY_PORT=str(_free_port()),
-        RAY_DASHBOARD_PORT=str(_free_port()),
+        RAY_PORT=str(free_port()),
+        RAY_DASHBOARD_PORT=str(free_port()),
     )
     yield env
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
@@ -82,8 +77,8 @@ def test_submit_serve_as_a_ray_job_then_stop_it(cluster_env, tmp_path):
     from distgen.model_loader.gguf import default_model_path
 
     env = cluster_env
-    ports = ["--num-cpus", "3", "--ray-client-server-port", str(_free_port())]
-    ports += ["--dashboard-agent-listen-port", str(_free_port())]
+    ports = ["--num-cpus", "3", "--ray-client-server-port", str(free_port())]
+    ports += ["--dashboard-agent-listen-port", str(free_port())]
     head = subprocess.run(
         ["launch/start_head.sh", *ports], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
     )
@@ -91,7 +86,7 @@ def test_submit_serve_as_a_ray_job_then_stop_it(cluster_env, tmp_path):
     assert f"RAY_ADDRESS=http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}" in head.stdout  # the port it was given
 
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}"
-    http = _free_port()
+    http = free_port()
     log = tmp_path / "submit.log"
     with open(log, "w") as out:
         submit = subprocess.Popen(

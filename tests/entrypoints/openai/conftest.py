@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from distgen.executor.multiproc import free_port
+from distgen.executor.ports import free_port
 from tests.conftest import wait_gone
 
 STARTUP_TIMEOUT_S = 120

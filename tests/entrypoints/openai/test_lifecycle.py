@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from distgen.executor.multiproc import free_port
+from distgen.executor.ports import free_port
 from tests.conftest import wait_gone
 from tests.entrypoints.openai.conftest import descendants, start_server
 
