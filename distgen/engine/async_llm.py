@@ -78,20 +78,32 @@ class AsyncLLM:
         return self.input_processor.default_sampling_params()
 
     # -- requests ---------------------------------------------------------------------------------
-    async def generate(
+    def generate(
         self, prompt: PromptType, params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        """Delta outputs of one request until it finishes. Raises ValueError before anything is queued
-        for a prompt that can never run, and EngineDeadError once the engine core is gone."""
+        """Delta outputs of one request until it finishes.
+
+        The request is checked here, at the call: a prompt that can never run or parameters the
+        engine refuses raise ValueError at once (a server answers 400 before it starts a stream), and
+        a dead engine EngineDeadError. It is queued when the iteration starts, and aborted if the
+        iteration ends before the request does.
+        """
         if self.errored:
             raise self._dead or EngineDeadError("the engine is dead: the engine core process is gone")
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._start_output_handler()
         limit = self.max_model_len
         text, ids = self.input_processor.tokenize_prompt(prompt, params.prompt_limit(limit))
         arrival = time.time()
         params, children, reqs = self.input_processor.process(request_id, ids, params, arrival, limit)
+        return self._run(request_id, text, ids, params, children, reqs, arrival)
+
+    async def _run(
+        self, request_id, text, ids, params, children, reqs, arrival
+    ) -> AsyncIterator[RequestOutput]:
+        if request_id in self._queues:  # two calls with one id, both iterated
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._start_output_handler()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
         self.output_processor.add_request(request_id, text, ids, params, children, arrival)
