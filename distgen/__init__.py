@@ -4,13 +4,14 @@ import logging
 
 from distgen.entrypoints.llm import LLM
 from distgen.outputs import BeamSearchOutput, CompletionOutput, RequestOutput
-from distgen.sampling_params import BeamSearchParams, SamplingParams
+from distgen.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 __all__ = [
     "LLM",
     "SamplingParams",
     "BeamSearchParams",
+    "StructuredOutputsParams",
     "RequestOutput",
     "CompletionOutput",
     "BeamSearchOutput",

@@ -43,6 +43,43 @@ def prompt_limit(truncate_prompt_tokens: int | None, max_model_len: int) -> int 
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a JSON schema, a regular expression, one of some strings, or a grammar
+    (Lark, or llama.cpp's GBNF): vLLM's names. Give exactly one. ``disable_any_whitespace`` makes JSON
+    compact (no whitespace a model could loop on)."""
+
+    json: str | dict | None = None  # a JSON schema (text or decoded)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None  # any JSON object
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "StructuredOutputsParams takes exactly one of json, regex, choice, grammar, json_object; "
+                f"got {', '.join(given) or 'none'}"
+            )
+        kinds = {"json": (str, dict), "regex": str, "grammar": str, "json_object": bool}
+        for name, kind in kinds.items():
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), kind):
+                raise ValueError(
+                    f"StructuredOutputsParams.{name} has the wrong type, got {getattr(self, name)!r}"
+                )
+        if self.choice is not None and (
+            not isinstance(self.choice, (list, tuple))
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError(
+                f"StructuredOutputsParams.choice must be a list of non-empty strings, got {self.choice!r}"
+            )
+        if self.choice is not None:
+            self.choice = list(self.choice)
+
+
+@dataclass
 class SamplingParams:
     """How to sample the continuation of one prompt.
 
@@ -74,11 +111,14 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     bad_words: list[str] | None = None  # words never generated (each as its tokens, see below)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: all that fit)
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice, grammar
     # Filled by the engine: EOS ids from the tokenizer / generation_config that end a sequence.
     _eos_token_ids: list[int] = field(default_factory=list, repr=False)
     # Filled by the engine from ``bad_words``: token sequences whose last token is forbidden right
     # after the rest of the sequence (a one-token word: always).
     _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
+    # Filled by the engine from ``structured_outputs``: the grammar, compiled for llguidance.
+    _grammar: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -108,6 +148,11 @@ class SamplingParams:
             self.logit_bias = {_plain(t, int): _plain(b, float) for t, b in self.logit_bias.items()} or None
         if isinstance(self.allowed_token_ids, (list, tuple)):
             self.allowed_token_ids = [_plain(t, int) for t in self.allowed_token_ids]
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:  # an unknown key
+                raise ValueError(f"SamplingParams.structured_outputs: {e}") from None
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
         elif isinstance(self.bad_words, tuple):
@@ -180,6 +225,10 @@ class SamplingParams:
             or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)
         ):
             raise bad("bad_words", "must be a list of words (non-blank strings)")
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise bad("structured_outputs", "must be a StructuredOutputsParams (or a dict of its fields)")
         if self.truncate_prompt_tokens is not None and (
             self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1
         ):

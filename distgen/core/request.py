@@ -64,14 +64,15 @@ class Request:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """Penalties and multi-token bad words read earlier output tokens on the host, so the next
-        step cannot be scheduled before the previous one's token is known."""
+        """Penalties, multi-token bad words and grammars read earlier output tokens on the host, so
+        the next step cannot be scheduled before the previous one's token is known."""
         p = self.sampling_params
         return (
             p.presence_penalty != 0.0
             or p.frequency_penalty != 0.0
             or p.repetition_penalty != 1.0
             or any(len(seq) > 1 for seq in p._bad_words_token_ids)
+            or p._grammar is not None
         )
 
     @property
@@ -98,7 +99,9 @@ class Request:
         if n >= self.max_tokens:
             self.status = RequestStatus.FINISHED_LENGTH
             return True
-        if n < params.min_tokens:
+        if n < params.min_tokens and params._grammar is None:
+            # (The sampler blocks stop tokens below min_tokens; one that comes anyway from a request
+            # with structured outputs is its grammar's end, which wins.)
             return False
         last = self.output_token_ids[-1]
         if last in self.stop_token_ids:

@@ -11,7 +11,8 @@ from distgen.config import EngineConfig
 from distgen.engine.core import validate_prompt
 from distgen.engine.messages import EngineCoreRequest
 from distgen.model_loader.loader import ModelSource, generation_eos_ids, load_generation_config
-from distgen.sampling_params import SamplingParams
+from distgen.sampling_params import SamplingParams, StructuredOutputsParams
+from distgen.structured_output import compile_grammar, grammar_tokenizer
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -62,6 +63,7 @@ class InputProcessor:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
+        self._grammar_tokenizer = None  # llguidance's, built on the first structured request
 
     def default_sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.generation_defaults) if self.generation_defaults else SamplingParams()
@@ -87,6 +89,14 @@ class InputProcessor:
         if isinstance(prompt, (list, tuple)):
             return None, token_id_list(prompt)
         raise TypeError(f"a prompt must be a string, a token-id list or a dict, got {type(prompt).__name__}")
+
+    def compile_grammar(self, spec: StructuredOutputsParams) -> str:
+        """``spec`` compiled for llguidance; ValueError (nothing queued) for one that does not compile."""
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = grammar_tokenizer(
+                self.tokenizer, self.config.model.vocab_size, self.eos_token_ids
+            )
+        return compile_grammar(spec, self._grammar_tokenizer)
 
     def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
         """Each bad word's token sequences: as it reads at the start of a text and after a space
@@ -127,6 +137,8 @@ class InputProcessor:
         params._eos_token_ids = list(self.eos_token_ids)
         if params.bad_words:
             params._bad_words_token_ids = self.bad_words_token_ids(params.bad_words)
+        if params.structured_outputs is not None:
+            params._grammar = self.compile_grammar(params.structured_outputs)
         children = []
         for i in range(params.n):
             child = params.clone()

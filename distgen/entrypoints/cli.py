@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from distgen.engine.args import EngineArgs
+from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from distgen.entrypoints.openai.tool_parsers import PARSERS
 
 MODEL_HELP = "HF directory, .gguf file, or the id of a model in the local HF cache (default: SmolLM2)"
@@ -52,6 +53,7 @@ _SERVER_KEYS = (
     "log_level",
     "enable_auto_tool_choice",
     "tool_call_parser",
+    "reasoning_parser",
 )
 _UNITS = {
     "": 1,
@@ -186,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=sorted(PARSERS),
         help="how the model writes tool calls: hermes (Qwen2.5, Qwen3, Hermes), llama3_json (Llama 3.1+)",
+    )
+    net.add_argument(
+        "--reasoning-parser",
+        dest="reasoning_parser",
+        default=None,
+        choices=sorted(REASONING_PARSERS),
+        help="split the model's <think> block off as reasoning_content: qwen3 (Qwen3, QwQ), deepseek_r1",
     )
     add_engine_args(serve)
 

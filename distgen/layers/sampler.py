@@ -3,7 +3,8 @@
 Order of operations per step, for a batch of ``B`` rows over a vocabulary of ``V``:
 
 1. logprobs of the *raw* logits (float32 ``log_softmax``), when any row asks for them;
-2. ``allowed_token_ids`` (every other id set to ``-inf``), then ``logit_bias`` (added);
+2. a grammar's mask (structured outputs), ``allowed_token_ids`` (every other id set to ``-inf``),
+   then ``logit_bias`` (added);
    blocked ids set to ``-inf``: stop/EOS ids while a row is below its ``min_tokens``, and each
    bad word's last token where the output ends with the rest of the word;
 3. penalties: repetition (prompt + output tokens), then frequency and presence (output tokens);
@@ -37,7 +38,7 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         plain_greedy = meta.all_greedy and meta.no_penalties and meta.max_num_logprobs is None
-        no_bias = meta.allowed is None and meta.logit_bias is None
+        no_bias = meta.allowed is None and meta.logit_bias is None and meta.grammar is None
         if plain_greedy and not meta.blocked and no_bias:
             # Widening to float32 keeps every value and its order, so argmax needs no float32 copy
             # of the logits (a launch and B x V x 6 bytes of traffic each step on a GPU).
@@ -47,6 +48,7 @@ class Sampler(torch.nn.Module):
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
 
+        logits = apply_grammar(logits, meta.grammar)
         logits = apply_allowed_and_bias(logits, meta.allowed, meta.logit_bias)
         logits = apply_blocked(logits, meta.blocked)
         if not meta.no_penalties:
@@ -69,6 +71,14 @@ class Sampler(torch.nn.Module):
 
 
 # -- steps, usable on their own ---------------------------------------------------------------------
+def apply_grammar(logits: torch.Tensor, grammar: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Rows with a grammar (structured outputs) keep only the tokens it allows next."""
+    if grammar is None:
+        return logits
+    rows, allowed = grammar
+    return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
+
+
 def apply_allowed_and_bias(
     logits: torch.Tensor,
     allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,

@@ -14,6 +14,7 @@ import torch
 
 from distgen.host_to_device import to_device
 from distgen.sampling_params import SamplingParams
+from distgen.structured_output import allows_other_than, unpack_bitmask
 
 SAMPLING_EPS = 1e-5
 
@@ -41,6 +42,8 @@ class SamplingMetadata:
     # (rows with allowed_token_ids, then row and id of each allowed pair); None when no row has them
     allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, ids, biases)
+    # (rows with a grammar, their allowed tokens [k, V] bool); None when no row has one
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def bad_word_ends(bad_words: list[list[int]], output: Sequence[int]) -> set[int]:
@@ -61,12 +64,14 @@ def build_sampling_metadata(
     generators: dict[int, torch.Generator],
     vocab_size: int,
     device: torch.device | str = "cpu",
+    grammar_bitmask: tuple[list[int], torch.Tensor] | None = None,
 ) -> SamplingMetadata:
     """Build the step's metadata from each row's ``SamplingParams`` and token history.
 
     ``generators`` maps a row to its request's persistent generator (requests with a seed);
-    ``output_token_ids`` is kept by reference. Optional tensors are left ``None`` when no row needs
-    them, so the sampler skips that work.
+    ``output_token_ids`` is kept by reference; ``grammar_bitmask`` holds the constrained rows and
+    their packed allowed tokens (:class:`~distgen.structured_output.GrammarMatchers`). Optional
+    tensors are left ``None`` when no row needs them, so the sampler skips that work.
     """
     temps = [float(p.temperature) for p in params]
     greedy = [p.is_greedy for p in params]
@@ -116,6 +121,17 @@ def build_sampling_metadata(
             floats([b for _, _, b in entries]),
         )
 
+    grammar = None
+    if grammar_bitmask is not None:
+        rows, packed = grammar_bitmask
+        for k, row in enumerate(rows):
+            # Where the grammar leaves only blocked tokens (it can only end, and min_tokens says not
+            # yet), the grammar wins: blocking them all would leave nothing to sample.
+            if row in blocked and not allows_other_than(packed[k], blocked[row]):
+                del blocked[row]
+        packed_on_device = to_device(packed.numpy(), device)  # asynchronous, like every input
+        grammar = (to_device(rows, device, torch.long), unpack_bitmask(packed_on_device, vocab_size))
+
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     use_top_p = any(p.top_p < 1.0 for p in params)
     use_top_k = any(k < vocab_size for k in top_k)
@@ -138,4 +154,5 @@ def build_sampling_metadata(
         blocked=blocked,
         allowed=allowed,
         logit_bias=bias,
+        grammar=grammar,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,11 @@ class CachedRequestState:
     # Tokens sampled on the device whose values the scheduler has not sent yet (async scheduling):
     # the last ``num_placeholders`` entries of token_ids are PLACEHOLDER until they arrive.
     num_placeholders: int = 0
+    # Structured outputs (rank 0, see distgen.structured_output): the grammar matcher, how many output
+    # tokens it has read, and whether it has failed.
+    matcher: Any = None
+    matcher_consumed: int = 0
+    matcher_failed: bool = False
     # The same tokens split once, kept in step (read every step by the sampler's penalties).
     prompt_token_ids: list[int] = field(init=False)
     output_token_ids: list[int] = field(init=False)

@@ -29,6 +29,7 @@ from distgen.kernels.dispatch import use_triton_on
 from distgen.layers.sampler import Sampler
 from distgen.layers.sampling_metadata import SamplingMetadata, build_sampling_metadata
 from distgen.model_loader.loader import ModelSource, build_model
+from distgen.structured_output import GrammarMatchers
 from distgen.workers.cuda_graphs import DecodeGraphs
 from distgen.workers.input_batch import CachedRequestState, RequestStates
 from distgen.workers.sampled_output import SampledOutput
@@ -57,6 +58,10 @@ class ModelRunner:
         self.is_driver = ps.tp_rank() == 0
         self.graphs: DecodeGraphs | None = None
         self._meta_cache: tuple[tuple[int, list[str]], SamplingMetadata] | None = None
+        # Structured outputs: rank 0 loads the tokenizer only when a request first asks for them.
+        self.grammars = GrammarMatchers(
+            lambda: source.load_tokenizer(config.model.tokenizer), self.vocab_size
+        )
         # Async scheduling: the last sampling step's tokens on the device, and each request's row.
         self.async_scheduling = config.scheduler.async_scheduling
         self._last_sampled: torch.Tensor | None = None
@@ -271,6 +276,7 @@ class ModelRunner:
         reusable = (
             not meta.generators
             and not meta.blocked
+            and meta.grammar is None
             and not any(s.sampling_params._bad_words_token_ids for s in rows)
         )
         self._meta_cache = (key, meta) if reusable else None
@@ -292,4 +298,5 @@ class ModelRunner:
             generators,
             self.vocab_size,
             self.device,
+            self.grammars.bitmask(rows),
         )

@@ -129,6 +129,9 @@ SAMPLING = [
     SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=1, logprobs=1),
     SamplingParams(temperature=0.9, seed=11, max_tokens=8, allowed_token_ids=[5, 9, 17], logit_bias={9: 1.5}),
     SamplingParams(temperature=0, max_tokens=12, bad_words=["the", "of the", "and a"]),
+    SamplingParams(
+        temperature=0.8, seed=13, max_tokens=16, structured_outputs={"regex": r"[a-z]{2,6}( [0-9]+)?"}
+    ),
 ]
 
 

@@ -1,6 +1,7 @@
 """Random mixes of requests (greedy and seeded sampling, n, logprobs, prompt logprobs, min_tokens,
-penalties, stop ids, shared prefixes) give the same tokens and logprobs under preemption, chunked
-prefill, async scheduling and tp=2 as in a roomy single-rank run of the same requests.
+penalties, stop ids, structured outputs, shared prefixes) give the same tokens and logprobs under
+preemption, chunked prefill, async scheduling and tp=2 as in a roomy single-rank run of the same
+requests.
 
 Seeded sampling draws per output position, so every request's tokens are fixed whatever else runs
 beside it; a difference here is a bug in the engine's bookkeeping, not float noise (float32, and
@@ -56,6 +57,9 @@ def random_requests(seed: int) -> tuple[list[dict], list[SamplingParams]]:
             kw["presence_penalty"] = 0.5
         if rng.random() < 0.2:
             kw["stop_token_ids"] = [rng.randrange(100, 2000)]
+        if rng.random() < 0.15:
+            constraints = [{"regex": r"[a-z]{1,8}( [a-z]{1,8}){0,4}"}, {"choice": ["yes", "no", "not sure"]}]
+            kw["structured_outputs"] = rng.choice(constraints)
         params.append(SamplingParams(**kw))
     return [{"prompt_token_ids": p} for p in prompts], params
 

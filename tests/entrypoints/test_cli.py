@@ -38,8 +38,16 @@ def test_vllm_flag_names_and_defaults():
     assert args.enable_prefix_caching is False
     assert (ns.host, ns.port, ns.api_key) == ("127.0.0.1", 8000, None)
     assert engine_args_from(_parse("serve")) == EngineArgs()
-    ns = _parse("serve", "m", "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
-    assert (ns.enable_auto_tool_choice, ns.tool_call_parser) == (True, "hermes")
+    ns = _parse(
+        "serve",
+        "m",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
+        "--reasoning-parser",
+        "qwen3",
+    )
+    assert (ns.enable_auto_tool_choice, ns.tool_call_parser, ns.reasoning_parser) == (True, "hermes", "qwen3")
 
 
 @pytest.mark.parametrize(

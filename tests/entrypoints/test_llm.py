@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from distgen import LLM, SamplingParams
+from distgen import LLM, SamplingParams, StructuredOutputsParams
 from tests.conftest import assert_engine_idle_and_empty, check_greedy_close, random_prompts
 
 KV = 16 << 20
@@ -397,4 +398,48 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(llm):
     prompt = random_prompts(1, seed=3, lo=limit + 5, hi=limit + 6)[0]
     fit = llm.generate(prompt, SamplingParams(max_tokens=1, truncate_prompt_tokens=-1), use_tqdm=False)[0]
     assert fit.prompt_token_ids == prompt[-(limit - 1) :] and len(fit.outputs[0].token_ids) == 1
+    assert_engine_idle_and_empty(llm)
+
+
+def test_structured_outputs_hold_whatever_the_model_writes(llm):
+    """A tiny random model writes nothing sensible, yet each output fits its constraint and ends on it."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": -5, "maximum": 999},
+            "ok": {"type": "boolean"},
+            "c": {"enum": ["red", "green"]},
+        },
+        "required": ["n", "ok", "c"],
+        "additionalProperties": False,
+    }
+    specs = [
+        StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2}"),
+        StructuredOutputsParams(choice=["alpha", "beta gamma"]),
+        StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+        StructuredOutputsParams(grammar='root ::= "yes" | "no" | "maybe"'),
+    ]
+    for seed in range(2):
+        params = [
+            SamplingParams(temperature=t, seed=seed, max_tokens=64, structured_outputs=spec)
+            for spec in specs
+            for t in (0.0, 1.0)
+        ]
+        outs = llm.generate(random_prompts(len(params), seed=seed), params, use_tqdm=False)
+        texts = [o.outputs[0].text for o in outs]
+        assert all(o.outputs[0].finish_reason == "stop" for o in outs), texts
+        regex, choice, obj, grammar = (texts[i : i + 2] for i in range(0, 8, 2))
+        assert all(re.fullmatch(r"[0-9]{3}-[a-z]{2}", t) for t in regex), regex
+        assert set(choice) <= {"alpha", "beta gamma"} and set(grammar) <= {"yes", "no", "maybe"}
+        for t in obj:
+            value = json.loads(t)
+            assert type(value["n"]) is int and -5 <= value["n"] <= 999
+            assert isinstance(value["ok"], bool) and value["c"] in {"red", "green"}
+            assert set(value) == {"n", "ok", "c"}
+    # A grammar that can only end wins over min_tokens (blocking EOS would leave nothing to sample).
+    ended = SamplingParams(temperature=0, min_tokens=10, structured_outputs={"choice": ["alpha"]})
+    out = llm.generate(PROMPTS[0], ended, use_tqdm=False)[0].outputs[0]
+    assert (out.text, out.finish_reason) == ("alpha", "stop")
+    with pytest.raises(ValueError, match="structured_outputs.regex does not compile"):
+        llm.generate("x", SamplingParams(structured_outputs={"regex": "[a-"}), use_tqdm=False)
     assert_engine_idle_and_empty(llm)

@@ -19,6 +19,7 @@ EXPECT = {
     "custom_chat_template.py": "<|im_start|>user",
     "beam_search.py": "0: cum_logprob=",
     "tensor_parallel.py": "Paris",
+    "structured_outputs.py": "person: Bob, 30",
     "serve_and_query.py": "Assistant: The capital of France is Paris",
 }
 

@@ -26,6 +26,7 @@ from distgen.entrypoints.openai.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from distgen.entrypoints.openai.serving_chat import create_chat_completion, render_request
 from distgen.entrypoints.openai.serving_common import ServingContext, encode_prompt, now
 from distgen.entrypoints.openai.serving_completion import create_completion
@@ -44,8 +45,12 @@ class ServerArgs:
     log_level: str = "info"
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            known = ", ".join(REASONING_PARSERS)
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}; there are: {known}")
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
             raise ValueError(
                 f"unknown tool call parser {self.tool_call_parser!r}; there are: {', '.join(PARSERS)}"
@@ -62,6 +67,7 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
         served_model_names,
         load_chat_template(server.chat_template),
         server.tool_call_parser if server.enable_auto_tool_choice else None,
+        server.reasoning_parser,
     )
 
     @asynccontextmanager

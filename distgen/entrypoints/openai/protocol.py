@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distgen.engine.input_processor import keep_last_tokens
 from distgen.entrypoints.openai.errors import OpenAIError
-from distgen.sampling_params import SamplingParams, prompt_limit
+from distgen.sampling_params import SamplingParams, StructuredOutputsParams, prompt_limit
 
 _DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -48,6 +48,13 @@ class _SamplingFields(BaseModel):
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
     user: str | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, or its older guided_*.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("truncate_prompt_tokens")
     @classmethod
@@ -55,6 +62,49 @@ class _SamplingFields(BaseModel):
         if k is not None and k < 1 and k != -1:
             raise ValueError("must be >= 1, or -1 for as many as fit the model's context")
         return k
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The one structured-output constraint the request gives, if any (a 400 for two)."""
+        given = self.structured_spec()
+        if given is None:
+            return None
+        field, spec = given
+        try:
+            return StructuredOutputsParams(**spec)
+        except (TypeError, ValueError) as e:
+            raise OpenAIError(f"{field}: {e}", param=field) from None
+
+    def structured_spec(self) -> tuple[str, dict[str, Any]] | None:
+        """The request field that gives a structured-output constraint, and its StructuredOutputsParams
+        fields; None for none."""
+        specs: dict[str, dict[str, Any]] = {}
+        fmt = self.response_format
+        if fmt is not None and fmt.get("type", "text") != "text":
+            if fmt.get("type") == "json_object":
+                specs["response_format"] = {"json_object": True}
+            elif fmt.get("type") == "json_schema":
+                schema = (fmt.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, dict):
+                    raise OpenAIError(
+                        "response_format json_schema needs json_schema.schema, a JSON schema object",
+                        param="response_format",
+                    )
+                specs["response_format"] = {"json": schema}
+            else:
+                raise OpenAIError(
+                    f"response_format type {fmt.get('type')!r} is not supported: use 'text', 'json_object' "
+                    "or 'json_schema'",
+                    param="response_format",
+                )
+        if self.structured_outputs is not None:
+            specs["structured_outputs"] = self.structured_outputs
+        for kind in ("json", "regex", "choice", "grammar"):
+            if getattr(self, f"guided_{kind}") is not None:
+                specs[f"guided_{kind}"] = {kind: getattr(self, f"guided_{kind}")}
+        if len(specs) > 1:
+            names = ", ".join(specs)
+            raise OpenAIError(f"give one structured-output constraint, not {names}", param=next(iter(specs)))
+        return next(iter(specs.items()), None)
 
     def truncate(
         self, tokenizer, text: str | None, ids: list[int], limit: int
@@ -108,6 +158,7 @@ class _SamplingFields(BaseModel):
                 allowed_token_ids=self.allowed_token_ids,
                 bad_words=self.bad_words,
                 truncate_prompt_tokens=self.truncate_prompt_tokens,
+                structured_outputs=self.structured(),
                 **knobs,
             )
         except ValueError as e:
@@ -195,16 +246,8 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ChatTool] | None = None  # read by the server's tool parser (serving_chat.tool_parser)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    # Asked for, but not done: a request that needs it fails rather than get plain text back.
-    response_format: dict[str, Any] | None = None
 
     def to_sampling_params(self, defaults: dict[str, Any], prompt_len: int, limit: int) -> SamplingParams:
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise OpenAIError(
-                f"response_format {self.response_format.get('type')!r} is not supported: there is no "
-                "guided decoding, only 'text'",
-                param="response_format",
-            )
         if self.top_logprobs and not self.logprobs:
             raise OpenAIError("top_logprobs needs logprobs=true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -11,19 +12,29 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from distgen.entrypoints.chat_utils import render_chat, validate_conversation
 from distgen.entrypoints.openai.errors import OpenAIError
 from distgen.entrypoints.openai.protocol import ChatCompletionRequest
+from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS, ReasoningParser
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
     check_prompt,
     now,
     sse,
     sse_error,
+    start,
     token_str,
     top_entries,
     until_disconnected,
     usage,
 )
-from distgen.entrypoints.openai.tool_parsers import PARSERS, ToolCall, ToolParser
+from distgen.entrypoints.openai.tool_parsers import (
+    PARSERS,
+    NamedFunctionParser,
+    RequiredToolsParser,
+    ToolCall,
+    ToolParser,
+    required_calls_schema,
+)
 from distgen.outputs import CompletionOutput
+from distgen.sampling_params import StructuredOutputsParams
 
 
 @dataclass
@@ -37,17 +48,28 @@ class _Choice:
     sent_logprobs: int = 0  # streaming: entries already sent (a delta whose text is held back has some)
     parser: ToolParser | None = None  # with tools: reads calls out of the text
     calls: list[ToolCall] = field(default_factory=list)
+    reasoning: ReasoningParser | None = None  # with --reasoning-parser: splits off the thinking
 
     @property
     def openai_finish_reason(self) -> str | None:
         return "tool_calls" if self.calls and self.finish_reason == "stop" else self.finish_reason
 
     def parse(self, text: str, last: bool) -> dict:
-        """The delta that ``text`` (the model's next text) makes: content, and calls once complete."""
-        if self.parser is None:
-            return {"content": text} if text else {}
-        events = self.parser.feed(text) + (self.parser.finish() if last else [])
+        """The delta that ``text`` (the model's next text) makes: reasoning, content, and calls once
+        complete."""
         delta: dict = {}
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning.feed(text)
+            if last:
+                more = self.reasoning.finish()
+                reasoning, text = reasoning + more[0], text + more[1]
+            if reasoning:
+                delta["reasoning_content"] = reasoning
+        if self.parser is None:
+            if text:
+                delta["content"] = text
+            return delta
+        events = self.parser.feed(text) + (self.parser.finish() if last else [])
         content = "".join(e for e in events if isinstance(e, str))
         if content:
             delta["content"] = content
@@ -63,24 +85,44 @@ class _Choice:
         return new
 
 
-def tool_parser(ctx: ServingContext, req: ChatCompletionRequest) -> type[ToolParser] | None:
-    """The parser for a request's tool calls; None when it has no tools or asks for none. A request
-    that needs calls the server cannot give is a 400, never a plain-text answer it would misread."""
+def tool_mode(
+    ctx: ServingContext, req: ChatCompletionRequest
+) -> tuple[Callable[[], ToolParser], StructuredOutputsParams | None] | None:
+    """How a request's tool calls are read, and the constraint that makes the model write them; None
+    when it has no tools or asks for none.
+
+    ``"auto"`` reads the calls the model chooses to write, in its own format, with the server's
+    ``--tool-call-parser``. ``"required"`` and a named function constrain the reply to JSON (one or
+    more calls, or the named function's arguments), as vLLM does, and need no parser.
+    """
     if not req.tools or req.tool_choice == "none":
         return None
-    if req.tool_choice not in (None, "auto"):
+    if req.tool_choice in (None, "auto"):
+        if ctx.tool_parser is None:
+            raise OpenAIError(
+                "tool calling needs the server started with --enable-auto-tool-choice and "
+                f"--tool-call-parser ({' | '.join(PARSERS)}); send tool_choice='none' to ignore the "
+                "tools, or 'required' or a named function",
+                param="tools",
+            )
+        return PARSERS[ctx.tool_parser], None
+    given = req.structured_spec()
+    if given is not None:
         raise OpenAIError(
-            "tool_choice 'required' or a named function needs guided decoding, which distgen does not "
-            "do; send 'auto' (the model decides) or 'none'",
+            f"a tool_choice other than 'auto' or 'none' constrains the reply already; {given[0]} cannot "
+            "be given with it",
             param="tool_choice",
         )
-    if ctx.tool_parser is None:
-        raise OpenAIError(
-            "tool calling needs the server started with --enable-auto-tool-choice and --tool-call-parser "
-            f"({' | '.join(PARSERS)}); send tool_choice='none' to ignore the tools",
-            param="tools",
-        )
-    return PARSERS[ctx.tool_parser]
+    functions = [t.function.model_dump(exclude_none=True) for t in req.tools]
+    if req.tool_choice == "required":
+        return RequiredToolsParser, StructuredOutputsParams(json=required_calls_schema(functions))
+    name = req.tool_choice.function.get("name")
+    fn = next((f for f in functions if f["name"] == name), None)
+    if fn is None:
+        msg = f"tool_choice names the function {name!r}, which is not in tools"
+        raise OpenAIError(msg, param="tool_choice")
+    schema = fn.get("parameters") or {"type": "object"}
+    return functools.partial(NamedFunctionParser, name), StructuredOutputsParams(json=schema)
 
 
 def render_request(
@@ -104,16 +146,23 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     model = ctx.check_model(req.model)
     engine = ctx.engine
     limit = engine.max_model_len
-    parser = tool_parser(ctx, req)
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if parser and req.tools else None
+    tools_mode = tool_mode(ctx, req)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if tools_mode and req.tools else None
     text, ids = req.truncate(engine.tokenizer, *render_request(ctx, req, tools), limit)
     check_prompt(ids, limit, engine.config.model.vocab_size)
     params = req.to_sampling_params(engine.generation_defaults, len(ids), limit)
+    parser, constraint = tools_mode or (None, None)
+    if constraint is not None:
+        params.structured_outputs = constraint
     request_id = ctx.new_request_id("chatcmpl")
-    gen = engine.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id)
+    gen = start(engine, req, {"prompt": text, "prompt_token_ids": ids}, params, request_id)
     k = params.logprobs
     base = {"id": request_id, "created": now(), "model": model}
-    choices = [_Choice(parser=parser() if parser else None) for _ in range(req.n)]
+    reasoning = REASONING_PARSERS[ctx.reasoning_parser] if ctx.reasoning_parser else None
+    choices = [
+        _Choice(parser=parser() if parser else None, reasoning=reasoning() if reasoning else None)
+        for _ in range(req.n)
+    ]
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -179,16 +228,16 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
 def _message(ch: _Choice) -> dict:
     """A whole choice's message: with tool calls, the text around them is the content (None when
-    there is none)."""
+    there is none); with a reasoning parser, the thinking is ``reasoning_content``."""
     delta = ch.parse(ch.text, last=True)
-    if not ch.calls:
-        return {"role": "assistant", "content": ch.text}
     content = delta.get("content", "")
-    return {
-        "role": "assistant",
-        "content": content if content.strip() else None,
-        "tool_calls": [c.to_openai() for c in ch.calls],
-    }
+    message: dict = {"role": "assistant", "content": content}
+    if ch.calls:
+        message["content"] = content if content.strip() else None
+        message["tool_calls"] = [c.to_openai() for c in ch.calls]
+    if ch.reasoning is not None:
+        message["reasoning_content"] = delta.get("reasoning_content") or None
+    return message
 
 
 def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None) -> None:

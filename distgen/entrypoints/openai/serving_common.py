@@ -17,6 +17,8 @@ from distgen.engine.core import validate_prompt
 from distgen.engine.input_processor import encode_text
 from distgen.entrypoints.openai.errors import OpenAIError, error_body
 from distgen.outputs import Logprob
+from distgen.sampling_params import SamplingParams
+from distgen.structured_output import GrammarError
 
 T = TypeVar("T")
 
@@ -27,6 +29,7 @@ class ServingContext:
     served_model_names: list[str]
     chat_template: str | None = None
     tool_parser: str | None = None  # a name in tool_parsers.PARSERS: tool_choice "auto" is served
+    reasoning_parser: str | None = None  # a name in reasoning_parsers.REASONING_PARSERS
 
     def check_model(self, model: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""
@@ -121,6 +124,16 @@ def encode_prompt(tokenizer, text: str, add_special_tokens: bool = True) -> list
         return encode_text(tokenizer, text, add_special_tokens)
     except ValueError as e:
         raise OpenAIError(str(e), param="prompt") from e
+
+
+def start(engine: AsyncLLM, req, prompt: dict, params: SamplingParams, request_id: str):
+    """``engine.generate`` for one prompt of ``req``; a constraint that does not compile is a 400
+    naming the request field that gave it (a chat request's ``tools``, when its tool_choice did)."""
+    try:
+        return engine.generate(prompt, params, request_id)
+    except GrammarError as e:
+        given = req.structured_spec()
+        raise OpenAIError(str(e), param=given[0] if given else "tools") from e
 
 
 def check_prompt(ids: list[int], limit: int, vocab: int) -> None:

@@ -17,6 +17,7 @@ from distgen.entrypoints.openai.serving_common import (
     now,
     sse,
     sse_error,
+    start,
     token_str,
     top_entries,
     until_disconnected,
@@ -84,7 +85,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         )
     request_id = ctx.new_request_id("cmpl")
     gens = [
-        engine.generate({"prompt": t, "prompt_token_ids": ids}, params, f"{request_id}-{i}")
+        start(engine, req, {"prompt": t, "prompt_token_ids": ids}, params, f"{request_id}-{i}")
         for i, (t, ids, params) in enumerate(inputs)
     ]
     n = req.n

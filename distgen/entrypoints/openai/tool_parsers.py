@@ -4,7 +4,9 @@ A parser is fed a choice's text delta by delta (the whole text at once is one de
 *events*: content text, or a :class:`ToolCall` once it is complete. Text that might be the start of a
 call's markup is held back until it is certain either way, so a stream never shows markup it later
 turns into a call; markup that turns out not to hold a call (bad JSON, no name) comes back as content.
-``distgen serve --enable-auto-tool-choice --tool-call-parser NAME`` picks a parser from ``PARSERS``.
+``distgen serve --enable-auto-tool-choice --tool-call-parser NAME`` picks a parser from ``PARSERS`` for
+``tool_choice`` "auto"; "required" and a named function use :class:`RequiredToolsParser` and
+:class:`NamedFunctionParser`, whose replies structured outputs hold to JSON.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def call_from_json(obj: Any, arguments_keys: tuple[str, ...]) -> ToolCall | None
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-def _held_prefix(text: str, marker: str) -> int:
+def held_prefix(text: str, marker: str) -> int:
     """Length of the longest end of ``text`` that is a proper beginning of ``marker``."""
     for n in range(min(len(text), len(marker) - 1), 0, -1):
         if text.endswith(marker[:n]):
@@ -98,7 +100,7 @@ class HermesToolParser(ToolParser):
             if not self._in_call:
                 at = self._buf.find(self.START)
                 if at < 0:
-                    keep = _held_prefix(self._buf, self.START)
+                    keep = held_prefix(self._buf, self.START)
                     self._content(events, self._buf[: len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep :]
                     return events
@@ -131,7 +133,34 @@ class HermesToolParser(ToolParser):
             self._call(events, call)
 
 
-class Llama3JsonToolParser(ToolParser):
+class WholeReplyParser(ToolParser):
+    """Calls that make up the whole reply: held until it ends, then read at once; a reply that does not
+    read as calls comes back as content."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buf = ""
+
+    def feed(self, text: str) -> list[Event]:
+        self._buf += text
+        return []
+
+    def finish(self) -> list[Event]:
+        text, self._buf = self._buf, ""
+        calls = self.read(text)
+        if calls is None:
+            return [text] if text else []
+        events: list[Event] = []
+        for call in calls:
+            self._call(events, call)
+        return events
+
+    @abstractmethod
+    def read(self, text: str) -> list[ToolCall] | None:
+        """The calls the whole reply ``text`` holds; None when it is not calls."""
+
+
+class Llama3JsonToolParser(WholeReplyParser):
     """Llama 3.1-3.3's JSON tool calls: a reply that is ``{"name": ..., "parameters": {...}}`` (several
     separated by ``;``), optionally after ``<|python_tag|>``. A reply that starts any other way is
     content, streamed as it comes; one that starts like a call is held until it ends."""
@@ -140,7 +169,6 @@ class Llama3JsonToolParser(ToolParser):
 
     def __init__(self) -> None:
         super().__init__()
-        self._buf = ""
         self._mode: str | None = None  # None: undecided; "content" or "call" once the start is seen
 
     def feed(self, text: str) -> list[Event]:
@@ -158,19 +186,13 @@ class Llama3JsonToolParser(ToolParser):
         return [text]
 
     def finish(self) -> list[Event]:
+        if self._mode == "call":
+            return super().finish()
         text, self._buf = self._buf, ""
-        if self._mode != "call":
-            return [text] if text else []
-        calls = self._calls(text.strip().removeprefix(self.TAG))
-        if calls is None:
-            return [text]
-        events: list[Event] = []
-        for call in calls:
-            self._call(events, call)
-        return events
+        return [text] if text else []
 
-    @staticmethod
-    def _calls(text: str) -> list[ToolCall] | None:
+    def read(self, text: str) -> list[ToolCall] | None:
+        text = text.strip().removeprefix(self.TAG)
         decoder = json.JSONDecoder()
         calls, at = [], 0
         while True:
@@ -186,6 +208,51 @@ class Llama3JsonToolParser(ToolParser):
             if call is None:
                 return None
             calls.append(call)
+
+
+class NamedFunctionParser(WholeReplyParser):
+    """``tool_choice`` naming a function: the reply, constrained to that function's parameters schema,
+    is the arguments of one call to it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def read(self, text: str) -> list[ToolCall] | None:
+        call = call_from_json({"name": self.name, "arguments": text}, ("arguments",))
+        return None if call is None else [call]
+
+
+class RequiredToolsParser(WholeReplyParser):
+    """``tool_choice`` ``"required"``: the reply, constrained to :func:`required_calls_schema`, is a
+    JSON array of ``{"name", "parameters"}`` calls."""
+
+    def read(self, text: str) -> list[ToolCall] | None:
+        try:
+            objs = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(objs, list) or not objs:
+            return None
+        calls = [call_from_json(obj, ("parameters",)) for obj in objs]
+        return None if any(c is None for c in calls) else calls
+
+
+def required_calls_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
+    """A JSON schema for one or more calls of ``functions`` (OpenAI function definitions)."""
+    one_of_each = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": fn["name"]},
+                "parameters": fn.get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        for fn in functions
+    ]
+    return {"type": "array", "minItems": 1, "items": {"anyOf": one_of_each}}
 
 
 PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}

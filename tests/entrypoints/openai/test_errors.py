@@ -112,6 +112,10 @@ def test_values_the_engine_could_not_carry_or_would_not_allow(server):
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": True}
     resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "top_logprobs": 21})
     _assert_error(resp, 400, "logprobs=21", param="logprobs")
+    # Streamed too: the request is checked before the stream starts, so the answer is a 400, not a 200
+    # whose stream carries the error.
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "logprobs": 21, "stream": True})
+    _assert_error(resp, 400, "logprobs=21", param="logprobs")
     assert httpx.post(server.v1 + "/completions", json={**OK, "logprobs": 20}).status_code == 200
     _still_serves(server)
 
@@ -151,9 +155,9 @@ def test_malformed_chat_messages(server, message, needle):
 
 
 def test_features_not_done_fail_instead_of_answering_plain_text(server):
-    """A client that sends tools (to a server started without a tool parser) or a JSON response format
+    """A client that sends tools (to a server started without a tool parser) or a response format
     relies on them: silently ignoring them would hand it text it then misreads as a refusal to call a
-    tool or as broken JSON."""
+    tool or as broken output."""
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "tools": tools})
@@ -162,9 +166,8 @@ def test_features_not_done_fail_instead_of_answering_plain_text(server):
     )
     resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "tools": tools, "stream": True})
     _assert_error(resp, 400, "tool calling", param="tools")
-    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}):
-        resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "response_format": fmt})
-        _assert_error(resp, 400, fmt["type"], "guided decoding", param="response_format")
+    resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "response_format": {"type": "yaml"}})
+    _assert_error(resp, 400, "'yaml' is not supported", param="response_format")
     # What needs neither is served.
     ok = {**chat, "tools": tools, "tool_choice": "none", "response_format": {"type": "text"}}
     assert httpx.post(server.v1 + "/chat/completions", json=ok).status_code == 200
@@ -197,6 +200,19 @@ def test_bad_truncate_prompt_tokens_and_bad_words(server, field, value, needle):
     ):
         resp = httpx.post(server.v1 + path, json={**body, field: value})
         _assert_error(resp, 400, needle, param=field)
+    _still_serves(server)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_constraint_that_does_not_compile_is_a_400_naming_its_field(server, stream):
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": stream}
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}
+    resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "response_format": bad_schema})
+    _assert_error(resp, 400, "structured_outputs.json does not compile", "objectx", param="response_format")
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "stream": stream, "guided_regex": "[a-"})
+    _assert_error(resp, 400, "structured_outputs.regex does not compile", param="guided_regex")
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "prompt": ["a", "b"], "guided_json": "{no"})
+    _assert_error(resp, 400, "not valid JSON", param="guided_json")
     _still_serves(server)
 
 

@@ -3,6 +3,8 @@ not, n, logprobs, stop; greedy text equals the offline ``LLM``'s for the same re
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +112,31 @@ def test_truncate_prompt_tokens_and_bad_words(client, offline):
         word,
         got.choices[0].text,
     )
+
+
+def test_structured_outputs(client):
+    """The tiny random model writes nonsense, yet what comes back fits the constraint."""
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["a", "b"]}},
+        "required": ["ok", "tag"],
+        "additionalProperties": False,
+    }
+    spec = {"json": schema, "disable_any_whitespace": True}
+    chat = client.chat.completions.create(
+        model="tiny-llama", messages=CONVERSATION, max_tokens=40, extra_body={"structured_outputs": spec}
+    )
+    value = json.loads(chat.choices[0].message.content)
+    assert isinstance(value["ok"], bool) and value["tag"] in {"a", "b"}
+    got = client.completions.create(
+        model="tiny-llama", prompt=PROMPT, max_tokens=10, n=3, extra_body={"guided_choice": ["red", "green"]}
+    )
+    assert {c.text for c in got.choices} <= {"red", "green"}
+    assert all(c.finish_reason == "stop" for c in got.choices)
+    chunks = client.completions.create(
+        model="tiny-llama", prompt=PROMPT, max_tokens=10, stream=True, extra_body={"guided_regex": "[0-9]{4}"}
+    )
+    assert re.fullmatch("[0-9]{4}", "".join(c.choices[0].text for c in chunks if c.choices))
 
 
 def test_completion_stream_equals_non_stream(client):

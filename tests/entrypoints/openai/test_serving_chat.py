@@ -4,6 +4,7 @@ delta by delta, the way ``AsyncLLM`` streams one (some deltas' text held back to
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -53,12 +54,14 @@ class ScriptedEngine:
         self.errored = False
         self.stat_loggers: list = []
         self.prompts: list[str] = []
+        self.params: list = []  # each request's SamplingParams
 
     def shutdown(self) -> None:
         pass
 
     async def generate(self, prompt, params, request_id) -> AsyncIterator[RequestOutput]:
         self.prompts.append(prompt["prompt"])
+        self.params.append(params)
         ids = self.tokenizer(self.reply, add_special_tokens=False).input_ids
         held = ""
         for i, tid in enumerate(ids):
@@ -174,6 +177,101 @@ def test_llama3_json_parser(smollm2_tokenizer):
     assert _calls(calls) == [("get_weather", {"city": "Oslo"})]
 
 
+def test_required_and_named_tool_choice_constrain_the_reply_to_json(smollm2_tokenizer):
+    """No parser needed: the reply is constrained to JSON calls (required) or to the named
+    function's arguments, and read back as calls."""
+    engine = ScriptedEngine(smollm2_tokenizer, '[{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+    client = client_for(engine)  # started without --enable-auto-tool-choice
+    got = client.chat.completions.create(
+        model="scripted", messages=MESSAGES, tools=TOOLS, tool_choice="required"
+    )
+    assert _calls(got.choices[0].message.tool_calls) == [("get_weather", {"city": "Oslo"})]
+    assert got.choices[0].message.content is None and got.choices[0].finish_reason == "tool_calls"
+    schema = engine.params[-1].structured_outputs.json
+    assert schema["type"] == "array" and schema["minItems"] == 1
+    (item,) = schema["items"]["anyOf"]
+    assert item["properties"]["name"] == {"const": "get_weather"}
+    assert item["properties"]["parameters"] == TOOLS[0]["function"]["parameters"]
+    assert engine.prompts[-1].startswith("TOOLS: get_weather")
+
+    engine.reply = '{"city": "Lima"}'
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(
+        client.chat.completions.create(
+            model="scripted", messages=MESSAGES, tools=TOOLS, tool_choice=named, stream=True
+        )
+    )
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert _calls(calls) == [("get_weather", {"city": "Lima"})]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+    assert engine.params[-1].structured_outputs.json == TOOLS[0]["function"]["parameters"]
+
+
+def test_response_format_and_guided_fields_become_one_constraint(smollm2_tokenizer):
+    engine = ScriptedEngine(smollm2_tokenizer, "{}")
+    http = TestClient(build_app(engine, ServerArgs(), ["scripted"]))
+    chat = {"messages": MESSAGES, "max_tokens": 4}
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    cases = [
+        ({"response_format": {"type": "json_object"}}, {"json_object": True}),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}},
+            {"json": schema},
+        ),
+        ({"structured_outputs": {"regex": "[a-z]+", "disable_any_whitespace": True}}, {"regex": "[a-z]+"}),
+        ({"guided_choice": ["a", "b"]}, {"choice": ["a", "b"]}),
+        ({"guided_grammar": 'root ::= "a"'}, {"grammar": 'root ::= "a"'}),
+        ({"response_format": {"type": "text"}}, None),
+    ]
+    for extra, want in cases:
+        assert http.post("/v1/chat/completions", json={**chat, **extra}).status_code == 200, extra
+        got = engine.params[-1].structured_outputs
+        assert (got is None) if want is None else all(getattr(got, k) == v for k, v in want.items()), (
+            extra,
+            got,
+        )
+    assert engine.params[-4].structured_outputs.disable_any_whitespace
+    resp = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "guided_regex": "[0-9]"})
+    assert resp.status_code == 200 and engine.params[-1].structured_outputs.regex == "[0-9]"
+    n = len(engine.params)
+    post = functools.partial(http.post, "/v1/chat/completions")
+    _error(post(json={**chat, "guided_regex": "a", "guided_choice": ["b"]}), "guided_regex", "one")
+    _error(post(json={**chat, "response_format": {"type": "json_schema"}}), "response_format", "schema")
+    _error(post(json={**chat, "response_format": {"type": "yaml"}}), "response_format", "'yaml'")
+    _error(post(json={**chat, "structured_outputs": {"regexp": "a"}}), "structured_outputs", "regexp")
+    body = {**chat, "tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}
+    _error(post(json=body), "tool_choice", "guided_regex cannot be given")
+    named = {"type": "function", "function": {"name": "nope"}}
+    _error(post(json={**chat, "tools": TOOLS, "tool_choice": named}), "tool_choice", "'nope'")
+    assert len(engine.params) == n  # none of those reached the engine
+
+
+def test_reasoning_is_split_off_before_tool_calls_are_read(smollm2_tokenizer):
+    reply = "<think>\nThe user wants two cities.\n</think>\n\n" + HERMES_REPLY
+    engine = ScriptedEngine(smollm2_tokenizer, reply)
+    server = dict(enable_auto_tool_choice=True, tool_call_parser="hermes", reasoning_parser="qwen3")
+    client = client_for(engine, **server)
+    got = client.chat.completions.create(model="scripted", messages=MESSAGES, tools=TOOLS)
+    message = got.choices[0].message
+    assert message.reasoning_content == "The user wants two cities."
+    assert message.content == "Checking both.\n" and _calls(message.tool_calls) == WANT
+    chunks = list(
+        client.chat.completions.create(model="scripted", messages=MESSAGES, tools=TOOLS, stream=True)
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert (
+        "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "The user wants two cities."
+    )
+    assert "".join(d.content or "" for d in deltas) == "Checking both.\n"
+    assert _calls([tc for d in deltas for tc in d.tool_calls or []]) == WANT
+    # Without tools, and a reply that does not think: all content, reasoning_content null.
+    engine.reply = "Just an answer."
+    message = client.chat.completions.create(model="scripted", messages=MESSAGES).choices[0].message
+    assert (message.content, message.reasoning_content) == ("Just an answer.", None)
+    with pytest.raises(ValueError, match="unknown reasoning parser 'r2'; there are: qwen3, deepseek_r1"):
+        ServerArgs(reasoning_parser="r2")
+
+
 def _error(resp: httpx.Response, param: str, *needles: str) -> None:
     assert resp.status_code == 400, resp.text
     err = resp.json()["error"]
@@ -185,13 +283,14 @@ def test_requests_the_server_cannot_honour_are_400s(smollm2_tokenizer):
     body = {"messages": MESSAGES, "tools": TOOLS}
     plain = TestClient(build_app(engine, ServerArgs(), ["scripted"]))
     _error(plain.post("/v1/chat/completions", json=body), "tools", "--enable-auto-tool-choice", "hermes")
+    _error(
+        plain.post("/v1/chat/completions", json={**body, "tool_choice": "auto"}),
+        "tools",
+        "--tool-call-parser",
+    )
     tools = TestClient(
         build_app(engine, ServerArgs(enable_auto_tool_choice=True, tool_call_parser="hermes"), ["x"])
     )
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        _error(
-            tools.post("/v1/chat/completions", json={**body, "tool_choice": choice}), "tool_choice", "guided"
-        )
     resp = tools.post("/v1/chat/completions", json={**body, "tool_choice": "sometimes"})
     assert resp.status_code == 400 and resp.json()["error"]["param"].startswith("tool_choice")
     resp = tools.post("/v1/chat/completions", json={**body, "tools": [{"type": "function", "function": {}}]})
