@@ -71,7 +71,10 @@ def compile_grammar(params: StructuredOutputsParams, ll_tokenizer) -> str:
     elif params.regex is not None:
         kind, source = "regex", ("regex", params.regex)
     elif params.choice is not None:
-        kind, source = "choice", ("choice", json.dumps(params.choice))
+        # One terminal of alternatives: the lexer matches it as one automaton. (llguidance's own
+        # "choice" format makes each a parser rule, and fails at run time past 2000 of them.)
+        alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
+        kind, source = "choice", ("lark", f"start: CHOICE\nCHOICE: {alternatives}")
     else:
         kind, source = "grammar", ("grammar", params.grammar or "")
     try:
@@ -108,17 +111,24 @@ class GrammarMatchers:
         work = []
         for k, i in enumerate(constrained):
             matcher = self._caught_up(rows[i])
-            if matcher is None:
-                mask[k] = -1  # every bit set: unconstrained
-            else:
+            if matcher is not None:
                 work.append((matcher, k))
+                continue
+            # The grammar failed: only the request's stop tokens remain, so it ends where its output
+            # still fits the grammar (or, with nothing to stop it, goes on unconstrained).
+            stops = [t for t in rows[i].sampling_params.all_stop_token_ids if t < self.vocab_size]
+            if stops:
+                for t in stops:
+                    mask[k, t >> 5] |= _bit(t & 31)
+            else:
+                mask[k] = -1
         if work:  # llguidance fills the rows in parallel, straight into the tensor's memory
             self._executor.unsafe_compute_mask_ptr(work, mask.data_ptr(), mask.shape[1] * 4, len(constrained))
         return constrained, mask
 
     def _caught_up(self, s: CachedRequestState):
-        """The row's matcher, fed the output tokens it has not seen; None once it has failed (a token
-        it did not allow: the row goes on unconstrained, with a warning)."""
+        """The row's matcher, fed the output tokens it has not seen; None once it has failed (a token it
+        did not allow, or a limit of llguidance's reached), with a warning."""
         if s.matcher is None:
             s.matcher = _llguidance().LLMatcher(self._ll_tokenizer, s.sampling_params._grammar)
             s.matcher_consumed = 0
@@ -130,12 +140,17 @@ class GrammarMatchers:
             if not s.matcher_failed:
                 s.matcher_failed = True
                 logger.warning(
-                    "request %s left its grammar (%s); its output is no longer constrained",
+                    "request %s left its grammar (%s); it is stopped where it still fits",
                     s.req_id,
                     s.matcher.get_error().splitlines()[0],
                 )
             return None
         return s.matcher
+
+
+def _bit(b: int) -> int:
+    """Bit ``b`` of an int32 word, as the signed value torch stores (bit 31 is the sign)."""
+    return -(1 << 31) if b == 31 else 1 << b
 
 
 def allows_other_than(packed_row: torch.Tensor, ids: set[int]) -> bool:

@@ -141,14 +141,32 @@ def test_masks_follow_each_rows_tokens(tok, ll_tok):
     assert matchers.bitmask([plain]) is None
 
 
-def test_a_row_that_leaves_its_grammar_goes_on_unconstrained(tok, ll_tok, caplog):
+def test_a_row_that_leaves_its_grammar_is_stopped_where_it_still_fits(tok, ll_tok, caplog):
     matchers = GrammarMatchers(lambda: tok, len(tok))
     row = _row(tok, ll_tok, StructuredOutputsParams(regex=r"[0-9]+"), "12ab")
+    row.sampling_params.stop_token_ids = [7]
     with caplog.at_level(logging.WARNING, logger="distgen"):
         (allowed,) = _allowed(tok, matchers, [row])
         _allowed(tok, matchers, [row])
-    assert len(allowed) == len(tok)
+    assert allowed == {EOS, 7}  # only what ends it
     assert sum("left its grammar" in r.message for r in caplog.records) == 1  # warned once
+    # With nothing that could end it (ignore_eos, no stop ids), it goes on unconstrained.
+    row.sampling_params.stop_token_ids, row.sampling_params.ignore_eos = [], True
+    assert len(_allowed(tok, matchers, [row])[0]) == len(tok)
+
+
+def test_many_choices_with_any_characters(tok, ll_tok):
+    """Thousands of choices (llguidance's own choice format fails past 2000 at run time), and choices
+    with quotes, backslashes, newlines and non-ASCII text, each walked token by token."""
+    odd = ['say "hi"', "back\\slash", "two\nlines", "naïve café", "😀 face"]
+    spec = StructuredOutputsParams(choice=[f"option {i}" for i in range(3000)] + odd)
+    matchers = GrammarMatchers(lambda: tok, len(tok))
+    for text in ["option 2999", *odd]:
+        row = _row(tok, ll_tok, spec)
+        for t in tok(text, add_special_tokens=False).input_ids:
+            assert t in _allowed(tok, matchers, [row])[0], (text, t)
+            row.output_token_ids.append(t)
+        assert _allowed(tok, matchers, [row])[0] == {EOS}, text
 
 
 def test_json_schema_mask_admits_a_valid_object(tok, ll_tok):
