@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 
@@ -90,6 +91,63 @@ def test_concurrent_streams_with_disconnects(which, request):
     assert _metric(server, "distgen:kv_cache_usage_perc") == 0.0
     assert _metric(server, "distgen:num_requests_running") == 0.0
     assert _metric(server, "distgen:num_requests_waiting") == 0.0
+
+
+@pytest.mark.parametrize("which", ["server", "async_server"], ids=["default", "async-scheduling"])
+def test_constrained_and_refused_requests_beside_plain_ones(which, request):
+    """Grammar-constrained streams (some hung up), refused grammars and plain requests at once: the
+    plain ones get what they get alone, the constrained ones fit, the refused ones are 400s, and
+    nothing is left running. Under async scheduling a constrained request makes steps go one at a
+    time while it runs."""
+    server = request.getfixturevalue(which)
+    url = server.v1 + "/completions"
+    plain = {"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    regex = "[a-z]{3,8}( [a-z]{3,8}){2,5}"
+    want = {
+        i: httpx.post(url, json={"prompt": f"Plain {i}:", **plain}).json()["choices"][0]["text"]
+        for i in range(6)
+    }
+
+    async def constrained(client: httpx.AsyncClient, i: int) -> str | None:
+        body = {
+            "prompt": f"Constrained {i}:",
+            "max_tokens": 64,
+            "temperature": 1.0,
+            "seed": i,
+            "guided_regex": regex,
+        }
+        if i % 3 == 0:  # hang up after the first chunk
+            async with client.stream("POST", url, json={**body, "stream": True}) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {"):
+                        return None
+        resp = await client.post(url, json=body)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["choices"][0]["text"]
+
+    async def refused(client: httpx.AsyncClient, i: int) -> int:
+        resp = await client.post(url, json={"prompt": "x", "stream": i % 2 == 0, "guided_regex": "[a-"})
+        return resp.status_code
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=32)) as client:
+            return await asyncio.gather(
+                *(client.post(url, json={"prompt": f"Plain {i}:", **plain}) for i in range(6)),
+                *(constrained(client, i) for i in range(9)),
+                *(refused(client, i) for i in range(4)),
+            )
+
+    results = asyncio.run(run())
+    plains, fitted, codes = results[:6], results[6:15], results[15:]
+    assert [r.json()["choices"][0]["text"] for r in plains] == [want[i] for i in range(6)]
+    assert all(re.fullmatch(regex, t) for t in fitted if t is not None), fitted
+    assert sum(t is None for t in fitted) == 3 and codes == [400] * 4
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _metric(server, "distgen:num_requests_running") != 0:
+        time.sleep(0.1)
+    assert _metric(server, "distgen:num_requests_running") == 0.0
+    assert _metric(server, "distgen:kv_cache_usage_perc") == 0.0
 
 
 def test_non_streaming_client_that_hangs_up_is_aborted(server):
