@@ -244,7 +244,7 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[ChatTool] | None = None  # read by the server's tool parser (serving_chat.tool_parser)
+    tools: list[ChatTool] | None = None  # how calls are read: serving_chat.tool_mode
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     def to_sampling_params(self, defaults: dict[str, Any], prompt_len: int, limit: int) -> SamplingParams:
