@@ -119,6 +119,9 @@ class SamplingParams:
     _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
     # Filled by the engine from ``structured_outputs``: the grammar, compiled for llguidance.
     _grammar: str | None = field(default=None, repr=False)
+    # Set by a server with a reasoning parser: the grammar holds only after these tokens (the end of
+    # the model's thinking, "</think>") appear in the output.
+    _grammar_after: list[int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.stop is None:

@@ -87,6 +87,9 @@ def compile_grammar(params: StructuredOutputsParams, ll_tokenizer) -> str:
     return grammar
 
 
+_NOT_YET = object()
+
+
 class GrammarMatchers:
     """Rank 0's side: the allowed tokens of each constrained row of a step, as a packed bitmask."""
 
@@ -111,6 +114,9 @@ class GrammarMatchers:
         work = []
         for k, i in enumerate(constrained):
             matcher = self._caught_up(rows[i])
+            if matcher is _NOT_YET:
+                mask[k] = -1  # every bit set: still thinking, not constrained yet
+                continue
             if matcher is not None:
                 work.append((matcher, k))
                 continue
@@ -128,10 +134,19 @@ class GrammarMatchers:
 
     def _caught_up(self, s: CachedRequestState):
         """The row's matcher, fed the output tokens it has not seen; None once it has failed (a token it
-        did not allow, or a limit of llguidance's reached), with a warning."""
+        did not allow, or a limit of llguidance's reached), with a warning; ``_NOT_YET`` while the
+        grammar waits for the end of the model's thinking (``_grammar_after``)."""
         if s.matcher is None:
+            after = s.sampling_params._grammar_after
+            if after:
+                # Until the matcher exists, matcher_consumed is how far the search for the end of the
+                # thinking has got (a marker may straddle the last search's end).
+                end = end_of(after, s.output_token_ids, max(0, s.matcher_consumed - len(after) + 1))
+                if end is None:
+                    s.matcher_consumed = len(s.output_token_ids)
+                    return _NOT_YET
+                s.matcher_consumed = end
             s.matcher = _llguidance().LLMatcher(self._ll_tokenizer, s.sampling_params._grammar)
-            s.matcher_consumed = 0
         new = s.output_token_ids[s.matcher_consumed :]
         if new:
             s.matcher.consume_tokens(new)
@@ -146,6 +161,12 @@ class GrammarMatchers:
                 )
             return None
         return s.matcher
+
+
+def end_of(marker: list[int], tokens: list[int], start: int = 0) -> int | None:
+    """The index just past the first ``marker`` in ``tokens`` at or after ``start``; None if none."""
+    n = len(marker)
+    return next((j + n for j in range(start, len(tokens) - n + 1) if tokens[j : j + n] == marker), None)
 
 
 def _bit(b: int) -> int:

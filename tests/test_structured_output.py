@@ -16,6 +16,7 @@ from distgen.structured_output import (
     GrammarMatchers,
     allows_other_than,
     compile_grammar,
+    end_of,
     grammar_tokenizer,
     unpack_bitmask,
 )
@@ -177,4 +178,28 @@ def test_json_schema_mask_admits_a_valid_object(tok, ll_tok):
     for t in tok(json.dumps({"n": 42}, separators=(",", ":")), add_special_tokens=False).input_ids:
         assert t in _allowed(tok, matchers, [row])[0]
         row.output_token_ids.append(t)
+    assert _allowed(tok, matchers, [row])[0] == {EOS}
+
+
+def test_end_of():
+    assert end_of([5, 6], [1, 5, 6, 5, 6]) == 3
+    assert end_of([5, 6], [1, 5, 6, 5, 6], start=2) == 5
+    assert end_of([5, 6], [1, 5, 7, 6]) is None and end_of([5], []) is None
+
+
+def test_a_grammar_after_thinking_waits_for_its_end(tok, ll_tok):
+    """With ``_grammar_after`` (a server's reasoning parser), tokens are free until the marker, which
+    may arrive split over steps; the grammar then reads only what follows it."""
+    matchers = GrammarMatchers(lambda: tok, len(tok))
+    row = _row(tok, ll_tok, StructuredOutputsParams(regex=r"[0-9]{2}"))
+    marker = tok("</think>", add_special_tokens=False).input_ids
+    assert len(marker) > 1  # SmolLM2 spells it in pieces: the search must cope with a split
+    row.sampling_params._grammar_after = marker
+    thinking = tok("Let me see </ think", add_special_tokens=False).input_ids
+    for t in thinking + marker[:-1]:
+        row.output_token_ids.append(t)
+        assert len(_allowed(tok, matchers, [row])[0]) == len(tok)  # still thinking: free
+    row.output_token_ids.append(marker[-1])
+    assert {tok.decode([t]) for t in _allowed(tok, matchers, [row])[0]} == {str(d) for d in range(10)}
+    row.output_token_ids.extend(tok("42", add_special_tokens=False).input_ids)
     assert _allowed(tok, matchers, [row])[0] == {EOS}

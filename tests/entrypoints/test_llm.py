@@ -440,6 +440,17 @@ def test_structured_outputs_hold_whatever_the_model_writes(llm):
     ended = SamplingParams(temperature=0, min_tokens=10, structured_outputs={"choice": ["alpha"]})
     out = llm.generate(PROMPTS[0], ended, use_tqdm=False)[0].outputs[0]
     assert (out.text, out.finish_reason) == ("alpha", "stop")
+    # With _grammar_after (set by a server with a reasoning parser), the output is free until those
+    # tokens, then held: here, the greedy output's own first two tokens stand for "</think>".
+    free = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    free = free.outputs[0].token_ids
+    tok = llm.get_tokenizer()
+    assert not re.fullmatch("[0-9]+", tok.decode(free[:1]))  # the grammar would not have allowed it
+    later = SamplingParams(temperature=0, max_tokens=16, structured_outputs={"regex": "[0-9]{3}"})
+    later._grammar_after = free[:2]
+    got = llm.generate(PROMPTS[1], later, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids[:2] == free[:2] and got.finish_reason == "stop"
+    assert re.fullmatch("[0-9]{3}", tok.decode(got.token_ids[2:], skip_special_tokens=True))
     with pytest.raises(ValueError, match="structured_outputs.regex does not compile"):
         llm.generate("x", SamplingParams(structured_outputs={"regex": "[a-"}), use_tqdm=False)
     assert_engine_idle_and_empty(llm)

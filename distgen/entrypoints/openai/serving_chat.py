@@ -154,6 +154,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     parser, constraint = tools_mode or (None, None)
     if constraint is not None:
         params.structured_outputs = constraint
+    if params.structured_outputs is not None and ctx.reasoning_parser is not None:
+        # As vLLM does with a reasoning parser: the model thinks freely, the constraint holds after.
+        params._grammar_after = ctx.reasoning_end_ids
     request_id = ctx.new_request_id("chatcmpl")
     gen = start(engine, req, {"prompt": text, "prompt_token_ids": ids}, params, request_id)
     k = params.logprobs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -16,6 +17,7 @@ from distgen.engine.async_llm import AsyncLLM
 from distgen.engine.core import validate_prompt
 from distgen.engine.input_processor import encode_text
 from distgen.entrypoints.openai.errors import OpenAIError, error_body
+from distgen.entrypoints.openai.reasoning_parsers import END as REASONING_END
 from distgen.outputs import Logprob
 from distgen.sampling_params import SamplingParams
 from distgen.structured_output import GrammarError
@@ -36,6 +38,12 @@ class ServingContext:
         if model is None or model in self.served_model_names:
             return self.served_model_names[0] if model is None else model
         raise OpenAIError(f"The model `{model}` does not exist.", status=404, param="model")
+
+    @functools.cached_property
+    def reasoning_end_ids(self) -> list[int]:
+        """The tokens that end the model's thinking (``</think>``), after which a structured-output
+        constraint holds."""
+        return self.engine.tokenizer(REASONING_END, add_special_tokens=False).input_ids
 
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"

@@ -268,6 +268,15 @@ def test_reasoning_is_split_off_before_tool_calls_are_read(smollm2_tokenizer):
     engine.reply = "Just an answer."
     message = client.chat.completions.create(model="scripted", messages=MESSAGES).choices[0].message
     assert (message.content, message.reasoning_content) == ("Just an answer.", None)
+    # A constraint holds only after the thinking, as vLLM does with a reasoning parser.
+    client.chat.completions.create(model="scripted", messages=MESSAGES, extra_body={"guided_regex": "[a-z]+"})
+    assert (
+        engine.params[-1]._grammar_after == smollm2_tokenizer("</think>", add_special_tokens=False).input_ids
+    )
+    client_for(engine).chat.completions.create(
+        model="scripted", messages=MESSAGES, extra_body={"guided_regex": "a"}
+    )
+    assert engine.params[-1]._grammar_after is None  # no reasoning parser: held from the first token
     with pytest.raises(ValueError, match="unknown reasoning parser 'r2'; there are: qwen3, deepseek_r1"):
         ServerArgs(reasoning_parser="r2")
 
