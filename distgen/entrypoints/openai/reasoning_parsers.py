@@ -22,8 +22,10 @@ class ReasoningParser:
     # opened the think block in the prompt, as DeepSeek-R1's does).
     starts_in = "open"
 
-    def __init__(self) -> None:
-        self._state = self.starts_in  # "open" -> "reasoning" -> "content"
+    def __init__(self, thinking_done: bool = False) -> None:
+        """``thinking_done``: the prompt already closed the think block (Qwen3's chat template with
+        ``enable_thinking=False`` ends it with an empty one), so the reply is all content."""
+        self._state = "content" if thinking_done else self.starts_in  # "open" -> "reasoning" -> "content"
         self._buf = ""  # text held back
         self._shown_reasoning = False  # leading whitespace of the reasoning is dropped
         self._shown_content = False  # and so is that of the content

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from distgen.entrypoints.chat_utils import render_chat, validate_conversation
 from distgen.entrypoints.openai.errors import OpenAIError
 from distgen.entrypoints.openai.protocol import ChatCompletionRequest
+from distgen.entrypoints.openai.reasoning_parsers import END as REASONING_END
 from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS, ReasoningParser
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
@@ -154,7 +155,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     parser, constraint = tools_mode or (None, None)
     if constraint is not None:
         params.structured_outputs = constraint
-    if params.structured_outputs is not None and ctx.reasoning_parser is not None:
+    # A prompt that ends with a closed think block (thinking turned off) leaves the reply no thinking.
+    thinking = ctx.reasoning_parser is not None and not text.rstrip().endswith(REASONING_END)
+    if params.structured_outputs is not None and thinking:
         # As vLLM does with a reasoning parser: the model thinks freely, the constraint holds after.
         params._grammar_after = ctx.reasoning_end_ids
     request_id = ctx.new_request_id("chatcmpl")
@@ -163,7 +166,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     base = {"id": request_id, "created": now(), "model": model}
     reasoning = REASONING_PARSERS[ctx.reasoning_parser] if ctx.reasoning_parser else None
     choices = [
-        _Choice(parser=parser() if parser else None, reasoning=reasoning() if reasoning else None)
+        _Choice(
+            parser=parser() if parser else None,
+            reasoning=reasoning(thinking_done=not thinking) if reasoning else None,
+        )
         for _ in range(req.n)
     ]
 
@@ -231,7 +237,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
 def _message(ch: _Choice) -> dict:
     """A whole choice's message: with tool calls, the text around them is the content (None when
-    there is none); with a reasoning parser, the thinking is ``reasoning_content``."""
+    there is none); with a reasoning parser, the thinking is ``reasoning_content`` (and a reply that
+    is all thinking has content None)."""
     delta = ch.parse(ch.text, last=True)
     content = delta.get("content", "")
     message: dict = {"role": "assistant", "content": content}
@@ -240,6 +247,7 @@ def _message(ch: _Choice) -> dict:
         message["tool_calls"] = [c.to_openai() for c in ch.calls]
     if ch.reasoning is not None:
         message["reasoning_content"] = delta.get("reasoning_content") or None
+        message["content"] = message["content"] or None  # all thinking, no answer
     return message
 
 

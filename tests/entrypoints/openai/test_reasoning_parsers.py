@@ -59,3 +59,14 @@ def test_the_stream_shows_no_tag_and_reasoning_as_it_comes():
     assert parser.feed("nk>\n\nDone") == ("", "Done")
     assert parser.finish() == ("", "")
     assert set(REASONING_PARSERS) == {"qwen3", "deepseek_r1"}
+
+
+@pytest.mark.parametrize("cls", [ReasoningParser, DeepSeekR1ReasoningParser])
+def test_a_prompt_that_closed_the_think_block_leaves_all_content(cls):
+    for deltas in splits("\n\nThe answer, <think>quoted</think>.", seed=3):
+        parser = cls(thinking_done=True)
+        parts = [parser.feed(d) for d in deltas] + [parser.finish()]
+        assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == (
+            "",
+            "The answer, <think>quoted</think>.",
+        )

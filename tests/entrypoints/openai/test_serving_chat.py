@@ -277,6 +277,27 @@ def test_reasoning_is_split_off_before_tool_calls_are_read(smollm2_tokenizer):
         model="scripted", messages=MESSAGES, extra_body={"guided_regex": "a"}
     )
     assert engine.params[-1]._grammar_after is None  # no reasoning parser: held from the first token
+    # A prompt that closes the think block itself (Qwen3's enable_thinking=False): no thinking follows,
+    # so the reply is all content and a constraint holds from its first token, even with deepseek_r1
+    # (which otherwise reads a reply as reasoning until </think>).
+    r1 = ScriptedEngine(smollm2_tokenizer, "Plain answer.")
+    r1_client = client_for(r1, reasoning_parser="deepseek_r1")
+    closed = TEMPLATE + "<think>\n\n</think>\n\n"
+    got = r1_client.chat.completions.create(
+        model="scripted",
+        messages=MESSAGES,
+        extra_body={"chat_template": closed, "guided_regex": "[A-Za-z .]+"},
+    )
+    assert (got.choices[0].message.content, got.choices[0].message.reasoning_content) == (
+        "Plain answer.",
+        None,
+    )
+    assert r1.params[-1]._grammar_after is None
+    got = r1_client.chat.completions.create(model="scripted", messages=MESSAGES)
+    assert (got.choices[0].message.content, got.choices[0].message.reasoning_content) == (
+        None,
+        "Plain answer.",
+    )
     with pytest.raises(ValueError, match="unknown reasoning parser 'r2'; there are: qwen3, deepseek_r1"):
         ServerArgs(reasoning_parser="r2")
 
