@@ -3,7 +3,6 @@
 What `make demo` runs after the offline example.
 """
 
-import socket
 import subprocess
 import sys
 import time
@@ -11,9 +10,9 @@ import urllib.request
 
 from openai import OpenAI
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+from distgen.executor.ports import free_port
+
+port = free_port()  # one that no outgoing connection can be handed before the server binds it
 
 cmd = [sys.executable, "-m", "distgen.entrypoints.cli", "serve", "--port", str(port)]
 cmd += ["--log-level", "warning"]
