@@ -246,6 +246,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ChatTool] | None = None  # how calls are read: serving_chat.tool_mode
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # False: at most one call per reply
 
     def to_sampling_params(self, defaults: dict[str, Any], prompt_len: int, limit: int) -> SamplingParams:
         if self.top_logprobs and not self.logprobs:

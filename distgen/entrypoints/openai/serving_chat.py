@@ -49,6 +49,7 @@ class _Choice:
     sent_logprobs: int = 0  # streaming: entries already sent (a delta whose text is held back has some)
     parser: ToolParser | None = None  # with tools: reads calls out of the text
     calls: list[ToolCall] = field(default_factory=list)
+    max_calls: int | None = None  # parallel_tool_calls=False: 1 (later calls are dropped)
     reasoning: ReasoningParser | None = None  # with --reasoning-parser: splits off the thinking
 
     @property
@@ -75,6 +76,8 @@ class _Choice:
         if content:
             delta["content"] = content
         calls = [e for e in events if isinstance(e, ToolCall)]
+        if self.max_calls is not None:
+            calls = calls[: max(0, self.max_calls - len(self.calls))]
         if calls:
             delta["tool_calls"] = [c.to_openai(len(self.calls) + i) for i, c in enumerate(calls)]
             self.calls.extend(calls)
@@ -116,7 +119,8 @@ def tool_mode(
         )
     functions = [t.function.model_dump(exclude_none=True) for t in req.tools]
     if req.tool_choice == "required":
-        return RequiredToolsParser, StructuredOutputsParams(json=required_calls_schema(functions))
+        schema = required_calls_schema(functions, parallel=req.parallel_tool_calls)
+        return RequiredToolsParser, StructuredOutputsParams(json=schema)
     name = req.tool_choice.function.get("name")
     fn = next((f for f in functions if f["name"] == name), None)
     if fn is None:
@@ -168,6 +172,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     choices = [
         _Choice(
             parser=parser() if parser else None,
+            max_calls=None if req.parallel_tool_calls else 1,
             reasoning=reasoning(thinking_done=not thinking) if reasoning else None,
         )
         for _ in range(req.n)

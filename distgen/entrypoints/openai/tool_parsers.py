@@ -238,8 +238,9 @@ class RequiredToolsParser(WholeReplyParser):
         return None if any(c is None for c in calls) else calls
 
 
-def required_calls_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
-    """A JSON schema for one or more calls of ``functions`` (OpenAI function definitions)."""
+def required_calls_schema(functions: list[dict[str, Any]], parallel: bool = True) -> dict[str, Any]:
+    """A JSON schema for one or more calls of ``functions`` (OpenAI function definitions); exactly one
+    unless ``parallel``."""
     one_of_each = [
         {
             "type": "object",
@@ -252,7 +253,8 @@ def required_calls_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
         }
         for fn in functions
     ]
-    return {"type": "array", "minItems": 1, "items": {"anyOf": one_of_each}}
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": one_of_each}}
+    return schema if parallel else {**schema, "maxItems": 1}
 
 
 PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}

@@ -129,6 +129,23 @@ def test_streamed_tool_calls_equal_the_whole_reply_and_never_show_markup(hermes)
     assert len(entries) == n_tokens
 
 
+def test_parallel_tool_calls_false_keeps_one_call(hermes):
+    engine, client = hermes
+    got = client.chat.completions.create(
+        model="scripted", messages=MESSAGES, tools=TOOLS, parallel_tool_calls=False
+    )
+    assert _calls(got.choices[0].message.tool_calls) == WANT[:1]
+    chunks = client.chat.completions.create(
+        model="scripted", messages=MESSAGES, tools=TOOLS, parallel_tool_calls=False, stream=True
+    )
+    assert _calls([tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]) == WANT[:1]
+    engine.reply = '[{"name": "get_weather", "parameters": {"city": "Oslo"}}]'
+    client.chat.completions.create(
+        model="scripted", messages=MESSAGES, tools=TOOLS, tool_choice="required", parallel_tool_calls=False
+    )
+    assert engine.params[-1].structured_outputs.json["maxItems"] == 1
+
+
 def test_earlier_calls_in_the_conversation_reach_the_template_as_objects(hermes):
     engine, client = hermes
     history = [
