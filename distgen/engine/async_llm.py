@@ -19,7 +19,7 @@ from distgen.config import EngineConfig
 from distgen.engine.args import EngineArgs
 from distgen.engine.core_client import AsyncMPClient
 from distgen.engine.exceptions import EngineDeadError
-from distgen.engine.input_processor import InputProcessor, PromptType
+from distgen.engine.input_processor import InputProcessor, NewRequest, PromptType
 from distgen.engine.messages import EngineCoreOutputs, SchedulerStatsMsg
 from distgen.engine.output_processor import OutputProcessor
 from distgen.engine.stats import IterationStats, StatLogger
@@ -92,24 +92,20 @@ class AsyncLLM:
             raise self._dead or EngineDeadError("the engine is dead: the engine core process is gone")
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        limit = self.max_model_len
-        text, ids = self.input_processor.tokenize_prompt(prompt, params.prompt_limit(limit))
         arrival = time.time()
-        params, children, reqs = self.input_processor.process(request_id, ids, params, arrival, limit)
-        return self._run(request_id, text, ids, params, children, reqs, arrival)
+        new = self.input_processor.process(request_id, prompt, params, arrival, self.max_model_len)
+        return self._run(request_id, new, arrival)
 
-    async def _run(
-        self, request_id, text, ids, params, children, reqs, arrival
-    ) -> AsyncIterator[RequestOutput]:
+    async def _run(self, request_id: str, new: NewRequest, arrival: float) -> AsyncIterator[RequestOutput]:
         if request_id in self._queues:  # two calls with one id, both iterated
             raise ValueError(f"request id {request_id!r} is already in use")
         self._start_output_handler()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
-        self.output_processor.add_request(request_id, text, ids, params, children, arrival)
+        self.output_processor.add_request(request_id, new, arrival)
         finished = False
         try:
-            for r in reqs:
+            for r in new.core_requests:
                 self.client.add_request(r)
             while True:
                 item = queue.get_nowait() if not queue.empty() else await queue.get()

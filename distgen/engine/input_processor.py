@@ -5,6 +5,7 @@ Shared by the synchronous ``LLMEngine`` (``LLM``) and ``AsyncLLM`` (the server).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from distgen.config import EngineConfig
@@ -52,6 +53,17 @@ def keep_last_tokens(
         return text, ids
     ids = ids[-keep_last:]
     return (None if text is None else tokenizer.decode(ids)), ids
+
+
+@dataclass
+class NewRequest:
+    """A request ready for the output processor and the engine core."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams  # with the EOS ids (and bad words, grammar) filled in
+    children: list[tuple[str, SamplingParams]]  # (child id, params): n of them
+    core_requests: list[EngineCoreRequest]
 
 
 class InputProcessor:
@@ -112,17 +124,18 @@ class InputProcessor:
     def process(
         self,
         request_id: str,
-        prompt_ids: list[int],
+        prompt: PromptType,
         params: SamplingParams,
         arrival_time: float,
         max_model_len: int,
         max_logprobs: int | None = None,
-    ) -> tuple[SamplingParams, list[tuple[str, SamplingParams]], list[EngineCoreRequest]]:
-        """The request's params (EOS ids filled in), its children ``(child_id, params)`` and their
-        engine-core requests. A request with ``n > 1`` becomes n children ``"{i}_{request_id}"``,
-        seeded ``seed + i``. Raises ValueError (nothing queued) for a prompt that can never run, or
-        for more logprobs than ``max_logprobs`` (default: the engine's; an internal caller such as
-        beam search passes what its algorithm needs)."""
+    ) -> NewRequest:
+        """Tokenize ``prompt`` (cut to ``truncate_prompt_tokens``), check it and ``params``, and split
+        the request into its children: a request with ``n > 1`` becomes n children
+        ``"{i}_{request_id}"``, seeded ``seed + i``. Raises ValueError (nothing queued) for a prompt
+        that can never run, or for more logprobs than ``max_logprobs`` (default: the engine's; an
+        internal caller such as beam search passes what its algorithm needs)."""
+        text, prompt_ids = self.tokenize_prompt(prompt, params.prompt_limit(max_model_len))
         validate_prompt(prompt_ids, max_model_len, self.config.model.vocab_size)
         params.verify_token_ids(self.config.model.vocab_size)
         limit = self.config.model.max_logprobs if max_logprobs is None else max_logprobs
@@ -147,4 +160,4 @@ class InputProcessor:
                 child.seed = (params.seed + i + 2**63) % 2**64 - 2**63
             children.append((request_id if params.n == 1 else f"{i}_{request_id}", child))
         reqs = [EngineCoreRequest(cid, prompt_ids, p, arrival_time) for cid, p in children]
-        return params, children, reqs
+        return NewRequest(text, prompt_ids, params, children, reqs)

@@ -64,10 +64,8 @@ class LLMEngine:
     def default_sampling_params(self) -> SamplingParams:
         return self.input_processor.default_sampling_params()
 
-    def tokenize_prompt(
-        self, prompt: PromptType, keep_last: int | None = None
-    ) -> tuple[str | None, list[int]]:
-        return self.input_processor.tokenize_prompt(prompt, keep_last)
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        return self.input_processor.tokenize_prompt(prompt)
 
     def add_request(
         self,
@@ -81,14 +79,13 @@ class LLMEngine:
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self.tokenize_prompt(prompt, params.prompt_limit(self.max_model_len))
         arrival_time = time.time() if arrival_time is None else arrival_time
-        params, children, reqs = self.input_processor.process(
-            request_id, ids, params, arrival_time, self.max_model_len, max_logprobs
+        new = self.input_processor.process(
+            request_id, prompt, params, arrival_time, self.max_model_len, max_logprobs
         )
-        self.output_processor.add_request(request_id, text, ids, params, children, arrival_time)
+        self.output_processor.add_request(request_id, new, arrival_time)
         try:
-            for r in reqs:
+            for r in new.core_requests:
                 self.client.add_request(r)
         except BaseException:
             self.abort_request([request_id])

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from distgen.engine.detokenizer import IncrementalDetokenizer
+from distgen.engine.input_processor import NewRequest
 from distgen.engine.messages import EngineCoreOutput, Logprobs
 from distgen.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from distgen.sampling_params import SamplingParams
@@ -52,18 +53,11 @@ class OutputProcessor:
         self.parents: dict[str, ParentState] = {}
         self.child_to_parent: dict[str, tuple[ParentState, SequenceState]] = {}
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt: str | None,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        child_params: list[tuple[str, SamplingParams]],
-        arrival_time: float,
-    ) -> None:
+    def add_request(self, request_id: str, new: NewRequest, arrival_time: float) -> None:
+        prompt, prompt_token_ids, params = new.prompt, new.prompt_token_ids, new.params
         seqs = [
             SequenceState(cid, i, p, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, p))
-            for i, (cid, p) in enumerate(child_params)
+            for i, (cid, p) in enumerate(new.children)
         ]
         for s in seqs:
             if s.params.logprobs is not None:
