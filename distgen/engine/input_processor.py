@@ -5,6 +5,9 @@ Shared by the synchronous ``LLMEngine`` (``LLM``) and ``AsyncLLM`` (the server).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,12 +106,18 @@ class InputProcessor:
         raise TypeError(f"a prompt must be a string, a token-id list or a dict, got {type(prompt).__name__}")
 
     def compile_grammar(self, spec: StructuredOutputsParams) -> str:
-        """``spec`` compiled for llguidance; ValueError (nothing queued) for one that does not compile."""
+        """``spec`` compiled for llguidance; ValueError (nothing queued) for one that does not compile.
+        The last few are kept: a completions request's prompts, and clients that send one schema with
+        every request, compile it once."""
+        return self._compiled(json.dumps(dataclasses.asdict(spec), sort_keys=True))
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one InputProcessor per engine, alive as long
+    def _compiled(self, spec_json: str) -> str:
         if self._grammar_tokenizer is None:
             self._grammar_tokenizer = grammar_tokenizer(
                 self.tokenizer, self.config.model.vocab_size, self.eos_token_ids
             )
-        return compile_grammar(spec, self._grammar_tokenizer)
+        return compile_grammar(StructuredOutputsParams(**json.loads(spec_json)), self._grammar_tokenizer)
 
     def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
         """Each bad word's token sequences: as it reads at the start of a text and after a space

@@ -419,6 +419,7 @@ def test_structured_outputs_hold_whatever_the_model_writes(llm):
         StructuredOutputsParams(json=schema, disable_any_whitespace=True),
         StructuredOutputsParams(grammar='root ::= "yes" | "no" | "maybe"'),
     ]
+    compiled_before = llm.llm_engine.input_processor._compiled.cache_info().misses
     for seed in range(2):
         params = [
             SamplingParams(temperature=t, seed=seed, max_tokens=64, structured_outputs=spec)
@@ -436,6 +437,8 @@ def test_structured_outputs_hold_whatever_the_model_writes(llm):
             assert type(value["n"]) is int and -5 <= value["n"] <= 999
             assert isinstance(value["ok"], bool) and value["c"] in {"red", "green"}
             assert set(value) == {"n", "ok", "c"}
+    # Each distinct constraint was compiled once (4 specs, each used by 4 requests).
+    assert llm.llm_engine.input_processor._compiled.cache_info().misses - compiled_before == 4
     # A grammar that can only end wins over min_tokens (blocking EOS would leave nothing to sample).
     ended = SamplingParams(temperature=0, min_tokens=10, structured_outputs={"choice": ["alpha"]})
     out = llm.generate(PROMPTS[0], ended, use_tqdm=False)[0].outputs[0]
