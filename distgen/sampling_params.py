@@ -232,6 +232,12 @@ class SamplingParams:
             self.structured_outputs, StructuredOutputsParams
         ):
             raise bad("structured_outputs", "must be a StructuredOutputsParams (or a dict of its fields)")
+        if self.structured_outputs is not None and self.allowed_token_ids is not None:
+            # Two masks that may leave no token at all: the grammar alone says what may come next.
+            raise bad(
+                "allowed_token_ids",
+                "cannot be combined with structured_outputs (write the restriction into the grammar)",
+            )
         if self.truncate_prompt_tokens is not None and (
             self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1
         ):

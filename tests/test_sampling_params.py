@@ -46,6 +46,8 @@ INVALID = [
     ("allowed_token_ids", {"allowed_token_ids": []}),
     ("allowed_token_ids", {"allowed_token_ids": [3, -1]}),
     ("allowed_token_ids", {"allowed_token_ids": 3}),
+    # Two masks that could leave no token to sample: the grammar has to hold the restriction.
+    ("allowed_token_ids", {"allowed_token_ids": [3], "structured_outputs": {"choice": ["a", "b"]}}),
     ("bad_words", {"bad_words": [""]}),
     ("bad_words", {"bad_words": ["ok", "  "]}),
     ("bad_words", {"bad_words": [5]}),
