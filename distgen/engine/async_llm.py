@@ -105,8 +105,10 @@ class AsyncLLM:
         self.output_processor.add_request(request_id, new, arrival)
         finished = False
         try:
-            for r in new.core_requests:
+            for i, r in enumerate(new.core_requests):
                 self.client.add_request(r)
+                if i % 512 == 511:  # n in the thousands: let the other requests' outputs through
+                    await asyncio.sleep(0)
             while True:
                 item = queue.get_nowait() if not queue.empty() else await queue.get()
                 if isinstance(item, BaseException):
@@ -180,7 +182,8 @@ class AsyncLLM:
             self._last_token_time.pop(out.request_id, None)
             if out.metrics is not None:
                 it.e2e_latencies.append(now - out.metrics.arrival_time)
-            it.finish_reasons.extend(c.finish_reason or "abort" for c in out.outputs)
+        # Each sequence's finish comes once, in the delta output of the step that ended it.
+        it.finish_reasons.extend(c.finish_reason for c in out.outputs if c.finish_reason is not None)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def shutdown(self) -> None:

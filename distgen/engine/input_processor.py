@@ -5,6 +5,7 @@ Shared by the synchronous ``LLMEngine`` (``LLM``) and ``AsyncLLM`` (the server).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -163,7 +164,8 @@ class InputProcessor:
             params._grammar = self.compile_grammar(params.structured_outputs)
         children = []
         for i in range(params.n):
-            child = params.clone()
+            # Shallow: children only read their params (a deep copy each cost 0.1 ms, 2 s at n=20000).
+            child = copy.copy(params)
             child.n = 1
             if params.seed is not None:  # wrapped into int64, as the seed itself must be
                 child.seed = (params.seed + i + 2**63) % 2**64 - 2**63

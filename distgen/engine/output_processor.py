@@ -88,6 +88,11 @@ class OutputProcessor:
         because a stop string ended them here)."""
         now = time.time()
         touched: dict[str, ParentState] = {}
+        # What each delta output carries: the sequences that changed this step (new tokens, or a
+        # finish), by parent, not all n of them (with n in the thousands, a step would cost O(n)
+        # per parent, and a request O(n^2)); all unfinished ones when the prompt's logprobs grew.
+        changed: dict[str, list[SequenceState]] = {}
+        scored: set[str] = set()
         to_abort: list[str] = []
         for out in outputs:
             entry = self.child_to_parent.get(out.request_id)
@@ -99,6 +104,9 @@ class OutputProcessor:
             touched[parent.request_id] = parent
             if out.new_prompt_logprobs is not None and parent.prompt_logprobs is not None and seq.index == 0:
                 parent.prompt_logprobs.extend(self._logprob_dicts(out.new_prompt_logprobs))
+                scored.add(parent.request_id)
+            if out.new_token_ids or out.finish_reason is not None:
+                changed.setdefault(parent.request_id, []).append(seq)
             if out.new_token_ids:
                 if parent.metrics.first_token_time is None:
                     parent.metrics.first_token_time = now
@@ -120,7 +128,10 @@ class OutputProcessor:
             if out.finish_reason is not None:
                 seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
                 self._finish(parent, seq)
-        results = [self._make_output(p, delta) for p in touched.values()]
+        results = [
+            self._make_output(p, delta, changed.get(p.request_id, []), p.request_id in scored)
+            for p in touched.values()
+        ]
         for p in touched.values():
             if p.finished:
                 p.metrics.finished_time = now
@@ -143,11 +154,25 @@ class OutputProcessor:
             out.append(d)
         return out
 
-    def _make_output(self, parent: ParentState, delta: bool) -> RequestOutput | None:
+    def _make_output(
+        self, parent: ParentState, delta: bool, changed: list[SequenceState], everyone: bool = False
+    ) -> RequestOutput | None:
+        """The parent's output: its whole state when it finishes (``delta=False``); else what is new
+        since the last one, for the ``changed`` sequences (``everyone``: all but those that finished
+        in an earlier step)."""
         if not delta and not parent.finished:
             return None
+        if not delta:
+            seqs = parent.seqs
+        elif everyone:
+            now_done = {id(s) for s in changed}
+            seqs = [s for s in parent.seqs if s.finish_reason is None or id(s) in now_done]
+        elif changed:
+            seqs = sorted(changed, key=lambda s: s.index) if len(changed) > 1 else changed
+        else:
+            return None  # a prefill chunk: nothing to hand out yet
         comps = []
-        for s in parent.seqs:
+        for s in seqs:
             text = s.detok.get_next_output_text(s.finish_reason is not None, delta)
             start = s.num_sent if delta else 0
             ids, lps = s.token_ids[start:], s.logprobs
