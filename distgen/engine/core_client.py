@@ -46,6 +46,7 @@ from distgen.engine.messages import (
 )
 from distgen.envs import envs
 from distgen.model_loader.loader import ModelSource
+from distgen.signals import held_signals
 
 logger = logging.getLogger("distgen")
 
@@ -157,6 +158,7 @@ class _CoreProcess:
     input: zmq.Socket  # PUSH: EngineCoreInput
     output: zmq.Socket  # PULL: EngineCoreMessage
     proc: subprocess.Popen | None = None
+    ready: bool = False  # past the handshake: reads its input socket
 
     @classmethod
     def start(cls, config: EngineConfig, source: ModelSource) -> _CoreProcess:
@@ -177,10 +179,11 @@ class _CoreProcess:
         )
         try:
             cmd = [sys.executable, "-m", "distgen.engine.core_main"]
-            res.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
-            assert res.proc.stdin is not None
-            res.proc.stdin.write(pickle.dumps(args))
-            res.proc.stdin.close()
+            with held_signals():  # a stop now would leave the core reading half its arguments
+                res.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+                assert res.proc.stdin is not None
+                res.proc.stdin.write(pickle.dumps(args))
+                res.proc.stdin.close()
         except BaseException:
             res.close()
             raise
@@ -199,7 +202,8 @@ class _CoreProcess:
             except zmq.ZMQError:
                 pass
             try:
-                proc.wait(SHUTDOWN_TIMEOUT_S)
+                # A core still loading reads no input (Ctrl-C at start waited the whole timeout).
+                proc.wait(SHUTDOWN_TIMEOUT_S if self.ready else 0)
             except subprocess.TimeoutExpired:
                 proc.terminate()  # SIGTERM: the core still stops its workers
                 try:
@@ -261,6 +265,7 @@ class _MPClientBase(EngineCoreClient):
             raise EngineStartupError(f"the engine core failed to start: {msg.error}")
         if not isinstance(msg, EngineCoreReady):
             raise EngineStartupError(f"protocol error: expected the ready handshake, got {msg!r}")
+        self._proc.ready = True
         return msg
 
     # -- input ------------------------------------------------------------------------------------

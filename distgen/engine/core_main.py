@@ -5,9 +5,13 @@ run as ``__main__`` is not also imported by the ``distgen`` package.
 """
 
 import pickle
+import signal
 import sys
 
-from distgen.engine.core_proc import run_engine_core
-
 if __name__ == "__main__":
+    # Before anything heavy loads: a Ctrl-C (sent to the whole process group) while torch imports
+    # here would print a traceback; the front end decides how to stop the core.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from distgen.engine.core_proc import run_engine_core
+
     run_engine_core(pickle.load(sys.stdin.buffer))

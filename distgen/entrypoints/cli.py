@@ -12,13 +12,15 @@ import logging
 import re
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from distgen.engine.args import EngineArgs
 from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from distgen.entrypoints.openai.tool_parsers import PARSERS
+
+if TYPE_CHECKING:
+    from distgen.engine.args import EngineArgs
 
 MODEL_HELP = "HF directory, .gguf file, or the id of a model in the local HF cache (default: SmolLM2)"
 ENGINE_HELP = {
@@ -96,6 +98,8 @@ def _port(text: str | int) -> int:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    from distgen.engine.args import EngineArgs  # torch: loaded here, where Ctrl-C is caught
+
     group = parser.add_argument_group("engine")
     defaults = EngineArgs()
     for f in dataclasses.fields(EngineArgs):
@@ -143,6 +147,8 @@ def _field_type(name: str, default: Any):
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    from distgen.engine.args import EngineArgs
+
     names = {f.name for f in dataclasses.fields(EngineArgs)}
     return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
 
@@ -250,7 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     # handlers of its own) still stops the engine core and its workers instead of leaving them to
     # notice their parent is gone.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    parser = build_parser()
+    try:  # Ctrl-C while torch loads (the parser reads EngineArgs): a quiet exit, not a traceback
+        parser = build_parser()
+    except KeyboardInterrupt:
+        return
     ns = _apply_config(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(levelname)s %(asctime)s %(message)s", level=logging.INFO)
     try:

@@ -110,8 +110,9 @@ def _bind(sock: zmq.Socket, base: str, name: str) -> str:
     return f"{base}:{port}"
 
 
-def _release(channel: Channel, handles: WorkerHandles, alive: list[bool]) -> None:
-    """Tell every worker to stop, stop them, close the sockets (a finalizer: holds no executor)."""
+def _release(channel: Channel, handles: WorkerHandles, alive: list[bool], timeout_s: float) -> None:
+    """Tell every worker to stop, stop them (killed after ``timeout_s``), close the sockets (a
+    finalizer: holds no executor)."""
     encoded = msgspec.msgpack.encode(Shutdown())
     for sock, ok in zip(channel.requests, alive):
         if ok:
@@ -119,7 +120,7 @@ def _release(channel: Channel, handles: WorkerHandles, alive: list[bool]) -> Non
                 sock.send(encoded, zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-    handles.stop(time.monotonic() + SHUTDOWN_TIMEOUT_S)
+    handles.stop(time.monotonic() + timeout_s)
     channel.close()
 
 
@@ -156,15 +157,19 @@ class BroadcastExecutor(Executor):
         self._handles: WorkerHandles | None = None
         self._finalizer: weakref.finalize | None = None
         self._launched = self._collected = 0  # steps sent by submit / answered
+        self._started = [False]  # every rank reported Ready (shared with the finalizer)
 
     def _start(self, handles: WorkerHandles) -> None:
         """Own ``handles`` (from now on shutdown, garbage collection and interpreter exit release them
         and the channel), then start the workers; if that fails, stop whatever started."""
         self._handles = handles
 
-        def release(channel: Channel = self.channel) -> None:
+        def release(channel: Channel = self.channel, started: list[bool] = self._started) -> None:
             gone = {e.rank for e in handles.exits(starting=False)}
-            _release(channel, handles, [r not in gone for r in range(len(channel.requests))])
+            alive = [r not in gone for r in range(len(channel.requests))]
+            # Ranks still loading their shard read no Shutdown: stop them at once (a Ctrl-C while
+            # the model loads waited out the whole timeout).
+            _release(channel, handles, alive, SHUTDOWN_TIMEOUT_S if started[0] else 0.0)
 
         self._finalizer = weakref.finalize(self, release)
         try:
@@ -227,6 +232,7 @@ class BroadcastExecutor(Executor):
             if not isinstance(msg, Ready):
                 self._die(f"protocol error: expected Ready from a starting worker, got {msg!r}", True)
             ready.add(msg.rank)
+        self._started[0] = True
         logger.info("%d %s workers ready in %.1fs", self.world_size, self.backend_name, time.monotonic() - t0)
 
     def _broadcast(self, msg: WorkerRequest) -> None:

@@ -20,6 +20,7 @@ from distgen.executor.broadcast import BroadcastExecutor, Channel, WorkerExit, W
 from distgen.executor.ports import free_port
 from distgen.executor.worker_loop import WorkerArgs, run_mp_worker
 from distgen.model_loader.loader import ModelSource
+from distgen.signals import held_signals
 
 logger = logging.getLogger("distgen")
 
@@ -101,6 +102,7 @@ class MultiprocExecutor(BroadcastExecutor):
             proc = spawn.Process(
                 target=run_mp_worker, args=(args,), name=f"distgen-worker-{rank}", daemon=True
             )
-            proc.start()
-            self._procs.procs.append(proc)
+            with held_signals():  # a stop now would leave the child reading half its arguments
+                proc.start()
+                self._procs.procs.append(proc)
         self._wait_ready()

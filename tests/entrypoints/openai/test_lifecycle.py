@@ -1,8 +1,9 @@
-"""Stopping ``distgen serve`` with SIGTERM (as systemd, Kubernetes or a Ray job do): at any moment,
-the server exits cleanly and takes its engine core and workers with it."""
+"""Stopping ``distgen serve`` with SIGTERM (as systemd, Kubernetes or a Ray job do) or Ctrl-C: at any
+moment, the server exits cleanly and takes its engine core and workers with it."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import time
 
 import pytest
 
+from distgen.engine.core_client import SHUTDOWN_TIMEOUT_S as CORE_TIMEOUT_S
+from distgen.executor.broadcast import SHUTDOWN_TIMEOUT_S as WORKERS_TIMEOUT_S
 from distgen.executor.ports import free_port
 from tests.conftest import wait_gone
 from tests.entrypoints.openai.conftest import descendants, start_server
@@ -47,3 +50,41 @@ def test_sigterm_while_serving(tiny_model_dir):
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0
     assert wait_gone(kids, timeout=2.0) == []
+
+
+@pytest.mark.parametrize("moment", ["core importing", "workers loading"])
+def test_ctrl_c_while_starting(moment, tiny_model_dir):
+    """Ctrl-C reaches the whole process group. It printed a KeyboardInterrupt traceback from the
+    engine core while that imported torch, and the server then waited out the core's shutdown timeout
+    (10 s) for a core, and the executor's (5 s) for workers, that read no messages while loading."""
+    cmd = [sys.executable, "-m", "distgen.entrypoints.cli", "serve", tiny_model_dir("llama")]
+    cmd += ["--port", str(free_port()), "--tp", "2", "--kv-cache-memory", "16MiB", "--log-level", "warning"]
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not a shell's SIG_IGN
+    )
+    try:
+        want = 1 if moment == "core importing" else 3
+        deadline = time.monotonic() + 60
+        while len(kids := descendants(proc.pid)) < want and time.monotonic() < deadline:
+            assert proc.poll() is None, f"the server exited with {proc.returncode} during startup"
+            time.sleep(0.01)
+        assert len(kids) >= want, f"never saw {moment}"
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        waited = time.monotonic() - t0
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert proc.returncode == 0, err
+        assert wait_gone(kids, timeout=2.0) == []
+        # Not a speed figure: a stop that waits out either timeout is the bug.
+        limit = min(CORE_TIMEOUT_S, WORKERS_TIMEOUT_S)
+        assert waited < limit, f"took {waited:.1f}s: waited for a process that was loading"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in descendants(proc.pid):
+            subprocess.run(["kill", "-9", str(pid)], check=False)
