@@ -117,8 +117,12 @@ class SchedulerConfig:
     # Schedule step n+1 while step n runs on the GPU, its inputs taking step n's sampled tokens on
     # the device: the host's per-step work no longer leaves the GPU idle.
     async_scheduling: bool = False
+    # "fcfs" (arrival order) or "priority" (by each request's priority, lower first, then arrival).
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.policy!r}.")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if self.max_num_batched_tokens < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 
 from distgen.sampling_params import SamplingParams
@@ -24,6 +25,9 @@ FINISH_REASONS = {
 }
 
 
+_order = itertools.count()  # ties between equal arrival times (an n > 1 request's children)
+
+
 class Request:
     """One sequence being generated. ``num_computed_tokens`` counts tokens whose KV is in the cache
     once the steps scheduled so far have run; ``num_pending`` tokens have been sampled by a step that
@@ -36,8 +40,11 @@ class Request:
         sampling_params: SamplingParams,
         max_tokens: int,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> None:
         self.request_id = request_id
+        self.priority = priority  # lower first, under the priority scheduling policy
+        self.seq = next(_order)
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.max_tokens = max_tokens

@@ -3,8 +3,13 @@
 There are no separate prefill and decode phases: each step every running request asks for the
 tokens it has not computed yet (one for a decoding request, a chunk of the prompt for a new one),
 running requests first, then waiting ones, until the token budget or the sequence limit is spent.
-When the KV cache runs out, the most recently admitted running request is preempted: its blocks
-are freed and it goes back to the head of the waiting queue, to be recomputed later.
+When the KV cache runs out, the last running request is preempted: its blocks are freed and it
+goes back to the waiting queue, to be recomputed later.
+
+Two policies order the queues (``scheduling_policy``). ``fcfs``: arrival order; the last running
+request is the most recently admitted, and a preempted one goes back to the head of the queue.
+``priority``: by ``(priority, arrival time)``, lower first, in both queues: the waiting request
+admitted next is the most urgent, and the running request preempted is the least urgent.
 
 A step's tokens count as computed as soon as it is scheduled. With async scheduling the next step is
 scheduled before the last one's sampled tokens are known: a request then asks for its pending token
@@ -13,14 +18,15 @@ scheduled before the last one's sampled tokens are known: a request then asks fo
 
 from __future__ import annotations
 
+import bisect
 import logging
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from distgen.config import CacheConfig, SchedulerConfig
 from distgen.core.kv_cache_manager import KVCacheManager
 from distgen.core.request import Request, RequestStatus
+from distgen.core.request_queue import make_queue, priority_key
 from distgen.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 
 logger = logging.getLogger("distgen")
@@ -44,8 +50,9 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.waiting = make_queue(sched_config.policy)
+        self.running: list[Request] = []  # priority policy: sorted by priority_key
+        self._by_priority = sched_config.policy == "priority"
         self.finished_req_ids: list[str] = []  # to tell the workers at the next step
         self.num_preemptions = 0
         self.num_needing_host_tokens = 0  # unfinished requests with penalties (see Request)
@@ -55,7 +62,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
         self.num_needing_host_tokens += request.needs_host_tokens
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
@@ -125,9 +132,9 @@ class Scheduler:
             budget -= n
             i += 1
 
-        # 2. Waiting requests, in arrival order (preempted ones were put back at the head).
+        # 2. Waiting requests, in the policy's order (preempted ones were put back in it).
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+            req = self.waiting.peek()
             if req.num_pending:  # preempted while a step sampled for it: wait for that token
                 break
             computed, num_hit = self.kv.get_computed_blocks(req)
@@ -138,14 +145,17 @@ class Scheduler:
             blocks = self.kv.allocate_slots(req, n, computed)
             if blocks is None:
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             if req.num_cached_tokens < 0:  # first admission: count it for the prefix-cache stats
                 req.num_cached_tokens = num_hit
                 self.kv.pool.num_queries += req.num_tokens
                 self.kv.pool.num_hits += num_hit
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            if self._by_priority:  # the least urgent stays last, the one to preempt
+                self.running.insert(bisect.bisect(self.running, priority_key(req), key=priority_key), req)
+            else:
+                self.running.append(req)
             new_reqs.append(req)
             num_scheduled[req.request_id] = n
             budget -= n
@@ -158,7 +168,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self.waiting.put_back(req)
         logger.debug("preempted %s (KV cache full)", req.request_id)
 
     def _make_output(

@@ -45,6 +45,7 @@ class EngineArgs:
     device: str | None = None
     enforce_eager: bool = False
     async_scheduling: bool = False
+    scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:
@@ -105,7 +106,11 @@ class EngineArgs:
                 self.num_gpu_blocks_override,
             ),
             scheduler=SchedulerConfig(
-                self.max_num_seqs, batched, self.enable_chunked_prefill, self.async_scheduling
+                self.max_num_seqs,
+                batched,
+                self.enable_chunked_prefill,
+                self.async_scheduling,
+                self.scheduling_policy,
             ),
             # Resolved here, in the user's process: a Ray cluster it is connected to means "ray".
             parallel=ParallelConfig(self.tensor_parallel_size, backend),

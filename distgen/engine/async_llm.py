@@ -79,7 +79,7 @@ class AsyncLLM:
 
     # -- requests ---------------------------------------------------------------------------------
     def generate(
-        self, prompt: PromptType, params: SamplingParams, request_id: str
+        self, prompt: PromptType, params: SamplingParams, request_id: str, priority: int = 0
     ) -> AsyncIterator[RequestOutput]:
         """Delta outputs of one request until it finishes.
 
@@ -93,7 +93,9 @@ class AsyncLLM:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         arrival = time.time()
-        new = self.input_processor.process(request_id, prompt, params, arrival, self.max_model_len)
+        new = self.input_processor.process(
+            request_id, prompt, params, arrival, self.max_model_len, priority=priority
+        )
         return self._run(request_id, new, arrival)
 
     async def _run(self, request_id: str, new: NewRequest, arrival: float) -> AsyncIterator[RequestOutput]:

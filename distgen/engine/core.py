@@ -59,7 +59,7 @@ class EngineCore:
         params = req.sampling_params
         max_tokens = limit - n if params.max_tokens is None else min(params.max_tokens, limit - n)
         self.scheduler.add_request(
-            Request(req.request_id, req.prompt_token_ids, params, max_tokens, req.arrival_time)
+            Request(req.request_id, req.prompt_token_ids, params, max_tokens, req.arrival_time, req.priority)
         )
 
     def abort_requests(self, request_ids: list[str]) -> None:

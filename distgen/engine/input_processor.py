@@ -70,6 +70,17 @@ class NewRequest:
     core_requests: list[EngineCoreRequest]
 
 
+def check_priority(priority: object, policy: str) -> None:
+    """ValueError for a priority that is not an integer, or one that would be silently ignored."""
+    if not isinstance(priority, int) or isinstance(priority, bool) or not -(2**63) <= priority < 2**63:
+        raise ValueError(f"priority must be a 64-bit integer, got {priority!r}")
+    if priority != 0 and policy != "priority":
+        raise ValueError(
+            f"priority={priority} needs the priority scheduling policy; this engine schedules "
+            f"{policy!r} (start it with scheduling_policy='priority', --scheduling-policy priority)"
+        )
+
+
 class InputProcessor:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.config = config
@@ -139,12 +150,15 @@ class InputProcessor:
         arrival_time: float,
         max_model_len: int,
         max_logprobs: int | None = None,
+        priority: int = 0,
     ) -> NewRequest:
         """Tokenize ``prompt`` (cut to ``truncate_prompt_tokens``), check it and ``params``, and split
         the request into its children: a request with ``n > 1`` becomes n children
         ``"{i}_{request_id}"``, seeded ``seed + i``. Raises ValueError (nothing queued) for a prompt
         that can never run, or for more logprobs than ``max_logprobs`` (default: the engine's; an
-        internal caller such as beam search passes what its algorithm needs)."""
+        internal caller such as beam search passes what its algorithm needs), or for a ``priority``
+        the engine's scheduling policy ignores."""
+        check_priority(priority, self.config.scheduler.policy)
         text, prompt_ids = self.tokenize_prompt(prompt, params.prompt_limit(max_model_len))
         validate_prompt(prompt_ids, max_model_len, self.config.model.vocab_size)
         params.verify_token_ids(self.config.model.vocab_size)
@@ -170,5 +184,5 @@ class InputProcessor:
             if params.seed is not None:  # wrapped into int64, as the seed itself must be
                 child.seed = (params.seed + i + 2**63) % 2**64 - 2**63
             children.append((request_id if params.n == 1 else f"{i}_{request_id}", child))
-        reqs = [EngineCoreRequest(cid, prompt_ids, p, arrival_time) for cid, p in children]
+        reqs = [EngineCoreRequest(cid, prompt_ids, p, arrival_time, priority) for cid, p in children]
         return NewRequest(text, prompt_ids, params, children, reqs)

@@ -75,13 +75,14 @@ class LLMEngine:
         arrival_time: float | None = None,
         *,
         max_logprobs: int | None = None,
+        priority: int = 0,
     ) -> str:
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         arrival_time = time.time() if arrival_time is None else arrival_time
         new = self.input_processor.process(
-            request_id, prompt, params, arrival_time, self.max_model_len, max_logprobs
+            request_id, prompt, params, arrival_time, self.max_model_len, max_logprobs, priority
         )
         self.output_processor.add_request(request_id, new, arrival_time)
         try:

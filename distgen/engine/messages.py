@@ -17,6 +17,7 @@ class EngineCoreRequest(msgspec.Struct, tag="add", array_like=True, omit_default
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float
+    priority: int = 0  # lower first, under the priority scheduling policy
 
 
 class EngineCoreAbort(msgspec.Struct, tag="abort", array_like=True):

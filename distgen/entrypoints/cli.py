@@ -44,6 +44,8 @@ ENGINE_HELP = {
     "device": "cpu | cuda (default: cuda when available)",
     "enforce_eager": "on CUDA, never replay captured CUDA graphs",
     "async_scheduling": "schedule the next step while the GPU runs this one",
+    "scheduling_policy": "fcfs (arrival order) | priority (each request's priority, lower first, "
+    "then arrival; the least urgent running request is preempted first)",
     "max_logprobs": "most logprobs / prompt_logprobs a request may ask for per token",
 }
 _ALIASES = {"tensor_parallel_size": ["-tp", "--tp"]}

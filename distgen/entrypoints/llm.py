@@ -42,8 +42,10 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt; outputs come back in the order of ``prompts``."""
+        """Generate for each prompt; outputs come back in the order of ``prompts``. ``priority``: one
+        per prompt, lower scheduled first (an engine started with ``scheduling_policy="priority"``)."""
         if prompts is None or isinstance(prompts, (int, float, bytes)):
             raise TypeError(
                 "prompts must be a string, a token-id list, a prompt dict, or a list of them, "
@@ -71,10 +73,18 @@ class LLM:
                     f"got {len(params)} SamplingParams for {len(prompts)} prompts; "
                     "pass one, or one per prompt"
                 )
+        if priority is None:
+            priorities = [0] * len(prompts)
+        elif isinstance(priority, Sequence) and len(priority) == len(prompts):
+            priorities = list(priority)
+        else:
+            raise ValueError(
+                f"priority must be a list of one integer per prompt ({len(prompts)}), got {priority!r}"
+            )
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self.llm_engine.add_request(prompt, p))
+            for prompt, p, prio in zip(prompts, params, priorities):
+                ids.append(self.llm_engine.add_request(prompt, p, priority=prio))
         except BaseException:
             self.llm_engine.abort_request(ids)
             raise

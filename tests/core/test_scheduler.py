@@ -21,6 +21,7 @@ import pytest
 
 from distgen.config import CacheConfig, SchedulerConfig
 from distgen.core.request import Request, RequestStatus
+from distgen.core.request_queue import priority_key
 from distgen.core.scheduler import Scheduler
 from distgen.core.scheduler_output import SchedulerOutput
 from distgen.sampling_params import SamplingParams
@@ -35,10 +36,14 @@ def make_scheduler(
     max_batched: int = 64,
     chunked: bool = True,
     caching: bool = True,
+    policy: str = "fcfs",
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched, enable_chunked_prefill=chunked
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            enable_chunked_prefill=chunked,
+            policy=policy,
         ),
         CacheConfig(block_size=block_size, enable_prefix_caching=caching, num_blocks=num_blocks),
         num_blocks,
@@ -47,11 +52,17 @@ def make_scheduler(
 
 
 def make_request(
-    rid: str, prompt: list[int], max_tokens: int = 8, eos: tuple[int, ...] = (EOS,), **params
+    rid: str,
+    prompt: list[int],
+    max_tokens: int = 8,
+    eos: tuple[int, ...] = (EOS,),
+    priority: int = 0,
+    arrival: float | None = None,
+    **params,
 ) -> Request:
     sp = SamplingParams(max_tokens=max_tokens, **params)
     sp._eos_token_ids = list(eos)
-    return Request(rid, prompt, sp, max_tokens)
+    return Request(rid, prompt, sp, max_tokens, arrival, priority)
 
 
 class _WorkerReq:
@@ -272,6 +283,10 @@ def check_invariants(s: Scheduler) -> None:
     for r in s.running:
         assert r.status == RequestStatus.RUNNING
         assert r.request_id in kv.req_blocks
+    if s.config.policy == "priority":  # both queues in (priority, arrival) order
+        for queue in (list(s.running), list(s.waiting)):
+            keys = [priority_key(r) for r in queue]
+            assert keys == sorted(keys)
 
 
 def assert_no_leaks(sim: Sim) -> None:
@@ -354,7 +369,7 @@ def test_budget_spent_on_decodes_leaves_prefill_waiting():
     sim.add(make_request("p", [7, 8, 9], max_tokens=1))
     out, _ = sim.step()
     assert out.num_scheduled_tokens == {"d0": 1, "d1": 1, "d2": 1}
-    assert sim.s.waiting[0].request_id == "p"
+    assert sim.s.waiting.peek().request_id == "p"
     sim.run()
     assert_no_leaks(sim)
 
@@ -439,7 +454,7 @@ def test_preempted_request_resumes_from_its_cached_blocks():
         if preempted_at is None and b.num_preemptions:
             preempted_at = len(sim.outputs)
             assert "b" not in out.num_scheduled_tokens and "a" in out.num_scheduled_tokens
-            assert b.status == RequestStatus.PREEMPTED and sim.s.waiting[0] is b
+            assert b.status == RequestStatus.PREEMPTED and sim.s.waiting.peek() is b
             assert "b" not in sim.s.kv.req_blocks
             tokens_at_preemption = list(b.all_token_ids)
     assert preempted_at == 5 and a.num_preemptions == 0 and b.num_preemptions == 1
@@ -656,7 +671,7 @@ def test_unscheduled_running_request_gets_all_missed_tokens_later():
 # -- randomized property test -----------------------------------------------------------------------
 
 
-def _random_run(seed: int, ahead: bool = False) -> dict[str, int]:
+def _random_run(seed: int, ahead: bool = False, policy: str = "fcfs") -> dict[str, int]:
     rng = random.Random(seed)
     bs = rng.choice([1, 2, 4, 8])
     num_blocks = rng.randint(4, 20)
@@ -670,6 +685,7 @@ def _random_run(seed: int, ahead: bool = False) -> dict[str, int]:
         max_batched=max_batched,
         chunked=chunked,
         caching=rng.random() < 0.8,
+        policy=policy,
     )
     vocab = rng.randint(3, 8)  # small: equal blocks after different prefixes happen
     eos = (0,) if rng.random() < 0.5 else ()
@@ -695,7 +711,9 @@ def _random_run(seed: int, ahead: bool = False) -> dict[str, int]:
             params["prompt_logprobs"] = 1
         if rng.random() < 0.05:
             params["presence_penalty"] = 0.5
-        pending.append((rng.randint(0, 60), make_request(f"s{seed}-{i}", prompt, max_tokens, eos, **params)))
+        priority = rng.randint(-2, 2) if policy == "priority" else 0
+        req = make_request(f"s{seed}-{i}", prompt, max_tokens, eos, priority, **params)
+        pending.append((rng.randint(0, 60), req))
     pending.sort(key=lambda p: p[0])
     everyone = [r for _, r in pending]
     aborted: set[str] = set()
@@ -750,11 +768,12 @@ def _random_run(seed: int, ahead: bool = False) -> dict[str, int]:
     }
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
 @pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
-def test_randomized_invariants(ahead):
+def test_randomized_invariants(ahead, policy):
     totals: Counter[str] = Counter()
     for seed in range(20):
-        totals.update(_random_run(seed, ahead))
+        totals.update(_random_run(seed, ahead, policy))
     # The runs exercise what they are meant to.
     assert totals["preemptions"] > 0 and totals["hits"] > 0 and totals["aborted"] > 0
     if ahead:  # tokens that arrive after their request ended, or after it was preempted
@@ -807,4 +826,56 @@ def test_async_scheduling_runs_penalized_requests_one_step_at_a_time():
     sim.run()  # the fake worker checks every penalized step saw all its earlier tokens
     assert plain.num_output_tokens == 6 and len(sim.finished) == 2
     assert sim.s.num_needing_host_tokens == 0
+    assert_no_leaks(sim)
+
+
+# -- scheduling policy ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_admission_order_follows_the_policy(policy):
+    """One sequence at a time: each request runs to its end, so the order they run in is the order
+    they were admitted. Priority: lower first, equal priorities in arrival order."""
+    sim = Sim(make_scheduler(num_blocks=64, max_num_seqs=1, policy=policy))
+    for i, prio in enumerate([3, -1, 0, -1, 7]):
+        sim.add(make_request(f"r{i}", [i + 1, i + 2], max_tokens=2, priority=prio, arrival=float(i)))
+    order = []
+    while sim.s.has_unfinished():
+        out, _ = sim.step()
+        order += [n.req_id for n in out.new_reqs]
+    expect = ["r1", "r3", "r2", "r0", "r4"] if policy == "priority" else ["r0", "r1", "r2", "r3", "r4"]
+    assert order == expect
+    assert_no_leaks(sim)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_the_request_preempted_is_the_newest_or_the_least_urgent(policy):
+    """7 blocks of 4 tokens; a (priority 1) is admitted before b (priority 0), and the cache runs out
+    (see test_preempted_request_resumes_from_its_cached_blocks). FCFS preempts b, the newest;
+    priority preempts a, the less urgent, though it came first."""
+    sim = Sim(make_scheduler(num_blocks=7, block_size=4, max_batched=64, policy=policy))
+    a = sim.add(make_request("a", list(range(100, 113)), max_tokens=8, priority=1, arrival=0.0))
+    b = sim.add(make_request("b", list(range(200, 209)), max_tokens=6, priority=0, arrival=1.0))
+    while not (a.num_preemptions or b.num_preemptions):
+        assert sim.s.has_unfinished()
+        sim.step()
+    victim, other = (a, b) if policy == "priority" else (b, a)
+    assert victim.num_preemptions == 1 and other.num_preemptions == 0
+    assert sim.s.waiting.peek() is victim and sim.s.running == [other]
+    sim.run()
+    assert a.is_finished and b.is_finished
+    assert_no_leaks(sim)
+
+
+def test_a_preempted_request_waits_behind_more_urgent_ones():
+    """Priority: a preempted request goes back to its place in the order, not to the head."""
+    sim = Sim(make_scheduler(num_blocks=7, block_size=4, max_batched=64, policy="priority"))
+    a = sim.add(make_request("a", list(range(100, 113)), max_tokens=8, priority=1, arrival=0.0))
+    sim.add(make_request("b", list(range(200, 209)), max_tokens=6, priority=0, arrival=1.0))
+    while not a.num_preemptions:
+        sim.step()
+    sim.add(make_request("c", [7, 8], max_tokens=1, priority=0, arrival=2.0))
+    sim.add(make_request("d", [9, 10], max_tokens=1, priority=2, arrival=3.0))
+    assert [r.request_id for r in sim.s.waiting] == ["c", "a", "d"]
+    sim.run()
     assert_no_leaks(sim)

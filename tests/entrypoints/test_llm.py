@@ -223,6 +223,11 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
         llm.generate(None, GREEDY, use_tqdm=False)
     with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them"):
         llm.generate("hi", {"max_tokens": 2}, use_tqdm=False)
+    # A priority the default (fcfs) policy would ignore, and a malformed one.
+    with pytest.raises(ValueError, match=r"priority=1 needs the priority scheduling policy.*'fcfs'"):
+        llm.generate(tok_prompts(PROMPTS[:2]), GREEDY, use_tqdm=False, priority=[0, 1])
+    with pytest.raises(ValueError, match="one integer per prompt"):
+        llm.generate(tok_prompts(PROMPTS[:2]), GREEDY, use_tqdm=False, priority=[0])
     # n children are seeded seed + i, wrapped into 64 bits: the largest seed must not overflow them
     # (a child seed out of range used to fail the engine core's decoding and kill the engine).
     wide = SamplingParams(n=2, seed=2**63 - 1, temperature=1.0, max_tokens=2)
@@ -457,3 +462,18 @@ def test_structured_outputs_hold_whatever_the_model_writes(llm):
     with pytest.raises(ValueError, match="structured_outputs.regex does not compile"):
         llm.generate("x", SamplingParams(structured_outputs={"regex": "[a-"}), use_tqdm=False)
     assert_engine_idle_and_empty(llm)
+
+
+def test_priority_scheduling_runs_the_most_urgent_first(model_dir):
+    """One sequence at a time: a first request (the most urgent) runs while the others queue; they
+    then start in priority order, not in the order given."""
+    llm = LLM(model_dir, dtype="float32", kv_cache_memory=KV, max_num_seqs=1, scheduling_policy="priority")
+    try:
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (24, 2, 2, 2, 2)]
+        outs = llm.generate(tok_prompts(PROMPTS[:5]), params, use_tqdm=False, priority=[-5, 3, 1, 2, 1])
+        started = sorted(range(5), key=lambda i: outs[i].metrics.first_token_time)
+        assert started == [0, 2, 4, 3, 1]  # equal priorities (2 and 4) in the order given
+        assert [len(o.outputs[0].token_ids) for o in outs] == [24, 2, 2, 2, 2]
+        assert_engine_idle_and_empty(llm)
+    finally:
+        llm.shutdown()

@@ -47,6 +47,7 @@ class _SamplingFields(BaseModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
+    priority: int = 0  # vLLM's: lower first, on a server started with --scheduling-policy priority
     user: str | None = None
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, or its older guided_*.
     response_format: dict[str, Any] | None = None

@@ -15,7 +15,7 @@ from fastapi import Request
 
 from distgen.engine.async_llm import AsyncLLM
 from distgen.engine.core import validate_prompt
-from distgen.engine.input_processor import encode_text
+from distgen.engine.input_processor import check_priority, encode_text
 from distgen.entrypoints.openai.errors import OpenAIError, error_body
 from distgen.entrypoints.openai.reasoning_parsers import END as REASONING_END
 from distgen.outputs import Logprob
@@ -138,7 +138,11 @@ def start(engine: AsyncLLM, req, prompt: dict, params: SamplingParams, request_i
     """``engine.generate`` for one prompt of ``req``; a constraint that does not compile is a 400
     naming the request field that gave it (a chat request's ``tools``, when its tool_choice did)."""
     try:
-        return engine.generate(prompt, params, request_id)
+        check_priority(req.priority, engine.config.scheduler.policy)
+    except ValueError as e:
+        raise OpenAIError(str(e), param="priority") from e
+    try:
+        return engine.generate(prompt, params, request_id, priority=req.priority)
     except GrammarError as e:
         given = req.structured_spec()
         raise OpenAIError(str(e), param=given[0] if given else "tools") from e

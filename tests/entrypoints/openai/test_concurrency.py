@@ -1,5 +1,5 @@
 """Many concurrent streams with a quarter of the clients hanging up midway (also under async
-scheduling), and a dead engine core."""
+scheduling with the priority policy), and a dead engine core."""
 
 from __future__ import annotations
 
@@ -27,8 +27,12 @@ def _metric(server, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-async def _stream(client: httpx.AsyncClient, url: str, prompt: str, hang_up_after: int | None) -> str | None:
+async def _stream(
+    client: httpx.AsyncClient, url: str, prompt: str, hang_up_after: int | None, priority: int = 0
+) -> str | None:
     body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, "ignore_eos": True}
+    if priority:
+        body["priority"] = priority
     text, chunks = "", 0
     async with client.stream("POST", url, json=body) as resp:
         assert resp.status_code == 200
@@ -48,14 +52,19 @@ async def _stream(client: httpx.AsyncClient, url: str, prompt: str, hang_up_afte
 
 @pytest.fixture(scope="module")
 def async_server(tiny_model_dir):
-    s = start_server(tiny_model_dir("llama"), "--served-model-name", "tiny-llama", "--async-scheduling")
+    s = start_server(
+        tiny_model_dir("llama"),
+        *("--served-model-name", "tiny-llama", "--async-scheduling", "--scheduling-policy", "priority"),
+    )
     yield s
     s.stop()
 
 
 @pytest.mark.parametrize("which", ["server", "async_server"], ids=["default", "async-scheduling"])
 def test_concurrent_streams_with_disconnects(which, request):
-    """With async scheduling a hung-up client's request is aborted while a step for it is in flight."""
+    """With async scheduling a hung-up client's request is aborted while a step for it is in flight.
+    That server schedules by priority (each client a priority of -1, 0 or 1): the order of admission
+    and the victims of preemption change, the outputs may not."""
     server = request.getfixturevalue(which)
     url = server.v1 + "/completions"
     prompts = [f"Request number {i} says" for i in range(NUM_CLIENTS)]
@@ -71,7 +80,10 @@ def test_concurrent_streams_with_disconnects(which, request):
         limits = httpx.Limits(max_connections=NUM_CLIENTS)
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
             return await asyncio.gather(
-                *(_stream(client, url, p, 3 if i % 4 == 0 else None) for i, p in enumerate(prompts))
+                *(
+                    _stream(client, url, p, 3 if i % 4 == 0 else None, i % 3 - 1 if which != "server" else 0)
+                    for i, p in enumerate(prompts)
+                )
             )
 
     results = asyncio.run(run())

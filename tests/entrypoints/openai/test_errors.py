@@ -117,6 +117,12 @@ def test_values_the_engine_could_not_carry_or_would_not_allow(server):
     resp = httpx.post(server.v1 + "/completions", json={**OK, "logprobs": 21, "stream": True})
     _assert_error(resp, 400, "logprobs=21", param="logprobs")
     assert httpx.post(server.v1 + "/completions", json={**OK, "logprobs": 20}).status_code == 200
+    # A priority this server (fcfs) would ignore.
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "priority": 1})
+    _assert_error(resp, 400, "priority=1", "--scheduling-policy priority", param="priority")
+    resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "priority": -2})
+    _assert_error(resp, 400, "priority=-2", param="priority")
+    assert httpx.post(server.v1 + "/completions", json={**OK, "priority": 0}).status_code == 200
     _still_serves(server)
 
 

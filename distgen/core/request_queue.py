@@ -1,0 +1,87 @@
+"""The scheduler's waiting queue, in the order requests are admitted.
+
+``fcfs``: arrival order; a preempted request goes back to the head (it was admitted before any
+request still waiting). ``priority``: by ``(priority, arrival time)``, lower first (vLLM's rule); a
+preempted request goes back to its place in that order.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Iterator
+
+from distgen.core.request import Request
+
+POLICIES = ("fcfs", "priority")
+
+
+def priority_key(req: Request) -> tuple[int, float, int]:
+    """The admission order under the priority policy (ties: arrival, then the order added)."""
+    return (req.priority, req.arrival_time, req.seq)
+
+
+class FCFSQueue:
+    def __init__(self) -> None:
+        self._q: deque[Request] = deque()
+
+    def add(self, req: Request) -> None:
+        self._q.append(req)
+
+    def put_back(self, req: Request) -> None:
+        """A preempted request: ahead of every request that has not run yet."""
+        self._q.appendleft(req)
+
+    def peek(self) -> Request:
+        return self._q[0]
+
+    def pop(self) -> Request:
+        return self._q.popleft()
+
+    def remove(self, req: Request) -> None:
+        self._q.remove(req)
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._q)
+
+
+class PriorityQueue:
+    """Kept sorted by :func:`priority_key` (insertion by bisection; queues here are short)."""
+
+    def __init__(self) -> None:
+        self._q: list[Request] = []
+        self._keys: list[tuple[int, float, int]] = []
+
+    def add(self, req: Request) -> None:
+        key = priority_key(req)
+        i = bisect.bisect(self._keys, key)
+        self._keys.insert(i, key)
+        self._q.insert(i, req)
+
+    put_back = add  # a preempted request keeps its place in the order
+
+    def peek(self) -> Request:
+        return self._q[0]
+
+    def pop(self) -> Request:
+        self._keys.pop(0)
+        return self._q.pop(0)
+
+    def remove(self, req: Request) -> None:
+        i = self._q.index(req)
+        del self._q[i], self._keys[i]
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._q)
+
+
+def make_queue(policy: str) -> FCFSQueue | PriorityQueue:
+    if policy not in POLICIES:
+        raise ValueError(f"scheduling_policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    return PriorityQueue() if policy == "priority" else FCFSQueue()
