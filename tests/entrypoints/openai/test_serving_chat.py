@@ -49,7 +49,10 @@ class ScriptedEngine:
         self.tokenizer = tokenizer
         self.reply = reply
         self.max_model_len = 4096
-        self.config = SimpleNamespace(model=SimpleNamespace(vocab_size=len(tokenizer), model="scripted"))
+        self.config = SimpleNamespace(
+            model=SimpleNamespace(vocab_size=len(tokenizer), model="scripted"),
+            scheduler=SimpleNamespace(policy="fcfs"),
+        )
         self.generation_defaults: dict = {}
         self.errored = False
         self.stat_loggers: list = []
@@ -59,7 +62,7 @@ class ScriptedEngine:
     def shutdown(self) -> None:
         pass
 
-    async def generate(self, prompt, params, request_id) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt, params, request_id, priority: int = 0) -> AsyncIterator[RequestOutput]:
         self.prompts.append(prompt["prompt"])
         self.params.append(params)
         ids = self.tokenizer(self.reply, add_special_tokens=False).input_ids
