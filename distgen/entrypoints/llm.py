@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +13,7 @@ from distgen.engine.args import EngineArgs
 from distgen.engine.llm_engine import LLMEngine, PromptType
 from distgen.entrypoints.beam_search import beam_search
 from distgen.entrypoints.chat_utils import Conversation, render_chat, validate_conversation
+from distgen.entrypoints.openai.reasoning_parsers import check_reasoning_parser, end_token_ids, thinks_first
 from distgen.outputs import BeamSearchOutput, RequestOutput
 from distgen.sampling_params import BeamSearchParams, SamplingParams
 
@@ -25,9 +27,15 @@ class LLM:
     Face directory or a ``.gguf`` file. Keyword arguments are the engine's (vLLM's names):
     ``dtype``, ``seed``, ``max_model_len``, ``tensor_parallel_size``, ``kv_cache_memory``,
     ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ``generation_config``...
+    ``reasoning_parser`` (``"qwen3"``, ``"deepseek_r1"``), as vLLM's: the model's thinking is left
+    free, and a structured-output constraint holds from the end of it (``</think>``).
     """
 
-    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model: str | None = None, *, reasoning_parser: str | None = None, **kwargs: Any
+    ) -> None:
+        check_reasoning_parser(reasoning_parser)
+        self.reasoning_parser = reasoning_parser
         self.engine_args = EngineArgs.from_kwargs(model=model, **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
 
@@ -73,6 +81,8 @@ class LLM:
                     f"got {len(params)} SamplingParams for {len(prompts)} prompts; "
                     "pass one, or one per prompt"
                 )
+        if self.reasoning_parser is not None:
+            params = [self._after_thinking(prompt, p) for prompt, p in zip(prompts, params)]
         if priority is None:
             priorities = [0] * len(prompts)
         elif isinstance(priority, Sequence) and len(priority) == len(prompts):
@@ -89,6 +99,28 @@ class LLM:
             self.llm_engine.abort_request(ids)
             raise
         return self._run_engine(ids, use_tqdm)
+
+    def _after_thinking(self, prompt: PromptType, params: SamplingParams) -> SamplingParams:
+        """``params``, with its constraint held back until the thinking ends, if it has one and the
+        prompt leaves the reply room to think."""
+        if params.structured_outputs is None:
+            return params
+        if isinstance(prompt, str):
+            text = prompt
+        elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            text = prompt["prompt"]
+        else:  # token ids: their last few, as text, say whether the prompt closed the think block
+            ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else prompt
+            text = self.get_tokenizer().decode(list(ids)[-8:]) if isinstance(ids, (list, tuple)) else ""
+        if not thinks_first(text):
+            return params
+        params = params.clone()
+        params._grammar_after = self._reasoning_end_ids
+        return params
+
+    @functools.cached_property
+    def _reasoning_end_ids(self) -> list[int]:
+        return end_token_ids(self.get_tokenizer())
 
     def chat(
         self,

@@ -477,3 +477,24 @@ def test_priority_scheduling_runs_the_most_urgent_first(model_dir):
         assert_engine_idle_and_empty(llm)
     finally:
         llm.shutdown()
+
+
+def test_a_reasoning_parser_leaves_the_thinking_free(model_dir):
+    """As vLLM's ``reasoning_parser``: a constraint holds only once the model has closed its think
+    block. The tiny model never writes ``</think>``, so its greedy reply is what it writes with no
+    constraint at all; a prompt that closes the block itself is constrained from the first token."""
+    llm = LLM(model_dir, dtype="float32", kv_cache_memory=KV, reasoning_parser="qwen3")
+    try:
+        free = SamplingParams(temperature=0, max_tokens=12)
+        held = SamplingParams(temperature=0, max_tokens=12, structured_outputs={"choice": ["alpha", "beta"]})
+        closed = "Answer now. <think>\n\n</think>\n\n"
+        closed_ids = llm.get_tokenizer().encode(closed)
+        want = llm.generate("Think first.", free, use_tqdm=False)[0].outputs[0].token_ids
+        outs = llm.generate(["Think first.", closed, {"prompt_token_ids": closed_ids}], held, use_tqdm=False)
+        assert outs[0].outputs[0].token_ids == want
+        for out in outs[1:]:
+            assert out.outputs[0].text in {"alpha", "beta"} and out.outputs[0].finish_reason == "stop"
+    finally:
+        llm.shutdown()
+    with pytest.raises(ValueError, match="unknown reasoning parser 'r2'; there are: qwen3, deepseek_r1"):
+        LLM(model_dir, reasoning_parser="r2")

@@ -26,7 +26,7 @@ from distgen.entrypoints.openai.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
+from distgen.entrypoints.openai.reasoning_parsers import check_reasoning_parser
 from distgen.entrypoints.openai.serving_chat import create_chat_completion, render_request
 from distgen.entrypoints.openai.serving_common import ServingContext, encode_prompt, now
 from distgen.entrypoints.openai.serving_completion import create_completion
@@ -48,9 +48,7 @@ class ServerArgs:
     reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
-        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
-            known = ", ".join(REASONING_PARSERS)
-            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}; there are: {known}")
+        check_reasoning_parser(self.reasoning_parser)
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
             raise ValueError(
                 f"unknown tool call parser {self.tool_call_parser!r}; there are: {', '.join(PARSERS)}"

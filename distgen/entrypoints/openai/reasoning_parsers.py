@@ -4,7 +4,9 @@ Fed a choice's text delta by delta (the whole text at once is one delta), a pars
 delta's ``(reasoning, content)``. Text that may be the start of a tag is held back until it is certain,
 and so is whitespace at the edges of the reasoning and at the start of the content, which is not
 shown; the same text split any way gives the same two strings.
-``distgen serve --reasoning-parser NAME`` picks a parser from ``REASONING_PARSERS``.
+``distgen serve --reasoning-parser NAME`` picks a parser from ``REASONING_PARSERS``; with one (there,
+or ``LLM(reasoning_parser=NAME)`` offline) a structured-output constraint holds only once the thinking
+has ended.
 """
 
 from __future__ import annotations
@@ -110,3 +112,21 @@ REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
     "qwen3": ReasoningParser,
     "deepseek_r1": DeepSeekR1ReasoningParser,
 }
+
+
+def check_reasoning_parser(name: str | None) -> None:
+    if name is not None and name not in REASONING_PARSERS:
+        known = ", ".join(REASONING_PARSERS)
+        raise ValueError(f"unknown reasoning parser {name!r}; there are: {known}")
+
+
+def thinks_first(prompt_text: str) -> bool:
+    """Whether a reply to this prompt may start with thinking: not when the prompt closed the think
+    block itself (Qwen3's template with ``enable_thinking=False`` ends with an empty one)."""
+    return not prompt_text.rstrip().endswith(END)
+
+
+def end_token_ids(tokenizer) -> list[int]:
+    """The tokens that end the model's thinking (``</think>``), after which a structured-output
+    constraint holds (``SamplingParams._grammar_after``), as vLLM does with a reasoning parser."""
+    return tokenizer(END, add_special_tokens=False).input_ids

@@ -12,8 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from distgen.entrypoints.chat_utils import render_chat, validate_conversation
 from distgen.entrypoints.openai.errors import OpenAIError
 from distgen.entrypoints.openai.protocol import ChatCompletionRequest
-from distgen.entrypoints.openai.reasoning_parsers import END as REASONING_END
-from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS, ReasoningParser
+from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS, ReasoningParser, thinks_first
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
     check_prompt,
@@ -160,7 +159,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if constraint is not None:
         params.structured_outputs = constraint
     # A prompt that ends with a closed think block (thinking turned off) leaves the reply no thinking.
-    thinking = ctx.reasoning_parser is not None and not text.rstrip().endswith(REASONING_END)
+    thinking = ctx.reasoning_parser is not None and thinks_first(text)
     if params.structured_outputs is not None and thinking:
         # As vLLM does with a reasoning parser: the model thinks freely, the constraint holds after.
         params._grammar_after = ctx.reasoning_end_ids

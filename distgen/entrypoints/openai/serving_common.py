@@ -17,7 +17,7 @@ from distgen.engine.async_llm import AsyncLLM
 from distgen.engine.core import validate_prompt
 from distgen.engine.input_processor import check_priority, encode_text
 from distgen.entrypoints.openai.errors import OpenAIError, error_body
-from distgen.entrypoints.openai.reasoning_parsers import END as REASONING_END
+from distgen.entrypoints.openai.reasoning_parsers import end_token_ids
 from distgen.outputs import Logprob
 from distgen.sampling_params import SamplingParams
 from distgen.structured_output import GrammarError
@@ -41,9 +41,7 @@ class ServingContext:
 
     @functools.cached_property
     def reasoning_end_ids(self) -> list[int]:
-        """The tokens that end the model's thinking (``</think>``), after which a structured-output
-        constraint holds."""
-        return self.engine.tokenizer(REASONING_END, add_special_tokens=False).input_ids
+        return end_token_ids(self.engine.tokenizer)
 
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"
