@@ -20,6 +20,11 @@ _DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, usage so far in every chunk
+
+    def usage_in(self) -> tuple[bool, bool]:
+        """(a usage chunk at the end, usage so far in every chunk)."""
+        return self.include_usage, self.include_usage and self.continuous_usage_stats
 
 
 class _SamplingFields(BaseModel):

@@ -178,10 +178,15 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ]
 
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage, continuous = req.stream_options.usage_in() if req.stream_options else (False, False)
         chunk = {**base, "object": "chat.completion.chunk"}
 
         async def stream() -> AsyncIterator[str]:
+            completion = 0  # tokens so far, all choices
+
+            def so_far() -> dict:
+                return {"usage": usage(len(ids), completion)} if continuous else {}
+
             try:
                 async for out in gen:
                     for c in out.outputs:
@@ -191,10 +196,11 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                         if not ch.started:
                             ch.started = True
                             first = {"index": c.index, "delta": {"role": "assistant", "content": ""}}
-                            yield sse(
-                                {**chunk, "choices": [{**first, "logprobs": None, "finish_reason": None}]}
-                            )
+                            role = {**first, "logprobs": None, "finish_reason": None}
+                            yield sse({**chunk, "choices": [role], **so_far()})
+                        before = ch.num_tokens
                         _fold(ch, c, engine.tokenizer, k)
+                        completion += ch.num_tokens - before
                         delta = ch.parse(c.text, last=c.finish_reason is not None)
                         if not (delta or c.finish_reason):
                             continue  # its logprobs go with the next chunk
@@ -205,9 +211,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                             "finish_reason": ch.openai_finish_reason,
                             "stop_reason": c.stop_reason,
                         }
-                        yield sse({**chunk, "choices": [choice]})
+                        yield sse({**chunk, "choices": [choice], **so_far()})
                 if include_usage:
-                    completion = sum(ch.num_tokens for ch in choices)
                     yield sse({**chunk, "choices": [], "usage": usage(len(ids), completion)})
             except Exception as e:
                 yield sse_error(e)

@@ -108,16 +108,20 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         _fold(ch, c, engine.tokenizer, req.logprobs, keep=not req.echo_only)
 
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage, continuous = req.stream_options.usage_in() if req.stream_options else (False, False)
 
         async def stream() -> AsyncIterator[str]:
+            completion = 0  # tokens so far, all choices
+
             try:
                 async for i, out in merged:
                     for c in out.outputs:
                         ch = choices[(i, c.index)]
                         if ch.finish_reason is not None:
                             continue
+                        before = ch.num_tokens
                         fold(ch, out, c)
+                        completion += ch.num_tokens - before  # an echo-only choice counts none
                         if echo_logprobs and ch.prompt is None:
                             continue  # the echo goes out with its logprobs, once the prompt is scored
                         if not (len(ch.text) > ch.sent_text or c.finish_reason):
@@ -130,9 +134,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                             "finish_reason": c.finish_reason,
                             "stop_reason": c.stop_reason,
                         }
-                        yield sse({**base, "choices": [choice]})
+                        so_far = {"usage": usage(num_prompt_tokens, completion)} if continuous else {}
+                        yield sse({**base, "choices": [choice], **so_far})
                 if include_usage:
-                    completion = sum(ch.num_tokens for ch in choices.values())
                     yield sse({**base, "choices": [], "usage": usage(num_prompt_tokens, completion)})
             except Exception as e:  # the status line is sent: report in the stream
                 yield sse_error(e)

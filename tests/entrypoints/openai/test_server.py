@@ -149,6 +149,26 @@ def test_completion_stream_equals_non_stream(client):
     assert text == whole
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_continuous_usage_stats(client):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    kwargs = dict(
+        model="tiny-llama", max_tokens=12, temperature=1.0, n=2, stream=True, stream_options=options
+    )
+    body = {"ignore_eos": True}
+    for chunks in (
+        list(client.completions.create(prompt=PROMPT, extra_body=body, **kwargs)),
+        list(client.chat.completions.create(messages=CONVERSATION, extra_body=body, **kwargs)),
+    ):
+        counts = [c.usage.completion_tokens for c in chunks]
+        assert all(
+            c.usage is not None and c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in chunks
+        )
+        assert counts == sorted(counts) and counts[-1] == 24 and counts[-2] == 24 and counts[0] < 24
+        assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
 
 
 def test_chat_matches_offline_and_streams(client, offline):
