@@ -426,6 +426,15 @@ def test_echo_with_logprobs_scores_the_prompt(client, offline):
     assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
     streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
     assert streamed == full.choices[0].logprobs.token_logprobs
+    # n > 1: the prompt's logprobs arrive on choice 0's outputs; each choice's echo waits for them,
+    # though a stream hands out only the choices that changed.
+    chunks = list(client.completions.create(**{**kwargs, "temperature": 1.0, "n": 3, "seed": 5}, stream=True))
+    for i in range(3):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(c.text for c in mine).startswith(PROMPT)
+        lps = [t for c in mine if c.logprobs for t in c.logprobs.token_logprobs]
+        assert len(lps) == n_prompt + 4 and lps[0] is None
+        assert lps[1:n_prompt] == pytest.approx(full.choices[0].logprobs.token_logprobs[1:n_prompt], abs=1e-4)
     with pytest.raises(openai.BadRequestError, match="max_tokens may be 0 only with echo"):
         client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=0)
 
