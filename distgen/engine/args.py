@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import types
@@ -21,6 +22,8 @@ from distgen.config import (
 )
 from distgen.executor.base import Executor
 from distgen.model_loader.loader import ModelSource, local_path, resolve_model
+
+logger = logging.getLogger("distgen")
 
 
 @dataclass
@@ -47,6 +50,20 @@ class EngineArgs:
     async_scheduling: bool = False
     scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
+    disable_log_stats: bool = False  # serve: no periodic line of engine stats in the log
+    # Accepted as vLLM spells them, so its launch lines and scripts run unchanged. Each is checked in
+    # create_config: what distgen does one way only is refused when asked otherwise (a ValueError
+    # saying so), and what has no counterpart here changes nothing (an INFO line says so).
+    trust_remote_code: bool = False  # no model code is ever loaded: only built-in architectures run
+    revision: str | None = None  # refused: nothing is downloaded
+    download_dir: str | None = None  # no effect: nothing is downloaded
+    load_format: str = "auto"  # auto | safetensors | gguf: must match what the model path holds
+    tokenizer_mode: str = "auto"  # auto | hf: the model's own tokenizer
+    quantization: str | None = None  # refused: weights load in dtype (a GGUF file is dequantized)
+    kv_cache_dtype: str = "auto"  # auto: the KV cache holds the model's dtype
+    pipeline_parallel_size: int = 1  # 1: tensor parallelism only
+    swap_space: float = 4.0  # no effect: a preempted request is recomputed, never swapped
+    disable_custom_all_reduce: bool = False  # no effect: all-reduce is NCCL's (gloo's on the CPU)
 
     def __post_init__(self) -> None:
         """Every argument must have its declared type: ``enforce_eager="no"`` would otherwise count as
@@ -63,8 +80,65 @@ class EngineArgs:
             raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
         return cls(**kwargs)
 
+    def _check_vllm_only_args(self) -> None:
+        """vLLM's arguments that distgen takes but has one way of doing: refuse what it cannot do."""
+        refused = [
+            (
+                self.revision is not None,
+                f"revision={self.revision!r}: nothing is ever downloaded; point "
+                "model at that revision's directory (or its snapshot in the Hugging Face cache)",
+            ),
+            (
+                self.quantization is not None,
+                f"quantization={self.quantization!r} is not supported: weights "
+                "load in dtype (a GGUF file is dequantized at load)",
+            ),
+            (
+                self.kv_cache_dtype != "auto",
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: the "
+                "KV cache holds the model's dtype ('auto')",
+            ),
+            (
+                self.pipeline_parallel_size != 1,
+                f"pipeline_parallel_size={self.pipeline_parallel_size} is not "
+                "supported: distgen splits a model by tensor parallelism (tensor_parallel_size) only",
+            ),
+            (
+                self.tokenizer_mode not in ("auto", "hf"),
+                f"tokenizer_mode={self.tokenizer_mode!r} is not "
+                "supported: the model's own tokenizer is used ('auto')",
+            ),
+            (
+                self.load_format not in ("auto", "safetensors", "gguf"),
+                f"load_format={self.load_format!r} is "
+                "not supported: 'auto', 'safetensors' (a Hugging Face directory) or 'gguf' (a .gguf file)",
+            ),
+        ]
+        for bad, why in refused:
+            if bad:
+                raise ValueError(why)
+        ignored = [
+            (
+                self.trust_remote_code,
+                "trust_remote_code: no model code is loaded, only distgen's architectures run",
+            ),
+            (self.download_dir is not None, "download_dir: nothing is downloaded"),
+            (self.swap_space != 4, "swap_space: a preempted request is recomputed, never swapped"),
+            (
+                self.disable_custom_all_reduce,
+                "disable_custom_all_reduce: all-reduce is always NCCL's (gloo's on the CPU)",
+            ),
+        ]
+        for given, why in ignored:
+            if given:
+                logger.info("has no effect in distgen: %s", why)
+
     def create_config(self) -> tuple[EngineConfig, ModelSource]:
+        self._check_vllm_only_args()
         source = resolve_model(self.model)
+        if self.load_format != "auto" and (self.load_format == "gguf") != source.is_gguf:
+            held = "a GGUF file" if source.is_gguf else "a Hugging Face directory (safetensors)"
+            raise ValueError(f"load_format={self.load_format!r}, but the model path holds {held}")
         hf = source.hf_config
         backend = Executor.resolve_backend(self.distributed_executor_backend, self.tensor_parallel_size)
         device = self.device or default_device(backend)

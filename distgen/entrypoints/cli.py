@@ -44,6 +44,17 @@ ENGINE_HELP = {
     "device": "cpu | cuda (default: cuda when available)",
     "enforce_eager": "on CUDA, never replay captured CUDA graphs",
     "async_scheduling": "schedule the next step while the GPU runs this one",
+    "disable_log_stats": "serve: no line of engine stats (throughput, queues, KV cache) every 10 s",
+    "trust_remote_code": "vLLM's; no effect: no model code is loaded, only built-in architectures run",
+    "revision": "vLLM's; refused: nothing is downloaded (point MODEL at the revision's directory)",
+    "download_dir": "vLLM's; no effect: nothing is downloaded",
+    "load_format": "auto | safetensors | gguf (must match what MODEL holds)",
+    "tokenizer_mode": "auto | hf: the model's own tokenizer",
+    "quantization": "vLLM's; refused: weights load in --dtype (a GGUF file is dequantized)",
+    "kv_cache_dtype": "auto only: the KV cache holds the model's dtype",
+    "pipeline_parallel_size": "1 only: distgen splits models by tensor parallelism",
+    "swap_space": "vLLM's; no effect: a preempted request is recomputed, never swapped",
+    "disable_custom_all_reduce": "vLLM's; no effect: all-reduce is NCCL's (gloo's on the CPU)",
     "scheduling_policy": "fcfs (arrival order) | priority (each request's priority, lower first, "
     "then arrival; the least urgent running request is preempted first)",
     "max_logprobs": "most logprobs / prompt_logprobs a request may ask for per token",
@@ -58,6 +69,9 @@ _SERVER_KEYS = (
     "enable_auto_tool_choice",
     "tool_call_parser",
     "reasoning_parser",
+    "enable_log_requests",
+    "disable_log_requests",
+    "uvicorn_log_level",
 )
 _UNITS = {
     "": 1,
@@ -184,6 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-template", dest="chat_template", default=None, help="Jinja template file or string"
     )
     net.add_argument("--log-level", dest="log_level", default="info", help="debug | info | warning | error")
+    net.add_argument(
+        "--uvicorn-log-level",
+        dest="uvicorn_log_level",
+        default=None,
+        help="uvicorn's own (default: --log-level)",
+    )
+    net.add_argument(
+        "--enable-log-requests",
+        dest="enable_log_requests",
+        action="store_true",
+        help="log each request (id, prompt, sampling parameters) at INFO",
+    )
+    net.add_argument(
+        "--disable-log-requests",
+        dest="disable_log_requests",
+        action="store_true",
+        help="vLLM's older flag; requests are not logged unless --enable-log-requests",
+    )
     net.add_argument(
         "--enable-auto-tool-choice",
         dest="enable_auto_tool_choice",

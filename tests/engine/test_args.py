@@ -43,3 +43,43 @@ def test_the_types_a_user_may_pass(tiny_model_dir):
     assert config.model.dtype == torch.float32 and config.cache.gpu_memory_utilization == 1
     # The server answers with this name in JSON: a path object would not serialize.
     assert config.model.served_model_name == tiny_model_dir("llama")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"quantization": "awq"}, r"quantization='awq' is not supported"),
+        ({"kv_cache_dtype": "fp8"}, r"kv_cache_dtype='fp8' is not supported"),
+        ({"pipeline_parallel_size": 2}, r"pipeline_parallel_size=2 is not supported.*tensor_parallel_size"),
+        ({"revision": "main"}, r"revision='main': nothing is ever downloaded"),
+        ({"tokenizer_mode": "mistral"}, r"tokenizer_mode='mistral' is not supported"),
+        ({"load_format": "pt"}, r"load_format='pt' is not supported"),
+        ({"load_format": "gguf"}, r"load_format='gguf', but the model path holds a Hugging Face directory"),
+    ],
+)
+def test_vllm_arguments_distgen_cannot_honour_are_refused(kwargs, message, tiny_model_dir):
+    """Taken as vLLM spells them (so its scripts run), but never silently ignored when they ask for
+    something distgen does not do."""
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(model=tiny_model_dir("llama"), **kwargs).create_config()
+
+
+def test_vllm_arguments_without_a_counterpart_change_nothing(tiny_model_dir, caplog):
+    model = tiny_model_dir("llama")
+    plain, _ = EngineArgs(model=model).create_config()
+    with caplog.at_level("INFO", logger="distgen"):
+        given, _ = EngineArgs(
+            model=model,
+            trust_remote_code=True,
+            download_dir="/nowhere",
+            swap_space=8,
+            disable_custom_all_reduce=True,
+            load_format="safetensors",
+            tokenizer_mode="hf",
+            kv_cache_dtype="auto",
+            pipeline_parallel_size=1,
+        ).create_config()
+    assert given == plain
+    said = [r.getMessage() for r in caplog.records]
+    for name in ("trust_remote_code", "download_dir", "swap_space", "disable_custom_all_reduce"):
+        assert any(m.startswith("has no effect in distgen: " + name) for m in said), (name, said)

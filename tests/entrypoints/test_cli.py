@@ -50,6 +50,21 @@ def test_vllm_flag_names_and_defaults():
     assert (ns.enable_auto_tool_choice, ns.tool_call_parser, ns.reasoning_parser) == (True, "hermes", "qwen3")
 
 
+def test_a_vllm_launch_line_parses_unchanged():
+    """Flags vLLM users carry in their scripts: taken, and checked when the engine starts."""
+    line = (
+        "serve m --trust-remote-code --disable-log-requests --disable-log-stats --swap-space 16 "
+        "--gpu-memory-utilization 0.85 --max-model-len 4096 --kv-cache-dtype auto --dtype bfloat16 "
+        "--load-format safetensors --tokenizer-mode auto --pipeline-parallel-size 1 "
+        "--disable-custom-all-reduce --uvicorn-log-level warning --enable-log-requests"
+    )
+    ns = _parse(*line.split())
+    args = engine_args_from(ns)
+    assert (args.trust_remote_code, args.disable_log_stats, args.swap_space) == (True, True, 16.0)
+    assert (args.gpu_memory_utilization, args.max_model_len, args.load_format) == (0.85, 4096, "safetensors")
+    assert (ns.uvicorn_log_level, ns.enable_log_requests, ns.disable_log_requests) == ("warning", True, True)
+
+
 @pytest.mark.parametrize(
     "text, size", [("1024", 1024), ("512MiB", 512 << 20), ("4GiB", 4 << 30), ("2G", 2 << 30)]
 )

@@ -17,6 +17,7 @@ import distgen
 from distgen.engine.args import EngineArgs
 from distgen.engine.async_llm import AsyncLLM
 from distgen.engine.exceptions import EngineDeadError
+from distgen.engine.stats import LoggingStatLogger
 from distgen.entrypoints.chat_utils import load_chat_template
 from distgen.entrypoints.openai.errors import OpenAIError, error_response
 from distgen.entrypoints.openai.metrics import PrometheusStatLogger
@@ -46,6 +47,9 @@ class ServerArgs:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    enable_log_requests: bool = False  # one INFO line per request: its id, prompt and parameters
+    disable_log_requests: bool = False  # vLLM's older flag: requests are not logged unless enabled
+    uvicorn_log_level: str | None = None  # uvicorn's own log level (default: log_level)
 
     def __post_init__(self) -> None:
         check_reasoning_parser(self.reasoning_parser)
@@ -66,6 +70,7 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
         load_chat_template(server.chat_template),
         server.tool_call_parser if server.enable_auto_tool_choice else None,
         server.reasoning_parser,
+        log_requests=server.enable_log_requests and not server.disable_log_requests,
     )
 
     @asynccontextmanager
@@ -201,9 +206,11 @@ def serve(engine_args: EngineArgs, server: ServerArgs) -> None:
     try:
         engine = AsyncLLM.from_engine_args(engine_args)
         try:
+            if not engine_args.disable_log_stats:
+                engine.stat_loggers.append(LoggingStatLogger())
             names = [engine.config.model.served_model_name]
             app = build_app(engine, server, names)
-            config = uvicorn.Config(app, log_level=server.log_level)
+            config = uvicorn.Config(app, log_level=server.uvicorn_log_level or server.log_level)
             port = sock.getsockname()[1]
             logger.info("serving %s on http://%s:%d", names[0], server.host, port)
             asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))

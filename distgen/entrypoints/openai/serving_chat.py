@@ -164,7 +164,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         # As vLLM does with a reasoning parser: the model thinks freely, the constraint holds after.
         params._grammar_after = ctx.reasoning_end_ids
     request_id = ctx.new_request_id("chatcmpl")
-    gen = start(engine, req, {"prompt": text, "prompt_token_ids": ids}, params, request_id)
+    gen = start(ctx, req, {"prompt": text, "prompt_token_ids": ids}, params, request_id)
     k = params.logprobs
     base = {"id": request_id, "created": now(), "model": model}
     reasoning = REASONING_PARSERS[ctx.reasoning_parser] if ctx.reasoning_parser else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ from distgen.sampling_params import SamplingParams
 from distgen.structured_output import GrammarError
 
 T = TypeVar("T")
+logger = logging.getLogger("distgen")
+MAX_LOGGED_PROMPT = 200  # characters of a prompt in the request log (--enable-log-requests)
 
 
 @dataclass
@@ -32,6 +35,7 @@ class ServingContext:
     chat_template: str | None = None
     tool_parser: str | None = None  # a name in tool_parsers.PARSERS: tool_choice "auto" is served
     reasoning_parser: str | None = None  # a name in reasoning_parsers.REASONING_PARSERS
+    log_requests: bool = False  # --enable-log-requests
 
     def check_model(self, model: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""
@@ -132,13 +136,23 @@ def encode_prompt(tokenizer, text: str, add_special_tokens: bool = True) -> list
         raise OpenAIError(str(e), param="prompt") from e
 
 
-def start(engine: AsyncLLM, req, prompt: dict, params: SamplingParams, request_id: str):
+def start(ctx: ServingContext, req, prompt: dict, params: SamplingParams, request_id: str):
     """``engine.generate`` for one prompt of ``req``; a constraint that does not compile is a 400
     naming the request field that gave it (a chat request's ``tools``, when its tool_choice did)."""
+    engine = ctx.engine
     try:
         check_priority(req.priority, engine.config.scheduler.policy)
     except ValueError as e:
         raise OpenAIError(str(e), param="priority") from e
+    if ctx.log_requests:
+        text = prompt.get("prompt") or ""
+        logger.info(
+            "request %s: %d prompt tokens %r, %s",
+            request_id,
+            len(prompt["prompt_token_ids"]),
+            text if len(text) <= MAX_LOGGED_PROMPT else text[:MAX_LOGGED_PROMPT] + "...",
+            params,
+        )
     try:
         return engine.generate(prompt, params, request_id, priority=req.priority)
     except GrammarError as e:

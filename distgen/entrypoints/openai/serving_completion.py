@@ -85,7 +85,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         )
     request_id = ctx.new_request_id("cmpl")
     gens = [
-        start(engine, req, {"prompt": t, "prompt_token_ids": ids}, params, f"{request_id}-{i}")
+        start(ctx, req, {"prompt": t, "prompt_token_ids": ids}, params, f"{request_id}-{i}")
         for i, (t, ids, params) in enumerate(inputs)
     ]
     n = req.n

@@ -355,3 +355,19 @@ def test_server_args_check_the_parser():
         ValueError, match="unknown tool call parser 'pythonic'; there are: hermes, llama3_json"
     ):
         ServerArgs(enable_auto_tool_choice=True, tool_call_parser="pythonic")
+
+
+def test_requests_are_logged_only_when_asked(smollm2_tokenizer, caplog):
+    """--enable-log-requests: one INFO line per request with its id, prompt and parameters."""
+    engine = ScriptedEngine(smollm2_tokenizer, "Fine.")
+    with caplog.at_level("INFO", logger="distgen"):
+        client_for(engine).chat.completions.create(model="scripted", messages=MESSAGES, max_tokens=5)
+        assert not [r for r in caplog.records if r.getMessage().startswith("request ")]
+        logged = client_for(engine, enable_log_requests=True)
+        logged.chat.completions.create(model="scripted", messages=MESSAGES, max_tokens=5)
+        client_for(engine, enable_log_requests=True, disable_log_requests=True).chat.completions.create(
+            model="scripted", messages=MESSAGES, max_tokens=5
+        )
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request ")]
+    assert line.startswith("request chatcmpl-") and "Weather in Paris and Rome?" in line
+    assert "max_tokens=5" in line
