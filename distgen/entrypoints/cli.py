@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import re
 import signal
@@ -72,6 +73,10 @@ _SERVER_KEYS = (
     "enable_log_requests",
     "disable_log_requests",
     "uvicorn_log_level",
+    "allowed_origins",
+    "allowed_methods",
+    "allowed_headers",
+    "allow_credentials",
 )
 _UNITS = {
     "": 1,
@@ -104,6 +109,18 @@ def _bool(text: str | bool) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+def _string_list(text: str | list) -> list[str]:
+    """A JSON list of strings, as vLLM takes them (``'["https://a.example"]'``), or comma-separated."""
+    if isinstance(text, str):
+        try:
+            text = json.loads(text) if text.lstrip().startswith("[") else [t.strip() for t in text.split(",")]
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}") from None
+    if not isinstance(text, list) or not all(isinstance(t, str) and t for t in text):
+        raise argparse.ArgumentTypeError(f"not a list of strings: {text!r}")
+    return text
 
 
 def _port(text: str | int) -> int:
@@ -203,6 +220,34 @@ def build_parser() -> argparse.ArgumentParser:
         dest="uvicorn_log_level",
         default=None,
         help="uvicorn's own (default: --log-level)",
+    )
+    cors = "CORS (off unless --allowed-origins is given): "
+    net.add_argument(
+        "--allowed-origins",
+        dest="allowed_origins",
+        type=_string_list,
+        default=None,
+        metavar="LIST",
+        help=cors + "origins whose browser pages may call the API, a JSON list or comma-separated ('*': any)",
+    )
+    net.add_argument(
+        "--allowed-methods",
+        dest="allowed_methods",
+        type=_string_list,
+        default=["*"],
+        metavar="LIST",
+        help=cors + "methods",
+    )
+    net.add_argument(
+        "--allowed-headers",
+        dest="allowed_headers",
+        type=_string_list,
+        default=["*"],
+        metavar="LIST",
+        help=cors + "headers",
+    )
+    net.add_argument(
+        "--allow-credentials", dest="allow_credentials", action="store_true", help=cors + "allow credentials"
     )
     net.add_argument(
         "--enable-log-requests",

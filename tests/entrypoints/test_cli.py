@@ -63,6 +63,21 @@ def test_a_vllm_launch_line_parses_unchanged():
     assert (args.trust_remote_code, args.disable_log_stats, args.swap_space) == (True, True, 16.0)
     assert (args.gpu_memory_utilization, args.max_model_len, args.load_format) == (0.85, 4096, "safetensors")
     assert (ns.uvicorn_log_level, ns.enable_log_requests, ns.disable_log_requests) == ("warning", True, True)
+    ns = _parse("serve", "--allowed-origins", '["https://a.example", "http://b.example:3000"]')
+    assert ns.allowed_origins == ["https://a.example", "http://b.example:3000"] and ns.allowed_methods == [
+        "*"
+    ]
+    assert _parse("serve", "--allowed-origins", "https://a.example,https://c.example").allowed_origins == [
+        "https://a.example",
+        "https://c.example",
+    ]
+    assert _parse("serve").allowed_origins is None  # no CORS unless asked
+
+
+def test_a_bad_origin_list_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        _parse("serve", "--allowed-origins", '["https://a.example"')
+    assert "--allowed-origins: not a JSON list" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

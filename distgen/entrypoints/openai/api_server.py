@@ -7,10 +7,11 @@ import logging
 import secrets
 import socket
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 import distgen
@@ -50,6 +51,12 @@ class ServerArgs:
     enable_log_requests: bool = False  # one INFO line per request: its id, prompt and parameters
     disable_log_requests: bool = False  # vLLM's older flag: requests are not logged unless enabled
     uvicorn_log_level: str | None = None  # uvicorn's own log level (default: log_level)
+    # CORS, for pages in a browser that call the API: off unless origins are given (vLLM allows every
+    # origin by default, which lets any web page a user opens drive a server on their machine).
+    allowed_origins: list[str] | None = None
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
         check_reasoning_parser(self.reasoning_parser)
@@ -91,6 +98,15 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error_response("invalid or missing API key (Authorization: Bearer ...)", 401)
         return await call_next(request)
+
+    if server.allowed_origins:  # added last, so outermost: a preflight needs no API key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=server.allowed_origins,
+            allow_methods=server.allowed_methods,
+            allow_headers=server.allowed_headers,
+            allow_credentials=server.allow_credentials,
+        )
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, e: OpenAIError):

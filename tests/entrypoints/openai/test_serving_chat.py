@@ -371,3 +371,29 @@ def test_requests_are_logged_only_when_asked(smollm2_tokenizer, caplog):
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request ")]
     assert line.startswith("request chatcmpl-") and "Weather in Paris and Rome?" in line
     assert "max_tokens=5" in line
+
+
+def test_cors_only_for_the_origins_given(smollm2_tokenizer):
+    """--allowed-origins: a page from that origin may call the API (its preflight needs no API key);
+    other origins, and every origin without the flag, get no CORS headers."""
+    engine = ScriptedEngine(smollm2_tokenizer, "Fine.")
+    page = "https://ui.example"
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST"}
+    chat = {"model": "scripted", "messages": MESSAGES, "max_tokens": 2}
+    auth = {"Origin": page, "Authorization": "Bearer k"}
+
+    closed = TestClient(build_app(engine, ServerArgs(chat_template=TEMPLATE, api_key="k"), ["scripted"]))
+    resp = closed.post("/v1/chat/completions", json=chat, headers=auth)
+    assert resp.status_code == 200 and "access-control-allow-origin" not in resp.headers
+
+    server = ServerArgs(chat_template=TEMPLATE, api_key="k", allowed_origins=[page])
+    open_to_page = TestClient(build_app(engine, server, ["scripted"]))
+    resp = open_to_page.options("/v1/chat/completions", headers=preflight)
+    assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == page
+    resp = open_to_page.post("/v1/chat/completions", json=chat, headers=auth)
+    assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == page
+    assert open_to_page.post("/v1/chat/completions", json=chat, headers={"Origin": page}).status_code == 401
+    other = open_to_page.options(
+        "/v1/chat/completions", headers={**preflight, "Origin": "https://elsewhere.example"}
+    )
+    assert "access-control-allow-origin" not in other.headers
