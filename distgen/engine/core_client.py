@@ -165,6 +165,9 @@ class _CoreProcess:
         ipc_dir = tempfile.mkdtemp(prefix="distgen-core-")
         ctx = zmq.Context()
         inp, out = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+        # No high-water mark on the way in: past ZeroMQ's default 1000 queued messages a send blocks
+        # until the core reads (between steps), and an n=20000 request froze the server for a step.
+        inp.setsockopt(zmq.SNDHWM, 0)
         inp.bind(f"ipc://{ipc_dir}/input")
         out.bind(f"ipc://{ipc_dir}/output")
         res = cls(ipc_dir, ctx, inp, out)

@@ -62,6 +62,7 @@ def run_engine_core(args: EngineCoreProcArgs) -> None:
 
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
+    inp.setsockopt(zmq.RCVHWM, 0)  # requests queue here, unbounded (see core_client)
     inp.connect(args.input_addr)
     out = ctx.socket(zmq.PUSH)
     out.connect(args.output_addr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from distgen.engine.detokenizer import IncrementalDetokenizer
 from distgen.engine.input_processor import NewRequest
@@ -21,13 +22,23 @@ class SequenceState:
     child_id: str
     index: int
     params: SamplingParams
-    detok: IncrementalDetokenizer
+    _tokenizer: Any = field(repr=False)
+    _prompt_token_ids: list[int] = field(repr=False)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_sent: int = 0  # token ids already handed out (delta outputs)
+    _detok: IncrementalDetokenizer | None = field(default=None, repr=False)
+
+    @property
+    def detok(self) -> IncrementalDetokenizer:
+        """Made at the sequence's first output: an n=20000 request made 20000 of them up front,
+        half a second with the server's event loop blocked."""
+        if self._detok is None:
+            self._detok = IncrementalDetokenizer(self._tokenizer, self._prompt_token_ids, self.params)
+        return self._detok
 
 
 @dataclass
@@ -56,7 +67,7 @@ class OutputProcessor:
     def add_request(self, request_id: str, new: NewRequest, arrival_time: float) -> None:
         prompt, prompt_token_ids, params = new.prompt, new.prompt_token_ids, new.params
         seqs = [
-            SequenceState(cid, i, p, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, p))
+            SequenceState(cid, i, p, self.tokenizer, prompt_token_ids)
             for i, (cid, p) in enumerate(new.children)
         ]
         for s in seqs:

@@ -166,3 +166,29 @@ def test_unguarded_script_and_parent_exit_leave_nothing(tiny_model_dir, tmp_path
     assert wait_gone(pids) == [], "engine core or workers outlived their parent"
     ipc_dir = next(ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("DIR"))
     assert not os.path.exists(ipc_dir), "the socket directory outlived the processes"
+
+
+def test_requests_queue_for_a_busy_core_without_blocking_the_front_end(tiny_model_dir):
+    """The core reads its input between steps. Past ZeroMQ's default high-water mark (1000 queued
+    messages) a send blocked until it did, so an n=3000 request froze the front end (the server's
+    event loop) for as long as the core was busy; here the core is stopped outright."""
+    import threading
+
+    llm = LLM(tiny_model_dir("llama"), kv_cache_memory=KV, max_model_len=64)
+    engine = llm.llm_engine
+    os.kill(engine.client.pid, signal.SIGSTOP)
+    try:
+        ids: list[str] = []
+        sender = threading.Thread(
+            target=lambda: ids.append(engine.add_request("Hi", SamplingParams(n=3000, max_tokens=1)))
+        )
+        sender.start()
+        sender.join(timeout=30)
+        assert not sender.is_alive(), "adding a request blocked on a core that was not reading"
+    finally:
+        os.kill(engine.client.pid, signal.SIGCONT)
+    sender.join()
+    engine.abort_request(ids)
+    out = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [8, 8]
+    llm.shutdown()
