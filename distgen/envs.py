@@ -19,6 +19,9 @@ class Envs:
     kernels: str
     # The server's API key when --api-key is not given (a flag shows in `ps`; the environment does not).
     api_key: str | None
+    # The most sequences one request may ask for (n): each is a request of its own to the engine core,
+    # so n in the billions would tie up the front end and exhaust its memory (vLLM's limit, too).
+    max_n_sequences: int
 
 
 _FALSE = ("0", "false", "no", "off")
@@ -32,7 +35,17 @@ def envs() -> Envs:
         cache_dir=env.get("DISTGEN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "distgen")),
         kernels=env.get("DISTGEN_KERNELS", "auto"),
         api_key=env.get("DISTGEN_API_KEY") or None,
+        max_n_sequences=_positive_int(env, "DISTGEN_MAX_N_SEQUENCES", 16384),
     )
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name)
+    if text is None:
+        return default
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:

@@ -15,6 +15,7 @@ from typing import Any
 from distgen.config import EngineConfig
 from distgen.engine.core import validate_prompt
 from distgen.engine.messages import EngineCoreRequest
+from distgen.envs import envs
 from distgen.model_loader.loader import ModelSource, generation_eos_ids, load_generation_config
 from distgen.sampling_params import SamplingParams, StructuredOutputsParams
 from distgen.structured_output import compile_grammar, grammar_tokenizer
@@ -162,6 +163,12 @@ class InputProcessor:
         text, prompt_ids = self.tokenize_prompt(prompt, params.prompt_limit(max_model_len))
         validate_prompt(prompt_ids, max_model_len, self.config.model.vocab_size)
         params.verify_token_ids(self.config.model.vocab_size)
+        most_n = envs().max_n_sequences
+        if params.n > most_n:
+            raise ValueError(
+                f"SamplingParams.n={params.n} is more than this engine allows ({most_n}); "
+                "set DISTGEN_MAX_N_SEQUENCES to allow more"
+            )
         limit = self.config.model.max_logprobs if max_logprobs is None else max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             asked = getattr(params, name)

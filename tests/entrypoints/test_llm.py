@@ -223,6 +223,9 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
         llm.generate(None, GREEDY, use_tqdm=False)
     with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them"):
         llm.generate("hi", {"max_tokens": 2}, use_tqdm=False)
+    # More sequences than DISTGEN_MAX_N_SEQUENCES (16384 by default, as vLLM's limit).
+    with pytest.raises(ValueError, match=r"SamplingParams.n=16385 is more than this engine allows \(16384\)"):
+        llm.generate("Hi", SamplingParams(n=16385, max_tokens=1), use_tqdm=False)
     # A priority the default (fcfs) policy would ignore, and a malformed one.
     with pytest.raises(ValueError, match=r"priority=1 needs the priority scheduling policy.*'fcfs'"):
         llm.generate(tok_prompts(PROMPTS[:2]), GREEDY, use_tqdm=False, priority=[0, 1])

@@ -117,6 +117,11 @@ def test_values_the_engine_could_not_carry_or_would_not_allow(server):
     resp = httpx.post(server.v1 + "/completions", json={**OK, "logprobs": 21, "stream": True})
     _assert_error(resp, 400, "logprobs=21", param="logprobs")
     assert httpx.post(server.v1 + "/completions", json={**OK, "logprobs": 20}).status_code == 200
+    # n in the billions: each sequence is a request of its own (it took the server down).
+    resp = httpx.post(server.v1 + "/completions", json={**OK, "n": 10**9})
+    _assert_error(resp, 400, "n=1000000000", "DISTGEN_MAX_N_SEQUENCES", param="n")
+    resp = httpx.post(server.v1 + "/chat/completions", json={**chat, "n": 1e9})
+    _assert_error(resp, 400, "n=1000000000", param="n")
     # A priority this server (fcfs) would ignore.
     resp = httpx.post(server.v1 + "/completions", json={**OK, "priority": 1})
     _assert_error(resp, 400, "priority=1", "--scheduling-policy priority", param="priority")
