@@ -160,6 +160,9 @@ class InputProcessor:
         internal caller such as beam search passes what its algorithm needs), or for a ``priority``
         the engine's scheduling policy ignores."""
         check_priority(priority, self.config.scheduler.policy)
+        # A checked copy: fields set after construction (the server's constraint for a tool_choice,
+        # a user's own edits) are checked here, not found bad by the engine core's decoder.
+        params = dataclasses.replace(params)
         text, prompt_ids = self.tokenize_prompt(prompt, params.prompt_limit(max_model_len))
         validate_prompt(prompt_ids, max_model_len, self.config.model.vocab_size)
         params.verify_token_ids(self.config.model.vocab_size)
@@ -177,7 +180,6 @@ class InputProcessor:
                     f"SamplingParams.{name}={asked} is more than this engine allows ({limit}); "
                     "start it with a larger max_logprobs (--max-logprobs) to ask for more"
                 )
-        params = params.clone()
         params._eos_token_ids = list(self.eos_token_ids)
         if params.bad_words:
             params._bad_words_token_ids = self.bad_words_token_ids(params.bad_words)

@@ -223,6 +223,12 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
         llm.generate(None, GREEDY, use_tqdm=False)
     with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them"):
         llm.generate("hi", {"max_tokens": 2}, use_tqdm=False)
+    # Parameters changed after construction are checked when the request is made, not found bad by
+    # the engine core's decoder (which ended the request as aborted).
+    edited = SamplingParams(max_tokens=2)
+    edited.temperature = -1
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        llm.generate("Hi", edited, use_tqdm=False)
     # More sequences than DISTGEN_MAX_N_SEQUENCES (16384 by default, as vLLM's limit).
     with pytest.raises(ValueError, match=r"SamplingParams.n=16385 is more than this engine allows \(16384\)"):
         llm.generate("Hi", SamplingParams(n=16385, max_tokens=1), use_tqdm=False)

@@ -117,6 +117,12 @@ def test_values_the_engine_could_not_carry_or_would_not_allow(server):
     resp = httpx.post(server.v1 + "/completions", json={**OK, "logprobs": 21, "stream": True})
     _assert_error(resp, 400, "logprobs=21", param="logprobs")
     assert httpx.post(server.v1 + "/completions", json={**OK, "logprobs": 20}).status_code == 200
+    # A tool_choice's constraint is set on the parameters after they are built: still checked, a 400
+    # (it reached the engine core, whose decoder refused it, and the client got an empty 200).
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {**chat, "tools": tools, "tool_choice": "required", "allowed_token_ids": [5, 6]}
+    resp = httpx.post(server.v1 + "/chat/completions", json=body)
+    _assert_error(resp, 400, "allowed_token_ids cannot be combined", param="allowed_token_ids")
     # n in the billions: each sequence is a request of its own (it took the server down).
     resp = httpx.post(server.v1 + "/completions", json={**OK, "n": 10**9})
     _assert_error(resp, 400, "n=1000000000", "DISTGEN_MAX_N_SEQUENCES", param="n")
