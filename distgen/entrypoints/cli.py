@@ -222,30 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="uvicorn's own (default: --log-level)",
     )
     cors = "CORS (off unless --allowed-origins is given): "
-    net.add_argument(
-        "--allowed-origins",
-        dest="allowed_origins",
-        type=_string_list,
-        default=None,
-        metavar="LIST",
-        help=cors + "origins whose browser pages may call the API, a JSON list or comma-separated ('*': any)",
-    )
-    net.add_argument(
-        "--allowed-methods",
-        dest="allowed_methods",
-        type=_string_list,
-        default=["*"],
-        metavar="LIST",
-        help=cors + "methods",
-    )
-    net.add_argument(
-        "--allowed-headers",
-        dest="allowed_headers",
-        type=_string_list,
-        default=["*"],
-        metavar="LIST",
-        help=cors + "headers",
-    )
+    for what, default, about in (
+        (
+            "origins",
+            None,
+            "origins whose browser pages may call the API, a JSON list or comma-separated ('*': any)",
+        ),
+        ("methods", ["*"], "methods"),
+        ("headers", ["*"], "headers"),
+    ):
+        net.add_argument(
+            f"--allowed-{what}",
+            dest=f"allowed_{what}",
+            type=_string_list,
+            default=default,
+            metavar="LIST",
+            help=cors + about,
+        )
     net.add_argument(
         "--allow-credentials", dest="allow_credentials", action="store_true", help=cors + "allow credentials"
     )
