@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import distgen
 from distgen.engine.args import EngineArgs
@@ -132,6 +133,12 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
     async def value_error(_: Request, e: ValueError):
         return OpenAIError.from_value_error(e).response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        """An unknown path or a wrong method: OpenAI's error shape, as every other error here."""
+        what = {404: f"no such endpoint: {request.url.path}", 405: f"{request.method} is not allowed here"}
+        return error_response(what.get(e.status_code, str(e.detail)), e.status_code)
+
     @app.get("/health")
     async def health() -> Response:
         return Response(status_code=503 if engine.errored else 200)
@@ -144,20 +151,23 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def card(name: str) -> dict:
+        return {
+            "id": name,
+            "object": "model",
+            "created": now(),
+            "owned_by": "distgen",
+            "root": engine.config.model.model,
+            "max_model_len": engine.max_model_len,
+        }
+
     @app.get("/v1/models")
     async def models() -> dict:
-        cards = [
-            {
-                "id": name,
-                "object": "model",
-                "created": now(),
-                "owned_by": "distgen",
-                "root": engine.config.model.model,
-                "max_model_len": engine.max_model_len,
-            }
-            for name in served_model_names
-        ]
-        return {"object": "list", "data": cards}
+        return {"object": "list", "data": [card(name) for name in served_model_names]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:  # OpenAI's "retrieve model" (client.models.retrieve)
+        return card(ctx.check_model(model))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):

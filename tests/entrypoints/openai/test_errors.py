@@ -241,6 +241,15 @@ def test_unknown_model_is_404(server):
         json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
     )
     _assert_error(resp, 404, "nope")
+    _assert_error(httpx.get(server.v1 + "/models/gpt-17"), 404, "gpt-17", param="model")
+    _still_serves(server)
+
+
+def test_unknown_endpoints_and_methods_answer_in_openai_shape(server):
+    _assert_error(
+        httpx.post(server.v1 + "/embeddings", json={"input": "x"}), 404, "no such endpoint: /v1/embeddings"
+    )
+    _assert_error(httpx.get(server.v1 + "/completions"), 405, "GET is not allowed here")
     _still_serves(server)
 
 

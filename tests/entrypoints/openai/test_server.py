@@ -332,6 +332,7 @@ def test_multiple_prompts_in_one_completion(client):
 
 def test_models_version_tokenize_detokenize_health(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+    assert client.models.retrieve("tiny-llama").id == "tiny-llama"  # OpenAI's retrieve-model route
     assert httpx.get(server.url + "/version").json()["version"]
     assert httpx.get(server.url + "/health").status_code == 200
     toks = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()
