@@ -13,8 +13,6 @@ from collections.abc import Iterator
 
 from distgen.core.request import Request
 
-POLICIES = ("fcfs", "priority")
-
 
 def priority_key(req: Request) -> tuple[int, float, int]:
     """The admission order under the priority policy (ties: arrival, then the order added)."""
@@ -53,13 +51,9 @@ class PriorityQueue:
 
     def __init__(self) -> None:
         self._q: list[Request] = []
-        self._keys: list[tuple[int, float, int]] = []
 
     def add(self, req: Request) -> None:
-        key = priority_key(req)
-        i = bisect.bisect(self._keys, key)
-        self._keys.insert(i, key)
-        self._q.insert(i, req)
+        bisect.insort(self._q, req, key=priority_key)
 
     put_back = add  # a preempted request keeps its place in the order
 
@@ -67,12 +61,10 @@ class PriorityQueue:
         return self._q[0]
 
     def pop(self) -> Request:
-        self._keys.pop(0)
         return self._q.pop(0)
 
     def remove(self, req: Request) -> None:
-        i = self._q.index(req)
-        del self._q[i], self._keys[i]
+        self._q.remove(req)
 
     def __len__(self) -> int:
         return len(self._q)
@@ -82,6 +74,5 @@ class PriorityQueue:
 
 
 def make_queue(policy: str) -> FCFSQueue | PriorityQueue:
-    if policy not in POLICIES:
-        raise ValueError(f"scheduling_policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    """The waiting queue of ``policy`` (checked by ``SchedulerConfig``)."""
     return PriorityQueue() if policy == "priority" else FCFSQueue()

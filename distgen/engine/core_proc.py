@@ -51,9 +51,8 @@ class EngineCoreProcArgs:
 
 
 def run_engine_core(args: EngineCoreProcArgs) -> None:
-    """Process entry point (the target of ``multiprocessing.Process``)."""
-    # Ctrl-C reaches the whole process group; the front end decides how to shut the core down.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """The engine-core process's work, run by ``core_main`` (which already ignores Ctrl-C: it reaches
+    the whole process group, and the front end decides how to shut the core down)."""
     # SIGTERM unwinds through the ``finally`` below, so the executor stops its workers.
     signal.signal(signal.SIGTERM, lambda *_: _raise_exit())
     _configure_logging(args.log_level)

@@ -36,7 +36,7 @@ class LoggingStatLogger:
         self._clock = clock
         self._since = clock()
         self._prompt_tokens = self._generation_tokens = 0
-        self._last: SchedulerStatsMsg | None = None
+        self._last = SchedulerStatsMsg(0, 0, 0.0, 0, 0, 0)  # the scheduler, as last reported
         self._logged_idle = True  # an idle engine logs one line, then nothing until work comes
 
     def record(self, scheduler: SchedulerStatsMsg | None, iteration: IterationStats) -> None:
@@ -49,23 +49,19 @@ class LoggingStatLogger:
         if elapsed < self.interval_s:
             return
         s = self._last
-        busy = bool(
-            self._prompt_tokens or self._generation_tokens or (s and (s.num_running or s.num_waiting))
-        )
+        busy = bool(self._prompt_tokens or self._generation_tokens or s.num_running or s.num_waiting)
         if busy or not self._logged_idle:
-            hit = (
-                100.0 * s.prefix_cache_hits / s.prefix_cache_queries if s and s.prefix_cache_queries else 0.0
-            )
+            hit = 100.0 * s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
             logger.info(
                 "engine: prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d, "
                 "KV cache %.1f%%, prefix cache hits %.1f%%, preemptions %d",
                 self._prompt_tokens / elapsed,
                 self._generation_tokens / elapsed,
-                s.num_running if s else 0,
-                s.num_waiting if s else 0,
-                100.0 * s.kv_cache_usage if s else 0.0,
+                s.num_running,
+                s.num_waiting,
+                100.0 * s.kv_cache_usage,
                 hit,
-                s.num_preemptions if s else 0,
+                s.num_preemptions,
             )
         self._logged_idle = not busy
         self._since, self._prompt_tokens, self._generation_tokens = now, 0, 0

@@ -59,6 +59,8 @@ class WorkerExit:
 class WorkerHandles(ABC):
     """The backend's side: the started workers, whether they are gone, and how to stop them."""
 
+    ready = False  # every rank reported Ready: from then on each reads its requests
+
     @abstractmethod
     def exits(self, starting: bool) -> list[WorkerExit]:
         """The workers that are gone (an empty list while all run)."""
@@ -157,19 +159,18 @@ class BroadcastExecutor(Executor):
         self._handles: WorkerHandles | None = None
         self._finalizer: weakref.finalize | None = None
         self._launched = self._collected = 0  # steps sent by submit / answered
-        self._started = [False]  # every rank reported Ready (shared with the finalizer)
 
     def _start(self, handles: WorkerHandles) -> None:
         """Own ``handles`` (from now on shutdown, garbage collection and interpreter exit release them
         and the channel), then start the workers; if that fails, stop whatever started."""
         self._handles = handles
 
-        def release(channel: Channel = self.channel, started: list[bool] = self._started) -> None:
+        def release(channel: Channel = self.channel) -> None:
             gone = {e.rank for e in handles.exits(starting=False)}
             alive = [r not in gone for r in range(len(channel.requests))]
             # Ranks still loading their shard read no Shutdown: stop them at once (a Ctrl-C while
             # the model loads waited out the whole timeout).
-            _release(channel, handles, alive, SHUTDOWN_TIMEOUT_S if started[0] else 0.0)
+            _release(channel, handles, alive, SHUTDOWN_TIMEOUT_S if handles.ready else 0.0)
 
         self._finalizer = weakref.finalize(self, release)
         try:
@@ -232,7 +233,8 @@ class BroadcastExecutor(Executor):
             if not isinstance(msg, Ready):
                 self._die(f"protocol error: expected Ready from a starting worker, got {msg!r}", True)
             ready.add(msg.rank)
-        self._started[0] = True
+        assert self._handles is not None
+        self._handles.ready = True
         logger.info("%d %s workers ready in %.1fs", self.world_size, self.backend_name, time.monotonic() - t0)
 
     def _broadcast(self, msg: WorkerRequest) -> None:

@@ -25,9 +25,10 @@ class OpenAIError(Exception):
 
     @classmethod
     def from_value_error(cls, e: ValueError) -> OpenAIError:
-        # SamplingParams names the field: "SamplingParams.temperature must be >= 0, got -1."
-        m = re.match(r"SamplingParams\.(\w+)", str(e))
-        return cls(str(e), 400, m.group(1) if m else None)
+        # The message names the field: "SamplingParams.temperature must be >= 0, got -1.", or a
+        # request's own field (input_processor.check_priority: "priority=1 needs ...").
+        m = re.match(r"SamplingParams\.(\w+)|(priority)\b", str(e))
+        return cls(str(e), 400, (m.group(1) or m.group(2)) if m else None)
 
     def response(self) -> JSONResponse:
         return error_response(self.message, self.status, self.param)

@@ -16,7 +16,7 @@ from fastapi import Request
 
 from distgen.engine.async_llm import AsyncLLM
 from distgen.engine.core import validate_prompt
-from distgen.engine.input_processor import check_priority, encode_text
+from distgen.engine.input_processor import encode_text
 from distgen.entrypoints.openai.errors import OpenAIError, error_body
 from distgen.entrypoints.openai.reasoning_parsers import end_token_ids
 from distgen.outputs import Logprob
@@ -139,11 +139,6 @@ def encode_prompt(tokenizer, text: str, add_special_tokens: bool = True) -> list
 def start(ctx: ServingContext, req, prompt: dict, params: SamplingParams, request_id: str):
     """``engine.generate`` for one prompt of ``req``; a constraint that does not compile is a 400
     naming the request field that gave it (a chat request's ``tools``, when its tool_choice did)."""
-    engine = ctx.engine
-    try:
-        check_priority(req.priority, engine.config.scheduler.policy)
-    except ValueError as e:
-        raise OpenAIError(str(e), param="priority") from e
     if ctx.log_requests:
         text = prompt.get("prompt") or ""
         logger.info(
@@ -154,7 +149,7 @@ def start(ctx: ServingContext, req, prompt: dict, params: SamplingParams, reques
             params,
         )
     try:
-        return engine.generate(prompt, params, request_id, priority=req.priority)
+        return ctx.engine.generate(prompt, params, request_id, priority=req.priority)
     except GrammarError as e:
         given = req.structured_spec()
         raise OpenAIError(str(e), param=given[0] if given else "tools") from e

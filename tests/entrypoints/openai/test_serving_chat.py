@@ -49,10 +49,7 @@ class ScriptedEngine:
         self.tokenizer = tokenizer
         self.reply = reply
         self.max_model_len = 4096
-        self.config = SimpleNamespace(
-            model=SimpleNamespace(vocab_size=len(tokenizer), model="scripted"),
-            scheduler=SimpleNamespace(policy="fcfs"),
-        )
+        self.config = SimpleNamespace(model=SimpleNamespace(vocab_size=len(tokenizer), model="scripted"))
         self.generation_defaults: dict = {}
         self.errored = False
         self.stat_loggers: list = []
