@@ -19,9 +19,28 @@ def priority_key(req: Request) -> tuple[int, float, int]:
     return (req.priority, req.arrival_time, req.seq)
 
 
-class FCFSQueue:
+class _Queue:
+    """What both policies share: the requests in admission order, the next one first."""
+
+    def __init__(self, q: deque[Request] | list[Request]) -> None:
+        self._q = q
+
+    def peek(self) -> Request:
+        return self._q[0]
+
+    def remove(self, req: Request) -> None:
+        self._q.remove(req)
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._q)
+
+
+class FCFSQueue(_Queue):
     def __init__(self) -> None:
-        self._q: deque[Request] = deque()
+        super().__init__(deque())
 
     def add(self, req: Request) -> None:
         self._q.append(req)
@@ -30,47 +49,23 @@ class FCFSQueue:
         """A preempted request: ahead of every request that has not run yet."""
         self._q.appendleft(req)
 
-    def peek(self) -> Request:
-        return self._q[0]
-
     def pop(self) -> Request:
         return self._q.popleft()
 
-    def remove(self, req: Request) -> None:
-        self._q.remove(req)
 
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(self._q)
-
-
-class PriorityQueue:
+class PriorityQueue(_Queue):
     """Kept sorted by :func:`priority_key` (insertion by bisection; queues here are short)."""
 
     def __init__(self) -> None:
-        self._q: list[Request] = []
+        super().__init__([])
 
     def add(self, req: Request) -> None:
         bisect.insort(self._q, req, key=priority_key)
 
     put_back = add  # a preempted request keeps its place in the order
 
-    def peek(self) -> Request:
-        return self._q[0]
-
     def pop(self) -> Request:
         return self._q.pop(0)
-
-    def remove(self, req: Request) -> None:
-        self._q.remove(req)
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(self._q)
 
 
 def make_queue(policy: str) -> FCFSQueue | PriorityQueue:
