@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 
-from distgen.signals import held_signals
+import pytest
+
+from distgen.signals import catchable_ctrl_c, held_signals
 
 
 def test_a_signal_in_the_block_is_delivered_after_it():
@@ -44,3 +48,67 @@ def test_outside_the_main_thread_it_changes_nothing():
     t.start()
     t.join()
     assert handlers == [signal.getsignal(signal.SIGINT)]
+
+
+SCRIPT = """
+import os, signal, sys
+from distgen.signals import catchable_ctrl_c
+if sys.argv[1] == "catchable":
+    catchable_ctrl_c()
+try:  # Ctrl-C while a dataclass is being made, as an import in progress does
+    exec("os.kill(os.getpid(), signal.SIGINT)\\nimport time\\ntime.sleep(5)")
+except KeyboardInterrupt:
+    print("caught")
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "catchable"])
+def test_a_caught_ctrl_c_inside_exec_exits_0_only_when_catchable(mode, tmp_path):
+    """CPython ends a process by SIGINT at exit when a plain KeyboardInterrupt escaped an exec(),
+    however it was caught afterwards: the cause of a server that stopped cleanly on Ctrl-C and
+    still exited -2."""
+    script = tmp_path / "interrupt.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "caught", proc.stderr
+    assert proc.returncode == (0 if mode == "catchable" else -signal.SIGINT), proc.stderr
+
+
+def test_catchable_ctrl_c_leaves_an_ignored_sigint_ignored():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        catchable_ctrl_c()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+CHILD = """
+import time
+time.sleep(1.0)  # an interpreter still starting: a Ctrl-C now would unwind it with a traceback
+from distgen.signals import ignore_ctrl_c
+ignore_ctrl_c()
+time.sleep(0.2)
+print("alive")
+"""
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held", "not held"])
+def test_a_child_started_in_the_block_survives_ctrl_c_while_it_starts(held, tmp_path):
+    """The group-wide Ctrl-C that reached an engine core while its interpreter started printed a
+    "Fatal Python error" from it; a child started inside the block lets the parent decide."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    cmd = [sys.executable, str(script)]
+    if held:
+        with held_signals():
+            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    else:
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    if held:
+        assert (child.returncode, out.strip()) == (0, "alive"), err
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # unblocked here
+    else:
+        assert child.returncode != 0 and "alive" not in out

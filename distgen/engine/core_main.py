@@ -5,13 +5,14 @@ run as ``__main__`` is not also imported by the ``distgen`` package.
 """
 
 import pickle
-import signal
 import sys
+
+from distgen.signals import ignore_ctrl_c
 
 if __name__ == "__main__":
     # Before anything heavy loads: a Ctrl-C (sent to the whole process group) while torch imports
     # here would print a traceback; the front end decides how to stop the core.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_ctrl_c()
     from distgen.engine.core_proc import run_engine_core
 
     run_engine_core(pickle.load(sys.stdin.buffer))

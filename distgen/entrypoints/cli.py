@@ -19,6 +19,7 @@ import yaml
 
 from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from distgen.entrypoints.openai.tool_parsers import PARSERS
+from distgen.signals import catchable_ctrl_c
 
 if TYPE_CHECKING:
     from distgen.engine.args import EngineArgs
@@ -317,10 +318,7 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    # SystemExit rather than KeyboardInterrupt: CPython remembers a KeyboardInterrupt raised inside
-    # exec() (an import in progress runs some: dataclasses) and ends the process by SIGINT at exit,
-    # even after the interrupt was caught and everything was shut down cleanly.
-    raise SystemExit(0)
+    raise SystemExit(0)  # not KeyboardInterrupt: see distgen.signals.Interrupted
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -328,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     # handlers of its own) still stops the engine core and its workers instead of leaving them to
     # notice their parent is gone.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    catchable_ctrl_c()  # a Ctrl-C caught below exits 0 wherever it landed, not by SIGINT at exit
     try:  # Ctrl-C while torch loads (the parser reads EngineArgs): a quiet exit, not a traceback
         parser = build_parser()
     except KeyboardInterrupt:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import threading
 import traceback
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from distgen.executor.messages import (
 )
 from distgen.model_loader.loader import ModelSource
 from distgen.orphan_watch import start_orphan_watch
+from distgen.signals import ignore_ctrl_c
 
 if TYPE_CHECKING:
     from distgen.workers.worker import Worker
@@ -59,7 +59,7 @@ class WorkerArgs:
 def run_mp_worker(args: WorkerArgs) -> None:
     """Entry point of an ``mp`` worker process (the target of ``multiprocessing.Process``)."""
     # Ctrl-C reaches the whole process group: the executor shuts the workers down, they don't die alone.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_ctrl_c()
     # If the executor's process dies without shutting us down, exit at once, even while the main thread
     # is loading the model or blocked in a collective; rank 0 removes the dead executor's socket directory.
     cleanup = args.cleanup_dir if args.rank == 0 else None
