@@ -13,6 +13,13 @@ _GREEDY_EPS = 1e-5
 _FLOATS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p")
 _INTS = ("n", "top_k", "min_tokens")
 _OPTIONAL_INTS = ("seed", "max_tokens", "logprobs", "prompt_logprobs", "truncate_prompt_tokens")
+_BOOLS = (
+    "ignore_eos",
+    "detokenize",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "include_stop_str_in_output",
+)
 
 
 def _plain(v: Any, kind: type) -> Any:
@@ -179,6 +186,9 @@ class SamplingParams:
         for name in _OPTIONAL_INTS:
             if getattr(self, name) is not None and not _is_int(getattr(self, name)):
                 raise bad(name, "must be an integer or None")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be True or False")
         if self.n < 1:
             raise bad("n", "must be >= 1")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -309,3 +319,6 @@ class BeamSearchParams:
                 raise bad(name, "must be a number")
         if self.temperature < 0:
             raise bad("temperature", "must be >= 0")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be True or False")

@@ -64,6 +64,11 @@ INVALID = [
     ("n", {"n": True}),
     ("max_tokens", {"max_tokens": "16"}),
     ("logprobs", {"logprobs": 1.0}),
+    # A flag that is not a bool passed here and was refused by the engine core's decoder instead.
+    ("ignore_eos", {"ignore_eos": 1}),
+    ("skip_special_tokens", {"skip_special_tokens": "no"}),
+    ("detokenize", {"detokenize": None}),
+    ("include_stop_str_in_output", {"include_stop_str_in_output": [True]}),
 ]
 
 
@@ -186,6 +191,7 @@ def test_from_optional_drops_none_and_clone_is_deep():
         ("temperature", {"beam_width": 2, "max_tokens": 4, "temperature": "hot"}),
         ("length_penalty", {"beam_width": 2, "max_tokens": 4, "length_penalty": None}),
         ("beam_width", {"beam_width": 2.0, "max_tokens": 4}),
+        ("ignore_eos", {"beam_width": 2, "max_tokens": 4, "ignore_eos": "yes"}),
     ],
 )
 def test_beam_search_params_validation(name, kwargs):

@@ -173,6 +173,7 @@ class InputProcessor:
                 "set DISTGEN_MAX_N_SEQUENCES to allow more"
             )
         limit = self.config.model.max_logprobs if max_logprobs is None else max_logprobs
+        vocab = self.config.model.vocab_size
         for name in ("logprobs", "prompt_logprobs"):
             asked = getattr(params, name)
             if asked is not None and asked > limit:
@@ -180,6 +181,8 @@ class InputProcessor:
                     f"SamplingParams.{name}={asked} is more than this engine allows ({limit}); "
                     "start it with a larger max_logprobs (--max-logprobs) to ask for more"
                 )
+            if asked is not None and asked > vocab:  # the engine's cap can be set past it
+                raise ValueError(f"SamplingParams.{name}={asked} is more than the vocabulary holds ({vocab})")
         params._eos_token_ids = list(self.eos_token_ids)
         if params.bad_words:
             params._bad_words_token_ids = self.bad_words_token_ids(params.bad_words)

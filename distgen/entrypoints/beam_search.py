@@ -32,6 +32,11 @@ def beam_search(
     tok = engine.tokenizer
     eos = set(engine.eos_token_ids)
     width = params.beam_width
+    vocab = engine.config.model.vocab_size
+    if 2 * width > vocab:  # each step asks for 2 * beam_width candidates per beam
+        raise ValueError(
+            f"BeamSearchParams.beam_width={width} is more than half the vocabulary ({vocab} tokens)"
+        )
     step_params = SamplingParams(
         temperature=params.temperature, max_tokens=1, logprobs=2 * width, ignore_eos=True, detokenize=False
     )

@@ -99,4 +99,13 @@ def test_prompts_that_cannot_run_are_rejected(llm):
         llm.beam_search([{"prompt_token_ids": [5] * limit}], BeamSearchParams(beam_width=2, max_tokens=2))
     with pytest.raises(ValueError, match="empty"):
         llm.beam_search([{"prompt_token_ids": []}], BeamSearchParams(beam_width=2, max_tokens=2))
+    # Each step asks for 2 * beam_width logprobs: more than the vocabulary crashed the engine core.
+    vocab = llm.llm_engine.config.model.vocab_size
+    with pytest.raises(ValueError, match=rf"beam_width={vocab // 2 + 1} is more than half the vocabulary"):
+        llm.beam_search(
+            [{"prompt_token_ids": [5]}], BeamSearchParams(beam_width=vocab // 2 + 1, max_tokens=1)
+        )
     assert_engine_idle_and_empty(llm)
+    assert (
+        len(llm.beam_search([{"prompt_token_ids": [5]}], BeamSearchParams(beam_width=2, max_tokens=1))) == 1
+    )

@@ -202,6 +202,24 @@ def test_repetition_penalty_matches_transformers(llm, hf_model):
     check_greedy_close(refs, penalized, "repetition penalty")
 
 
+def test_logprobs_past_the_vocabulary_are_refused_whatever_max_logprobs(model_dir):
+    """An engine started with max_logprobs above the vocabulary let a request ask for more logprobs
+    than there are tokens, and its sampler's top-k took the engine core down."""
+    llm = LLM(model_dir, kv_cache_memory=KV, max_logprobs=10**6)
+    try:
+        vocab = llm.llm_engine.config.model.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):
+            params = SamplingParams(max_tokens=1, **{name: vocab + 1})
+            with pytest.raises(ValueError, match=rf"{name}={vocab + 1} is more than the vocabulary holds"):
+                llm.generate({"prompt_token_ids": [5, 6]}, params, use_tqdm=False)
+        out = llm.generate(
+            {"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=1, logprobs=vocab), use_tqdm=False
+        )
+        assert len(out[0].outputs[0].logprobs[0]) == vocab
+    finally:
+        llm.shutdown()
+
+
 def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
     with pytest.raises(ValueError, match="empty"):
         llm.generate({"prompt_token_ids": []}, GREEDY, use_tqdm=False)
