@@ -109,10 +109,14 @@ class InputProcessor:
         if isinstance(prompt, str):
             return prompt, encode_text(self.tokenizer, prompt)
         if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), token_id_list(prompt["prompt_token_ids"])
+            text = prompt.get("prompt")
+            has_ids = "prompt_token_ids" in prompt
+            if "prompt" in prompt and not isinstance(text, str) and not (text is None and has_ids):
+                raise TypeError(f"a prompt dict's 'prompt' must be a string, got {type(text).__name__}")
+            if has_ids:
+                return text, token_id_list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
-                return prompt["prompt"], encode_text(self.tokenizer, prompt["prompt"])
+                return text, encode_text(self.tokenizer, text)
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, (list, tuple)):
             return None, token_id_list(prompt)

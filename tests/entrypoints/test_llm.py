@@ -239,6 +239,10 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(llm):
         )
     with pytest.raises(TypeError, match="prompts must be a string, a token-id list"):
         llm.generate(None, GREEDY, use_tqdm=False)
+    with pytest.raises(TypeError, match="a prompt dict's 'prompt' must be a string, got NoneType"):
+        llm.generate({"prompt": None}, GREEDY, use_tqdm=False)
+    with pytest.raises(TypeError, match="a prompt dict's 'prompt' must be a string, got int"):
+        llm.generate({"prompt": 5, "prompt_token_ids": [5]}, GREEDY, use_tqdm=False)
     with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them"):
         llm.generate("hi", {"max_tokens": 2}, use_tqdm=False)
     # Parameters changed after construction are checked when the request is made, not found bad by
