@@ -54,6 +54,8 @@ class ModelConfig:
             raise ValueError(f"max_model_len must be an integer >= 1, got {self.max_model_len!r}")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
+        if not -(2**63) <= self.seed < 2**63:  # what torch's generators (and SamplingParams.seed) take
+            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed!r}")
 
     @property
     def architecture(self) -> str:

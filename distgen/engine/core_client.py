@@ -33,7 +33,13 @@ import zmq.asyncio
 
 from distgen.config import EngineConfig
 from distgen.engine.core_proc import EngineCoreProcArgs
-from distgen.engine.exceptions import EngineDeadError, EngineStartupError, WorkerStartupError, describe_exit
+from distgen.engine.exceptions import (
+    SETTING_ERRORS,
+    EngineDeadError,
+    EngineStartupError,
+    WorkerStartupError,
+    describe_exit,
+)
 from distgen.engine.messages import (
     EngineCoreAbort,
     EngineCoreGetStats,
@@ -54,10 +60,7 @@ POLL_MS = 100  # how often a waiting client checks that the engine core is alive
 SHUTDOWN_TIMEOUT_S = 10.0
 
 # Startup errors the engine core reports by class name and the front end raises as themselves.
-_RERAISABLE: dict[str, type[BaseException]] = {
-    cls.__name__: cls
-    for cls in (ValueError, TypeError, KeyError, FileNotFoundError, NotImplementedError, WorkerStartupError)
-}
+_RERAISABLE: dict[str, type[BaseException]] = {**SETTING_ERRORS, "WorkerStartupError": WorkerStartupError}
 
 
 class EngineCoreClient(ABC):
@@ -158,7 +161,8 @@ class _CoreProcess:
     input: zmq.Socket  # PUSH: EngineCoreInput
     output: zmq.Socket  # PULL: EngineCoreMessage
     proc: subprocess.Popen | None = None
-    ready: bool = False  # past the handshake: reads its input socket
+    # Past the handshake: it reads its input socket, or it reported a failure and is exiting.
+    answered: bool = False
 
     @classmethod
     def start(cls, config: EngineConfig, source: ModelSource) -> _CoreProcess:
@@ -206,7 +210,7 @@ class _CoreProcess:
                 pass
             try:
                 # A core still loading reads no input (Ctrl-C at start waited the whole timeout).
-                proc.wait(SHUTDOWN_TIMEOUT_S if self.ready else 0)
+                proc.wait(SHUTDOWN_TIMEOUT_S if self.answered else 0)
             except subprocess.TimeoutExpired:
                 proc.terminate()  # SIGTERM: the core still stops its workers
                 try:
@@ -261,6 +265,8 @@ class _MPClientBase(EngineCoreClient):
                     "(DISTGEN_ENGINE_READY_TIMEOUT_S)"
                 )
         msg = self._decoder.decode(sock.recv())
+        # A core that failed to start exits by itself: a SIGTERM would land in its interpreter's exit.
+        self._proc.answered = True
         if isinstance(msg, EngineCoreOutputs) and msg.error is not None:
             cls = _RERAISABLE.get(msg.error_type or "")
             if cls is not None:
@@ -268,7 +274,6 @@ class _MPClientBase(EngineCoreClient):
             raise EngineStartupError(f"the engine core failed to start: {msg.error}")
         if not isinstance(msg, EngineCoreReady):
             raise EngineStartupError(f"protocol error: expected the ready handshake, got {msg!r}")
-        self._proc.ready = True
         return msg
 
     # -- input ------------------------------------------------------------------------------------

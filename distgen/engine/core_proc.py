@@ -22,6 +22,7 @@ import msgspec
 import zmq
 
 from distgen.config import EngineConfig
+from distgen.engine.exceptions import SETTING_ERRORS
 from distgen.engine.messages import (
     EngineCoreAbort,
     EngineCoreGetStats,
@@ -79,7 +80,12 @@ def run_engine_core(args: EngineCoreProcArgs) -> None:
     except SystemExit:
         pass
     except BaseException as e:  # report, then exit: the front end turns it into EngineDeadError
-        logger.error("engine core failed:\n%s", traceback.format_exc())
+        # A setting the model cannot take (a KV budget under one block): the front end raises it with
+        # its message, and the stack is only for debugging. Anything else is a bug, logged in full.
+        setting = core is None and type(e).__name__ in SETTING_ERRORS
+        logger.log(
+            logging.DEBUG if setting else logging.ERROR, "engine core failed:\n%s", traceback.format_exc()
+        )
         error = f"{type(e).__name__}: {e}"
         try:
             out.send(encoder.encode(EngineCoreOutputs(error=error, error_type=type(e).__name__)))
@@ -91,6 +97,9 @@ def run_engine_core(args: EngineCoreProcArgs) -> None:
         inp.close(linger=0)
         out.close(linger=1000)  # let the last message (an error) leave
         ctx.term()
+        # Nothing left to unwind: a SIGTERM from here on ends the process rather than raising
+        # SystemExit inside the interpreter's exit handlers (a traceback on the terminal).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _busy_loop(core, inp: zmq.Socket, out: zmq.Socket, encoder: msgspec.msgpack.Encoder) -> None:

@@ -17,6 +17,13 @@ class EngineStartupError(RuntimeError):
     """The engine-core process failed before it was ready (its error is in the message)."""
 
 
+# What a setting the model cannot take raises while the engine starts (a KV budget under one block):
+# raised to the caller as itself, with its message, across the processes; its stack is for debugging.
+SETTING_ERRORS: dict[str, type[Exception]] = {
+    cls.__name__: cls for cls in (ValueError, TypeError, KeyError, FileNotFoundError, NotImplementedError)
+}
+
+
 def describe_exit(code: int) -> str:
     """How a child process ended, from its exit code (negative: the signal that killed it)."""
     if code < 0:

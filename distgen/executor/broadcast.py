@@ -21,7 +21,7 @@ import zmq
 
 from distgen.config import EngineConfig
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from distgen.engine.exceptions import EngineDeadError, WorkerStartupError
+from distgen.engine.exceptions import SETTING_ERRORS, EngineDeadError, WorkerStartupError
 from distgen.executor.base import Executor
 from distgen.executor.messages import (
     Ack,
@@ -271,15 +271,31 @@ class BroadcastExecutor(Executor):
             raise
         msg = self._decoder.decode(sock.recv())
         if isinstance(msg, Failed):
-            self._die(self._failure_report([msg], starting), starting)
+            self._fail([msg], starting)
         return msg
 
     def _check_alive(self, starting: bool) -> None:
         if self._handles is not None and self._handles.exits(starting):
-            self._die(self._failure_report([], starting), starting)
+            self._fail([], starting)
 
-    def _failure_report(self, failed: list[Failed], starting: bool) -> str:
-        """Wait briefly for the other ranks' reports, then describe every rank that failed or died."""
+    def _fail(self, failed: list[Failed], starting: bool) -> NoReturn:
+        """Stop, and raise what the ranks reported: a setting error that every rank raised alike (a
+        KV budget under one block) as itself, anything else (one rank's failure names the rank) as
+        the workers' failure."""
+        unreported = self._other_failures(failed, starting)
+        why = self._failure_report(failed, unreported, starting)
+        kinds = {(f.error_type, f.message) for f in failed}
+        everyone = len({f.rank for f in failed}) == self.world_size
+        if everyone and len(kinds) == 1 and (kind := next(iter(kinds)))[0] in SETTING_ERRORS:
+            logger.debug("workers failed:\n%s", why)
+            self._dead = f"the engine is dead: {why}"
+            self.shutdown()
+            raise SETTING_ERRORS[kind[0]](kind[1])
+        self._die(why, starting)
+
+    def _other_failures(self, failed: list[Failed], starting: bool) -> list[WorkerExit]:
+        """Wait briefly for the other ranks' reports, added to ``failed``; the ranks that are gone
+        without one."""
         deadline = time.monotonic() + FAILURE_GRACE_S
         sock = self.channel.replies
         while time.monotonic() < deadline:
@@ -291,7 +307,10 @@ class BroadcastExecutor(Executor):
                 break
         reported = {f.rank for f in failed}
         gone = self._handles.exits(starting) if self._handles is not None else []
-        exits = [e for e in gone if e.rank not in reported]
+        return [e for e in gone if e.rank not in reported]
+
+    def _failure_report(self, failed: list[Failed], exits: list[WorkerExit], starting: bool) -> str:
+        """Every rank that failed or died."""
         lines = [e.line for e in exits if e.died]
         lines += [e.line + (self.startup_hint if starting else "") for e in exits if not e.died]
         for f in sorted(failed, key=lambda f: f.rank):

@@ -40,6 +40,8 @@ class Failed(msgspec.Struct, tag=True, array_like=True):
 
     rank: int
     error: str
+    error_type: str = ""  # the exception's class name and message, to raise a setting error as itself
+    message: str = ""
 
 
 class NumBlocks(msgspec.Struct, tag=True, array_like=True):

@@ -56,6 +56,11 @@ class WorkerArgs:
     worker_cls: type | None = None  # None = distgen's Worker; another class with its interface (benchmarks)
 
 
+def failure(rank: int, e: BaseException) -> Failed:
+    """The report of ``e``, raised in this rank and being handled now."""
+    return Failed(rank, traceback.format_exc(), type(e).__name__, str(e))
+
+
 def run_mp_worker(args: WorkerArgs) -> None:
     """Entry point of an ``mp`` worker process (the target of ``multiprocessing.Process``)."""
     # Ctrl-C reaches the whole process group: the executor shuts the workers down, they don't die alone.
@@ -102,9 +107,9 @@ def serve(args: WorkerArgs) -> bool:
             if sender is not None:
                 sender.close()
         return True
-    except BaseException:
+    except BaseException as e:
         try:
-            replies.send(encoder.encode(Failed(args.rank, traceback.format_exc())), zmq.NOBLOCK)
+            replies.send(encoder.encode(failure(args.rank, e)), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # nobody listens any more
         return False
@@ -175,5 +180,5 @@ class _ReplySender:
                 torch.cuda.set_device(self.cuda_device)
             while (msg := self.queue.get()) is not None:
                 self.replies.send(self.encoder.encode(_wire(msg)))
-        except BaseException:  # e.g. a CUDA error surfacing at the read-back: the executor gives up
-            self.replies.send(self.encoder.encode(Failed(self.rank, traceback.format_exc())))
+        except BaseException as e:  # e.g. a CUDA error surfacing at the read-back: the executor gives up
+            self.replies.send(self.encoder.encode(failure(self.rank, e)))

@@ -45,6 +45,13 @@ def test_the_types_a_user_may_pass(tiny_model_dir):
     assert config.model.served_model_name == tiny_model_dir("llama")
 
 
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1])
+def test_a_seed_torch_cannot_take_is_refused_before_the_model_loads(seed, tiny_model_dir):
+    """It reached torch.manual_seed in the engine core: "Overflow when unpacking long long"."""
+    with pytest.raises(ValueError, match=rf"seed must be a 64-bit signed integer, got {seed}"):
+        EngineArgs(model=tiny_model_dir("llama"), seed=seed).create_config()
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

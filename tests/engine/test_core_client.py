@@ -66,6 +66,16 @@ def test_start_up_work_runs_while_the_core_boots_and_a_failure_stops_the_core(ti
     assert wait_gone(list(started[0])) == []
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_setting_the_model_cannot_take_fails_with_its_message_and_no_stack(tp, tiny_model_dir, capfd):
+    """The core (or a worker) finds a KV budget under one block only once the model is built; the
+    front end raises it with the core's message, and the core's stderr held a full traceback too."""
+    with pytest.raises(ValueError, match=r"the KV cache budget \(1 bytes\) does not fit one block"):
+        LLM(tiny_model_dir("llama"), kv_cache_memory=1, tensor_parallel_size=tp)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ERROR" not in err, err
+
+
 def test_a_request_the_core_cannot_decode_ends_alone(tiny_model_dir):
     """Defence in depth behind the front end's checks: a request that fails the engine core's decoding
     (here a seed beyond int64, forced past SamplingParams' own check) is ended as aborted and logged;
