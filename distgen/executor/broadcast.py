@@ -285,12 +285,13 @@ class BroadcastExecutor(Executor):
         unreported = self._other_failures(failed, starting)
         why = self._failure_report(failed, unreported, starting)
         kinds = {(f.error_type, f.message) for f in failed}
-        everyone = len({f.rank for f in failed}) == self.world_size
-        if everyone and len(kinds) == 1 and (kind := next(iter(kinds)))[0] in SETTING_ERRORS:
-            logger.debug("workers failed:\n%s", why)
-            self._dead = f"the engine is dead: {why}"
-            self.shutdown()
-            raise SETTING_ERRORS[kind[0]](kind[1])
+        if len({f.rank for f in failed}) == self.world_size and len(kinds) == 1:
+            kind, message = kinds.pop()
+            if kind in SETTING_ERRORS:
+                logger.debug("workers failed:\n%s", why)
+                self._dead = f"the engine is dead: {why}"
+                self.shutdown()
+                raise SETTING_ERRORS[kind](message)
         self._die(why, starting)
 
     def _other_failures(self, failed: list[Failed], starting: bool) -> list[WorkerExit]:
