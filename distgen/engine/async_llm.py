@@ -126,6 +126,16 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
+    def end_all(self, why: str) -> int:
+        """End every request in flight: each is aborted, and its caller gets ``EngineDeadError(why)``
+        (a server that stops). Returns how many there were."""
+        error = EngineDeadError(why)
+        in_flight = list(self._queues.items())
+        for request_id, queue in in_flight:
+            self.abort(request_id)
+            queue.put_nowait(error)
+        return len(in_flight)
+
     def abort(self, request_id: str) -> None:
         """End a request early (its KV blocks are freed); unknown or finished ids are ignored."""
         children = self.output_processor.abort_request(request_id)

@@ -78,6 +78,7 @@ _SERVER_KEYS = (
     "allowed_methods",
     "allowed_headers",
     "allow_credentials",
+    "shutdown_timeout",
 )
 _UNITS = {
     "": 1,
@@ -242,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
     net.add_argument(
         "--allow-credentials", dest="allow_credentials", action="store_true", help=cors + "allow credentials"
+    )
+    net.add_argument(
+        "--shutdown-timeout",
+        dest="shutdown_timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on Ctrl-C or SIGTERM, let the requests in flight run on this long before ending them "
+        "(default 0: at once, as vLLM); a second Ctrl-C stops at once",
     )
     net.add_argument(
         "--enable-log-requests",

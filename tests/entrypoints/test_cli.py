@@ -142,6 +142,8 @@ def test_generate_one_shot(tiny_model_dir):
         (["serve", "--device", "tpu"], "device must be 'cpu' or 'cuda', got 'tpu'"),
         (["serve", "--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
         (["serve", "--tool-call-parser", "pythonic"], "invalid choice: 'pythonic'"),
+        (["serve", "--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0 seconds, got -1.0"),
+        (["serve", "--shutdown-timeout", "nan"], "--shutdown-timeout must be >= 0 seconds, got nan"),
         pytest.param(
             ["serve", "--device", "cuda"],
             "torch sees no CUDA GPU here",

@@ -58,9 +58,14 @@ class ServerArgs:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
+    # On Ctrl-C or SIGTERM: how long the requests in flight may run on before they are ended (with a
+    # 503, or an error event in their stream). 0, vLLM's default: at once. New connections are refused.
+    shutdown_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         check_reasoning_parser(self.reasoning_parser)
+        if not self.shutdown_timeout >= 0:  # NaN too
+            raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
             raise ValueError(
                 f"unknown tool call parser {self.tool_call_parser!r}; there are: {', '.join(PARSERS)}"
@@ -224,6 +229,27 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _draining_server(config, engine: AsyncLLM, drain_s: float):
+    """uvicorn's server, whose shutdown (the first Ctrl-C or SIGTERM) stops accepting connections,
+    lets the requests in flight run on for ``drain_s`` seconds, then ends them. uvicorn alone waits
+    for them however long they take. A second Ctrl-C stops at once, as with uvicorn."""
+    import uvicorn
+
+    def end_requests() -> None:
+        if n := engine.end_all("the server is shutting down"):
+            logger.info("shutting down: ended %d request(s) still in flight after %gs", n, drain_s)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            timer = asyncio.get_running_loop().call_later(drain_s, end_requests)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return Server(config)
+
+
 def serve(engine_args: EngineArgs, server: ServerArgs) -> None:
     """Load the model, then serve until Ctrl-C / SIGTERM; the engine core stops with the server."""
     import uvicorn
@@ -239,7 +265,7 @@ def serve(engine_args: EngineArgs, server: ServerArgs) -> None:
             config = uvicorn.Config(app, log_level=server.uvicorn_log_level or server.log_level)
             port = sock.getsockname()[1]
             logger.info("serving %s on http://%s:%d", names[0], server.host, port)
-            asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+            asyncio.run(_draining_server(config, engine, server.shutdown_timeout).serve(sockets=[sock]))
         finally:
             engine.shutdown()
     finally:

@@ -16,6 +16,7 @@ from fastapi import Request
 
 from distgen.engine.async_llm import AsyncLLM
 from distgen.engine.core import validate_prompt
+from distgen.engine.exceptions import EngineDeadError
 from distgen.engine.input_processor import encode_text
 from distgen.entrypoints.openai.errors import OpenAIError, error_body
 from distgen.entrypoints.openai.reasoning_parsers import end_token_ids
@@ -60,7 +61,8 @@ def sse(data: dict[str, Any] | str) -> str:
 
 
 def sse_error(e: Exception) -> str:
-    status = e.status if isinstance(e, OpenAIError) else 500
+    """``e`` as a stream's last event, with the status it would have had before the stream began."""
+    status = e.status if isinstance(e, OpenAIError) else 503 if isinstance(e, EngineDeadError) else 500
     return sse(error_body(str(e), status))
 
 

@@ -3,12 +3,14 @@ moment, the server exits cleanly and takes its engine core and workers with it."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 from distgen.engine.core_client import SHUTDOWN_TIMEOUT_S as CORE_TIMEOUT_S
@@ -83,6 +85,62 @@ def test_ctrl_c_while_starting(moment, tiny_model_dir):
         # Not a speed figure: a stop that waits out either timeout is the bug.
         limit = min(CORE_TIMEOUT_S, WORKERS_TIMEOUT_S)
         assert waited < limit, f"took {waited:.1f}s: waited for a process that was loading"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in descendants(proc.pid):
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+
+
+@pytest.mark.parametrize("shutdown_timeout", [None, "60"], ids=["default", "drain"])
+def test_ctrl_c_while_serving_a_stream(shutdown_timeout, tiny_model_dir):
+    """Ctrl-C at the terminal reaches every process in the group while a reply streams. uvicorn
+    alone waited for the reply to finish however long it took; by default (as vLLM) the request is
+    ended at once with an error event, and with --shutdown-timeout it runs to its end. Either way
+    the server stops its core and workers, exits 0, and nothing prints a traceback."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "distgen.entrypoints.cli", "serve", tiny_model_dir("llama")]
+    cmd += ["--port", str(port), "--tp", "2", "--kv-cache-memory", "16MiB", "--log-level", "warning"]
+    cmd += ["--shutdown-timeout", shutdown_timeout] if shutdown_timeout else []
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"the server exited with {proc.returncode} during startup"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        kids = descendants(proc.pid)
+        assert len(kids) >= 3
+        max_tokens = 100 if shutdown_timeout else 1000
+        body = {"prompt": "Hello", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as resp:
+            events = (line.removeprefix("data: ") for line in resp.iter_lines() if line.startswith("data: "))
+            assert next(events)  # streaming now
+            os.killpg(proc.pid, signal.SIGINT)
+            rest = list(events)
+        assert rest[-1] == "[DONE]"
+        last = json.loads(rest[-2])
+        if shutdown_timeout:
+            assert last["usage"]["completion_tokens"] == max_tokens, last
+            with pytest.raises(httpx.TransportError):  # no new connections meanwhile
+                httpx.get(url + "/health", timeout=5)
+        else:
+            assert last["error"]["message"] == "the server is shutting down" and last["error"]["code"] == 503
+        _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert proc.returncode == 0, err
+        assert wait_gone(kids, timeout=2.0) == []
     finally:
         if proc.poll() is None:
             proc.kill()
