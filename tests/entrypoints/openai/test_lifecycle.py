@@ -22,6 +22,26 @@ from tests.entrypoints.openai.conftest import descendants, start_server
 pytestmark = pytest.mark.slow
 
 
+def start_foreground_job(cmd: list[str]) -> subprocess.Popen:
+    """``cmd`` in a process group of its own, as a terminal's foreground job that Ctrl-C reaches
+    whole, with SIGINT at its default (not a shell's SIG_IGN for background jobs); stderr piped."""
+    return subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """Whatever a failed test left running: the server and every process under it."""
+    if proc.poll() is None:
+        proc.kill()
+    for pid in descendants(proc.pid):
+        subprocess.run(["kill", "-9", str(pid)], check=False)
+
+
 def test_sigterm_while_the_model_loads(tiny_model_dir):
     """Before uvicorn runs, nothing but Python's default handled SIGTERM: the server died at once and
     its engine core and workers lived on until they noticed (after loading the model)."""
@@ -39,10 +59,7 @@ def test_sigterm_while_the_model_loads(tiny_model_dir):
         # The server waited for what it started (the resource tracker may take a moment more).
         assert wait_gone(kids, timeout=2.0) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in descendants(proc.pid):
-            subprocess.run(["kill", "-9", str(pid)], check=False)
+        kill_all(proc)
 
 
 def test_sigterm_while_serving(tiny_model_dir):
@@ -61,13 +78,7 @@ def test_ctrl_c_while_starting(moment, tiny_model_dir):
     (10 s) for a core, and the executor's (5 s) for workers, that read no messages while loading."""
     cmd = [sys.executable, "-m", "distgen.entrypoints.cli", "serve", tiny_model_dir("llama")]
     cmd += ["--port", str(free_port()), "--tp", "2", "--kv-cache-memory", "16MiB", "--log-level", "warning"]
-    proc = subprocess.Popen(
-        cmd,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # a process group of its own, as a terminal's foreground job
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not a shell's SIG_IGN
-    )
+    proc = start_foreground_job(cmd)
     try:
         want = 1 if moment == "core importing" else 3
         deadline = time.monotonic() + 60
@@ -86,10 +97,7 @@ def test_ctrl_c_while_starting(moment, tiny_model_dir):
         limit = min(CORE_TIMEOUT_S, WORKERS_TIMEOUT_S)
         assert waited < limit, f"took {waited:.1f}s: waited for a process that was loading"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in descendants(proc.pid):
-            subprocess.run(["kill", "-9", str(pid)], check=False)
+        kill_all(proc)
 
 
 @pytest.mark.parametrize("shutdown_timeout", [None, "60"], ids=["default", "drain"])
@@ -102,13 +110,7 @@ def test_ctrl_c_while_serving_a_stream(shutdown_timeout, tiny_model_dir):
     cmd = [sys.executable, "-m", "distgen.entrypoints.cli", "serve", tiny_model_dir("llama")]
     cmd += ["--port", str(port), "--tp", "2", "--kv-cache-memory", "16MiB", "--log-level", "warning"]
     cmd += ["--shutdown-timeout", shutdown_timeout] if shutdown_timeout else []
-    proc = subprocess.Popen(
-        cmd,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = start_foreground_job(cmd)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -142,7 +144,4 @@ def test_ctrl_c_while_serving_a_stream(shutdown_timeout, tiny_model_dir):
         assert proc.returncode == 0, err
         assert wait_gone(kids, timeout=2.0) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in descendants(proc.pid):
-            subprocess.run(["kill", "-9", str(pid)], check=False)
+        kill_all(proc)
