@@ -22,27 +22,39 @@ HELD = (signal.SIGINT, signal.SIGTERM)
 
 @contextmanager
 def held_signals() -> Iterator[None]:
-    """Defer SIGINT and SIGTERM to the end of the block (only the main thread can: elsewhere, a
-    no-op). Signals that were ignored stay ignored. Children started inside must call
-    :func:`ignore_ctrl_c` first thing."""
+    """Defer SIGINT and SIGTERM to the end of the block (only the main thread can swap handlers:
+    elsewhere only the children's Ctrl-C is held). Signals that were ignored stay ignored. Children
+    started inside must call :func:`ignore_ctrl_c` first thing."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        with _ctrl_c_blocked():
+            yield
         return
     caught: list[int] = []
     before = {s: signal.getsignal(s) for s in HELD}
     for s, handler in before.items():
         if handler not in (signal.SIG_IGN, None):  # None: a handler not installed from Python
             signal.signal(s, lambda signum, frame: caught.append(signum))
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited by children
     try:
-        yield
+        with _ctrl_c_blocked():
+            yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for s, handler in before.items():
             if handler is not None:
                 signal.signal(s, handler)
         for s in dict.fromkeys(caught):
             signal.raise_signal(s)
+
+
+@contextmanager
+def _ctrl_c_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread: a signal mask is per thread and inherited by the children it
+    starts. This process still gets Ctrl-C through its other threads (Python runs the handler in
+    the main thread), or when the block ends."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def ignore_ctrl_c() -> None:
