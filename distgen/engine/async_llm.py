@@ -126,10 +126,9 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
-    def end_all(self, why: str) -> int:
-        """End every request in flight: each is aborted, and its caller gets ``EngineDeadError(why)``
-        (a server that stops). Returns how many there were."""
-        error = EngineDeadError(why)
+    def end_all(self, error: EngineDeadError) -> int:
+        """End every request in flight: each is aborted, and its caller gets ``error`` (the engine
+        died, or a server stops). Returns how many there were."""
         in_flight = list(self._queues.items())
         for request_id, queue in in_flight:
             self.abort(request_id)
@@ -158,9 +157,7 @@ class AsyncLLM:
             dead = e if isinstance(e, EngineDeadError) else EngineDeadError(f"the engine is dead: {e!r}")
             self._dead = dead
             logger.error("%s", self._dead)
-            for rid, queue in list(self._queues.items()):
-                queue.put_nowait(self._dead)
-                self.output_processor.abort_request(rid)
+            self.end_all(dead)  # dead: nothing is sent to the engine core
 
     def _process(self, core_out: EngineCoreOutputs) -> None:
         now = time.time()

@@ -289,9 +289,7 @@ class BroadcastExecutor(Executor):
             kind, message = kinds.pop()
             if kind in SETTING_ERRORS:
                 logger.debug("workers failed:\n%s", why)
-                self._dead = f"the engine is dead: {why}"
-                self.shutdown()
-                raise SETTING_ERRORS[kind](message)
+                self._die(why, starting, SETTING_ERRORS[kind](message))
         self._die(why, starting)
 
     def _other_failures(self, failed: list[Failed], starting: bool) -> list[WorkerExit]:
@@ -319,9 +317,12 @@ class BroadcastExecutor(Executor):
             lines.append(f"worker rank {f.rank} raised {last}\n{f.error}")
         return "\n".join(lines) or "a worker failed"
 
-    def _die(self, why: str, starting: bool) -> NoReturn:
+    def _die(self, why: str, starting: bool, error: Exception | None = None) -> NoReturn:
+        """Stop the workers, then raise ``error``, or the failure ``why`` describes."""
         self._dead = f"the engine is dead: {why}"
         self.shutdown()
+        if error is not None:
+            raise error
         if starting:
             raise WorkerStartupError(f"tensor-parallel workers failed to start: {why}")
         raise EngineDeadError(self._dead)

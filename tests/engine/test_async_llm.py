@@ -31,12 +31,12 @@ def test_end_all_ends_every_request_in_flight_and_the_engine_serves_on(tiny_mode
         tasks = [asyncio.create_task(consume(rid, seen[rid])) for rid in seen]
         while not all(seen.values()):  # both are generating
             await asyncio.sleep(0.01)
-        assert engine.end_all("the server is shutting down") == 2
+        assert engine.end_all(EngineDeadError("the server is shutting down")) == 2
         for task in tasks:
             with pytest.raises(EngineDeadError, match="the server is shutting down"):
                 await task
         assert all(0 < sum(s) < LONG.max_tokens for s in seen.values())  # deltas: tokens per step
-        assert engine.num_in_flight == 0 and engine.end_all("again") == 0
+        assert engine.num_in_flight == 0 and engine.end_all(EngineDeadError("again")) == 0
         # The requests were aborted in the engine core too: the next one never runs beside them
         # (a step already under way when they were ended may still report them).
         running.clear()

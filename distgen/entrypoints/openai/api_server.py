@@ -236,7 +236,7 @@ def _draining_server(config, engine: AsyncLLM, drain_s: float):
     import uvicorn
 
     def end_requests() -> None:
-        if n := engine.end_all("the server is shutting down"):
+        if n := engine.end_all(EngineDeadError("the server is shutting down")):
             logger.info("shutting down: ended %d request(s) still in flight after %gs", n, drain_s)
 
     class Server(uvicorn.Server):
