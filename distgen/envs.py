@@ -15,7 +15,7 @@ class Envs:
     engine_ready_timeout_s: float
     # Where converted tokenizers are cached.
     cache_dir: str
-    # Which kernels the layers use: auto (Triton on CUDA, torch on the CPU), torch, triton.
+    # Which kernels the layers use: auto (Triton on CUDA, the CPU kernels on the CPU), torch, triton, cpu.
     kernels: str
     # The server's API key when --api-key is not given (a flag shows in `ps`; the environment does not).
     api_key: str | None

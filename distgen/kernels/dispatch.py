@@ -1,17 +1,20 @@
-"""The one place that chooses between the Triton kernels and the plain-torch path.
+"""The one place that chooses between the Triton kernels, the CPU kernels and the plain-torch path.
 
-Layers ask :func:`use_triton` with one of their input tensors; the model runner asks it once per
-step to decide which attention metadata to build. The answer depends on the mode, read once from the
-environment variable ``DISTGEN_KERNELS`` at import:
+Layers ask :func:`use_triton` / :func:`use_cpu_kernels` with one of their input tensors; the model
+runner asks :func:`attention_path` once per step to decide which attention metadata to build, and the
+loader asks :func:`use_cpu_kernels_for` whether to pack the weights. The answer depends on the mode,
+read once from the environment variable ``DISTGEN_KERNELS`` at import:
 
-- ``auto`` (default): Triton for CUDA tensors, the torch path for everything else (CPU behaviour and
-  speed are exactly those of the torch path);
-- ``torch``: never Triton (e.g. to compare against the kernels on a GPU);
+- ``auto`` (default): Triton for CUDA tensors; the CPU kernels (:mod:`distgen.kernels.cpu_ops`, with
+  weights packed for oneDNN) for float32 and bfloat16 CPU tensors when they build on this machine;
+  the torch path for everything else;
+- ``torch``: never a kernel: the plain-torch reference, everywhere;
 - ``triton``: always Triton; on a CPU-only machine this needs ``TRITON_INTERPRET=1`` set before triton
   is first imported, and runs the kernels in the (slow) interpreter. Tests use it through
-  :func:`kernel_mode`.
+  :func:`kernel_mode`;
+- ``cpu``: the CPU kernels for CPU tensors, and an error where they cannot be built.
 
-The kernel modules are imported on the first Triton call only, so a CPU run never imports triton.
+The kernel modules are imported on first use, so a CPU run never imports triton.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from distgen.envs import envs
 
-MODES = ("auto", "torch", "triton")
+MODES = ("auto", "torch", "triton", "cpu")
 
 
 def _parse(mode: str) -> str:
@@ -53,6 +56,31 @@ def use_triton_on(device: torch.device) -> bool:
     return mode == "triton"
 
 
+def use_cpu_kernels_for(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether tensors of ``dtype`` on ``device`` go to the CPU kernels (and weights get packed)."""
+    mode = _state["mode"]
+    if device.type != "cpu" or mode not in ("auto", "cpu") or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    from distgen.kernels import cpu_build
+
+    if mode == "cpu":
+        cpu_build.load()  # raises, naming what is missing
+        return True
+    return cpu_build.try_load() is not None
+
+
+def use_cpu_kernels(x: torch.Tensor) -> bool:
+    """:func:`use_cpu_kernels_for` the tensor's device and dtype."""
+    return use_cpu_kernels_for(x.device, x.dtype)
+
+
+def attention_path(device: torch.device, dtype: torch.dtype) -> str:
+    """``"triton"``, ``"cpu"`` or ``"torch"``: which attention (and metadata) a step uses."""
+    if use_triton_on(device):
+        return "triton"
+    return "cpu" if use_cpu_kernels_for(device, dtype) else "torch"
+
+
 @contextmanager
 def kernel_mode(mode: str) -> Iterator[None]:
     """Run a block with another mode (tests force ``triton`` under the interpreter, or ``torch``)."""
@@ -62,6 +90,16 @@ def kernel_mode(mode: str) -> Iterator[None]:
         yield
     finally:
         _state["mode"] = old
+
+
+@functools.cache
+def cpu_ops() -> SimpleNamespace:
+    """The CPU kernels' entry points (:mod:`distgen.kernels.cpu_ops`)."""
+    from distgen.kernels import cpu_gemm, cpu_ops
+
+    ns = cpu_ops.namespace()
+    ns.pack_linear, ns.packed_linear = cpu_gemm.pack, cpu_gemm.linear
+    return ns
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Activations: the Triton kernel on CUDA, plain torch elsewhere (see :mod:`distgen.kernels.dispatch`)."""
+"""Activations: the Triton kernel on CUDA, the CPU kernel on the CPU, plain torch (their reference)
+otherwise (see :mod:`distgen.kernels.dispatch`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distgen.kernels.dispatch import triton_ops, use_triton
+from distgen.kernels.dispatch import cpu_ops, triton_ops, use_cpu_kernels, use_triton
 
 
 class SiluAndMul(nn.Module):
@@ -15,5 +16,7 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(x):
             return triton_ops().silu_and_mul(x)
+        if use_cpu_kernels(x) and x.is_contiguous():
+            return cpu_ops().silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -1,7 +1,8 @@
-"""Paged attention over the KV cache: plain batched torch (the CPU path), or the Triton kernels.
+"""Paged attention over the KV cache: the Triton kernels (CUDA), the CPU kernels, or plain batched
+torch (the reference, and the CPU's fallback).
 
 Which one runs is decided per step by the model runner through :mod:`distgen.kernels.dispatch`, and
-recorded in the metadata (``use_triton``): the two paths need different metadata.
+recorded in the metadata (``path``): the torch path needs different metadata from the kernels'.
 
 The cache of one layer is ``[2, num_blocks, Hkv, block_size, D]`` (head-major inside a block), so
 reading a sequence's blocks back for one KV head is a gather of contiguous ``[block_size, D]`` tiles
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distgen.kernels.dispatch import triton_ops
+from distgen.kernels.dispatch import cpu_ops, triton_ops
 from distgen.layers.norm import RMSNorm
 from distgen.layers.rotary import RotaryEmbedding
 
@@ -49,11 +50,16 @@ class AttentionMetadata:
     prefill_context: ContextRead | None  # None when every prefill starts fresh (no cached context)
     prefill_mask: torch.Tensor | None  # [Bp, 1, max_q, max_q] for fresh prefills
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None  # flat K and V scratch, reused
-    # The Triton path (use_triton): per-row block tables and lengths instead of the reads above.
-    use_triton: bool = False
+    # The kernels' paths ("triton", "cpu"): per-row block tables and lengths instead of the reads above.
+    path: str = "torch"
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32/int64 cache block ids per row
     seq_lens: torch.Tensor | None = None  # [B] context length per row, this step's tokens included
     prefill_query_start: torch.Tensor | None = None  # [Bp + 1] prefill rows' offsets from the first one
+    query_start: torch.Tensor | None = None  # "cpu": [B + 1] every row's offsets (decodes included)
+
+    @property
+    def use_triton(self) -> bool:
+        return self.path == "triton"
 
 
 class Attention(nn.Module):
@@ -91,8 +97,10 @@ class Attention(nn.Module):
         assert qk_norm is None or self.rotary is not None, "q/k norms are fused with the rotary embedding"
         t = q.shape[0]
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
-        if meta.use_triton:
+        if meta.path == "triton":
             return self._forward_triton(q, k, v, positions, qk_norm, k_cache, v_cache, meta)
+        if meta.path == "cpu":
+            return self._forward_cpu(q, k, v, positions, qk_norm, k_cache, v_cache, meta)
         if qk_norm is not None:
             q, k = qk_norm[0](q), qk_norm[1](k)
         if self.rotary is not None:
@@ -139,6 +147,23 @@ class Attention(nn.Module):
                 out=out[nd:],
             )
         return out.view(t, self.num_heads * self.head_dim)
+
+    def _forward_cpu(self, q, k, v, positions, qk_norm, k_cache, v_cache, meta: AttentionMetadata):
+        """The CPU kernels: q/k norms and rotary fused with the KV store (q rotated in place), then
+        one attention call over the whole step, reading K/V in place through the block tables."""
+        ops = cpu_ops()
+        rot = {}
+        if self.rotary is not None:
+            rot = dict(positions=positions, cos=self.rotary.cos, sin=self.rotary.sin)
+            if qk_norm is not None:
+                assert qk_norm[0].eps == qk_norm[1].eps, "the fused q/k norms share one eps"
+                rot.update(qk_norm=(qk_norm[0].weight, qk_norm[1].weight), eps=qk_norm[0].eps)
+        ops.rotary_store_kv(q, k, v, k_cache, v_cache, meta.slot_block, meta.slot_offset, **rot)
+        assert meta.block_tables is not None and meta.seq_lens is not None and meta.query_start is not None
+        out = ops.paged_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start, self.scale
+        )
+        return out.view(q.shape[0], self.num_heads * self.head_dim)
 
     def _read(self, k_cache, v_cache, ctx: ContextRead, meta: AttentionMetadata):
         ws = meta.workspace

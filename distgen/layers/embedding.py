@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distgen.distributed import parallel_state as ps
+from distgen.kernels.dispatch import cpu_ops
 from distgen.layers.weights import LoadedWeight, copy_into, narrow, shape_of
 
 
@@ -56,11 +57,26 @@ class ParallelLMHead(VocabParallelEmbedding):
         else:
             self.register_parameter("bias", None)
 
+        self.packed: torch.Tensor | None = None  # the weight in the CPU GEMM's layout, once packed
+        self.tied = False
+
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
+        self.tied = True
+
+    def pack_weights(self) -> None:
+        """Pack the weight for the CPU GEMM; the plain one is released unless the embedding shares it."""
+        packed = cpu_ops().pack_linear(self.weight)
+        if packed is not None:
+            self.packed = packed
+            if not self.tied:
+                self.weight.data = self.weight.data.new_empty(0)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
-        logits = F.linear(hidden, self.weight, self.bias)
+        if self.packed is not None:
+            logits = cpu_ops().packed_linear(hidden, self.packed, self.bias)
+        else:
+            logits = F.linear(hidden, self.weight, self.bias)
         if self.tp_size > 1:
             logits = ps.gather(logits, dim=-1)
             if logits is None:

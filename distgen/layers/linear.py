@@ -3,6 +3,10 @@
 Each parameter carries a ``weight_loader(param, loaded, shard_id=None)`` that copies the rank's
 slice of a checkpoint tensor into it. Column-parallel layers split the output features, row-parallel
 layers split the input features and all-reduce their output.
+
+On the CPU the model runner packs every weight once after loading (:meth:`LinearBase.pack_weights`,
+:mod:`distgen.kernels.cpu_gemm`); the plain weight is then released, and ``forward`` multiplies by
+the packed copy.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distgen.distributed import parallel_state as ps
+from distgen.kernels.dispatch import cpu_ops
 from distgen.layers.weights import LoadedWeight, copy_into, narrow, shape_of
 
 
@@ -31,12 +36,25 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed: torch.Tensor | None = None  # the weight in the CPU GEMM's layout, once packed
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
         copy_into(param.data, loaded, type(self).__name__)
 
+    def pack_weights(self) -> None:
+        """Pack the loaded weight for the CPU GEMM and release the plain one (no-op where it can't)."""
+        packed = cpu_ops().pack_linear(self.weight)
+        if packed is not None:
+            self.packed = packed
+            self.weight.data = self.weight.data.new_empty(0)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None:
+            return cpu_ops().packed_linear(x, self.packed, bias)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -146,7 +164,7 @@ class RowParallelLinear(LinearBase):
         copy_into(param.data, narrow(loaded, 1, self.tp_rank * n, n), type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x, None)
         if self.tp_size > 1:
             ps.all_reduce(y)
         if self.bias is not None:

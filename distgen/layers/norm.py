@@ -1,12 +1,12 @@
-"""RMSNorm with an optional fused residual add: the Triton kernel on CUDA, plain torch (its reference)
-elsewhere (see :mod:`distgen.kernels.dispatch`)."""
+"""RMSNorm with an optional fused residual add: the Triton kernel on CUDA, the CPU kernel on the CPU,
+plain torch (their reference) otherwise (see :mod:`distgen.kernels.dispatch`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from distgen.kernels.dispatch import triton_ops, use_triton
+from distgen.kernels.dispatch import cpu_ops, triton_ops, use_cpu_kernels, use_triton
 
 
 class RMSNorm(nn.Module):
@@ -28,6 +28,11 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return triton_ops().rmsnorm(x, self.weight, self.eps)
             return triton_ops().fused_add_rmsnorm(x, residual, self.weight, self.eps)
+        if use_cpu_kernels(x) and x.is_contiguous() and self.weight.dtype == x.dtype:
+            if residual is None:
+                return cpu_ops().rms_norm(x, self.weight, self.eps)
+            if residual.is_contiguous():  # both are this step's own buffers: updated in place
+                return cpu_ops().fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -83,7 +83,7 @@ class DecodeGraphs:
             prefill_q_index=None,
             prefill_context=None,
             prefill_mask=None,
-            use_triton=True,
+            path="triton",
             block_tables=self._table[:b],
             seq_lens=v[_SEQ_LEN, :b],
         )

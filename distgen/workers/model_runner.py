@@ -25,7 +25,7 @@ from distgen.config import EngineConfig
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.distributed import parallel_state as ps
 from distgen.host_to_device import to_device
-from distgen.kernels.dispatch import use_triton_on
+from distgen.kernels.dispatch import attention_path, use_triton_on
 from distgen.layers.sampler import Sampler
 from distgen.layers.sampling_metadata import SamplingMetadata, build_sampling_metadata
 from distgen.model_loader.loader import ModelSource, build_model
@@ -40,6 +40,13 @@ logger = logging.getLogger("distgen")
 _SEED_MIX = 0x9E3779B97F4A7C15
 
 
+def pack_weights(model: torch.nn.Module) -> None:
+    """Pack every linear layer's weight for the CPU GEMM, once (see :mod:`distgen.kernels.cpu_gemm`)."""
+    for module in model.modules():
+        if hasattr(module, "pack_weights"):
+            module.pack_weights()
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.config = config
@@ -47,6 +54,8 @@ class ModelRunner:
         self.dtype = config.model.dtype
         self.block_size = config.cache.block_size
         self.model = build_model(source, self.dtype, config.device)
+        if attention_path(self.device, self.dtype) == "cpu":
+            pack_weights(self.model)
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler()
         self.states = RequestStates(-(-config.model.max_model_len // self.block_size))

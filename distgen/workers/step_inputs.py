@@ -4,6 +4,7 @@ The runner lays the batch out as decodes first (shortest context first), then pr
 metadata depends on the attention path :mod:`distgen.kernels.dispatch` picks for the device:
 
 - the Triton kernels take block tables, context lengths and the prefill rows' query offsets;
+- the CPU kernels take block tables, context lengths and every row's query offsets (one call);
 - the torch path (CPU) reads each sequence's cached K/V tiles into a workspace kept across steps, so
   it needs the tile indices and masks: decodes in up to four groups of similar context length (each
   padded only to its own longest), prefill chunks with a causal mask over cached context plus chunk.
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from distgen.host_to_device import to_device
-from distgen.kernels.dispatch import use_triton_on
+from distgen.kernels.dispatch import attention_path
 from distgen.layers.attention import AttentionMetadata, ContextRead, tile_index
 from distgen.workers.input_batch import CachedRequestState
 
@@ -61,8 +62,26 @@ class StepInputBuilder:
             nd += 1
         seq_lens = starts_np + counts_np
         input_ids, positions_t = to_device(ids, dev, torch.long), to_device(positions, dev)
-        if use_triton_on(dev):
+        path = attention_path(dev, self.dtype)
+        if path == "triton":
             meta = self._triton_metadata(table, slot_block, positions, seq_lens, counts_np, nd)
+            return StepInputs(input_ids, positions_t, cu, meta)
+        if path == "cpu":
+            meta = AttentionMetadata(
+                slot_block=torch.from_numpy(slot_block),
+                slot_offset=torch.from_numpy(positions % bs),
+                num_decode=nd,
+                decode_groups=[],
+                num_prefill=len(rows) - nd,
+                prefill_max_q=0,
+                prefill_q_index=None,
+                prefill_context=None,
+                prefill_mask=None,
+                path="cpu",
+                block_tables=torch.from_numpy(np.ascontiguousarray(table, dtype=np.int32)),
+                seq_lens=torch.from_numpy(seq_lens.astype(np.int32)),
+                query_start=torch.from_numpy(cu.astype(np.int32)),
+            )
             return StepInputs(input_ids, positions_t, cu, meta)
         meta = AttentionMetadata(
             slot_block=to_device(slot_block, dev),
@@ -125,7 +144,7 @@ class StepInputBuilder:
             prefill_q_index=None,
             prefill_context=None,
             prefill_mask=None,
-            use_triton=True,
+            path="triton",
             block_tables=to_device(np.asarray(table, dtype=np.int32), dev),  # no copy: already int32
             seq_lens=to_device(seq_lens.astype(np.int32), dev),
             prefill_query_start=to_device(query_start, dev),

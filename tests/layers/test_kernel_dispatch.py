@@ -19,12 +19,10 @@ if not torch.cuda.is_available():  # on a GPU the kernels must compile and run t
 import pytest  # noqa: E402
 
 from distgen.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
-from distgen.engine.args import EngineArgs  # noqa: E402
 from distgen.kernels import dispatch  # noqa: E402
 from distgen.sampling_params import SamplingParams  # noqa: E402
 from distgen.workers.cuda_graphs import DecodeGraphs, decode_buckets  # noqa: E402
-from distgen.workers.model_runner import ModelRunner  # noqa: E402
-from tests.conftest import _tiny_config  # noqa: E402
+from tests.layers.model_steps import A, B, make_runner, run_steps, save_tiny  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 CUDA = torch.cuda.is_available()
@@ -46,22 +44,10 @@ def test_mode_picks_the_path():
             pass
 
 
-def _save_tiny(tmp_path_factory, arch: str) -> str:
-    """A tiny random model saved without a tokenizer: the runner needs none, and the GPU machine, where
-    these tests also run, has no default model to take one from."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(_tiny_config(arch), dtype=torch.float32)
-    path = str(tmp_path_factory.mktemp(f"tiny-{arch}-dispatch"))
-    model.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory) -> str:
     """Tiny Qwen3 (GQA 4:2, q/k RMSNorm, tied embeddings)."""
-    return _save_tiny(tmp_path_factory, "qwen3")
+    return save_tiny(tmp_path_factory, "qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -71,98 +57,24 @@ def tokenizerless_dir(tmp_path_factory):
 
     def make(arch: str) -> str:
         if arch not in cache:
-            cache[arch] = _save_tiny(tmp_path_factory, arch)
+            cache[arch] = save_tiny(tmp_path_factory, arch)
         return cache[arch]
 
     return make
 
 
-GREEDY = SamplingParams(temperature=0, max_tokens=8, logprobs=3, ignore_eos=True)
-A = [11, 523, 97, 4410, 18, 2044, 305, 77, 6001, 12]  # 10 tokens, prefilled in chunks of 6 + 4
-B = [700, 31, 9]
-C = A[:8] + [40, 41]  # shares A's first two blocks (block size 4): a prefix-cache hit
-
-
-def _steps(runner: ModelRunner, ahead: bool = False) -> list[tuple[list[int], list[list[float]]]]:
-    """Run five hand-scheduled steps; return each step's sampled tokens and top logprobs.
-
-    Block 0 is handed out first, as the block pool does: the torch path pads block tables with it.
-    With ``ahead`` the steps come as under async scheduling: a token reaches the runner's diff one
-    step late, so the step right after a sample reads it from a placeholder.
-    """
-    results = []
-    sampled: list[dict[str, int]] = []
-
-    def step(new, cached, counts):
-        out = runner.execute_model(SchedulerOutput(new, cached, counts, sum(counts.values())))
-        assert out is not None
-        sampled.append(dict(zip(out.req_ids, out.sampled_token_ids)))
-        results.append((out.sampled_token_ids, out.logprobs))
-        return sampled[-1]
-
-    def new_tokens(rid: str) -> list[int]:
-        """What the scheduler's diff for the next step says ``rid`` sampled since the last one."""
-        k = len(sampled) - (2 if ahead else 1)
-        return [sampled[k][rid]] if k >= 0 and rid in sampled[k] else []
-
-    s1 = step(
-        [NewRequestData("a", A, 10, GREEDY, [3, 7, 1], 0), NewRequestData("b", B, 3, GREEDY, [0], 0)],
-        [],
-        {"a": 6, "b": 3},
-    )
-    assert list(s1) == ["b"]  # a's prompt is not finished yet
-    step(
-        [],
-        [CachedRequestData("a", [], [], 6), CachedRequestData("b", new_tokens("b"), [], 3)],
-        {"a": 4, "b": 1},
-    )
-    step(
-        [NewRequestData("c", C, 10, GREEDY, [3, 7, 11], 8)],
-        [CachedRequestData("a", new_tokens("a"), [], 10), CachedRequestData("b", new_tokens("b"), [9], 4)],
-        {"a": 1, "b": 1, "c": 2},
-    )
-    step(
-        [],
-        [
-            CachedRequestData("a", new_tokens("a"), [12], 11),
-            CachedRequestData("b", new_tokens("b"), [], 5),
-            CachedRequestData("c", new_tokens("c"), [], 10),
-        ],
-        {"a": 1, "b": 1, "c": 1},
-    )
-    step(
-        [],
-        [
-            CachedRequestData("a", new_tokens("a"), [], 12),
-            CachedRequestData("b", new_tokens("b"), [], 6),
-            CachedRequestData("c", new_tokens("c"), [2], 11),
-        ],
-        {"a": 1, "b": 1, "c": 1},
-    )
-    return results
-
-
-def _runner(path: str, device: str, **engine_args) -> ModelRunner:
-    config, source = EngineArgs(
-        model=path, dtype="float32", block_size=4, num_gpu_blocks_override=16, device=device, **engine_args
-    ).create_config()
-    runner = ModelRunner(config, source)
-    runner.init_kv_cache(16)
-    return runner
-
-
 def test_tiny_model_steps_match_between_torch_and_triton(qwen3_dir):
     torch.manual_seed(0)
     with dispatch.kernel_mode("torch"):
-        ref = _steps(_runner(qwen3_dir, "cpu"))
+        ref = run_steps(make_runner(qwen3_dir, "cpu"))
     if CUDA:
-        runner = _runner(qwen3_dir, "cuda")  # auto mode: Triton, decode CUDA graphs
+        runner = make_runner(qwen3_dir, "cuda")  # auto mode: Triton, decode CUDA graphs
         assert runner.graphs is not None
-        got = _steps(runner)
+        got = run_steps(runner)
     else:
         with dispatch.kernel_mode("triton"):
-            runner = _runner(qwen3_dir, "cpu")
-            got = _steps(runner)
+            runner = make_runner(qwen3_dir, "cpu")
+            got = run_steps(runner)
     assert len(got) == len(ref) == 5
     for i, ((tok, lp), (ref_tok, ref_lp)) in enumerate(zip(got, ref)):
         assert tok == ref_tok, f"step {i}: sampled {tok}, torch path {ref_tok}"
@@ -181,15 +93,15 @@ def test_decode_graph_buffers_and_padding_match_the_torch_path(qwen3_dir):
     if CUDA:
         pytest.skip("on CUDA the model test above runs the captured graphs themselves")
     with dispatch.kernel_mode("torch"):
-        ref = _steps(_runner(qwen3_dir, "cpu"))
+        ref = run_steps(make_runner(qwen3_dir, "cpu"))
     with dispatch.kernel_mode("triton"):
-        runner = _runner(qwen3_dir, "cpu")
+        runner = make_runner(qwen3_dir, "cpu")
         graphs = DecodeGraphs(runner.model, 4, 256, pad_block=15, device=torch.device("cpu"))
         replays = []
         run = graphs.run
         graphs.run = lambda *a: replays.append(len(a[0])) or run(*a)
         runner.graphs = graphs
-        got = _steps(runner)
+        got = run_steps(runner)
     assert replays == [3, 3]  # the two decode-only steps, each padded to the bucket of 4
     for (tok, lp), (ref_tok, ref_lp) in zip(got, ref):
         assert tok == ref_tok
@@ -203,18 +115,18 @@ def test_async_scheduling_placeholders_read_the_last_steps_samples(qwen3_dir, gr
     CPU run eagerly, the kernels interpreted; on CUDA the captured graphs). Same tokens and logprobs
     as the synchronous steps."""
     with dispatch.kernel_mode("torch"):
-        ref = _steps(_runner(qwen3_dir, "cpu"))
+        ref = run_steps(make_runner(qwen3_dir, "cpu"))
     device = "cuda" if CUDA else "cpu"
     mode = "auto" if CUDA else ("triton" if graphs else "torch")
     with dispatch.kernel_mode(mode):
-        runner = _runner(qwen3_dir, device, async_scheduling=True, enforce_eager=not graphs)
+        runner = make_runner(qwen3_dir, device, async_scheduling=True, enforce_eager=not graphs)
         if graphs and runner.graphs is None:
             runner.graphs = DecodeGraphs(runner.model, 4, 256, pad_block=15, device=torch.device(device))
         assert (runner.graphs is not None) == graphs
         fills = []
         fill = runner._placeholder_fill
         runner._placeholder_fill = lambda rows, cu: fills.append(fill(rows, cu)) or fills[-1]
-        got = _steps(runner, ahead=True)
+        got = run_steps(runner, ahead=True)
     # Steps 2-5 each read a placeholder; the last two are decode-only steps in the same row order.
     assert [f is not None for f in fills] == [False, True, True, True, True]
     assert isinstance(fills[-1][0], slice)
@@ -232,7 +144,7 @@ def test_launching_a_step_never_waits_for_the_gpu(qwen3_dir):
     import warnings
 
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    runner = _runner(qwen3_dir, "cuda")
+    runner = make_runner(qwen3_dir, "cuda")
     assert runner.graphs is not None
     syncs_per_step = []
 
@@ -296,7 +208,7 @@ def test_a_decode_forward_launches_nine_kernels_per_layer(arch, tokenizerless_di
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     device = "cuda" if CUDA else "cpu"
     with dispatch.kernel_mode("auto" if CUDA else "triton"):
-        runner = _runner(tokenizerless_dir(arch), device)
+        runner = make_runner(tokenizerless_dir(arch), device)
         graphs = runner.graphs or DecodeGraphs(
             runner.model, 4, 256, pad_block=15, device=torch.device(device)
         )

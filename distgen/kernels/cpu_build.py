@@ -1,0 +1,139 @@
+"""Builds the CPU kernels (``cpu_kernels.cpp``) into a shared library once per machine, and loads it.
+
+The library is compiled for the CPU it runs on (``-march=native``), so its name carries a hash of
+the source, the compiler, the flags and the CPU's model and feature flags: a second start finds it in
+``$DISTGEN_CACHE_DIR/kernels`` (a few milliseconds), and a different CPU gets its own build. The build
+takes a few seconds with g++; it writes to a temporary file and renames it into place, so processes
+starting together (tensor-parallel workers) never load a half-written file.
+
+With no C++ compiler, or a build that fails, :func:`load` logs why once and returns None: the layers
+then run their plain-torch path. ``DISTGEN_KERNELS=cpu`` turns that into an error instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from distgen.envs import envs
+
+logger = logging.getLogger("distgen")
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fvisibility=hidden"]
+
+
+class CpuKernelsUnavailable(RuntimeError):
+    """The CPU kernels could not be built or loaded here; the message says why."""
+
+
+def compiler() -> str | None:
+    """The C++ compiler to use: ``$CXX``, else g++, else c++."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _cpu_signature() -> str:
+    """The CPU's model name and feature flags: what -march=native compiles for."""
+    keep = ("model name", "flags")
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    seen: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in keep and key not in seen:
+            seen[key] = value.strip()
+    return "|".join(seen.get(k, "") for k in keep) or platform.machine()
+
+
+def library_path(cxx: str) -> Path:
+    """Where the build for this source, compiler, flags and CPU lives."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return Path(envs().cache_dir) / "kernels" / f"cpu_kernels-{h.hexdigest()[:16]}.so"
+
+
+def build(cxx: str, out: Path) -> None:
+    """Compile the library to ``out`` (atomically). Raises CpuKernelsUnavailable on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        logger.info("building the CPU kernels with %s (once per machine)", cxx)
+        proc = subprocess.run(
+            [cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600
+        )
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+            raise CpuKernelsUnavailable(f"{cxx} failed to build {SOURCE.name}:\n{tail}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> ctypes.CDLL:
+    """The loaded library, built first if this machine has no build yet. Raises
+    CpuKernelsUnavailable, naming what is missing; one attempt per process."""
+    result = _attempt()
+    if isinstance(result, CpuKernelsUnavailable):
+        raise result
+    return result
+
+
+def try_load() -> ctypes.CDLL | None:
+    """:func:`load`, or None after logging why (once) when the kernels cannot be had here."""
+    result = _attempt()
+    if isinstance(result, CpuKernelsUnavailable):
+        _warn_once(str(result))
+        return None
+    return result
+
+
+@functools.cache
+def _attempt() -> ctypes.CDLL | CpuKernelsUnavailable:
+    try:
+        return _build_and_load()
+    except CpuKernelsUnavailable as e:
+        return e
+    except (OSError, subprocess.SubprocessError) as e:  # a compiler that hangs or cannot run
+        return CpuKernelsUnavailable(f"building the CPU kernels failed: {e}")
+
+
+def _build_and_load() -> ctypes.CDLL:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+        raise CpuKernelsUnavailable(
+            f"the CPU kernels support Linux on x86-64/aarch64, not {platform.platform()}"
+        )
+    cxx = compiler()
+    if cxx is None:
+        raise CpuKernelsUnavailable(
+            "no C++ compiler found (install g++ or set CXX); the CPU kernels need one to build"
+        )
+    import torch  # noqa: F401  (loads torch's OpenMP runtime first, so the library shares it)
+
+    path = library_path(cxx)
+    if not path.exists():
+        build(cxx, path)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        raise CpuKernelsUnavailable(f"could not load {path}: {e}") from e
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    logger.warning("%s: the CPU runs the plain-torch path instead", reason)

@@ -1,0 +1,192 @@
+"""Python entry points of the CPU kernels (``cpu_kernels.cpp``), on tensors.
+
+Each function checks what the C side assumes (device, dtype, contiguity) and passes data pointers
+through ctypes: a call costs a few microseconds, less than a torch op's dispatch. float32 and
+bfloat16 run here; any other dtype stays on the torch path (see :func:`supports`).
+Their references are the plain-torch layers (``RMSNorm``, ``SiluAndMul``, ``RotaryEmbedding`` with
+``write_kv``, and the torch attention path), which the tests compare them against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from types import SimpleNamespace
+
+import torch
+
+from distgen.kernels import cpu_build
+
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "dg_rms_norm": [_P, _P, _P, _I, _I, _F],
+    "dg_add_rms_norm": [_P, _P, _P, _I, _I, _F],
+    "dg_silu_and_mul": [_P, _P, _I, _I],
+    "dg_rotary_store_kv": [_P] * 12 + [_I] * 8 + [_F],
+    "dg_paged_attention": [_P] * 7 + [_I] * 7 + [_F],
+}
+
+
+def supports(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _SUFFIX
+
+
+@functools.cache
+def _functions() -> dict[tuple[str, torch.dtype], ctypes._CFuncPtr]:
+    lib = cpu_build.load()
+    table = {}
+    for name, argtypes in _SIGNATURES.items():
+        for dtype, suffix in _SUFFIX.items():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, None
+            table[(name, dtype)] = fn
+    return table
+
+
+def _fn(name: str, x: torch.Tensor) -> ctypes._CFuncPtr:
+    return _functions()[(name, x.dtype)]
+
+
+def _ptr(x: torch.Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int]:
+    assert x.is_contiguous(), "the CPU kernels take contiguous rows"
+    return x.numel() // x.shape[-1], x.shape[-1]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    rows, h = _rows(x)
+    _fn("dg_rms_norm", x)(out.data_ptr(), x.data_ptr(), weight.data_ptr(), rows, h, eps)
+    return out
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x + residual), x + residual)``, written over ``x`` and ``residual``."""
+    rows, h = _rows(x)
+    assert residual.is_contiguous() and residual.shape == x.shape and residual.dtype == x.dtype
+    _fn("dg_add_rms_norm", x)(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), rows, h, eps)
+    return x, residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    rows, two_i = _rows(x)
+    out = x.new_empty(*x.shape[:-1], two_i // 2)
+    _fn("dg_silu_and_mul", x)(out.data_ptr(), x.data_ptr(), rows, two_i // 2)
+    return out
+
+
+def _token_stride(x: torch.Tensor) -> int:
+    """Elements between tokens of a [T, heads, D] view whose heads and dims are packed."""
+    t, h, d = x.shape
+    assert x.stride(2) == 1 and x.stride(1) == d, "heads must be packed inside a token"
+    return x.stride(0)
+
+
+def rotary_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_block: torch.Tensor,
+    slot_offset: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eps: float = 0.0,
+) -> None:
+    """Rotate q [T, H, D] and k [T, Hkv, D] in place by ``positions`` (after the per-head norms
+    ``qk_norm``, when given), then store k and v at their slots of the caches [blocks, Hkv, bs, D].
+    Without ``positions`` only the store happens."""
+    t, h, d = q.shape
+    _, hkv, bs, _ = k_cache.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == q.dtype
+    assert slot_block.dtype == slot_offset.dtype == torch.int64
+    if positions is not None:
+        assert positions.dtype == torch.int64 and cos.dtype == sin.dtype == torch.float32
+        assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[-1] * 2 == d
+    qn, kn = qk_norm if qk_norm is not None else (None, None)
+    _fn("dg_rotary_store_kv", q)(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        _ptr(qn),
+        _ptr(kn),
+        _ptr(positions),
+        _ptr(cos),
+        _ptr(sin),
+        slot_block.data_ptr(),
+        slot_offset.data_ptr(),
+        t,
+        h,
+        hkv,
+        d,
+        bs,
+        _token_stride(q),
+        _token_stride(k),
+        _token_stride(v),
+        eps,
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of every row's queries over its cached context, read in place through its block
+    table. q [T, H, D] (row i's queries are q[query_start[i]:query_start[i+1]], the last ones of
+    its ``seq_lens[i]`` tokens, causal among themselves); caches [blocks, Hkv, bs, D]; int32 tables,
+    lengths and starts. Returns (or fills) a contiguous [T, H, D]."""
+    t, h, d = q.shape
+    _, hkv, bs, _ = k_cache.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == q.dtype
+    for name, x in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start", query_start)):
+        assert x.dtype == torch.int32 and x.is_contiguous(), f"{name} must be contiguous int32"
+    if out is None:
+        out = q.new_empty(t, h, d)
+    assert out.is_contiguous()
+    _fn("dg_paged_attention", q)(
+        out.data_ptr(),
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_tables.data_ptr(),
+        seq_lens.data_ptr(),
+        query_start.data_ptr(),
+        seq_lens.numel(),
+        h,
+        hkv,
+        d,
+        bs,
+        _token_stride(q),
+        block_tables.stride(0),
+        scale,
+    )
+    return out
+
+
+def namespace() -> SimpleNamespace:
+    """The entry points, as :func:`distgen.kernels.dispatch.cpu_ops` hands them out."""
+    return SimpleNamespace(
+        supports=supports,
+        rms_norm=rms_norm,
+        fused_add_rms_norm=fused_add_rms_norm,
+        silu_and_mul=silu_and_mul,
+        rotary_store_kv=rotary_store_kv,
+        paged_attention=paged_attention,
+    )

@@ -1,0 +1,150 @@
+"""The CPU kernels against their plain-torch references (the layers' torch path), float32 and bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distgen.kernels import cpu_build, cpu_ops
+from distgen.layers.activation import SiluAndMul
+from distgen.layers.attention import write_kv
+from distgen.layers.norm import RMSNorm
+from distgen.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(cpu_build.try_load() is None, reason="no C++ compiler to build the kernels")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, atol: float = 1e-5) -> None:
+    if dtype == torch.float32:
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
+    else:  # one bf16 rounding step apart at most
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_rms_norm_and_fused_add(dtype, rows):
+    torch.manual_seed(rows)
+    norm = RMSNorm(576, 1e-5, dtype)
+    norm.weight.data = torch.randn(576).to(dtype)
+    x, res = torch.randn(rows, 576).to(dtype), torch.randn(rows, 576).to(dtype)
+    _close(cpu_ops.rms_norm(x, norm.weight, norm.eps), norm(x), dtype)
+    want_x, want_res = norm(x, res)
+    got_x, got_res = cpu_ops.fused_add_rms_norm(x.clone(), res.clone(), norm.weight, norm.eps)
+    assert torch.equal(got_res, want_res)  # the add rounds exactly as torch's
+    _close(got_x, want_x, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    x = (torch.randn(33, 2 * 1536) * 4).to(dtype)
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
+    _close(cpu_ops.silu_and_mul(x), SiluAndMul()(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_store_kv(dtype, qk_norm):
+    torch.manual_seed(0)
+    t, h, hkv, d, bs, blocks = 11, 6, 2, 64, 4, 9
+    rotary = RotaryEmbedding(d, 128, 10000.0)
+    qkv = torch.randn(t, (h + 2 * hkv) * d).to(dtype)  # q/k/v are strided views, as in the model
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
+    positions = torch.randint(0, 128, (t,))
+    slot_block, slot_offset = torch.arange(t) % blocks, torch.randint(0, bs, (t,))
+    norms = None
+    if qk_norm:
+        norms = (RMSNorm(d, 1e-6, dtype), RMSNorm(d, 1e-6, dtype))
+        for n in norms:
+            n.weight.data = torch.randn(d).to(dtype)
+    q_in, k_in = (norms[0](q), norms[1](k)) if norms else (q, k)
+    want_q, want_k = rotary(positions, q_in, k_in)
+    want_cache = torch.zeros(2, blocks, hkv, bs, d, dtype=dtype)
+    write_kv(want_cache[0], want_cache[1], want_k, v, slot_block, slot_offset)
+
+    cache = torch.zeros_like(want_cache)
+    weights = None if norms is None else (norms[0].weight, norms[1].weight)
+    cpu_ops.rotary_store_kv(
+        q, k, v, cache[0], cache[1], slot_block, slot_offset, positions, rotary.cos, rotary.sin, weights, 1e-6
+    )
+    _close(q, want_q, dtype)
+    _close(cache, want_cache, dtype)
+
+
+def _reference_attention(q, k_cache, v_cache, tables, lens, starts, scale):
+    """Each row's queries over its context, gathered from the cache and masked causally."""
+    outs = []
+    bs = k_cache.shape[2]
+    for i in range(len(lens)):
+        n, ctx = int(starts[i + 1] - starts[i]), int(lens[i])
+        blocks = tables[i, : -(-ctx // bs)].long()
+        k = k_cache[blocks].transpose(1, 2).reshape(-1, k_cache.shape[1], k_cache.shape[3])[:ctx]
+        v = v_cache[blocks].transpose(1, 2).reshape(-1, v_cache.shape[1], v_cache.shape[3])[:ctx]
+        qi = q[int(starts[i]) : int(starts[i + 1])]
+        mask = torch.arange(ctx)[None, :] <= (ctx - n + torch.arange(n))[:, None]
+        o = F.scaled_dot_product_attention(
+            qi.transpose(0, 1).float(),
+            k.transpose(0, 1).float(),
+            v.transpose(0, 1).float(),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs).to(q.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # (H, Hkv, D, block_size, [(queries, context) per row])
+        (9, 3, 64, 16, [(1, 1), (1, 17), (1, 300), (5, 5), (40, 90), (1, 64)]),
+        (4, 4, 32, 5, [(1, 3), (17, 17), (3, 40)]),
+        (8, 1, 16, 1, [(2, 9), (1, 1)]),
+    ],
+)
+def test_paged_attention_matches_gathered_reference(dtype, shape):
+    """Decode rows, fresh prompts, chunks after a cached prefix (prefix-cache hits), GQA, MHA, MQA,
+    block sizes that do not divide the lengths, and blocks scattered through the cache."""
+    torch.manual_seed(1)
+    h, hkv, d, bs, rows = shape
+    max_blocks = max(-(-ctx // bs) for _, ctx in rows)
+    num_blocks = len(rows) * max_blocks + 3
+    k_cache = torch.randn(num_blocks, hkv, bs, d).to(dtype)
+    v_cache = torch.randn(num_blocks, hkv, bs, d).to(dtype)
+    perm = torch.randperm(num_blocks)
+    tables = torch.zeros(len(rows), max_blocks, dtype=torch.int32)
+    for i, (_, ctx) in enumerate(rows):
+        nb = -(-ctx // bs)
+        tables[i, :nb] = perm[i * max_blocks : i * max_blocks + nb].int()
+    lens = torch.tensor([ctx for _, ctx in rows], dtype=torch.int32)
+    starts = torch.tensor([0] + [n for n, _ in rows], dtype=torch.int32).cumsum(0).int()
+    q = torch.randn(int(starts[-1]), h, d).to(dtype)
+    scale = d**-0.5
+    got = cpu_ops.paged_attention(q, k_cache, v_cache, tables, lens, starts, scale)
+    want = _reference_attention(q, k_cache, v_cache, tables, lens, starts, scale)
+    _close(got, want, dtype, atol=2e-5)
+
+
+def test_paged_attention_reads_strided_queries():
+    """q as the model passes it: a view into the QKV projection's output rows."""
+    torch.manual_seed(2)
+    h, hkv, d, bs = 6, 2, 32, 8
+    qkv = torch.randn(10, (h + 2 * hkv) * d)
+    q = qkv[:, : h * d].view(10, h, d)
+    k_cache, v_cache = torch.randn(4, hkv, bs, d), torch.randn(4, hkv, bs, d)
+    tables = torch.tensor([[2, 0], [3, 1]], dtype=torch.int32)
+    lens, starts = torch.tensor([12, 5], dtype=torch.int32), torch.tensor([0, 7, 10], dtype=torch.int32)
+    got = cpu_ops.paged_attention(q, k_cache, v_cache, tables, lens, starts, 0.3)
+    want = _reference_attention(q.contiguous(), k_cache, v_cache, tables, lens, starts, 0.3)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_unsupported_dtype_is_reported():
+    assert cpu_ops.supports(torch.zeros(1))
+    assert cpu_ops.supports(torch.zeros(1, dtype=torch.bfloat16))
+    assert not cpu_ops.supports(torch.zeros(1, dtype=torch.float16))
