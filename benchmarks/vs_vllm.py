@@ -122,19 +122,24 @@ def ensure_model_dir(path: Path) -> Path:
 
 
 def gemm_ceiling(rows: int = 64) -> float:
-    """GFLOP/s of plain float32 ``torch.mm`` over the model's linear shapes (best of five rounds)."""
+    """GFLOP/s of plain float32 ``torch.mm`` over the model's linear shapes, with the weight as
+    [in, out] or as [out, in] transposed (``F.linear``'s layout), whichever is faster; best of five."""
     import torch
 
     shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, VOCAB)]
-    mats = [(torch.randn(rows, k), torch.randn(k, n)) for k, n in shapes]
     flops = sum(2 * rows * k * n for k, n in shapes)
     best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(10):
-            for a, b in mats:
-                torch.mm(a, b)
-        best = min(best, (time.perf_counter() - t) / 10)
+    for layout in ("in_out", "out_in"):
+        mats = [
+            (torch.randn(rows, k), torch.randn(k, n) if layout == "in_out" else torch.randn(n, k).t())
+            for k, n in shapes
+        ]
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(10):
+                for a, b in mats:
+                    torch.mm(a, b)
+            best = min(best, (time.perf_counter() - t) / 10)
     return flops / best / 1e9
 
 

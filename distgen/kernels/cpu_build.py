@@ -28,7 +28,9 @@ from distgen.envs import envs
 logger = logging.getLogger("distgen")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fvisibility=hidden"]
+# No -ffast-math: results stay IEEE; errno and trap semantics are dropped, as in torch's own build.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
+FLAGS += ["-std=c++17", "-fvisibility=hidden"]
 
 
 class CpuKernelsUnavailable(RuntimeError):

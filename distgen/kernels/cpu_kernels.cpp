@@ -46,10 +46,14 @@ inline float round_to(float f) {
   return to_f(from_f<T>(f));
 }
 
+// max/min as plain selects: std::fmax/fmin keep NaN rules that make GCC call libm for each element.
+inline float max_f(float a, float b) { return a > b ? a : b; }
+inline float min_f(float a, float b) { return a < b ? a : b; }
+
 // exp(x) to about one ulp over the range softmax and SiLU need, branch-free so loops vectorize
 // (glibc's vector expf is only reachable with -ffast-math, which would also loosen everything else).
 inline float exp_f(float x) {
-  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  x = min_f(max_f(x, -87.0f), 88.0f);
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   float r = std::fma(n, -0.693145751953125f, x);
   r = std::fma(n, -1.428606765330187e-06f, r);
@@ -148,7 +152,7 @@ inline void rotate_head(T* x, const float* c, const float* s, int64_t half) {
 }
 
 // q and k are rotated in place (q stays where the QKV projection wrote it); k and v are then copied
-// into the cache slots. q_norm / k_norm (Qwen3) are applied to each head first when not null.
+// into the cache slots (K transposed within its block: see the attention below). q_norm / k_norm (Qwen3) are applied to each head first when not null.
 template <typename T>
 void rotary_store_kv(const RotaryArgs& a, T* q, T* k, const T* v, T* k_cache, T* v_cache, const T* q_norm,
                      const T* k_norm) {
@@ -171,25 +175,28 @@ void rotary_store_kv(const RotaryArgs& a, T* q, T* k, const T* v, T* k_cache, T*
       }
     }
     for (int64_t h = 0; h < a.num_kv_heads; ++h) {
-      const int64_t slot = ((a.slot_block[t] * a.num_kv_heads + h) * a.block_size + a.slot_offset[t]) * d;
-      std::memcpy(k_cache + slot, kt + h * d, d * sizeof(T));
-      std::memcpy(v_cache + slot, vt + h * d, d * sizeof(T));
+      const int64_t block = (a.slot_block[t] * a.num_kv_heads + h) * a.block_size * d;
+      T* kdst = k_cache + block + a.slot_offset[t];  // K blocks are [d, bs]: one column per token
+      for (int64_t i = 0; i < d; ++i) kdst[i * a.block_size] = kt[h * d + i];
+      std::memcpy(v_cache + block + a.slot_offset[t] * d, vt + h * d, d * sizeof(T));
     }
   }
 }
 
 // ---- Paged attention over the cache, in place through the block table -----------------------------
 //
+// Cache layout on this path: V blocks are [Hkv, bs, D] as everywhere, but each K block is stored
+// transposed, [Hkv, D, bs], so that scoring a query against a block's keys is D broadcast FMAs over
+// bs contiguous lanes: no horizontal sums (which, kept in order without -ffast-math, cost more than
+// the products) and no copy. The store above writes K that way.
+//
 // One call serves a whole step: decode rows (one query each) and prefill chunks (many), each row's
 // queries being the last ones of its context (query i of n attends keys [0, ctx - n + i]).
 // A work item is (sequence, KV head, tile of up to kQueryTile queries); its rows are every query of
 // the tile times the query heads that share the KV head (GQA), so each key is read once per item.
-// Keys are visited kKeyTile at a time with an online softmax. Items with one query (decode) score
-// keys with dot products straight from the cache; longer tiles first copy the key tile transposed,
-// which turns scoring into broadcast FMAs over kKeyTile lanes.
+// Keys are visited a block at a time with an online softmax.
 
 constexpr int64_t kQueryTile = 16;
-constexpr int64_t kKeyTile = 16;
 
 struct AttnArgs {
   int64_t num_seqs, num_heads, num_kv_heads, head_dim, block_size;
@@ -207,127 +214,123 @@ struct Item {
 
 // Per-thread scratch, sized once per call.
 struct Scratch {
-  std::vector<float> q, acc, m, l, s, kt, v;
-  Scratch(int64_t rows, int64_t d)
-      : q(rows * d), acc(rows * d), m(rows), l(rows), s(rows * kKeyTile), kt(d * kKeyTile), v(kKeyTile * d) {}
+  std::vector<float> q, acc, m, l, s;
+  Scratch(int64_t rows, int64_t d, int64_t bs) : q(rows * d), acc(rows * d), m(rows), l(rows), s(rows * bs) {}
 };
 
-template <typename T>
-inline const T* key_row(const T* cache, const AttnArgs& a, const int32_t* table, int64_t kv_head, int64_t j) {
-  const int64_t block = table[j / a.block_size];
-  return cache + ((block * a.num_kv_heads + kv_head) * a.block_size + j % a.block_size) * a.head_dim;
-}
-
-// Online-softmax update of rows [0, rows) with scores s[r][0, nk) (already masked to -inf), then
-// acc[r] += p[r] . V; v_row(t) gives key t's value vector.
-template <typename T, typename VRow>
-inline void softmax_accumulate(Scratch& w, int64_t rows, int64_t nk, int64_t d, VRow v_row) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* s = &w.s[r * kKeyTile];
-    float mx = w.m[r];
-    for (int64_t t = 0; t < nk; ++t) mx = std::fmax(mx, s[t]);
-    if (mx == -INFINITY) continue;  // every key of this tile is masked for this row
-    const float corr = exp_f(w.m[r] - mx);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < nk; ++t) {
-      s[t] = s[t] == -INFINITY ? 0.0f : exp_f(s[t] - mx);
-      sum += s[t];
+// s[r][t] = q_r . k_t for kRows query rows (q and s rows kStride apart) and the n first keys of a
+// transposed K block [d, bs]. Sixteen keys at a time go through fixed-size accumulators, one per row,
+// which the compiler keeps in registers: each key vector loaded feeds kRows independent FMA chains.
+template <int kRows, typename T>
+inline void score_rows(const float* q, int64_t q_stride, const T* kb, int64_t d, int64_t bs, int64_t n,
+                       float* s, int64_t s_stride) {
+  constexpr int64_t kLanes = 16;
+  int64_t t0 = 0;
+  for (; t0 + kLanes <= n; t0 += kLanes) {
+    float acc[kRows][kLanes] = {};
+    for (int64_t i = 0; i < d; ++i) {
+      const T* kc = kb + i * bs + t0;
+      float kv[kLanes];
+#pragma omp simd
+      for (int64_t t = 0; t < kLanes; ++t) kv[t] = to_f(kc[t]);
+      for (int r = 0; r < kRows; ++r) {
+        const float qv = q[r * q_stride + i];
+#pragma omp simd
+        for (int64_t t = 0; t < kLanes; ++t) acc[r][t] = std::fma(qv, kv[t], acc[r][t]);
+      }
     }
-    w.l[r] = w.l[r] * corr + sum;
-    w.m[r] = mx;
-    float* acc = &w.acc[r * d];
-#pragma omp simd
-    for (int64_t i = 0; i < d; ++i) acc[i] *= corr;
-    for (int64_t t = 0; t < nk; ++t) {
-      if (s[t] == 0.0f) continue;
-      const float p = s[t];
-      const T* vr = v_row(t);
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) acc[i] = std::fma(p, to_f(vr[i]), acc[i]);
+    for (int r = 0; r < kRows; ++r)
+      for (int64_t t = 0; t < kLanes; ++t) s[r * s_stride + t0 + t] = acc[r][t];
+  }
+  if (t0 == n) return;
+  for (int r = 0; r < kRows; ++r) {
+    float* sr = s + r * s_stride;
+    for (int64_t t = t0; t < n; ++t) sr[t] = 0.0f;
+    for (int64_t i = 0; i < d; ++i) {
+      const float qv = q[r * q_stride + i];
+      const T* kc = kb + i * bs;
+      for (int64_t t = t0; t < n; ++t) sr[t] = std::fma(qv, to_f(kc[t]), sr[t]);
     }
   }
 }
 
+// Scores of every row of an item against one block: four rows at a time, then the rest.
 template <typename T>
+inline void score_block(const float* q, int64_t rows, const T* kb, int64_t d, int64_t bs, int64_t n, float* s) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) score_rows<4>(q + r * d, d, kb, d, bs, n, s + r * bs, bs);
+  switch (rows - r) {
+    case 3: score_rows<3>(q + r * d, d, kb, d, bs, n, s + r * bs, bs); break;
+    case 2: score_rows<2>(q + r * d, d, kb, d, bs, n, s + r * bs, bs); break;
+    case 1: score_rows<1>(q + r * d, d, kb, d, bs, n, s + r * bs, bs); break;
+    default: break;
+  }
+}
+
+// The head size is a compile-time constant where it is a common one (kD = 64, 128; 0 = any), so a
+// row's accumulator stays in registers across a block's keys.
+template <typename T, int64_t kD>
 void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache, const T* v_cache, T* out,
                  Scratch& w) {
-  const int64_t d = a.head_dim, group = a.num_heads / a.num_kv_heads;
+  const int64_t d = kD > 0 ? kD : a.head_dim, group = a.num_heads / a.num_kv_heads;
+  const int64_t bs = a.block_size, head_stride = bs * d;
   const int64_t q_begin = a.query_start[it.seq], nq = a.query_start[it.seq + 1] - q_begin;
   const int64_t ctx = a.seq_lens[it.seq];
   const int32_t* table = a.block_tables + it.seq * a.block_table_stride;
   const int64_t rows = (it.q1 - it.q0) * group;
-  // Row r = (query qi, head g): its last visible key is ctx - nq + qi.
-  for (int64_t qi = it.q0; qi < it.q1; ++qi)
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t r = (qi - it.q0) * group + g;
-      const T* src = q + (q_begin + qi) * a.q_stride + (it.kv_head * group + g) * d;
-      for (int64_t i = 0; i < d; ++i) w.q[r * d + i] = to_f(src[i]) * a.scale;
-      w.m[r] = -INFINITY;
-      w.l[r] = 0.0f;
-    }
+  // Row r = (query q0 + r / group, head r % group): its last visible key is first_limit + r / group.
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src = q + (q_begin + it.q0 + r / group) * a.q_stride + (it.kv_head * group + r % group) * d;
+    for (int64_t i = 0; i < d; ++i) w.q[r * d + i] = to_f(src[i]) * a.scale;
+    w.m[r] = -INFINITY;
+    w.l[r] = 0.0f;
+  }
   std::fill(w.acc.begin(), w.acc.begin() + rows * d, 0.0f);
-  const int64_t first_limit = ctx - nq + it.q0;   // last key the tile's first query sees
-  const int64_t num_keys = ctx - nq + it.q1;      // keys the tile's last query sees
-  const bool tiled = it.q1 - it.q0 > 1;
-  for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyTile) {
-    const int64_t nk = std::min(kKeyTile, num_keys - j0);
-    if (tiled) {
-      for (int64_t t = 0; t < nk; ++t) {
-        const T* kr = key_row(k_cache, a, table, it.kv_head, j0 + t);
-        const T* vr = key_row(v_cache, a, table, it.kv_head, j0 + t);
-        for (int64_t i = 0; i < d; ++i) {
-          w.kt[i * kKeyTile + t] = to_f(kr[i]);
-          w.v[t * d + i] = to_f(vr[i]);
-        }
+  const int64_t first_limit = ctx - nq + it.q0;
+  const int64_t num_keys = ctx - nq + it.q1;
+  for (int64_t j0 = 0; j0 < num_keys; j0 += bs) {
+    const int64_t block = table[j0 / bs];
+    const T* kb = k_cache + (block * a.num_kv_heads + it.kv_head) * head_stride;  // [d, bs]
+    const T* vb = v_cache + (block * a.num_kv_heads + it.kv_head) * head_stride;  // [bs, d]
+    const int64_t n = std::min(bs, num_keys - j0);
+    score_block(w.q.data(), rows, kb, d, bs, n, w.s.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t limit = first_limit + r / group;
+      if (j0 > limit) continue;  // the whole block is in this row's future
+      float* s = &w.s[r * bs];
+      const int64_t visible = std::min(n, limit - j0 + 1);
+      float mx = w.m[r];
+      for (int64_t t = 0; t < visible; ++t) mx = max_f(mx, s[t]);
+      const float corr = exp_f(w.m[r] - mx);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < visible; ++t) {
+        s[t] = exp_f(s[t] - mx);
+        sum += s[t];
       }
-      for (int64_t t = nk; t < kKeyTile; ++t)
-        for (int64_t i = 0; i < d; ++i) w.kt[i * kKeyTile + t] = 0.0f;
-      for (int64_t r = 0; r < rows; ++r) {
-        float sc[kKeyTile] = {};
-        const float* qr = &w.q[r * d];
-        for (int64_t i = 0; i < d; ++i) {
-          const float qv = qr[i];
-          const float* kc = &w.kt[i * kKeyTile];
+      w.l[r] = w.l[r] * corr + sum;
+      w.m[r] = mx;
+      float acc[kD > 0 ? kD : 1];
+      float* ar = kD > 0 ? acc : &w.acc[r * d];
+      if (kD > 0)
+        for (int64_t i = 0; i < d; ++i) ar[i] = w.acc[r * d + i] * corr;
+      else
+        for (int64_t i = 0; i < d; ++i) ar[i] *= corr;
+      for (int64_t t = 0; t < visible; ++t) {
+        const float p = s[t];
+        const T* vr = vb + t * d;
 #pragma omp simd
-          for (int64_t t = 0; t < kKeyTile; ++t) sc[t] = std::fma(qv, kc[t], sc[t]);
-        }
-        std::memcpy(&w.s[r * kKeyTile], sc, sizeof(sc));
+        for (int64_t i = 0; i < d; ++i) ar[i] = std::fma(p, to_f(vr[i]), ar[i]);
       }
-    } else {
-      for (int64_t t = 0; t < nk; ++t) {
-        const T* kr = key_row(k_cache, a, table, it.kv_head, j0 + t);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* qr = &w.q[r * d];
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < d; ++i) acc += qr[i] * to_f(kr[i]);
-          w.s[r * kKeyTile + t] = acc;
-        }
-      }
-    }
-    if (j0 + nk - 1 > first_limit) {  // causal mask inside the tile
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t limit = first_limit + r / group;
-        for (int64_t t = 0; t < nk; ++t)
-          if (j0 + t > limit) w.s[r * kKeyTile + t] = -INFINITY;
-      }
-    }
-    if (tiled) {
-      const float* vbuf = w.v.data();
-      softmax_accumulate<float>(w, rows, nk, d, [&](int64_t t) { return vbuf + t * d; });
-    } else {
-      softmax_accumulate<T>(w, rows, nk, d,
-                            [&](int64_t t) { return key_row(v_cache, a, table, it.kv_head, j0 + t); });
+      if (kD > 0)
+        for (int64_t i = 0; i < d; ++i) w.acc[r * d + i] = ar[i];
     }
   }
-  for (int64_t qi = it.q0; qi < it.q1; ++qi)
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t r = (qi - it.q0) * group + g;
-      T* dst = out + ((q_begin + qi) * a.num_heads + it.kv_head * group + g) * d;
-      const float inv = 1.0f / w.l[r];
-      for (int64_t i = 0; i < d; ++i) dst[i] = from_f<T>(w.acc[r * d + i] * inv);
-    }
+  for (int64_t r = 0; r < rows; ++r) {
+    T* dst = out + ((q_begin + it.q0 + r / group) * a.num_heads + it.kv_head * group + r % group) * d;
+    const float inv = 1.0f / w.l[r];
+    for (int64_t i = 0; i < d; ++i) dst[i] = from_f<T>(w.acc[r * d + i] * inv);
+  }
 }
 
 template <typename T>
@@ -342,9 +345,16 @@ void paged_attention(const AttnArgs& a, const T* q, const T* k_cache, const T* v
   const int64_t rows = kQueryTile * (a.num_heads / a.num_kv_heads);
 #pragma omp parallel if (n > 1)
   {
-    Scratch w(rows, a.head_dim);
+    Scratch w(rows, a.head_dim, a.block_size);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; ++i) attend_item(a, items[i], q, k_cache, v_cache, out, w);
+    for (int64_t i = 0; i < n; ++i) {
+      if (a.head_dim == 64)
+        attend_item<T, 64>(a, items[i], q, k_cache, v_cache, out, w);
+      else if (a.head_dim == 128)
+        attend_item<T, 128>(a, items[i], q, k_cache, v_cache, out, w);
+      else
+        attend_item<T, 0>(a, items[i], q, k_cache, v_cache, out, w);
+    }
   }
 }
 

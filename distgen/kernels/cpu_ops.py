@@ -3,6 +3,10 @@
 Each function checks what the C side assumes (device, dtype, contiguity) and passes data pointers
 through ctypes: a call costs a few microseconds, less than a torch op's dispatch. float32 and
 bfloat16 run here; any other dtype stays on the torch path (see :func:`supports`).
+On this path each K block of the cache is stored transposed (``[Hkv, D, block_size]`` in the
+memory of a ``[Hkv, block_size, D]`` block; V blocks keep the usual layout): see ``cpu_kernels.cpp``.
+:func:`k_cache_view` gives a cache in that layout its true shape.
+
 Their references are the plain-torch layers (``RMSNorm``, ``SiluAndMul``, ``RotaryEmbedding`` with
 ``write_kv``, and the torch attention path), which the tests compare them against.
 """
@@ -81,6 +85,19 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def k_cache_view(k_cache: torch.Tensor) -> torch.Tensor:
+    """The K cache [blocks, Hkv, bs, D] of this path seen as what it holds: [blocks, Hkv, D, bs]."""
+    n, hkv, bs, d = k_cache.shape
+    return k_cache.view(n, hkv, d, bs)
+
+
+def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor) -> tuple[int, int]:
+    """(Hkv, block size), from the V cache [blocks, Hkv, bs, D]; K holds as many transposed blocks."""
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "the caches must be contiguous"
+    assert k_cache.dtype == v_cache.dtype == q.dtype and k_cache.numel() == v_cache.numel()
+    return v_cache.shape[1], v_cache.shape[2]
+
+
 def _token_stride(x: torch.Tensor) -> int:
     """Elements between tokens of a [T, heads, D] view whose heads and dims are packed."""
     t, h, d = x.shape
@@ -103,11 +120,10 @@ def rotary_store_kv(
     eps: float = 0.0,
 ) -> None:
     """Rotate q [T, H, D] and k [T, Hkv, D] in place by ``positions`` (after the per-head norms
-    ``qk_norm``, when given), then store k and v at their slots of the caches [blocks, Hkv, bs, D].
-    Without ``positions`` only the store happens."""
+    ``qk_norm``, when given), then store k and v at their slots of the caches (V [blocks, Hkv, bs,
+    D], K the same blocks transposed). Without ``positions`` only the store happens."""
     t, h, d = q.shape
-    _, hkv, bs, _ = k_cache.shape
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == q.dtype
+    hkv, bs = _check_caches(k_cache, v_cache, q)
     assert slot_block.dtype == slot_offset.dtype == torch.int64
     if positions is not None:
         assert positions.dtype == torch.int64 and cos.dtype == sin.dtype == torch.float32
@@ -150,11 +166,10 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of every row's queries over its cached context, read in place through its block
     table. q [T, H, D] (row i's queries are q[query_start[i]:query_start[i+1]], the last ones of
-    its ``seq_lens[i]`` tokens, causal among themselves); caches [blocks, Hkv, bs, D]; int32 tables,
-    lengths and starts. Returns (or fills) a contiguous [T, H, D]."""
+    its ``seq_lens[i]`` tokens, causal among themselves); V cache [blocks, Hkv, bs, D], K the same
+    blocks transposed; int32 tables, lengths and starts. Returns (or fills) a contiguous [T, H, D]."""
     t, h, d = q.shape
-    _, hkv, bs, _ = k_cache.shape
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == q.dtype
+    hkv, bs = _check_caches(k_cache, v_cache, q)
     for name, x in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start", query_start)):
         assert x.dtype == torch.int32 and x.is_contiguous(), f"{name} must be contiguous int32"
     if out is None:

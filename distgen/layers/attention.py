@@ -150,7 +150,8 @@ class Attention(nn.Module):
 
     def _forward_cpu(self, q, k, v, positions, qk_norm, k_cache, v_cache, meta: AttentionMetadata):
         """The CPU kernels: q/k norms and rotary fused with the KV store (q rotated in place), then
-        one attention call over the whole step, reading K/V in place through the block tables."""
+        one attention call over the whole step, reading K/V in place through the block tables. On
+        this path the K half of the cache holds each block transposed (``cpu_ops.k_cache_view``)."""
         ops = cpu_ops()
         rot = {}
         if self.rotary is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distgen.kernels import cpu_build, cpu_ops
+from distgen.kernels import cpu_build, cpu_ops, dispatch
 from distgen.layers.activation import SiluAndMul
 from distgen.layers.attention import write_kv
 from distgen.layers.norm import RMSNorm
@@ -31,8 +31,10 @@ def test_rms_norm_and_fused_add(dtype, rows):
     norm = RMSNorm(576, 1e-5, dtype)
     norm.weight.data = torch.randn(576).to(dtype)
     x, res = torch.randn(rows, 576).to(dtype), torch.randn(rows, 576).to(dtype)
-    _close(cpu_ops.rms_norm(x, norm.weight, norm.eps), norm(x), dtype)
-    want_x, want_res = norm(x, res)
+    with dispatch.kernel_mode("torch"):  # the layer's reference path, not the kernel under test
+        want = norm(x)
+        want_x, want_res = norm(x, res)
+    _close(cpu_ops.rms_norm(x, norm.weight, norm.eps), want, dtype)
     got_x, got_res = cpu_ops.fused_add_rms_norm(x.clone(), res.clone(), norm.weight, norm.eps)
     assert torch.equal(got_res, want_res)  # the add rounds exactly as torch's
     _close(got_x, want_x, dtype)
@@ -42,7 +44,9 @@ def test_rms_norm_and_fused_add(dtype, rows):
 def test_silu_and_mul(dtype):
     x = (torch.randn(33, 2 * 1536) * 4).to(dtype)
     x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
-    _close(cpu_ops.silu_and_mul(x), SiluAndMul()(x), dtype)
+    with dispatch.kernel_mode("torch"):
+        want = SiluAndMul()(x)
+    _close(cpu_ops.silu_and_mul(x), want, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -60,7 +64,8 @@ def test_rotary_store_kv(dtype, qk_norm):
         norms = (RMSNorm(d, 1e-6, dtype), RMSNorm(d, 1e-6, dtype))
         for n in norms:
             n.weight.data = torch.randn(d).to(dtype)
-    q_in, k_in = (norms[0](q), norms[1](k)) if norms else (q, k)
+    with dispatch.kernel_mode("torch"):
+        q_in, k_in = (norms[0](q), norms[1](k)) if norms else (q, k)
     want_q, want_k = rotary(positions, q_in, k_in)
     want_cache = torch.zeros(2, blocks, hkv, bs, d, dtype=dtype)
     write_kv(want_cache[0], want_cache[1], want_k, v, slot_block, slot_offset)
@@ -71,7 +76,13 @@ def test_rotary_store_kv(dtype, qk_norm):
         q, k, v, cache[0], cache[1], slot_block, slot_offset, positions, rotary.cos, rotary.sin, weights, 1e-6
     )
     _close(q, want_q, dtype)
-    _close(cache, want_cache, dtype)
+    _close(cpu_ops.k_cache_view(cache[0]), want_cache[0].transpose(-1, -2), dtype)  # K: blocks transposed
+    _close(cache[1], want_cache[1], dtype)
+
+
+def _transposed(k_cache: torch.Tensor) -> torch.Tensor:
+    """A [blocks, Hkv, bs, D] K cache in the CPU path's layout (each block transposed)."""
+    return k_cache.transpose(-1, -2).contiguous()
 
 
 def _reference_attention(q, k_cache, v_cache, tables, lens, starts, scale):
@@ -125,7 +136,7 @@ def test_paged_attention_matches_gathered_reference(dtype, shape):
     starts = torch.tensor([0] + [n for n, _ in rows], dtype=torch.int32).cumsum(0).int()
     q = torch.randn(int(starts[-1]), h, d).to(dtype)
     scale = d**-0.5
-    got = cpu_ops.paged_attention(q, k_cache, v_cache, tables, lens, starts, scale)
+    got = cpu_ops.paged_attention(q, _transposed(k_cache), v_cache, tables, lens, starts, scale)
     want = _reference_attention(q, k_cache, v_cache, tables, lens, starts, scale)
     _close(got, want, dtype, atol=2e-5)
 
@@ -139,7 +150,7 @@ def test_paged_attention_reads_strided_queries():
     k_cache, v_cache = torch.randn(4, hkv, bs, d), torch.randn(4, hkv, bs, d)
     tables = torch.tensor([[2, 0], [3, 1]], dtype=torch.int32)
     lens, starts = torch.tensor([12, 5], dtype=torch.int32), torch.tensor([0, 7, 10], dtype=torch.int32)
-    got = cpu_ops.paged_attention(q, k_cache, v_cache, tables, lens, starts, 0.3)
+    got = cpu_ops.paged_attention(q, _transposed(k_cache), v_cache, tables, lens, starts, 0.3)
     want = _reference_attention(q.contiguous(), k_cache, v_cache, tables, lens, starts, 0.3)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
