@@ -80,12 +80,13 @@ class Driver:
 
 
 def _kernels(prof, cuda: bool) -> list[tuple[str, int, float]]:
-    """(name, count, microseconds) of every GPU kernel (on a CPU: every top-level aten op)."""
+    """(name, count, microseconds) of every GPU kernel; on a CPU, of every top-level aten or oneDNN
+    op (the C++ kernels, called through ctypes, do not show)."""
     out = []
     for e in prof.events():
         if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
             out.append((e.name, 1, e.time_range.elapsed_us()))
-        elif not cuda and e.cpu_parent is None and e.name.startswith("aten::"):
+        elif not cuda and e.cpu_parent is None and e.name.startswith(("aten::", "mkldnn::")):
             out.append((e.name, 1, e.cpu_time))
     if cuda and not out:  # a profiler build that does not list kernels as events: its summary does
         for a in prof.key_averages():
