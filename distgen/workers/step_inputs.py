@@ -67,21 +67,7 @@ class StepInputBuilder:
             meta = self._triton_metadata(table, slot_block, positions, seq_lens, counts_np, nd)
             return StepInputs(input_ids, positions_t, cu, meta)
         if path == "cpu":
-            meta = AttentionMetadata(
-                slot_block=torch.from_numpy(slot_block),
-                slot_offset=torch.from_numpy(positions % bs),
-                num_decode=nd,
-                decode_groups=[],
-                num_prefill=len(rows) - nd,
-                prefill_max_q=0,
-                prefill_q_index=None,
-                prefill_context=None,
-                prefill_mask=None,
-                path="cpu",
-                block_tables=torch.from_numpy(np.ascontiguousarray(table, dtype=np.int32)),
-                seq_lens=torch.from_numpy(seq_lens.astype(np.int32)),
-                query_start=torch.from_numpy(cu.astype(np.int32)),
-            )
+            meta = self._cpu_metadata(table, slot_block, positions, seq_lens, cu, nd)
             return StepInputs(input_ids, positions_t, cu, meta)
         meta = AttentionMetadata(
             slot_block=to_device(slot_block, dev),
@@ -128,6 +114,25 @@ class StepInputBuilder:
         if need:
             meta.workspace = self._workspace(need * bs * self.head_dim)
         return StepInputs(input_ids, positions_t, cu, meta)
+
+    def _cpu_metadata(self, table, slot_block, positions, seq_lens, cu, nd: int) -> AttentionMetadata:
+        """The CPU kernels' metadata: block tables, lengths and every row's query offsets (host
+        tensors sharing the arrays' memory)."""
+        return AttentionMetadata(
+            slot_block=torch.from_numpy(slot_block),
+            slot_offset=torch.from_numpy(positions % self.block_size),
+            num_decode=nd,
+            decode_groups=[],
+            num_prefill=len(seq_lens) - nd,
+            prefill_max_q=0,
+            prefill_q_index=None,
+            prefill_context=None,
+            prefill_mask=None,
+            path="cpu",
+            block_tables=torch.from_numpy(np.ascontiguousarray(table, dtype=np.int32)),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)),
+            query_start=torch.from_numpy(cu.astype(np.int32)),
+        )
 
     def _triton_metadata(self, table, slot_block, positions, seq_lens, counts, nd: int) -> AttentionMetadata:
         """The kernels' metadata: block tables, lengths and the prefill rows' query offsets."""
