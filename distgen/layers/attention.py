@@ -16,7 +16,7 @@ allocating tens of MB per layer per step costs more in page faults than the copy
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +42,14 @@ class AttentionMetadata:
     slot_block: torch.Tensor  # [T] block of each new token's slot
     slot_offset: torch.Tensor  # [T] offset inside the block
     num_decode: int
-    # Decodes in groups of similar context length, each padded only to its own longest context.
-    decode_groups: list[tuple[int, int, ContextRead]]
     num_prefill: int  # number of prefill sequences after the decodes
-    prefill_max_q: int
-    prefill_q_index: torch.Tensor | None  # [Tp] position of each prefill token in [Bp * max_q]
-    prefill_context: ContextRead | None  # None when every prefill starts fresh (no cached context)
-    prefill_mask: torch.Tensor | None  # [Bp, 1, max_q, max_q] for fresh prefills
+    # The torch path: decodes in groups of similar context length, each padded only to its own
+    # longest context, and the prefill chunks' padding, reads and masks.
+    decode_groups: list[tuple[int, int, ContextRead]] = field(default_factory=list)
+    prefill_max_q: int = 0
+    prefill_q_index: torch.Tensor | None = None  # [Tp] position of each prefill token in [Bp * max_q]
+    prefill_context: ContextRead | None = None  # None when every prefill starts fresh (no cached context)
+    prefill_mask: torch.Tensor | None = None  # [Bp, 1, max_q, max_q] for fresh prefills
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None  # flat K and V scratch, reused
     # The kernels' paths ("triton", "cpu"): per-row block tables and lengths instead of the reads above.
     path: str = "torch"

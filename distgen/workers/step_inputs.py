@@ -73,12 +73,7 @@ class StepInputBuilder:
             slot_block=to_device(slot_block, dev),
             slot_offset=to_device(positions % bs, dev),
             num_decode=nd,
-            decode_groups=[],
             num_prefill=len(rows) - nd,
-            prefill_max_q=0,
-            prefill_q_index=None,
-            prefill_context=None,
-            prefill_mask=None,
         )
         need = 0  # workspace elements for the largest context read
         if nd:
@@ -122,12 +117,7 @@ class StepInputBuilder:
             slot_block=torch.from_numpy(slot_block),
             slot_offset=torch.from_numpy(positions % self.block_size),
             num_decode=nd,
-            decode_groups=[],
             num_prefill=len(seq_lens) - nd,
-            prefill_max_q=0,
-            prefill_q_index=None,
-            prefill_context=None,
-            prefill_mask=None,
             path="cpu",
             block_tables=torch.from_numpy(np.ascontiguousarray(table, dtype=np.int32)),
             seq_lens=torch.from_numpy(seq_lens.astype(np.int32)),
@@ -143,12 +133,8 @@ class StepInputBuilder:
             slot_block=to_device(slot_block, dev),
             slot_offset=to_device(positions % self.block_size, dev),
             num_decode=nd,
-            decode_groups=[],
             num_prefill=len(counts) - nd,
             prefill_max_q=int(p_counts.max()) if len(p_counts) else 0,
-            prefill_q_index=None,
-            prefill_context=None,
-            prefill_mask=None,
             path="triton",
             block_tables=to_device(np.asarray(table, dtype=np.int32), dev),  # no copy: already int32
             seq_lens=to_device(seq_lens.astype(np.int32), dev),
