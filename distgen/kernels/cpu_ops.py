@@ -2,7 +2,7 @@
 
 Each function checks what the C side assumes (device, dtype, contiguity) and passes data pointers
 through ctypes: a call costs a few microseconds, less than a torch op's dispatch. float32 and
-bfloat16 run here; any other dtype stays on the torch path (see :func:`supports`).
+bfloat16 run here (``DTYPES``); any other dtype stays on the torch path.
 On this path each K block of the cache is stored transposed (``[Hkv, D, block_size]`` in the
 memory of a ``[Hkv, block_size, D]`` block; V blocks keep the usual layout): see ``cpu_kernels.cpp``.
 :func:`k_cache_view` gives a cache in that layout its true shape.
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from types import SimpleNamespace
 
 import torch
 
 from distgen.kernels import cpu_build
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+DTYPES = frozenset(_SUFFIX)
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "dg_rms_norm": [_P, _P, _P, _I, _I, _F],
@@ -30,10 +30,6 @@ _SIGNATURES = {
     "dg_rotary_store_kv": [_P] * 12 + [_I] * 8 + [_F],
     "dg_paged_attention": [_P] * 7 + [_I] * 7 + [_F],
 }
-
-
-def supports(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in _SUFFIX
 
 
 @functools.cache
@@ -193,15 +189,3 @@ def paged_attention(
         scale,
     )
     return out
-
-
-def namespace() -> SimpleNamespace:
-    """The entry points, as :func:`distgen.kernels.dispatch.cpu_ops` hands them out."""
-    return SimpleNamespace(
-        supports=supports,
-        rms_norm=rms_norm,
-        fused_add_rms_norm=fused_add_rms_norm,
-        silu_and_mul=silu_and_mul,
-        rotary_store_kv=rotary_store_kv,
-        paged_attention=paged_attention,
-    )

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 
 from distgen.envs import envs
+from distgen.kernels import cpu_build, cpu_ops
 
 MODES = ("auto", "torch", "triton", "cpu")
 
@@ -59,10 +60,8 @@ def use_triton_on(device: torch.device) -> bool:
 def use_cpu_kernels_for(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether tensors of ``dtype`` on ``device`` go to the CPU kernels (and weights get packed)."""
     mode = _state["mode"]
-    if device.type != "cpu" or mode not in ("auto", "cpu") or dtype not in (torch.float32, torch.bfloat16):
+    if device.type != "cpu" or mode not in ("auto", "cpu") or dtype not in cpu_ops.DTYPES:
         return False
-    from distgen.kernels import cpu_build
-
     if mode == "cpu":
         cpu_build.load()  # raises, naming what is missing
         return True
@@ -93,13 +92,19 @@ def kernel_mode(mode: str) -> Iterator[None]:
 
 
 @functools.cache
-def cpu_ops() -> SimpleNamespace:
-    """The CPU kernels' entry points (:mod:`distgen.kernels.cpu_ops`)."""
-    from distgen.kernels import cpu_gemm, cpu_ops
+def cpu_kernels() -> SimpleNamespace:
+    """The CPU kernels' entry points (:mod:`distgen.kernels.cpu_ops`) and the packed GEMM."""
+    from distgen.kernels import cpu_gemm
 
-    ns = cpu_ops.namespace()
-    ns.pack_linear, ns.packed_linear = cpu_gemm.pack, cpu_gemm.linear
-    return ns
+    return SimpleNamespace(
+        rms_norm=cpu_ops.rms_norm,
+        fused_add_rms_norm=cpu_ops.fused_add_rms_norm,
+        silu_and_mul=cpu_ops.silu_and_mul,
+        rotary_store_kv=cpu_ops.rotary_store_kv,
+        paged_attention=cpu_ops.paged_attention,
+        pack_linear=cpu_gemm.pack,
+        packed_linear=cpu_gemm.linear,
+    )
 
 
 @functools.cache

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distgen.kernels.dispatch import cpu_ops, triton_ops, use_cpu_kernels, use_triton
+from distgen.kernels.dispatch import cpu_kernels, triton_ops, use_cpu_kernels, use_triton
 
 
 class SiluAndMul(nn.Module):
@@ -17,6 +17,6 @@ class SiluAndMul(nn.Module):
         if use_triton(x):
             return triton_ops().silu_and_mul(x)
         if use_cpu_kernels(x) and x.is_contiguous():
-            return cpu_ops().silu_and_mul(x)
+            return cpu_kernels().silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

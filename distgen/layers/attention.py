@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distgen.kernels.dispatch import cpu_ops, triton_ops
+from distgen.kernels.dispatch import cpu_kernels, triton_ops
 from distgen.layers.norm import RMSNorm
 from distgen.layers.rotary import RotaryEmbedding
 
@@ -153,7 +153,7 @@ class Attention(nn.Module):
         """The CPU kernels: q/k norms and rotary fused with the KV store (q rotated in place), then
         one attention call over the whole step, reading K/V in place through the block tables. On
         this path the K half of the cache holds each block transposed (``cpu_ops.k_cache_view``)."""
-        ops = cpu_ops()
+        ops = cpu_kernels()
         rot = {}
         if self.rotary is not None:
             rot = dict(positions=positions, cos=self.rotary.cos, sin=self.rotary.sin)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distgen.distributed import parallel_state as ps
-from distgen.kernels.dispatch import cpu_ops
+from distgen.kernels.dispatch import cpu_kernels
 from distgen.layers.weights import LoadedWeight, copy_into, narrow, shape_of
 
 
@@ -66,7 +66,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def pack_weights(self) -> None:
         """Pack the weight for the CPU GEMM; the plain one is released unless the embedding shares it."""
-        packed = cpu_ops().pack_linear(self.weight)
+        packed = cpu_kernels().pack_linear(self.weight)
         if packed is not None:
             self.packed = packed
             if not self.tied:
@@ -74,7 +74,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         if self.packed is not None:
-            logits = cpu_ops().packed_linear(hidden, self.packed, self.bias)
+            logits = cpu_kernels().packed_linear(hidden, self.packed, self.bias)
         else:
             logits = F.linear(hidden, self.weight, self.bias)
         if self.tp_size > 1:

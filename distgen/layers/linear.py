@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distgen.distributed import parallel_state as ps
-from distgen.kernels.dispatch import cpu_ops
+from distgen.kernels.dispatch import cpu_kernels
 from distgen.layers.weights import LoadedWeight, copy_into, narrow, shape_of
 
 
@@ -43,14 +43,14 @@ class LinearBase(nn.Module):
 
     def pack_weights(self) -> None:
         """Pack the loaded weight for the CPU GEMM and release the plain one (no-op where it can't)."""
-        packed = cpu_ops().pack_linear(self.weight)
+        packed = cpu_kernels().pack_linear(self.weight)
         if packed is not None:
             self.packed = packed
             self.weight.data = self.weight.data.new_empty(0)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed is not None:
-            return cpu_ops().packed_linear(x, self.packed, bias)
+            return cpu_kernels().packed_linear(x, self.packed, bias)
         return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distgen.kernels.dispatch import cpu_ops, triton_ops, use_cpu_kernels, use_triton
+from distgen.kernels.dispatch import cpu_kernels, triton_ops, use_cpu_kernels, use_triton
 
 
 class RMSNorm(nn.Module):
@@ -30,9 +30,9 @@ class RMSNorm(nn.Module):
             return triton_ops().fused_add_rmsnorm(x, residual, self.weight, self.eps)
         if use_cpu_kernels(x) and x.is_contiguous() and self.weight.dtype == x.dtype:
             if residual is None:
-                return cpu_ops().rms_norm(x, self.weight, self.eps)
+                return cpu_kernels().rms_norm(x, self.weight, self.eps)
             if residual.is_contiguous():  # both are this step's own buffers: updated in place
-                return cpu_ops().fused_add_rms_norm(x, residual, self.weight, self.eps)
+                return cpu_kernels().fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

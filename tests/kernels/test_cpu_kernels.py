@@ -155,7 +155,10 @@ def test_paged_attention_reads_strided_queries():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
-def test_unsupported_dtype_is_reported():
-    assert cpu_ops.supports(torch.zeros(1))
-    assert cpu_ops.supports(torch.zeros(1, dtype=torch.bfloat16))
-    assert not cpu_ops.supports(torch.zeros(1, dtype=torch.float16))
+def test_only_float32_and_bfloat16_take_the_kernels():
+    cpu = torch.device("cpu")
+    assert dispatch.use_cpu_kernels_for(cpu, torch.float32)
+    assert dispatch.use_cpu_kernels_for(cpu, torch.bfloat16)
+    assert not dispatch.use_cpu_kernels_for(cpu, torch.float16)  # the torch path runs it
+    with dispatch.kernel_mode("torch"):
+        assert not dispatch.use_cpu_kernels_for(cpu, torch.float32)
