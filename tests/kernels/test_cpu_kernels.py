@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from distgen.kernels import cpu_build, cpu_ops, dispatch
+from distgen.kernels.paged_prefill import paged_attention_prefill_ref
 from distgen.layers.activation import SiluAndMul
 from distgen.layers.attention import write_kv
 from distgen.layers.norm import RMSNorm
@@ -85,29 +85,6 @@ def _transposed(k_cache: torch.Tensor) -> torch.Tensor:
     return k_cache.transpose(-1, -2).contiguous()
 
 
-def _reference_attention(q, k_cache, v_cache, tables, lens, starts, scale):
-    """Each row's queries over its context, gathered from the cache and masked causally."""
-    outs = []
-    bs = k_cache.shape[2]
-    for i in range(len(lens)):
-        n, ctx = int(starts[i + 1] - starts[i]), int(lens[i])
-        blocks = tables[i, : -(-ctx // bs)].long()
-        k = k_cache[blocks].transpose(1, 2).reshape(-1, k_cache.shape[1], k_cache.shape[3])[:ctx]
-        v = v_cache[blocks].transpose(1, 2).reshape(-1, v_cache.shape[1], v_cache.shape[3])[:ctx]
-        qi = q[int(starts[i]) : int(starts[i + 1])]
-        mask = torch.arange(ctx)[None, :] <= (ctx - n + torch.arange(n))[:, None]
-        o = F.scaled_dot_product_attention(
-            qi.transpose(0, 1).float(),
-            k.transpose(0, 1).float(),
-            v.transpose(0, 1).float(),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
-        outs.append(o.transpose(0, 1))
-    return torch.cat(outs).to(q.dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "shape",
@@ -137,7 +114,7 @@ def test_paged_attention_matches_gathered_reference(dtype, shape):
     q = torch.randn(int(starts[-1]), h, d).to(dtype)
     scale = d**-0.5
     got = cpu_ops.paged_attention(q, _transposed(k_cache), v_cache, tables, lens, starts, scale)
-    want = _reference_attention(q, k_cache, v_cache, tables, lens, starts, scale)
+    want = paged_attention_prefill_ref(q, k_cache, v_cache, tables, starts, lens, scale)
     _close(got, want, dtype, atol=2e-5)
 
 
@@ -151,7 +128,7 @@ def test_paged_attention_reads_strided_queries():
     tables = torch.tensor([[2, 0], [3, 1]], dtype=torch.int32)
     lens, starts = torch.tensor([12, 5], dtype=torch.int32), torch.tensor([0, 7, 10], dtype=torch.int32)
     got = cpu_ops.paged_attention(q, _transposed(k_cache), v_cache, tables, lens, starts, 0.3)
-    want = _reference_attention(q.contiguous(), k_cache, v_cache, tables, lens, starts, 0.3)
+    want = paged_attention_prefill_ref(q, k_cache, v_cache, tables, starts, lens, 0.3)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 

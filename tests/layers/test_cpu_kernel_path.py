@@ -10,29 +10,17 @@ import torch
 
 from distgen.kernels import cpu_build, dispatch
 from distgen.layers.linear import LinearBase
-from tests.layers.model_steps import make_runner, run_steps, save_tiny
+from tests.layers.model_steps import make_runner, run_steps
 
 pytestmark = pytest.mark.skipif(cpu_build.try_load() is None, reason="no C++ compiler to build the kernels")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    cache: dict[str, str] = {}
-
-    def make(arch: str) -> str:
-        if arch not in cache:
-            cache[arch] = save_tiny(tmp_path_factory, arch)
-        return cache[arch]
-
-    return make
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "opt"])
-def test_cpu_kernels_match_the_torch_path(arch, tiny_dir):
+def test_cpu_kernels_match_the_torch_path(arch, tokenizerless_dir):
     with dispatch.kernel_mode("torch"):
-        ref_runner = make_runner(tiny_dir(arch), "cpu")
+        ref_runner = make_runner(tokenizerless_dir(arch), "cpu")
         ref = run_steps(ref_runner)
-    runner = make_runner(tiny_dir(arch), "cpu")  # auto: the CPU kernels
+    runner = make_runner(tokenizerless_dir(arch), "cpu")  # auto: the CPU kernels
     packed = [m for m in runner.model.modules() if isinstance(m, LinearBase)]
     assert packed and all(m.packed is not None and m.weight.numel() == 0 for m in packed)
     assert all(m.packed is None for m in ref_runner.model.modules() if isinstance(m, LinearBase))
@@ -43,7 +31,7 @@ def test_cpu_kernels_match_the_torch_path(arch, tiny_dir):
         torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
 
 
-def test_bfloat16_cpu_kernels_stay_within_the_reference_top5(tiny_dir):
+def test_bfloat16_cpu_kernels_stay_within_the_reference_top5(tokenizerless_dir):
     """bf16 rounds differently between the paths (fused ops round once where torch rounds per op):
     each sampled token must be among the torch path's top logprobs (DESIGN.md's rule)."""
     outputs: dict[str, list] = {"ref": [], "got": []}
@@ -54,8 +42,8 @@ def test_bfloat16_cpu_kernels_stay_within_the_reference_top5(tiny_dir):
         return runner
 
     with dispatch.kernel_mode("torch"):
-        run_steps(recorded(make_runner(tiny_dir("llama"), "cpu", dtype="bfloat16"), "ref"))
-    runner = recorded(make_runner(tiny_dir("llama"), "cpu", dtype="bfloat16"), "got")
+        run_steps(recorded(make_runner(tokenizerless_dir("llama"), "cpu", dtype="bfloat16"), "ref"))
+    runner = recorded(make_runner(tokenizerless_dir("llama"), "cpu", dtype="bfloat16"), "got")
     assert runner.kv_cache.dtype == torch.bfloat16
     run_steps(runner)
     same = 0

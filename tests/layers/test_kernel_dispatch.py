@@ -22,7 +22,7 @@ from distgen.core.scheduler_output import CachedRequestData, NewRequestData, Sch
 from distgen.kernels import dispatch  # noqa: E402
 from distgen.sampling_params import SamplingParams  # noqa: E402
 from distgen.workers.cuda_graphs import DecodeGraphs, decode_buckets  # noqa: E402
-from tests.layers.model_steps import A, B, make_runner, run_steps, save_tiny  # noqa: E402
+from tests.layers.model_steps import A, B, make_runner, run_steps  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 CUDA = torch.cuda.is_available()
@@ -45,22 +45,9 @@ def test_mode_picks_the_path():
 
 
 @pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory) -> str:
+def qwen3_dir(tokenizerless_dir) -> str:
     """Tiny Qwen3 (GQA 4:2, q/k RMSNorm, tied embeddings)."""
-    return save_tiny(tmp_path_factory, "qwen3")
-
-
-@pytest.fixture(scope="module")
-def tokenizerless_dir(tmp_path_factory):
-    """``tokenizerless_dir(arch)`` -> a tiny model of ``arch`` (see :func:`_save_tiny`), built once."""
-    cache: dict[str, str] = {}
-
-    def make(arch: str) -> str:
-        if arch not in cache:
-            cache[arch] = save_tiny(tmp_path_factory, arch)
-        return cache[arch]
-
-    return make
+    return tokenizerless_dir("qwen3")
 
 
 def test_tiny_model_steps_match_between_torch_and_triton(qwen3_dir):
