@@ -58,10 +58,6 @@ class AttentionMetadata:
     prefill_query_start: torch.Tensor | None = None  # [Bp + 1] prefill rows' offsets from the first one
     query_start: torch.Tensor | None = None  # "cpu": [B + 1] every row's offsets (decodes included)
 
-    @property
-    def use_triton(self) -> bool:
-        return self.path == "triton"
-
 
 class Attention(nn.Module):
     """Rotates this step's queries and keys by their positions (when the model has a rotary embedding),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distgen.distributed import parallel_state as ps
-from distgen.kernels.dispatch import cpu_kernels
+from distgen.layers.linear import PackedMatmul
 from distgen.layers.weights import LoadedWeight, copy_into, narrow, shape_of
 
 
@@ -44,7 +44,7 @@ class VocabParallelEmbedding(nn.Module):
         return ps.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(PackedMatmul, VocabParallelEmbedding):
     """Logits from the final hidden states; full logits exist only on rank 0."""
 
     def __init__(
@@ -57,26 +57,18 @@ class ParallelLMHead(VocabParallelEmbedding):
         else:
             self.register_parameter("bias", None)
 
-        self.packed: torch.Tensor | None = None  # the weight in the CPU GEMM's layout, once packed
+        self.packed = None
         self.tied = False
 
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
         self.tied = True
 
-    def pack_weights(self) -> None:
-        """Pack the weight for the CPU GEMM; the plain one is released unless the embedding shares it."""
-        packed = cpu_kernels().pack_linear(self.weight)
-        if packed is not None:
-            self.packed = packed
-            if not self.tied:
-                self.weight.data = self.weight.data.new_empty(0)
+    def weight_is_shared(self) -> bool:
+        return self.tied  # the embedding still looks rows up in the plain weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
-        if self.packed is not None:
-            logits = cpu_kernels().packed_linear(hidden, self.packed, self.bias)
-        else:
-            logits = F.linear(hidden, self.weight, self.bias)
+        logits = self.matmul(hidden, self.bias)
         if self.tp_size > 1:
             logits = ps.gather(logits, dim=-1)
             if logits is None:

@@ -4,9 +4,9 @@ Each parameter carries a ``weight_loader(param, loaded, shard_id=None)`` that co
 slice of a checkpoint tensor into it. Column-parallel layers split the output features, row-parallel
 layers split the input features and all-reduce their output.
 
-On the CPU the model runner packs every weight once after loading (:meth:`LinearBase.pack_weights`,
-:mod:`distgen.kernels.cpu_gemm`); the plain weight is then released, and ``forward`` multiplies by
-the packed copy.
+On the CPU the model runner packs every weight once after loading (:class:`PackedMatmul`, which
+the LM head shares; :mod:`distgen.kernels.cpu_gemm`): the plain weight is then released, and
+``forward`` multiplies by the packed copy.
 """
 
 from __future__ import annotations
@@ -26,7 +26,32 @@ def _divide(a: int, b: int, what: str) -> int:
     return a // b
 
 
-class LinearBase(nn.Module):
+class PackedMatmul:
+    """A weight [out, in] that the CPU path packs once for its GEMM (:mod:`distgen.kernels.cpu_gemm`)
+    and multiplies in that layout; elsewhere ``F.linear`` on the plain weight."""
+
+    weight: nn.Parameter
+    packed: torch.Tensor | None  # the weight in the CPU GEMM's layout, once packed
+
+    def weight_is_shared(self) -> bool:
+        """Whether another module reads the plain weight too (then packing keeps it)."""
+        return False
+
+    def pack_weights(self) -> None:
+        """Pack the loaded weight and release the plain one (a no-op where it cannot be packed)."""
+        packed = cpu_kernels().pack_linear(self.weight)
+        if packed is not None:
+            self.packed = packed
+            if not self.weight_is_shared():
+                self.weight.data = self.weight.data.new_empty(0)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None:
+            return cpu_kernels().packed_linear(x, self.packed, bias)
+        return F.linear(x, self.weight, bias)
+
+
+class LinearBase(PackedMatmul, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
@@ -36,22 +61,10 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
-        self.packed: torch.Tensor | None = None  # the weight in the CPU GEMM's layout, once packed
+        self.packed = None
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
         copy_into(param.data, loaded, type(self).__name__)
-
-    def pack_weights(self) -> None:
-        """Pack the loaded weight for the CPU GEMM and release the plain one (no-op where it can't)."""
-        packed = cpu_kernels().pack_linear(self.weight)
-        if packed is not None:
-            self.packed = packed
-            self.weight.data = self.weight.data.new_empty(0)
-
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed is not None:
-            return cpu_kernels().packed_linear(x, self.packed, bias)
-        return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)

@@ -91,7 +91,7 @@ def test_kernel_metadata_is_block_tables_and_lengths():
     rows, counts = _batch()
     with dispatch.kernel_mode("triton"):
         meta = _build(rows, counts).meta
-    assert meta.use_triton and meta.decode_groups == [] and meta.prefill_context is None
+    assert meta.path == "triton" and meta.decode_groups == [] and meta.prefill_context is None
     assert meta.seq_lens.tolist() == [3, 6, 14, 10, 3]
     assert meta.prefill_query_start.tolist() == [0, 6, 9]
     assert meta.block_tables.dtype == torch.int32
