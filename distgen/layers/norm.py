@@ -23,7 +23,8 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``."""
+        """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``. On the CPU
+        kernels' path the two results are written over ``x`` and ``residual``."""
         if use_triton(x):
             if residual is None:
                 return triton_ops().rmsnorm(x, self.weight, self.eps)
