@@ -1,7 +1,8 @@
-"""Builds the CPU kernels (``cpu_kernels.cpp``) into a shared library once per machine, and loads it.
+"""Builds the CPU kernels (the C++ sources in ``csrc/``) into one shared library once per machine, and
+loads it.
 
 The library is compiled for the CPU it runs on (``-march=native``), so its name carries a hash of
-the source, the compiler, the flags and the CPU's model and feature flags: a second start finds it in
+the sources, the compiler, the flags and the CPU's model and feature flags: a second start finds it in
 ``$DISTGEN_CACHE_DIR/kernels`` (a few milliseconds), and a different CPU gets its own build. The build
 takes a few seconds with g++; it writes to a temporary file and renames it into place, so processes
 starting together (tensor-parallel workers) never load a half-written file.
@@ -27,7 +28,7 @@ from distgen.envs import envs
 
 logger = logging.getLogger("distgen")
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCE_DIR = Path(__file__).with_name("csrc")
 # No -ffast-math: results stay IEEE; errno and trap semantics are dropped, as in torch's own build.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 FLAGS += ["-std=c++17", "-fvisibility=hidden"]
@@ -58,11 +59,18 @@ def _cpu_signature() -> str:
     return "|".join(seen.get(k, "") for k in keep) or platform.machine()
 
 
+def sources() -> list[Path]:
+    """The translation units, compiled together into one library."""
+    return sorted(SOURCE_DIR.glob("*.cpp"))
+
+
 def library_path(cxx: str) -> Path:
-    """Where the build for this source, compiler, flags and CPU lives."""
+    """Where the build for these sources (headers included), compiler, flags and CPU lives."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()):
+    files = sorted(SOURCE_DIR.glob("*.cpp")) + sorted(SOURCE_DIR.glob("*.h"))
+    parts = [f.name.encode() + b"\0" + f.read_bytes() for f in files]
+    for part in (*parts, version.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()):
         h.update(part)
         h.update(b"\0")
     return Path(envs().cache_dir) / "kernels" / f"cpu_kernels-{h.hexdigest()[:16]}.so"
@@ -76,11 +84,11 @@ def build(cxx: str, out: Path) -> None:
     try:
         logger.info("building the CPU kernels with %s (once per machine)", cxx)
         proc = subprocess.run(
-            [cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600
+            [cxx, *FLAGS, *map(str, sources()), "-o", tmp], capture_output=True, text=True, timeout=600
         )
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-            raise CpuKernelsUnavailable(f"{cxx} failed to build {SOURCE.name}:\n{tail}")
+            raise CpuKernelsUnavailable(f"{cxx} failed to build the CPU kernels ({SOURCE_DIR}):\n{tail}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -1,14 +1,15 @@
-"""Python entry points of the CPU kernels (``cpu_kernels.cpp``), on tensors.
+"""Python entry points of the CPU kernels (the C++ in ``csrc/``), on tensors.
 
 Each function checks what the C side assumes (device, dtype, contiguity) and passes data pointers
 through ctypes: a call costs a few microseconds, less than a torch op's dispatch. float32 and
 bfloat16 run here (``DTYPES``); any other dtype stays on the torch path.
 On this path each K block of the cache is stored transposed (``[Hkv, D, block_size]`` in the
-memory of a ``[Hkv, block_size, D]`` block; V blocks keep the usual layout): see ``cpu_kernels.cpp``.
+memory of a ``[Hkv, block_size, D]`` block; V blocks keep the usual layout): see ``csrc/attention.cpp``.
 :func:`k_cache_view` gives a cache in that layout its true shape.
 
 Their references are the plain-torch layers (``RMSNorm``, ``SiluAndMul``, ``RotaryEmbedding`` with
-``write_kv``, and the torch attention path), which the tests compare them against.
+``write_kv``, the torch attention path, and ``torch.argmax`` for the greedy sampler), which the tests
+compare them against.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _SIGNATURES = {
     "dg_silu_and_mul": [_P, _P, _I, _I],
     "dg_rotary_store_kv": [_P] * 12 + [_I] * 8 + [_F],
     "dg_paged_attention": [_P] * 7 + [_I] * 7 + [_F],
+    "dg_argmax_rows": [_P, _P, _I, _I],
 }
 
 
@@ -78,6 +80,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     rows, two_i = _rows(x)
     out = x.new_empty(*x.shape[:-1], two_i // 2)
     _fn("dg_silu_and_mul", x)(out.data_ptr(), x.data_ptr(), rows, two_i // 2)
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` for contiguous rows, with torch's answer on ties (the first index) and NaN
+    (its first index); int64 indices of shape ``x.shape[:-1]``."""
+    rows, n = _rows(x)
+    assert n > 0, "argmax of an empty row"
+    out = torch.empty(x.shape[:-1], dtype=torch.int64)
+    _fn("dg_argmax_rows", x)(out.data_ptr(), x.data_ptr(), rows, n)
     return out
 
 

@@ -102,6 +102,7 @@ def cpu_kernels() -> SimpleNamespace:
         silu_and_mul=cpu_ops.silu_and_mul,
         rotary_store_kv=cpu_ops.rotary_store_kv,
         paged_attention=cpu_ops.paged_attention,
+        argmax_rows=cpu_ops.argmax_rows,
         pack_linear=cpu_gemm.pack,
         packed_linear=cpu_gemm.linear,
     )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from distgen.host_to_device import to_device
+from distgen.kernels.dispatch import cpu_kernels, use_cpu_kernels
 from distgen.layers.sampling_metadata import SAMPLING_EPS, SamplingMetadata
 
 
@@ -33,6 +34,14 @@ class SamplerOutput:
     sampled_token_ranks: torch.Tensor | None  # [B], 1 = most likely
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's greedy token: ``logits.argmax(-1)``; on the CPU kernels' path their vectorized row
+    argmax, which gives torch's answer (ties and NaN included) several times faster."""
+    if logits.dim() == 2 and logits.is_contiguous() and use_cpu_kernels(logits):
+        return cpu_kernels().argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 class Sampler(torch.nn.Module):
     """Turns the last-position logits ``[B, V]`` into one token per row (see the module docstring)."""
 
@@ -42,7 +51,7 @@ class Sampler(torch.nn.Module):
         if plain_greedy and not meta.blocked and no_bias:
             # Widening to float32 keeps every value and its order, so argmax needs no float32 copy
             # of the logits (a launch and B x V x 6 bytes of traffic each step on a GPU).
-            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
+            return SamplerOutput(argmax(logits), None, None, None)
         logits = logits.float()  # every step below is out of place: the caller's tensor is untouched
         raw_logprobs = None
         if meta.max_num_logprobs is not None:
@@ -54,7 +63,7 @@ class Sampler(torch.nn.Module):
         if not meta.no_penalties:
             logits = apply_penalties(logits, meta)
 
-        greedy_ids = None if meta.all_random else logits.argmax(dim=-1)
+        greedy_ids = None if meta.all_random else argmax(logits)
         if meta.all_greedy:
             sampled = greedy_ids
         else:

@@ -46,3 +46,17 @@ def test_a_second_start_reuses_the_build(tmp_path, monkeypatch):
     stamp = os.stat(built).st_mtime_ns
     lib = cpu_build._build_and_load()
     assert os.stat(built).st_mtime_ns == stamp and lib.dg_paged_attention_f32 is not None
+
+
+@needs_compiler
+def test_a_header_edit_gets_a_new_build(tmp_path, monkeypatch):
+    cxx = cpu_build.compiler()
+    here = cpu_build.library_path(cxx)
+    copy = tmp_path / "csrc"
+    copy.mkdir()
+    for f in cpu_build.SOURCE_DIR.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(cpu_build, "SOURCE_DIR", copy)
+    assert cpu_build.library_path(cxx) == here
+    (copy / "common.h").write_text((copy / "common.h").read_text() + "\n// edited\n")
+    assert cpu_build.library_path(cxx) != here

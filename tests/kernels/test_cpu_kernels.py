@@ -132,6 +132,21 @@ def test_paged_attention_reads_strided_queries():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 49152])
+def test_argmax_rows_is_torch_argmax(dtype, n):
+    torch.manual_seed(n)
+    x = torch.randn(9, n).to(dtype)
+    x[1] = x[1].round()  # many ties: the first index wins, as in torch
+    x[2] = float("-inf")
+    x[3, n // 2] = float("nan")  # a NaN is the maximum
+    x[4, -1] = float("inf")
+    x[5, n // 3 :: 7] = float("nan")
+    x[6] = 0.0
+    assert torch.equal(cpu_ops.argmax_rows(x), x.argmax(dim=-1))
+    assert cpu_ops.argmax_rows(x[:1].view(n)).shape == ()
+
+
 def test_only_float32_and_bfloat16_take_the_kernels():
     cpu = torch.device("cpu")
     assert dispatch.use_cpu_kernels_for(cpu, torch.float32)

@@ -1,0 +1,307 @@
+// Paged attention on the CPU: one call per step, reading K/V in place through the block tables.
+#include <algorithm>
+
+#include "common.h"
+
+namespace {
+
+using namespace dg;
+
+// Cache layout on this path: V blocks are [Hkv, bs, D] as everywhere, but each K block is stored
+// transposed, [Hkv, D, bs], so that scoring a query against a block's keys is D broadcast FMAs over
+// bs contiguous lanes: no horizontal sums (which, kept in order without -ffast-math, cost more than
+// the products) and no copy. rotary_store_kv (elementwise.cpp) writes K that way.
+//
+// One call serves a whole step: decode rows (one query each) and prefill chunks (many), each row's
+// queries being the last ones of its context (query i of n attends keys [0, ctx - n + i]).
+// A work item is (sequence, KV head, tile of up to kQueryTile queries); its rows are every query of
+// the tile times the query heads that share the KV head (GQA), so each key is read once per item.
+// Keys are visited a block at a time with an online softmax.
+
+constexpr int64_t kQueryTile = 16;
+
+struct AttnArgs {
+  int64_t num_seqs, num_heads, num_kv_heads, head_dim, block_size;
+  int64_t q_stride;            // elements between consecutive query tokens
+  int64_t block_table_stride;  // elements between rows of the block table
+  const int32_t* block_tables;
+  const int32_t* seq_lens;     // [B] context length, this step's tokens included
+  const int32_t* query_start;  // [B + 1] offsets of each row's queries
+  float scale;
+};
+
+struct Item {
+  int64_t seq, kv_head, q0, q1;
+};
+
+// Per-thread scratch, sized once per call.
+struct Scratch {
+  std::vector<float> q, acc, m, l, s;
+  Scratch(int64_t rows, int64_t d, int64_t bs) : q(rows * d), acc(rows * d), m(rows), l(rows), s(rows * bs) {}
+};
+
+// s[r][t] = q_r . k_t for kRows query rows (q and s rows kStride apart) and the n first keys of a
+// transposed K block [d, bs]. Sixteen keys at a time go through fixed-size accumulators, one per row,
+// which the compiler keeps in registers: each key vector loaded feeds kRows independent FMA chains.
+template <int kRows, typename T>
+inline void score_rows(const float* q, int64_t q_stride, const T* kb, int64_t d, int64_t bs, int64_t n,
+                       float* s, int64_t s_stride) {
+  constexpr int64_t kLanes = 16;
+  int64_t t0 = 0;
+  for (; t0 + kLanes <= n; t0 += kLanes) {
+    float acc[kRows][kLanes] = {};
+    for (int64_t i = 0; i < d; ++i) {
+      const T* kc = kb + i * bs + t0;
+      float kv[kLanes];
+#pragma omp simd
+      for (int64_t t = 0; t < kLanes; ++t) kv[t] = to_f(kc[t]);
+      for (int r = 0; r < kRows; ++r) {
+        const float qv = q[r * q_stride + i];
+#pragma omp simd
+        for (int64_t t = 0; t < kLanes; ++t) acc[r][t] = std::fma(qv, kv[t], acc[r][t]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (int64_t t = 0; t < kLanes; ++t) s[r * s_stride + t0 + t] = acc[r][t];
+  }
+  if (t0 == n) return;
+  for (int r = 0; r < kRows; ++r) {
+    float* sr = s + r * s_stride;
+    for (int64_t t = t0; t < n; ++t) sr[t] = 0.0f;
+    for (int64_t i = 0; i < d; ++i) {
+      const float qv = q[r * q_stride + i];
+      const T* kc = kb + i * bs;
+      for (int64_t t = t0; t < n; ++t) sr[t] = std::fma(qv, to_f(kc[t]), sr[t]);
+    }
+  }
+}
+
+// Scores of every row of an item against one block: four rows at a time, then the rest.
+template <typename T>
+inline void score_block(const float* q, int64_t rows, const T* kb, int64_t d, int64_t bs, int64_t n, float* s) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) score_rows<4>(q + r * d, d, kb, d, bs, n, s + r * bs, bs);
+  switch (rows - r) {
+    case 3: score_rows<3>(q + r * d, d, kb, d, bs, n, s + r * bs, bs); break;
+    case 2: score_rows<2>(q + r * d, d, kb, d, bs, n, s + r * bs, bs); break;
+    case 1: score_rows<1>(q + r * d, d, kb, d, bs, n, s + r * bs, bs); break;
+    default: break;
+  }
+}
+
+// ---- The tiled path: head size 64 or 128, blocks a multiple of 16 tokens (the engine's shapes) ------
+// s[r][t0 .. t0 + 16) = q_r . k_t for kR rows of q [kR, kD] against a transposed K block [kD, bs]. Two
+// accumulators per row (even and odd dimensions) give 2 * kR independent FMA chains.
+template <int kR, int64_t kD, typename T>
+inline void score_tile(const float* q, const T* kb, int64_t bs, int64_t t0, float* s) {
+  vf16 even[kR], odd[kR];
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r) even[r] = odd[r] = vf16{};
+#pragma GCC unroll 4
+  for (int64_t i = 0; i < kD; i += 2) {
+    const vf16 k0 = load16(kb + i * bs + t0), k1 = load16(kb + (i + 1) * bs + t0);
+#pragma GCC unroll 16
+    for (int r = 0; r < kR; ++r) {
+      even[r] = fma16(splat16(q[r * kD + i]), k0, even[r]);
+      odd[r] = fma16(splat16(q[r * kD + i + 1]), k1, odd[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r) store16(s + r * bs + t0, even[r] + odd[r]);
+}
+
+// acc[r] = acc[r] * corr[r] + sum_t p[r][t] v_t over the block's n keys, for kR rows; the kR * kD / 16
+// accumulators live in registers for the whole block.
+template <int kR, int64_t kD, typename T>
+inline void pv_rows(float* acc, const float* corr, const float* p, int64_t bs, const T* vb, int64_t n) {
+  constexpr int kV = static_cast<int>(kD / 16);
+  vf16 a[kR][kV];
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < kV; ++j) a[r][j] = load16(acc + r * kD + 16 * j) * corr[r];
+  for (int64_t t = 0; t < n; ++t) {
+    vf16 v[kV];
+#pragma GCC unroll 16
+    for (int j = 0; j < kV; ++j) v[j] = load16(vb + t * kD + 16 * j);
+#pragma GCC unroll 16
+    for (int r = 0; r < kR; ++r) {
+      const vf16 pr = splat16(p[r * bs + t]);
+#pragma GCC unroll 16
+      for (int j = 0; j < kV; ++j) a[r][j] = fma16(pr, v[j], a[r][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < kV; ++j) store16(acc + r * kD + 16 * j, a[r][j]);
+}
+
+// One block for kR rows: scores, the online-softmax update (p = 0 past a row's last visible key, so
+// every row can take the same n keys), then the weighted sum of V.
+template <int kR, int64_t kD, typename T>
+inline void block_rows(Scratch& w, int64_t r0, int64_t bs, const T* kb, const T* vb, int64_t n, int64_t j0,
+                       int64_t first_limit, int64_t group) {
+  float* s = &w.s[r0 * bs];
+  for (int64_t t0 = 0; t0 < bs; t0 += 16) score_tile<kR, kD>(&w.q[r0 * kD], kb, bs, t0, s);
+  float corr[kR];
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r) {
+    float* sr = s + r * bs;
+    const int64_t visible = std::max<int64_t>(0, std::min(n, first_limit + (r0 + r) / group - j0 + 1));
+    float mx = w.m[r0 + r];
+    for (int64_t t = 0; t < visible; ++t) mx = max_f(mx, sr[t]);
+    corr[r] = visible > 0 ? exp_f(w.m[r0 + r] - mx) : 1.0f;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; ++t) {
+      sr[t] = t < visible ? exp_f(sr[t] - mx) : 0.0f;
+      sum += sr[t];
+    }
+    w.l[r0 + r] = w.l[r0 + r] * corr[r] + sum;
+    w.m[r0 + r] = mx;
+  }
+  pv_rows<kR, kD>(&w.acc[r0 * kD], corr, s, bs, vb, n);
+}
+
+template <int64_t kD, typename T>
+inline void block_all_rows(Scratch& w, int64_t rows, int64_t bs, const T* kb, const T* vb, int64_t n,
+                           int64_t j0, int64_t first_limit, int64_t group) {
+  constexpr int kMax = kD <= 64 ? 4 : 2;  // the accumulators of kMax rows fill the registers
+  int64_t r = 0;
+  for (; r + kMax <= rows; r += kMax) block_rows<kMax, kD>(w, r, bs, kb, vb, n, j0, first_limit, group);
+  switch (rows - r) {
+    case 3: block_rows<3, kD>(w, r, bs, kb, vb, n, j0, first_limit, group); break;
+    case 2: block_rows<2, kD>(w, r, bs, kb, vb, n, j0, first_limit, group); break;
+    case 1: block_rows<1, kD>(w, r, bs, kb, vb, n, j0, first_limit, group); break;
+    default: break;
+  }
+}
+
+// Blocks are scattered through the cache, each one or two pages of its own, so the hardware prefetcher
+// (which stops at page boundaries) finds every block cold. The next block's K and V are requested while
+// this one is scored: the loads then overlap the arithmetic instead of stalling it.
+template <typename T>
+inline void prefetch_block(const T* k_cache, const T* v_cache, int64_t block, int64_t num_kv_heads,
+                           int64_t kv_head, int64_t head_stride) {
+  const char* kn = reinterpret_cast<const char*>(k_cache + (block * num_kv_heads + kv_head) * head_stride);
+  const char* vn = reinterpret_cast<const char*>(v_cache + (block * num_kv_heads + kv_head) * head_stride);
+  const int64_t bytes = head_stride * static_cast<int64_t>(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(kn + off, 0, 1);
+    __builtin_prefetch(vn + off, 0, 1);
+  }
+}
+
+// The head size is a compile-time constant where it is a common one (kD = 64, 128; 0 = any), so a
+// row's accumulator stays in registers across a block's keys.
+template <typename T, int64_t kD>
+void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache, const T* v_cache, T* out,
+                 Scratch& w) {
+  const int64_t d = kD > 0 ? kD : a.head_dim, group = a.num_heads / a.num_kv_heads;
+  const int64_t bs = a.block_size, head_stride = bs * d;
+  const int64_t q_begin = a.query_start[it.seq], nq = a.query_start[it.seq + 1] - q_begin;
+  const int64_t ctx = a.seq_lens[it.seq];
+  const int32_t* table = a.block_tables + it.seq * a.block_table_stride;
+  const int64_t rows = (it.q1 - it.q0) * group;
+  // Row r = (query q0 + r / group, head r % group): its last visible key is first_limit + r / group.
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src = q + (q_begin + it.q0 + r / group) * a.q_stride + (it.kv_head * group + r % group) * d;
+    for (int64_t i = 0; i < d; ++i) w.q[r * d + i] = to_f(src[i]) * a.scale;
+    w.m[r] = -INFINITY;
+    w.l[r] = 0.0f;
+  }
+  std::fill(w.acc.begin(), w.acc.begin() + rows * d, 0.0f);
+  const int64_t first_limit = ctx - nq + it.q0;
+  const int64_t num_keys = ctx - nq + it.q1;
+  for (int64_t j0 = 0; j0 < num_keys; j0 += bs) {
+    const int64_t block = table[j0 / bs];
+    const T* kb = k_cache + (block * a.num_kv_heads + it.kv_head) * head_stride;  // [d, bs]
+    const T* vb = v_cache + (block * a.num_kv_heads + it.kv_head) * head_stride;  // [bs, d]
+    const int64_t n = std::min(bs, num_keys - j0);
+    if (j0 + bs < num_keys) prefetch_block(k_cache, v_cache, table[j0 / bs + 1], a.num_kv_heads, it.kv_head, head_stride);
+    if (kD > 0 && bs % 16 == 0) {
+      block_all_rows<kD>(w, rows, bs, kb, vb, n, j0, first_limit, group);
+      continue;
+    }
+    score_block(w.q.data(), rows, kb, d, bs, n, w.s.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t limit = first_limit + r / group;
+      if (j0 > limit) continue;  // the whole block is in this row's future
+      float* s = &w.s[r * bs];
+      const int64_t visible = std::min(n, limit - j0 + 1);
+      float mx = w.m[r];
+      for (int64_t t = 0; t < visible; ++t) mx = max_f(mx, s[t]);
+      const float corr = exp_f(w.m[r] - mx);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < visible; ++t) {
+        s[t] = exp_f(s[t] - mx);
+        sum += s[t];
+      }
+      w.l[r] = w.l[r] * corr + sum;
+      w.m[r] = mx;
+      float acc[kD > 0 ? kD : 1];
+      float* ar = kD > 0 ? acc : &w.acc[r * d];
+      if (kD > 0)
+        for (int64_t i = 0; i < d; ++i) ar[i] = w.acc[r * d + i] * corr;
+      else
+        for (int64_t i = 0; i < d; ++i) ar[i] *= corr;
+      for (int64_t t = 0; t < visible; ++t) {
+        const float p = s[t];
+        const T* vr = vb + t * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) ar[i] = std::fma(p, to_f(vr[i]), ar[i]);
+      }
+      if (kD > 0)
+        for (int64_t i = 0; i < d; ++i) w.acc[r * d + i] = ar[i];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    T* dst = out + ((q_begin + it.q0 + r / group) * a.num_heads + it.kv_head * group + r % group) * d;
+    const float inv = 1.0f / w.l[r];
+    for (int64_t i = 0; i < d; ++i) dst[i] = from_f<T>(w.acc[r * d + i] * inv);
+  }
+}
+
+template <typename T>
+void paged_attention(const AttnArgs& a, const T* q, const T* k_cache, const T* v_cache, T* out) {
+  std::vector<Item> items;
+  for (int64_t b = 0; b < a.num_seqs; ++b) {
+    const int64_t nq = a.query_start[b + 1] - a.query_start[b];
+    for (int64_t q0 = 0; q0 < nq; q0 += kQueryTile)
+      for (int64_t h = 0; h < a.num_kv_heads; ++h) items.push_back({b, h, q0, std::min(nq, q0 + kQueryTile)});
+  }
+  const int64_t n = static_cast<int64_t>(items.size());
+  const int64_t rows = kQueryTile * (a.num_heads / a.num_kv_heads);
+#pragma omp parallel if (n > 1)
+  {
+    Scratch w(rows, a.head_dim, a.block_size);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) {
+      if (a.head_dim == 64)
+        attend_item<T, 64>(a, items[i], q, k_cache, v_cache, out, w);
+      else if (a.head_dim == 128)
+        attend_item<T, 128>(a, items[i], q, k_cache, v_cache, out, w);
+      else
+        attend_item<T, 0>(a, items[i], q, k_cache, v_cache, out, w);
+    }
+  }
+}
+
+}  // namespace
+
+// ---- C ABI ----------------------------------------------------------------------------------------
+
+#define DG_ATTN(SUF, T)                                                                                 \
+  DG_EXPORT void dg_paged_attention_##SUF(                                                              \
+      void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_tables,  \
+      const int32_t* seq_lens, const int32_t* query_start, int64_t num_seqs, int64_t num_heads,         \
+      int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t q_stride,                     \
+      int64_t block_table_stride, float scale) {                                                        \
+    AttnArgs a{num_seqs, num_heads,    num_kv_heads, head_dim,    block_size, q_stride,                 \
+               block_table_stride, block_tables, seq_lens, query_start, scale};                         \
+    paged_attention(a, static_cast<const T*>(q), static_cast<const T*>(k_cache),                        \
+                    static_cast<const T*>(v_cache), static_cast<T*>(out));                              \
+  }
+DG_BOTH(DG_ATTN)

@@ -1,0 +1,121 @@
+// Shared by distgen's CPU kernels (see cpu_build.py): plain C++ loops written so that the compiler
+// vectorizes them for the CPU it is built on (-O3 -march=native), parallel with OpenMP (the runtime
+// torch already loaded), and exported with a C ABI so that Python calls them through ctypes on
+// tensors' data pointers.
+//
+// Each kernel matches the rounding of its plain-torch reference in distgen/layers: arithmetic in
+// float32, with the result rounded to the tensor's dtype where the reference rounds it.
+// Two storage types: float (fp32) and uint16_t holding bfloat16 bits (bf16).
+#pragma once
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+// Suffix _f32 / _bf16 of an exported name gives the storage type; pointers are to contiguous data
+// unless a stride says not.
+#define DG_EXPORT extern "C" __attribute__((visibility("default")))
+#define DG_BOTH(MACRO) MACRO(f32, float) MACRO(bf16, bf16)
+
+namespace dg {
+
+using bf16 = uint16_t;
+
+using bf16 = uint16_t;
+
+inline float to_f(float x) { return x; }
+inline float to_f(bf16 x) {
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename T>
+inline T from_f(float f);
+template <>
+inline float from_f<float>(float f) {
+  return f;
+}
+template <>
+inline bf16 from_f<bf16>(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<bf16>(u >> 16);
+}
+
+// Rounds a float32 value the way a tensor of type T would store it.
+template <typename T>
+inline float round_to(float f) {
+  return to_f(from_f<T>(f));
+}
+
+// max/min as plain selects: std::fmax/fmin keep NaN rules that make GCC call libm for each element.
+inline float max_f(float a, float b) { return a > b ? a : b; }
+inline float min_f(float a, float b) { return a < b ? a : b; }
+
+// exp(x) to about one ulp over the range softmax and SiLU need, branch-free so loops vectorize
+// (glibc's vector expf is only reachable with -ffast-math, which would also loosen everything else).
+inline float exp_f(float x) {
+  x = min_f(max_f(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = std::fma(n, -0.693145751953125f, x);
+  r = std::fma(n, -1.428606765330187e-06f, r);
+  float p = 1.0f / 5040.0f;
+  p = std::fma(p, r, 1.0f / 720.0f);
+  p = std::fma(p, r, 1.0f / 120.0f);
+  p = std::fma(p, r, 1.0f / 24.0f);
+  p = std::fma(p, r, 1.0f / 6.0f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.0f);
+  p = std::fma(p, r, 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// Threads only when the work pays for waking them.
+inline bool worth_threads(int64_t elems) { return elems >= (1 << 14) && omp_get_max_threads() > 1; }
+
+// Sixteen float lanes as one value: an AVX-512 register, or two AVX2 ones; GCC lowers the operators to
+// whatever -march offers. Accumulators declared as such values stay in registers, which the arrays of
+// the general path do not always manage.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+
+inline vf16 load16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vf16 load16(const bf16* p) {
+  vh16 h;
+  std::memcpy(&h, p, sizeof h);
+  const vu16 u = __builtin_convertvector(h, vu16) << 16;
+  vf16 v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
+// a * b + c lane by lane, fused (ISO C++ mode does not contract a * b + c on its own).
+inline vf16 fma16(vf16 a, vf16 b, vf16 c) {
+  vf16 r;
+#pragma GCC unroll 16
+  for (int l = 0; l < 16; ++l) r[l] = std::fma(a[l], b[l], c[l]);
+  return r;
+}
+inline vf16 splat16(float x) {
+  vf16 r;
+#pragma GCC unroll 16
+  for (int l = 0; l < 16; ++l) r[l] = x;
+  return r;
+}
+
+}  // namespace dg
