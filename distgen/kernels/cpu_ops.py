@@ -31,6 +31,8 @@ _SIGNATURES = {
     "dg_rotary_store_kv": [_P] * 12 + [_I] * 8 + [_F],
     "dg_paged_attention": [_P] * 7 + [_I] * 7 + [_F],
     "dg_argmax_rows": [_P, _P, _I, _I],
+    "dg_pack_linear": [_P, _P, _I, _I],
+    "dg_linear": [_P] * 4 + [_I] * 3,
 }
 
 
@@ -81,6 +83,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = x.new_empty(*x.shape[:-1], two_i // 2)
     _fn("dg_silu_and_mul", x)(out.data_ptr(), x.data_ptr(), rows, two_i // 2)
     return out
+
+
+def pack_linear(dst: torch.Tensor, weight: torch.Tensor, n: int, k: int) -> None:
+    """Writes the contiguous weight [n, k] into ``dst`` in the GEMM's panel layout (see cpu_gemm)."""
+    assert weight.is_contiguous() and dst.is_contiguous() and dst.dtype == weight.dtype
+    _fn("dg_pack_linear", weight)(dst.data_ptr(), weight.data_ptr(), n, k)
+
+
+def linear(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``out = x @ W.T + bias`` for contiguous x [..., k] and out [..., n], W packed by pack_linear."""
+    rows, k = _rows(x)
+    n = out.shape[-1]
+    assert out.is_contiguous() and out.dtype == x.dtype == packed.dtype
+    assert bias is None or (bias.is_contiguous() and bias.dtype == x.dtype and bias.numel() == n)
+    _fn("dg_linear", x)(out.data_ptr(), x.data_ptr(), packed.data_ptr(), _ptr(bias), rows, n, k)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ loader asks :func:`use_cpu_kernels_for` whether to pack the weights. The answer 
 read once from the environment variable ``DISTGEN_KERNELS`` at import:
 
 - ``auto`` (default): Triton for CUDA tensors; the CPU kernels (:mod:`distgen.kernels.cpu_ops`, with
-  weights packed for oneDNN) for float32 and bfloat16 CPU tensors when they build on this machine;
+  weights packed for its GEMM) for float32 and bfloat16 CPU tensors when they build on this machine;
   the torch path for everything else;
 - ``torch``: never a kernel: the plain-torch reference, everywhere;
 - ``triton``: always Triton; on a CPU-only machine this needs ``TRITON_INTERPRET=1`` set before triton

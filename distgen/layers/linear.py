@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distgen.distributed import parallel_state as ps
+from distgen.kernels.cpu_gemm import PackedWeight
 from distgen.kernels.dispatch import cpu_kernels
 from distgen.layers.weights import LoadedWeight, copy_into, narrow, shape_of
 
@@ -31,7 +32,7 @@ class PackedMatmul:
     and multiplies in that layout; elsewhere ``F.linear`` on the plain weight."""
 
     weight: nn.Parameter
-    packed: torch.Tensor | None  # the weight in the CPU GEMM's layout, once packed
+    packed: PackedWeight | None  # the weight in the CPU GEMM's layout, once packed
 
     def weight_is_shared(self) -> bool:
         """Whether another module reads the plain weight too (then packing keeps it)."""

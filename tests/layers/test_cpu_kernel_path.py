@@ -1,4 +1,4 @@
-"""The CPU fast path (packed oneDNN weights, the CPU kernels) against the plain-torch reference on
+"""The CPU fast path (weights packed for the CPU GEMM, the CPU kernels) against the plain-torch reference on
 tiny models of every architecture: the same greedy tokens and logprobs over hand-scheduled steps
 that cover fresh prefills of several sequences, a chunked prefill continuing after its cached first
 chunk, a prefix-cache hit, decodes mixed with a prefill, and decode-only steps."""

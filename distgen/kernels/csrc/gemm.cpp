@@ -1,0 +1,198 @@
+// The linear layers' GEMM on the CPU: y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]), with W packed once, at
+// load, into panels of 16 output features:
+// - float32: [ceil(N / 16)][K][16], so a step along k reads 16 consecutive weights;
+// - bfloat16: [ceil(N / 16)][ceil(K / 2)][16][2], pairs of consecutive k per feature, the operand of
+//   AVX-512-BF16's vdpbf16ps (two products summed into each float32 lane per instruction).
+// A tile of up to 6 rows x 2 panels keeps its 12 accumulators in registers for the whole of K; x is
+// broadcast from its rows as they are, unpacked. One rows x 32-feature tile per work item, items split
+// over the threads panel-major, so each thread streams its own contiguous share of the weights: at one
+// row (decode of a single stream) that is a read of the weights at memory bandwidth, at 64 and more the
+// tiles reuse each panel from cache and the FMA units set the pace.
+//
+// Every output is one accumulator summed in k order whatever the number of rows, so a request's
+// result does not depend on what else is in its batch.
+#include <algorithm>
+#include <type_traits>
+
+#include "common.h"
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using namespace dg;
+
+constexpr int64_t kPanel = 16;  // output features per panel: one vector of accumulators
+constexpr int kRowsMax = 6;     // rows per tile
+constexpr int kPanelsMax = 2;   // panels per tile
+
+inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
+
+void pack(float* dst, const float* w, int64_t n, int64_t k) {
+#pragma omp parallel for
+  for (int64_t p = 0; p < panels(n); ++p)
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t c = 0; c < kPanel; ++c) {
+        const int64_t row = p * kPanel + c;
+        dst[(p * k + i) * kPanel + c] = row < n ? w[row * k + i] : 0.0f;
+      }
+}
+
+void pack(bf16* dst, const bf16* w, int64_t n, int64_t k) {
+  const int64_t kh = (k + 1) / 2;
+#pragma omp parallel for
+  for (int64_t p = 0; p < panels(n); ++p)
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t c = 0; c < kPanel; ++c)
+        for (int64_t e = 0; e < 2; ++e) {
+          const int64_t row = p * kPanel + c, col = 2 * i + e;
+          dst[((p * kh + i) * kPanel + c) * 2 + e] = row < n && col < k ? w[row * k + col] : bf16{0};
+        }
+}
+
+// Rounds the accumulators of one tile (plus the bias) into the output, the last panel cut at n.
+template <int kR, int kC, typename T>
+inline void store_tile(const float (&acc)[kR][kC][16], const T* bias, T* out, int64_t ldo, int64_t cols) {
+  for (int r = 0; r < kR; ++r)
+    for (int c = 0; c < kC; ++c) {
+      const int64_t lim = std::min<int64_t>(kPanel, cols - c * kPanel);
+      for (int64_t l = 0; l < lim; ++l) {
+        const float b = bias ? to_f(bias[c * kPanel + l]) : 0.0f;
+        out[r * ldo + c * kPanel + l] = from_f<T>(acc[r][c][l] + b);
+      }
+    }
+}
+
+// float32, and bfloat16 where the CPU lacks vdpbf16ps (each pair then becomes two float32 FMAs).
+template <int kR, int kC, typename T>
+inline void tile_fma(const T* x, int64_t k, const T* wp, const T* bias, T* out, int64_t ldo, int64_t cols) {
+  constexpr bool kPairs = std::is_same_v<T, bf16>;
+  const int64_t panel_stride = kPairs ? (k + 1) / 2 * kPanel * 2 : k * kPanel;
+  vf16 acc[kR][kC];
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < kC; ++c) acc[r][c] = vf16{};
+  for (int64_t i = 0; i < k; i += kPairs ? 2 : 1) {
+    vf16 w0[kC], w1[kC];
+#pragma GCC unroll 16
+    for (int c = 0; c < kC; ++c) {
+      if constexpr (kPairs) {  // 16 (k, k+1) pairs: the even halves, then the odd ones
+        vu16 u;
+        std::memcpy(&u, wp + c * panel_stride + i * kPanel, sizeof u);
+        const vu16 lo = u << 16, hi = u & 0xffff0000u;
+        std::memcpy(&w0[c], &lo, sizeof lo);
+        std::memcpy(&w1[c], &hi, sizeof hi);
+      } else {
+        w0[c] = load16(wp + c * panel_stride + i * kPanel);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < kR; ++r) {
+      const vf16 x0 = splat16(to_f(x[r * k + i]));
+#pragma GCC unroll 16
+      for (int c = 0; c < kC; ++c) acc[r][c] = fma16(x0, w0[c], acc[r][c]);
+      if constexpr (kPairs) {
+        const vf16 x1 = splat16(i + 1 < k ? to_f(x[r * k + i + 1]) : 0.0f);
+#pragma GCC unroll 16
+        for (int c = 0; c < kC; ++c) acc[r][c] = fma16(x1, w1[c], acc[r][c]);
+      }
+    }
+  }
+  float res[kR][kC][16];
+  std::memcpy(res, acc, sizeof res);
+  store_tile<kR, kC>(res, bias, out, ldo, cols);
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16 with vdpbf16ps: each instruction adds x[k] w[k] + x[k+1] w[k+1] into 16 float32 lanes.
+template <int kR, int kC>
+inline void tile_dpbf16(const bf16* x, int64_t k, const bf16* wp, const bf16* bias, bf16* out, int64_t ldo,
+                        int64_t cols) {
+  const int64_t kh = (k + 1) / 2, panel_stride = kh * kPanel * 2;
+  __m512 acc[kR][kC];
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < kC; ++c) acc[r][c] = _mm512_setzero_ps();
+  // x[k] in the low half of each 32-bit lane, x[k + 1] in the high half (zero past an odd K's end).
+  auto step = [&](int64_t i, auto pair_of) {
+    __m512bh w[kC];
+#pragma GCC unroll 16
+    for (int c = 0; c < kC; ++c) w[c] = (__m512bh)_mm512_loadu_si512(wp + c * panel_stride + i * kPanel * 2);
+#pragma GCC unroll 16
+    for (int r = 0; r < kR; ++r) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair_of(x + r * k + 2 * i));
+#pragma GCC unroll 16
+      for (int c = 0; c < kC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xb, w[c]);
+    }
+  };
+  for (int64_t i = 0; i < k / 2; ++i)
+    step(i, [](const bf16* p) {
+      int32_t v;
+      std::memcpy(&v, p, 4);
+      return v;
+    });
+  if (k % 2) step(k / 2, [](const bf16* p) { return static_cast<int32_t>(*p); });
+  float res[kR][kC][16];
+  std::memcpy(res, acc, sizeof res);
+  store_tile<kR, kC>(res, bias, out, ldo, cols);
+}
+#endif
+
+template <int kR, int kC, typename T>
+inline void tile(const T* x, int64_t k, const T* wp, const T* bias, T* out, int64_t ldo, int64_t cols) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, bf16>) return tile_dpbf16<kR, kC>(x, k, wp, bias, out, ldo, cols);
+#endif
+  tile_fma<kR, kC>(x, k, wp, bias, out, ldo, cols);
+}
+
+template <int kC, typename T>
+inline void tile_rows(int64_t rows, const T* x, int64_t k, const T* wp, const T* bias, T* out, int64_t ldo,
+                      int64_t cols) {
+  switch (rows) {
+    case 6: return tile<6, kC>(x, k, wp, bias, out, ldo, cols);
+    case 5: return tile<5, kC>(x, k, wp, bias, out, ldo, cols);
+    case 4: return tile<4, kC>(x, k, wp, bias, out, ldo, cols);
+    case 3: return tile<3, kC>(x, k, wp, bias, out, ldo, cols);
+    case 2: return tile<2, kC>(x, k, wp, bias, out, ldo, cols);
+    default: return tile<1, kC>(x, k, wp, bias, out, ldo, cols);
+  }
+}
+
+template <typename T>
+void linear(T* out, const T* x, const T* wp, const T* bias, int64_t m, int64_t n, int64_t k) {
+  const int64_t np = panels(n), groups = (np + kPanelsMax - 1) / kPanelsMax;
+  const int64_t row_tiles = (m + kRowsMax - 1) / kRowsMax;
+  const int64_t panel_stride = std::is_same_v<T, bf16> ? (k + 1) / 2 * kPanel * 2 : k * kPanel;
+#pragma omp parallel for schedule(static) collapse(2) if (groups * row_tiles > 1)
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t t = 0; t < row_tiles; ++t) {
+      const int64_t p0 = g * kPanelsMax, r0 = t * kRowsMax, rows = std::min<int64_t>(kRowsMax, m - r0);
+      const int64_t col0 = p0 * kPanel, cols = std::min<int64_t>(kPanelsMax * kPanel, n - col0);
+      const T* w = wp + p0 * panel_stride;
+      const T* b = bias ? bias + col0 : nullptr;
+      if (np - p0 >= 2)
+        tile_rows<2>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
+      else
+        tile_rows<1>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
+    }
+}
+
+}  // namespace
+
+// ---- C ABI ------------------------------------------------------------------------------------------
+
+#define DG_GEMM(SUF, T)                                                                                 \
+  DG_EXPORT void dg_pack_linear_##SUF(void* dst, const void* w, int64_t n, int64_t k) {                 \
+    pack(static_cast<T*>(dst), static_cast<const T*>(w), n, k);                                         \
+  }                                                                                                     \
+  DG_EXPORT void dg_linear_##SUF(void* out, const void* x, const void* wp, const void* bias, int64_t m,  \
+                                 int64_t n, int64_t k) {                                                \
+    linear(static_cast<T*>(out), static_cast<const T*>(x), static_cast<const T*>(wp),                   \
+           static_cast<const T*>(bias), m, n, k);                                                       \
+  }
+DG_BOTH(DG_GEMM)

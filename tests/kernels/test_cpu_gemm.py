@@ -1,0 +1,82 @@
+"""distgen's CPU GEMM (weights packed once into panels) against a float64 product: every tile shape,
+ragged edges, bias, both dtypes, the same answer for a row whatever its batch, and the bfloat16 path
+of CPUs without AVX-512-BF16 built and checked here too."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from distgen.kernels import cpu_build, cpu_gemm, cpu_ops
+
+pytestmark = pytest.mark.skipif(cpu_build.try_load() is None, reason="no C++ compiler to build the kernels")
+
+
+def _reference(x, w, b):
+    out = x.double() @ w.double().T
+    return out if b is None else out + b.double()
+
+
+def _check(got, x, w, b):
+    want = _reference(x, w, b)
+    if x.dtype == torch.float32:  # float32 sums of K products, in another order than float64's
+        torch.testing.assert_close(got.double(), want, atol=1e-4 * x.shape[-1] ** 0.5, rtol=1e-5)
+    else:  # float32 accumulation, one bfloat16 rounding of the result
+        torch.testing.assert_close(got.double(), want.to(torch.bfloat16).double(), atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13, 64])
+@pytest.mark.parametrize("n, k", [(1, 1), (16, 8), (17, 33), (48, 64), (100, 577), (960, 576)])
+def test_packed_linear_matches_the_product(dtype, m, n, k):
+    torch.manual_seed(m * 1000 + n + k)
+    w, x, b = torch.randn(n, k).to(dtype), torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
+    packed = cpu_gemm.pack(w)
+    assert packed is not None and packed.data.numel() == cpu_gemm.packed_numel(n, k, dtype)
+    _check(cpu_gemm.linear(x, packed, b), x, w, b)
+    _check(cpu_gemm.linear(x, packed, None), x, w, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_result_does_not_depend_on_its_batch(dtype):
+    torch.manual_seed(0)
+    w, x = torch.randn(300, 576).to(dtype), torch.randn(64, 576).to(dtype)
+    packed = cpu_gemm.pack(w)
+    batched = cpu_gemm.linear(x, packed, None)
+    for i in (0, 5, 6, 63):
+        assert torch.equal(cpu_gemm.linear(x[i : i + 1], packed, None)[0], batched[i])
+
+
+def test_leading_dims_and_a_wrong_width():
+    w = torch.randn(32, 24)
+    packed = cpu_gemm.pack(w)
+    x = torch.randn(2, 3, 24)
+    assert cpu_gemm.linear(x, packed, None).shape == (2, 3, 32)
+    with pytest.raises(ValueError, match="input has 25 features, the weight takes 24"):
+        cpu_gemm.linear(torch.randn(2, 25), packed, None)
+    assert cpu_gemm.pack(torch.randn(4, 4, dtype=torch.float16)) is None
+
+
+@pytest.mark.skipif(cpu_build.compiler() is None, reason="no C++ compiler here")
+def test_the_bfloat16_path_without_avx512_bf16(tmp_path):
+    """A CPU without vdpbf16ps runs each pair as two float32 FMAs; built here with the instruction off."""
+    out = tmp_path / "no_bf16.so"
+    cpu_build.build(cpu_build.compiler(), out, ("-mno-avx512bf16",))
+    fn = ctypes.CDLL(str(out)).dg_linear_bf16
+    fn.argtypes, fn.restype = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3, None
+    torch.manual_seed(1)
+    for m, n, k in [(1, 40, 33), (7, 960, 576), (13, 17, 5)]:
+        w, x, b = (torch.randn(*s).to(torch.bfloat16) for s in ((n, k), (m, k), (n,)))
+        packed = cpu_gemm.pack(w)
+        got = torch.empty(m, n, dtype=torch.bfloat16)
+        fn(got.data_ptr(), x.data_ptr(), packed.data.data_ptr(), b.data_ptr(), m, n, k)
+        _check(got, x, w, b)
+        torch.testing.assert_close(got, cpu_ops_linear(x, packed, b), atol=2e-2, rtol=1e-2)
+
+
+def cpu_ops_linear(x, packed, b):
+    out = x.new_empty(x.shape[0], packed.out_features)
+    cpu_ops.linear(out, x, packed.data, b)
+    return out
