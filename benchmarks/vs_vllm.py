@@ -88,6 +88,9 @@ def run_child(engine: str, model_dir: str, dtype: str, workloads: list[str]) -> 
 # --------------------------------------------------------------------------------------- the parent
 
 
+DEFAULT_MODEL_DIR = Path("~/.cache/distgen/bench/smollm2-135m-hf").expanduser()
+
+
 def ensure_model_dir(path: Path) -> Path:
     """The default model's GGUF file as a safetensors directory (dequantized to float32; its
     config keeps SmolLM2's bfloat16 dtype), written once."""
@@ -194,7 +197,7 @@ def main() -> int:
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON", ".vllm-venv/bin/python"))
     p.add_argument("--skip-vllm", action="store_true")
-    p.add_argument("--model-dir", default=os.path.expanduser("~/.cache/distgen/bench/smollm2-135m-hf"))
+    p.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
     p.add_argument("--child", choices=["distgen", "vllm"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,18 +20,23 @@ _DTYPES = {
 }
 
 
-def parse_dtype(dtype: str | torch.dtype, device: str, checkpoint_dtype: str | None) -> torch.dtype:
+def parse_dtype(
+    dtype: str | torch.dtype, device: str, checkpoint_dtype: str | None, native_bf16: bool = False
+) -> torch.dtype:
     """Resolve ``dtype`` ("auto", a name, or a torch dtype) for ``device``.
 
-    "auto" takes the checkpoint's dtype on CUDA (float16/bfloat16 stay as they are) and float32 on
-    the CPU, where float32 matmuls are the fast, exact path.
+    "auto" takes the checkpoint's dtype, as vLLM does: float16/bfloat16 stay as they are on CUDA. On
+    the CPU a 16-bit checkpoint runs in bfloat16 where the CPU has native bfloat16 products
+    (``native_bf16``: AVX-512-BF16, AMX or Arm BF16) and in float32 elsewhere; float16 becomes
+    bfloat16 there, as CPU matmuls in float16 are slow. float32 checkpoints stay float32.
     """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if device == "cpu" or checkpoint_dtype in (None, "float32"):
-            return torch.float32
-        return _DTYPES.get(checkpoint_dtype, torch.float32)
+        wanted = _DTYPES.get(checkpoint_dtype or "float32", torch.float32)
+        if device == "cpu" and wanted in (torch.float16, torch.bfloat16):
+            return torch.bfloat16 if native_bf16 else torch.float32
+        return wanted
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}.")
     return _DTYPES[dtype]
@@ -135,6 +141,9 @@ class SchedulerConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # None | "uni" | "mp" | "ray"
+    # CPU workers' OpenMP threads: "auto" | "nobind" | CPU lists per local rank, "0-3|4-7" (vLLM's
+    # VLLM_CPU_OMP_THREADS_BIND values; see workers/cpu_threads.py)
+    cpu_omp_threads_bind: str = "auto"
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -143,6 +152,12 @@ class ParallelConfig:
             raise ValueError(
                 "distributed_executor_backend must be one of None, 'uni', 'mp', 'ray', "
                 f"got {self.distributed_executor_backend!r}."
+            )
+        bind = self.cpu_omp_threads_bind
+        if bind not in ("auto", "nobind") and not re.fullmatch(r"[\d,\-\s]+(\|[\d,\-\s]+)*", bind):
+            raise ValueError(
+                f"cpu_omp_threads_bind must be 'auto', 'nobind' or CPU lists per worker like '0-3|4-7', "
+                f"got {bind!r}."
             )
 
 

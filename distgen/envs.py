@@ -22,6 +22,8 @@ class Envs:
     # The most sequences one request may ask for (n): each is a request of its own to the engine core,
     # so n in the billions would tie up the front end and exhaust its memory (vLLM's limit, too).
     max_n_sequences: int
+    # CPU workers' OpenMP threads and their CPUs: auto | nobind | "0-3|4-7" (see workers/cpu_threads.py).
+    cpu_omp_threads_bind: str
 
 
 _FALSE = ("0", "false", "no", "off")
@@ -36,6 +38,7 @@ def envs() -> Envs:
         kernels=env.get("DISTGEN_KERNELS", "auto"),
         api_key=env.get("DISTGEN_API_KEY") or None,
         max_n_sequences=_positive_int(env, "DISTGEN_MAX_N_SEQUENCES", 16384),
+        cpu_omp_threads_bind=env.get("DISTGEN_CPU_OMP_THREADS_BIND", "auto").strip(),
     )
 
 

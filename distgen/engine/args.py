@@ -20,6 +20,8 @@ from distgen.config import (
     SchedulerConfig,
     parse_dtype,
 )
+from distgen.cpu_info import native_bf16
+from distgen.envs import envs
 from distgen.executor.base import Executor
 from distgen.model_loader.loader import ModelSource, local_path, resolve_model
 
@@ -51,6 +53,8 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
     disable_log_stats: bool = False  # serve: no periodic line of engine stats in the log
+    # CPU workers' OpenMP threads: auto | nobind | "0-3|4-7"; None: $DISTGEN_CPU_OMP_THREADS_BIND or auto
+    cpu_omp_threads_bind: str | None = None
     # Accepted as vLLM spells them, so its launch lines and scripts run unchanged. Each is checked in
     # create_config: what distgen does one way only is refused when asked otherwise (a ValueError
     # saying so), and what has no counterpart here changes nothing (an INFO line says so).
@@ -148,10 +152,14 @@ class EngineArgs:
         gen = self.generation_config
         if gen == "vllm":
             gen = "distgen"
+        checkpoint_dtype = hf.get("torch_dtype") or hf.get("dtype")
+        dtype = parse_dtype(self.dtype, device, checkpoint_dtype, native_bf16())
+        if self.dtype == "auto":
+            logger.info("dtype auto: %s (checkpoint: %s, device: %s)", dtype, checkpoint_dtype, device)
         model_cfg = ModelConfig(
             model=source.path,
             hf_config=hf,
-            dtype=parse_dtype(self.dtype, device, hf.get("torch_dtype") or hf.get("dtype")),
+            dtype=dtype,
             max_model_len=max_len,
             seed=self.seed,
             tokenizer=None if self.tokenizer is None else local_path(self.tokenizer, "tokenizer"),
@@ -187,7 +195,9 @@ class EngineArgs:
                 self.scheduling_policy,
             ),
             # Resolved here, in the user's process: a Ray cluster it is connected to means "ray".
-            parallel=ParallelConfig(self.tensor_parallel_size, backend),
+            parallel=ParallelConfig(
+                self.tensor_parallel_size, backend, self.cpu_omp_threads_bind or envs().cpu_omp_threads_bind
+            ),
             device=device,
         ), source
 

@@ -60,6 +60,9 @@ ENGINE_HELP = {
     "scheduling_policy": "fcfs (arrival order) | priority (each request's priority, lower first, "
     "then arrival; the least urgent running request is preempted first)",
     "max_logprobs": "most logprobs / prompt_logprobs a request may ask for per token",
+    "cpu_omp_threads_bind": "CPU workers' OpenMP threads: auto (one per physical core, pinned, split "
+    "between the workers of a machine) | nobind | CPU lists per worker, 0-3|4-7 "
+    "(default: $DISTGEN_CPU_OMP_THREADS_BIND, else auto)",
 }
 _ALIASES = {"tensor_parallel_size": ["-tp", "--tp"]}
 _SERVER_KEYS = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from distgen.config import EngineConfig
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.executor.base import Executor
+from distgen.executor.worker_loop import setup_cpu_threads
 from distgen.model_loader.loader import ModelSource
 from distgen.workers.sampled_output import SampledOutput
 from distgen.workers.worker import Worker
@@ -13,6 +14,7 @@ from distgen.workers.worker import Worker
 class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         super().__init__(config, source)
+        setup_cpu_threads(config, 0, 1)
         self.worker = Worker(config, source, rank=0)
 
     def determine_num_blocks(self) -> int:

@@ -36,6 +36,7 @@ from distgen.executor.messages import (
 from distgen.model_loader.loader import ModelSource
 from distgen.orphan_watch import start_orphan_watch
 from distgen.signals import ignore_ctrl_c
+from distgen.workers.cpu_threads import configure
 
 if TYPE_CHECKING:
     from distgen.workers.worker import Worker
@@ -49,11 +50,23 @@ class WorkerArgs:
     init_method: str  # torch.distributed rendezvous, tcp://HOST:PORT
     request_addr: str  # the executor's PUSH socket for this rank (we pull from it)
     reply_addr: str  # the executor's PULL socket (we push to it)
-    num_threads: int  # torch intra-op threads
+    local_rank: int  # among the workers on this machine: which share of its CPUs this one takes
+    local_size: int
     device_index: int | None = None  # CUDA device of this rank; None = the rank
     parent_pid: int | None = None  # mp: exit as soon as this process is gone
     cleanup_dir: str | None = None  # mp: the socket directory rank 0 removes when orphaned
     worker_cls: type | None = None  # None = distgen's Worker; another class with its interface (benchmarks)
+
+
+def setup_cpu_threads(config: EngineConfig, local_rank: int, local_size: int) -> None:
+    """A CPU worker takes its share of this machine's cores (workers/cpu_threads.py); a GPU worker
+    keeps its share of torch's threads for host work."""
+    import torch
+
+    if config.device == "cpu":
+        configure(config.parallel.cpu_omp_threads_bind, local_rank, local_size)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
 
 
 def failure(rank: int, e: BaseException) -> Failed:
@@ -78,7 +91,7 @@ def serve(args: WorkerArgs) -> bool:
     failure, sent to the executor as Failed (False)."""
     import torch
 
-    torch.set_num_threads(args.num_threads)
+    setup_cpu_threads(args.config, args.local_rank, args.local_size)
     ctx = zmq.Context()
     requests = ctx.socket(zmq.PULL)
     requests.connect(args.request_addr)

@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from distgen.cpu_info import cpu_model_and_flags
 from distgen.envs import envs
 
 logger = logging.getLogger("distgen")
@@ -45,18 +46,8 @@ def compiler() -> str | None:
 
 def _cpu_signature() -> str:
     """The CPU's model name and feature flags: what -march=native compiles for."""
-    keep = ("model name", "flags")
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    seen: dict[str, str] = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in keep and key not in seen:
-            seen[key] = value.strip()
-    return "|".join(seen.get(k, "") for k in keep) or platform.machine()
+    model, flags = cpu_model_and_flags()
+    return f"{model}|{' '.join(sorted(flags))}"
 
 
 def sources() -> list[Path]:
