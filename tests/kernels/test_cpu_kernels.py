@@ -93,6 +93,9 @@ def _transposed(k_cache: torch.Tensor) -> torch.Tensor:
         (9, 3, 64, 16, [(1, 1), (1, 17), (1, 300), (5, 5), (40, 90), (1, 64)]),
         (4, 4, 32, 5, [(1, 3), (17, 17), (3, 40)]),
         (8, 1, 16, 1, [(2, 9), (1, 1)]),
+        # the register-tiled path: head size 64 or 128, blocks of a multiple of 16 tokens
+        (8, 2, 128, 32, [(1, 1), (1, 70), (20, 45), (3, 3)]),
+        (6, 6, 64, 16, [(17, 40), (1, 33), (2, 2)]),
     ],
 )
 def test_paged_attention_matches_gathered_reference(dtype, shape):

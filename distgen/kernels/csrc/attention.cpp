@@ -193,8 +193,9 @@ inline void prefetch_block(const T* k_cache, const T* v_cache, int64_t block, in
   }
 }
 
-// The head size is a compile-time constant where it is a common one (kD = 64, 128; 0 = any), so a
-// row's accumulator stays in registers across a block's keys.
+// The head size is a compile-time constant where it is a common one (kD = 64, 128; 0 = any). Those two,
+// with blocks a multiple of 16 tokens (the engine's), take the tiled path above; any other shape the
+// general per-row code below.
 template <typename T, int64_t kD>
 void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache, const T* v_cache, T* out,
                  Scratch& w) {
