@@ -37,7 +37,8 @@ struct Item {
 // Per-thread scratch, sized once per call.
 struct Scratch {
   std::vector<float> q, acc, m, l, s;
-  Scratch(int64_t rows, int64_t d, int64_t bs) : q(rows * d), acc(rows * d), m(rows), l(rows), s(rows * bs) {}
+  // Score rows hold a block or a span (kSpanKeys), whichever is longer.
+  Scratch(int64_t rows, int64_t d, int64_t keys) : q(rows * d), acc(rows * d), m(rows), l(rows), s(rows * keys) {}
 };
 
 // s[r][t] = q_r . k_t for kRows query rows (q and s rows kStride apart) and the n first keys of a
@@ -78,22 +79,23 @@ inline void score_rows(const float* q, int64_t q_stride, const T* kb, int64_t d,
 
 // Scores of every row of an item against one block: four rows at a time, then the rest.
 template <typename T>
-inline void score_block(const float* q, int64_t rows, const T* kb, int64_t d, int64_t bs, int64_t n, float* s) {
+inline void score_block(const float* q, int64_t rows, const T* kb, int64_t d, int64_t bs, int64_t n, float* s,
+                        int64_t ps) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) score_rows<4>(q + r * d, d, kb, d, bs, n, s + r * bs, bs);
+  for (; r + 4 <= rows; r += 4) score_rows<4>(q + r * d, d, kb, d, bs, n, s + r * ps, ps);
   switch (rows - r) {
-    case 3: score_rows<3>(q + r * d, d, kb, d, bs, n, s + r * bs, bs); break;
-    case 2: score_rows<2>(q + r * d, d, kb, d, bs, n, s + r * bs, bs); break;
-    case 1: score_rows<1>(q + r * d, d, kb, d, bs, n, s + r * bs, bs); break;
+    case 3: score_rows<3>(q + r * d, d, kb, d, bs, n, s + r * ps, ps); break;
+    case 2: score_rows<2>(q + r * d, d, kb, d, bs, n, s + r * ps, ps); break;
+    case 1: score_rows<1>(q + r * d, d, kb, d, bs, n, s + r * ps, ps); break;
     default: break;
   }
 }
 
 // ---- The tiled path: head size 64 or 128, blocks a multiple of 16 tokens (the engine's shapes) ------
-// s[r][t0 .. t0 + 16) = q_r . k_t for kR rows of q [kR, kD] against a transposed K block [kD, bs]. Two
+// s[r * ps + t0 .. + 16) = q_r . k_t for kR rows of q [kR, kD] against a transposed K block [kD, bs]. Two
 // accumulators per row (even and odd dimensions) give 2 * kR independent FMA chains.
 template <int kR, int64_t kD, typename T>
-inline void score_tile(const float* q, const T* kb, int64_t bs, int64_t t0, float* s) {
+inline void score_tile(const float* q, const T* kb, int64_t bs, int64_t t0, float* s, int64_t ps) {
   vf16 even[kR], odd[kR];
 #pragma GCC unroll 16
   for (int r = 0; r < kR; ++r) even[r] = odd[r] = vf16{};
@@ -107,28 +109,42 @@ inline void score_tile(const float* q, const T* kb, int64_t bs, int64_t t0, floa
     }
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < kR; ++r) store16(s + r * bs + t0, even[r] + odd[r]);
+  for (int r = 0; r < kR; ++r) store16(s + r * ps + t0, even[r] + odd[r]);
 }
 
-// acc[r] = acc[r] * corr[r] + sum_t p[r][t] v_t over the block's n keys, for kR rows; the kR * kD / 16
-// accumulators live in registers for the whole block.
+// Up to kSpanKeys consecutive keys of a row's context, in the blocks that hold them: the unit of one
+// online-softmax update. A span of several blocks pays the update (max, rescale) once for all of them.
+constexpr int64_t kSpanKeys = 64;
+
+template <typename T>
+struct Span {
+  const T* k[kSpanKeys / 16];  // transposed K blocks [d, bs]
+  const T* v[kSpanKeys / 16];  // V blocks [bs, d]
+  int64_t blocks, n;           // blocks in the span, keys in it (the last block may be partial)
+};
+
+// acc[r] = acc[r] * corr[r] + sum_t p[r][t] v_t over the span's n keys, for kR rows; the kR * kD / 16
+// accumulators live in registers for the whole span.
 template <int kR, int64_t kD, typename T>
-inline void pv_rows(float* acc, const float* corr, const float* p, int64_t bs, const T* vb, int64_t n) {
+inline void pv_rows(float* acc, const float* corr, const float* p, int64_t ps, int64_t bs, const Span<T>& sp) {
   constexpr int kV = static_cast<int>(kD / 16);
   vf16 a[kR][kV];
 #pragma GCC unroll 16
   for (int r = 0; r < kR; ++r)
 #pragma GCC unroll 16
     for (int j = 0; j < kV; ++j) a[r][j] = load16(acc + r * kD + 16 * j) * corr[r];
-  for (int64_t t = 0; t < n; ++t) {
-    vf16 v[kV];
+  for (int64_t b = 0; b < sp.blocks; ++b) {
+    const int64_t n = std::min(bs, sp.n - b * bs);
+    for (int64_t t = 0; t < n; ++t) {
+      vf16 v[kV];
 #pragma GCC unroll 16
-    for (int j = 0; j < kV; ++j) v[j] = load16(vb + t * kD + 16 * j);
+      for (int j = 0; j < kV; ++j) v[j] = load16(sp.v[b] + t * kD + 16 * j);
 #pragma GCC unroll 16
-    for (int r = 0; r < kR; ++r) {
-      const vf16 pr = splat16(p[r * bs + t]);
+      for (int r = 0; r < kR; ++r) {
+        const vf16 pr = splat16(p[r * ps + b * bs + t]);
 #pragma GCC unroll 16
-      for (int j = 0; j < kV; ++j) a[r][j] = fma16(pr, v[j], a[r][j]);
+        for (int j = 0; j < kV; ++j) a[r][j] = fma16(pr, v[j], a[r][j]);
+      }
     }
   }
 #pragma GCC unroll 16
@@ -137,17 +153,20 @@ inline void pv_rows(float* acc, const float* corr, const float* p, int64_t bs, c
     for (int j = 0; j < kV; ++j) store16(acc + r * kD + 16 * j, a[r][j]);
 }
 
-// One block for kR rows: scores, the online-softmax update (p = 0 past a row's last visible key, so
+// One span for kR rows: scores, the online-softmax update (p = 0 past a row's last visible key, so
 // every row can take the same n keys), then the weighted sum of V.
 template <int kR, int64_t kD, typename T>
-inline void block_rows(Scratch& w, int64_t r0, int64_t bs, const T* kb, const T* vb, int64_t n, int64_t j0,
-                       int64_t first_limit, int64_t group) {
-  float* s = &w.s[r0 * bs];
-  for (int64_t t0 = 0; t0 < bs; t0 += 16) score_tile<kR, kD>(&w.q[r0 * kD], kb, bs, t0, s);
+inline void span_rows(Scratch& w, int64_t r0, int64_t bs, const Span<T>& sp, int64_t j0, int64_t first_limit,
+                      int64_t group) {
+  const int64_t ps = w.s.size() / w.m.size();  // score row stride: the longest span
+  float* s = &w.s[r0 * ps];
+  for (int64_t b = 0; b < sp.blocks; ++b)
+    for (int64_t t0 = 0; t0 < bs; t0 += 16) score_tile<kR, kD>(&w.q[r0 * kD], sp.k[b], bs, t0, s + b * bs, ps);
+  const int64_t n = sp.n;
   float corr[kR];
 #pragma GCC unroll 16
   for (int r = 0; r < kR; ++r) {
-    float* sr = s + r * bs;
+    float* sr = s + r * ps;
     const int64_t visible = std::max<int64_t>(0, std::min(n, first_limit + (r0 + r) / group - j0 + 1));
     float mx = w.m[r0 + r];
     for (int64_t t = 0; t < visible; ++t) mx = max_f(mx, sr[t]);
@@ -161,19 +180,19 @@ inline void block_rows(Scratch& w, int64_t r0, int64_t bs, const T* kb, const T*
     w.l[r0 + r] = w.l[r0 + r] * corr[r] + sum;
     w.m[r0 + r] = mx;
   }
-  pv_rows<kR, kD>(&w.acc[r0 * kD], corr, s, bs, vb, n);
+  pv_rows<kR, kD>(&w.acc[r0 * kD], corr, s, ps, bs, sp);
 }
 
 template <int64_t kD, typename T>
-inline void block_all_rows(Scratch& w, int64_t rows, int64_t bs, const T* kb, const T* vb, int64_t n,
-                           int64_t j0, int64_t first_limit, int64_t group) {
+inline void span_all_rows(Scratch& w, int64_t rows, int64_t bs, const Span<T>& sp, int64_t j0,
+                          int64_t first_limit, int64_t group) {
   constexpr int kMax = kD <= 64 ? 4 : 2;  // the accumulators of kMax rows fill the registers
   int64_t r = 0;
-  for (; r + kMax <= rows; r += kMax) block_rows<kMax, kD>(w, r, bs, kb, vb, n, j0, first_limit, group);
+  for (; r + kMax <= rows; r += kMax) span_rows<kMax, kD>(w, r, bs, sp, j0, first_limit, group);
   switch (rows - r) {
-    case 3: block_rows<3, kD>(w, r, bs, kb, vb, n, j0, first_limit, group); break;
-    case 2: block_rows<2, kD>(w, r, bs, kb, vb, n, j0, first_limit, group); break;
-    case 1: block_rows<1, kD>(w, r, bs, kb, vb, n, j0, first_limit, group); break;
+    case 3: span_rows<3, kD>(w, r, bs, sp, j0, first_limit, group); break;
+    case 2: span_rows<2, kD>(w, r, bs, sp, j0, first_limit, group); break;
+    case 1: span_rows<1, kD>(w, r, bs, sp, j0, first_limit, group); break;
     default: break;
   }
 }
@@ -190,6 +209,50 @@ inline void prefetch_block(const T* k_cache, const T* v_cache, int64_t block, in
   for (int64_t off = 0; off < bytes; off += 64) {
     __builtin_prefetch(kn + off, 0, 1);
     __builtin_prefetch(vn + off, 0, 1);
+  }
+}
+
+// The general path (any head size, any block size): a block at a time, row by row.
+template <int64_t kD, typename T>
+void general_blocks(const AttnArgs& a, const Item& it, const T* k_cache, const T* v_cache, Scratch& w,
+                    int64_t rows, int64_t first_limit, int64_t num_keys) {
+  const int64_t d = kD > 0 ? kD : a.head_dim, group = a.num_heads / a.num_kv_heads;
+  const int64_t bs = a.block_size, head_stride = bs * d;
+  const int32_t* table = a.block_tables + it.seq * a.block_table_stride;
+  const int64_t ps = w.s.size() / w.m.size();
+  for (int64_t j0 = 0; j0 < num_keys; j0 += bs) {
+    const int64_t block = table[j0 / bs];
+    const T* kb = k_cache + (block * a.num_kv_heads + it.kv_head) * head_stride;  // [d, bs]
+    const T* vb = v_cache + (block * a.num_kv_heads + it.kv_head) * head_stride;  // [bs, d]
+    const int64_t n = std::min(bs, num_keys - j0);
+    if (j0 + bs < num_keys)
+      prefetch_block(k_cache, v_cache, table[j0 / bs + 1], a.num_kv_heads, it.kv_head, head_stride);
+    score_block(w.q.data(), rows, kb, d, bs, n, w.s.data(), ps);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t limit = first_limit + r / group;
+      if (j0 > limit) continue;  // the whole block is in this row's future
+      float* s = &w.s[r * ps];
+      const int64_t visible = std::min(n, limit - j0 + 1);
+      float mx = w.m[r];
+      for (int64_t t = 0; t < visible; ++t) mx = max_f(mx, s[t]);
+      const float corr = exp_f(w.m[r] - mx);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < visible; ++t) {
+        s[t] = exp_f(s[t] - mx);
+        sum += s[t];
+      }
+      w.l[r] = w.l[r] * corr + sum;
+      w.m[r] = mx;
+      float* ar = &w.acc[r * d];
+      for (int64_t i = 0; i < d; ++i) ar[i] *= corr;
+      for (int64_t t = 0; t < visible; ++t) {
+        const float p = s[t];
+        const T* vr = vb + t * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) ar[i] = std::fma(p, to_f(vr[i]), ar[i]);
+      }
+    }
   }
 }
 
@@ -215,48 +278,22 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
   std::fill(w.acc.begin(), w.acc.begin() + rows * d, 0.0f);
   const int64_t first_limit = ctx - nq + it.q0;
   const int64_t num_keys = ctx - nq + it.q1;
-  for (int64_t j0 = 0; j0 < num_keys; j0 += bs) {
-    const int64_t block = table[j0 / bs];
-    const T* kb = k_cache + (block * a.num_kv_heads + it.kv_head) * head_stride;  // [d, bs]
-    const T* vb = v_cache + (block * a.num_kv_heads + it.kv_head) * head_stride;  // [bs, d]
-    const int64_t n = std::min(bs, num_keys - j0);
-    if (j0 + bs < num_keys) prefetch_block(k_cache, v_cache, table[j0 / bs + 1], a.num_kv_heads, it.kv_head, head_stride);
-    if (kD > 0 && bs % 16 == 0) {
-      block_all_rows<kD>(w, rows, bs, kb, vb, n, j0, first_limit, group);
-      continue;
-    }
-    score_block(w.q.data(), rows, kb, d, bs, n, w.s.data());
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t limit = first_limit + r / group;
-      if (j0 > limit) continue;  // the whole block is in this row's future
-      float* s = &w.s[r * bs];
-      const int64_t visible = std::min(n, limit - j0 + 1);
-      float mx = w.m[r];
-      for (int64_t t = 0; t < visible; ++t) mx = max_f(mx, s[t]);
-      const float corr = exp_f(w.m[r] - mx);
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < visible; ++t) {
-        s[t] = exp_f(s[t] - mx);
-        sum += s[t];
+  if (kD > 0 && bs % 16 == 0) {
+    const int64_t per = std::max<int64_t>(1, kSpanKeys / bs);  // blocks per span
+    for (int64_t j0 = 0; j0 < num_keys; j0 += per * bs) {
+      Span<T> sp{};
+      for (; sp.blocks < per && j0 + sp.blocks * bs < num_keys; ++sp.blocks) {
+        const int64_t at = (table[j0 / bs + sp.blocks] * a.num_kv_heads + it.kv_head) * head_stride;
+        sp.k[sp.blocks] = k_cache + at;
+        sp.v[sp.blocks] = v_cache + at;
       }
-      w.l[r] = w.l[r] * corr + sum;
-      w.m[r] = mx;
-      float acc[kD > 0 ? kD : 1];
-      float* ar = kD > 0 ? acc : &w.acc[r * d];
-      if (kD > 0)
-        for (int64_t i = 0; i < d; ++i) ar[i] = w.acc[r * d + i] * corr;
-      else
-        for (int64_t i = 0; i < d; ++i) ar[i] *= corr;
-      for (int64_t t = 0; t < visible; ++t) {
-        const float p = s[t];
-        const T* vr = vb + t * d;
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) ar[i] = std::fma(p, to_f(vr[i]), ar[i]);
-      }
-      if (kD > 0)
-        for (int64_t i = 0; i < d; ++i) w.acc[r * d + i] = ar[i];
+      sp.n = std::min(per * bs, num_keys - j0);
+      for (int64_t b = 0, next = j0 / bs + per; b < per && (next + b) * bs < num_keys; ++b)
+        prefetch_block(k_cache, v_cache, table[next + b], a.num_kv_heads, it.kv_head, head_stride);
+      span_all_rows<kD>(w, rows, bs, sp, j0, first_limit, group);
     }
+  } else {
+    general_blocks<kD>(a, it, k_cache, v_cache, w, rows, first_limit, num_keys);
   }
   for (int64_t r = 0; r < rows; ++r) {
     T* dst = out + ((q_begin + it.q0 + r / group) * a.num_heads + it.kv_head * group + r % group) * d;
@@ -277,7 +314,7 @@ void paged_attention(const AttnArgs& a, const T* q, const T* k_cache, const T* v
   const int64_t rows = kQueryTile * (a.num_heads / a.num_kv_heads);
 #pragma omp parallel if (n > 1)
   {
-    Scratch w(rows, a.head_dim, a.block_size);
+    Scratch w(rows, a.head_dim, std::max(a.block_size, kSpanKeys));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n; ++i) {
       if (a.head_dim == 64)
