@@ -64,6 +64,11 @@ class ModelConfig:
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed!r}")
 
     @property
+    def runner_type(self) -> str:
+        """vLLM's name for what the model runner does: every model distgen runs generates text."""
+        return "generate"
+
+    @property
     def architecture(self) -> str:
         archs = self.hf_config.get("architectures") or ["?"]
         return archs[0]

@@ -27,6 +27,9 @@ from distgen.model_loader.loader import ModelSource, local_path, resolve_model
 
 logger = logging.getLogger("distgen")
 
+RUNNERS = ("auto", "generate", "pooling", "draft")  # vLLM's --runner values
+CONVERTS = ("auto", "none", "embed", "classify", "reward")  # vLLM's --convert values
+
 
 @dataclass
 class EngineArgs:
@@ -59,6 +62,8 @@ class EngineArgs:
     # create_config: what distgen does one way only is refused when asked otherwise (a ValueError
     # saying so), and what has no counterpart here changes nothing (an INFO line says so).
     trust_remote_code: bool = False  # no model code is ever loaded: only built-in architectures run
+    runner: str = "auto"  # auto | generate: every architecture distgen runs is generative
+    convert: str = "auto"  # auto | none: no model is converted into a pooling model
     revision: str | None = None  # refused: nothing is downloaded
     download_dir: str | None = None  # no effect: nothing is downloaded
     load_format: str = "auto"  # auto | safetensors | gguf: must match what the model path holds
@@ -87,6 +92,24 @@ class EngineArgs:
     def _check_vllm_only_args(self) -> None:
         """vLLM's arguments that distgen takes but has one way of doing: refuse what it cannot do."""
         refused = [
+            (
+                self.runner not in RUNNERS,
+                f"runner must be one of {', '.join(RUNNERS)} (vLLM's), got {self.runner!r}",
+            ),
+            (
+                self.runner in ("pooling", "draft"),
+                f"runner={self.runner!r} is not supported: distgen runs generative models only "
+                "(runner 'generate', which 'auto' resolves to for every architecture it serves)",
+            ),
+            (
+                self.convert not in CONVERTS,
+                f"convert must be one of {', '.join(CONVERTS)} (vLLM's), got {self.convert!r}",
+            ),
+            (
+                self.convert in ("embed", "classify", "reward"),
+                f"convert={self.convert!r} turns the model into a pooling model, which distgen does not "
+                "run: use convert='auto' or 'none'",
+            ),
             (
                 self.revision is not None,
                 f"revision={self.revision!r}: nothing is ever downloaded; point "
@@ -144,6 +167,11 @@ class EngineArgs:
             held = "a GGUF file" if source.is_gguf else "a Hugging Face directory (safetensors)"
             raise ValueError(f"load_format={self.load_format!r}, but the model path holds {held}")
         hf = source.hf_config
+        logger.info(
+            "runner: generate (%s%s)",
+            "resolved from 'auto': " if self.runner == "auto" else "",
+            ", ".join(hf.get("architectures") or ["no architectures listed"]),
+        )
         backend = Executor.resolve_backend(self.distributed_executor_backend, self.tensor_parallel_size)
         device = self.device or default_device(backend)
         check_device(device, backend)

@@ -24,6 +24,7 @@ __all__ = ["LLMEngine", "PromptType"]
 class LLMEngine:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.config = config
+        self.model_config = config.model  # vLLM's name for it (runner_type, architecture, dtype, ...)
         self.source = source
         t0 = time.time()
 

@@ -48,6 +48,9 @@ ENGINE_HELP = {
     "async_scheduling": "schedule the next step while the GPU runs this one",
     "disable_log_stats": "serve: no line of engine stats (throughput, queues, KV cache) every 10 s",
     "trust_remote_code": "vLLM's; no effect: no model code is loaded, only built-in architectures run",
+    "runner": "auto | generate (what auto resolves to: every architecture distgen serves is generative); "
+    "vLLM's pooling and draft are refused",
+    "convert": "auto | none; vLLM's embed, classify and reward (pooling models) are refused",
     "revision": "vLLM's; refused: nothing is downloaded (point MODEL at the revision's directory)",
     "download_dir": "vLLM's; no effect: nothing is downloaded",
     "load_format": "auto | safetensors | gguf (must match what MODEL holds)",

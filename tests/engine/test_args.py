@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import pytest
@@ -90,3 +91,31 @@ def test_vllm_arguments_without_a_counterpart_change_nothing(tiny_model_dir, cap
     said = [r.getMessage() for r in caplog.records]
     for name in ("trust_remote_code", "download_dir", "swap_space", "disable_custom_all_reduce"):
         assert any(m.startswith("has no effect in distgen: " + name) for m in said), (name, said)
+
+
+@pytest.mark.parametrize("runner, convert", [("auto", "auto"), ("generate", "none"), ("generate", "auto")])
+def test_the_runner_resolves_to_generate(runner, convert, caplog):
+    with caplog.at_level(logging.INFO, logger="distgen"):
+        config, _ = EngineArgs(runner=runner, convert=convert, max_model_len=256).create_config()
+    assert config.model.runner_type == "generate"
+    assert "runner: generate" in caplog.text and "LlamaForCausalLM" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"runner": "pooling"}, "runner='pooling' is not supported: distgen runs generative models only"),
+        ({"runner": "draft"}, "runner='draft' is not supported"),
+        ({"runner": "embed"}, "runner must be one of auto, generate, pooling, draft"),
+        ({"convert": "embed"}, "convert='embed' turns the model into a pooling model"),
+        ({"convert": "reward"}, "convert='reward' turns the model into a pooling model"),
+        ({"convert": "x"}, "convert must be one of auto, none, embed, classify, reward"),
+    ],
+)
+def test_pooling_and_draft_runners_are_refused_before_loading(kwargs, message, monkeypatch):
+    def no_loading(*a, **k):
+        raise AssertionError("the model was looked up before the runner was checked")
+
+    monkeypatch.setattr("distgen.engine.args.resolve_model", no_loading)
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(**kwargs).create_config()

@@ -56,10 +56,12 @@ def test_a_vllm_launch_line_parses_unchanged():
         "serve m --trust-remote-code --disable-log-requests --disable-log-stats --swap-space 16 "
         "--gpu-memory-utilization 0.85 --max-model-len 4096 --kv-cache-dtype auto --dtype bfloat16 "
         "--load-format safetensors --tokenizer-mode auto --pipeline-parallel-size 1 "
-        "--disable-custom-all-reduce --uvicorn-log-level warning --enable-log-requests"
+        "--disable-custom-all-reduce --uvicorn-log-level warning --enable-log-requests --runner generate "
+        "--convert none"
     )
     ns = _parse(*line.split())
     args = engine_args_from(ns)
+    assert (args.runner, args.convert) == ("generate", "none")
     assert (args.trust_remote_code, args.disable_log_stats, args.swap_space) == (True, True, 16.0)
     assert (args.gpu_memory_utilization, args.max_model_len, args.load_format) == (0.85, 4096, "safetensors")
     assert (ns.uvicorn_log_level, ns.enable_log_requests, ns.disable_log_requests) == ("warning", True, True)
