@@ -199,7 +199,7 @@ class RayExecutor(BroadcastExecutor):
         self.worker_transports = [
             "ipc" if self.local_ipc and i.node_id == here else "tcp" for i in self._actors.infos
         ]
-        nodes = [i.node_id for i in self._actors.infos]
+        node_of = [i.node_id for i in self._actors.infos]  # each rank's node: its share of that node's CPUs
         for rank, actor in enumerate(self._actors.actors):
             args = WorkerArgs(
                 rank,
@@ -207,8 +207,8 @@ class RayExecutor(BroadcastExecutor):
                 self.source,
                 init_method,
                 *self.channel.endpoints(rank, 1 if self.worker_transports[rank] == "ipc" else 0),
-                local_rank=nodes[:rank].count(nodes[rank]),
-                local_size=nodes.count(nodes[rank]),
+                local_rank=node_of[:rank].count(node_of[rank]),
+                local_size=node_of.count(node_of[rank]),
                 worker_cls=self.worker_cls,
                 device_index=0 if cuda else None,  # Ray shows each actor only its own GPU
             )
