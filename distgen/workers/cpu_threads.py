@@ -4,7 +4,8 @@
 - ``auto`` (default): the CPUs this process may use (its affinity mask), one per physical core (SMT
   siblings share a core's FMA units, and a second thread there only adds barrier waits), split into
   contiguous equal shares, one per worker on this machine; each worker runs one thread per CPU of its
-  share, each thread pinned to its CPU, so tensor-parallel ranks never compete for a core;
+  share, each thread pinned to its CPU, so tensor-parallel ranks never compete for a core (with more
+  workers than cores, each runs one unpinned thread and the OS places them);
 - ``nobind``: torch's own thread count, no pinning (what a process gets without distgen);
 - an explicit list per local rank, ``0-3|4-7`` (ranges and commas, ``|`` between ranks).
 """
@@ -51,13 +52,14 @@ def parse_cpu_list(text: str) -> list[int]:
 
 
 def plan(spec: str, local_rank: int, local_size: int, available: list[int]) -> list[int] | None:
-    """The CPUs local rank ``local_rank`` of ``local_size`` runs its threads on (None: no binding)."""
+    """The CPUs local rank ``local_rank`` of ``local_size`` runs its threads on; None: no binding
+    (``nobind``, or ``auto`` with more workers on this machine than cores, see :func:`configure`)."""
     if spec == "nobind":
         return None
     if spec == "auto":
         cores = physical_cores(available) or sorted(available)
-        if len(cores) < local_size:  # more ranks than cores: each takes one, round robin
-            return [cores[local_rank % len(cores)]]
+        if len(cores) < local_size:
+            return None
         share = len(cores) // local_size
         return cores[local_rank * share : (local_rank + 1) * share]
     shares = spec.split("|")
@@ -81,6 +83,13 @@ def configure(spec: str, local_rank: int, local_size: int) -> list[int] | None:
         return None
     cpus = plan(spec, local_rank, local_size, available)
     if cpus is None:
+        if spec == "auto":
+            # More workers than cores: one thread each, placed by the OS. Pinned, two ranks would share
+            # a core while others had one each, and every tensor-parallel step waits for the slowest.
+            torch.set_num_threads(1)
+            logger.info(
+                "CPU worker %d/%d: 1 thread, unpinned (more workers than cores)", local_rank, local_size
+            )
         return None
     os.sched_setaffinity(0, cpus)
     torch.set_num_threads(len(cpus))

@@ -19,7 +19,7 @@ def test_auto_splits_the_cores_between_the_workers(monkeypatch):
     assert cpu_threads.plan("auto", 0, 2, available) == [0, 2, 4, 6]
     assert cpu_threads.plan("auto", 1, 2, available) == [8, 10, 12, 14]
     assert cpu_threads.plan("auto", 2, 3, available) == [8, 10]  # 8 // 3 = 2 cores each
-    assert [cpu_threads.plan("auto", r, 10, available) for r in (0, 9)] == [[0], [2]]  # round robin
+    assert cpu_threads.plan("auto", 0, 10, available) is None  # more workers than cores: see configure
 
 
 def test_explicit_lists_and_nobind():
@@ -50,4 +50,13 @@ def test_configure_pins_this_process_and_sets_the_threads():
         assert os.sched_getaffinity(0) == {cpu} and torch.get_num_threads() == 1
     finally:
         os.sched_setaffinity(0, before)
+        torch.set_num_threads(threads)
+
+
+def test_more_workers_than_cores_run_one_unpinned_thread_each():
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        assert cpu_threads.configure("auto", 0, 4 * len(before)) is None
+        assert torch.get_num_threads() == 1 and os.sched_getaffinity(0) == before
+    finally:
         torch.set_num_threads(threads)
