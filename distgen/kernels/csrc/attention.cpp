@@ -37,8 +37,9 @@ struct Item {
 // Per-thread scratch, sized once per call.
 struct Scratch {
   std::vector<float> q, acc, m, l, s;
-  // Score rows hold a block or a span (kSpanKeys), whichever is longer.
-  Scratch(int64_t rows, int64_t d, int64_t keys) : q(rows * d), acc(rows * d), m(rows), l(rows), s(rows * keys) {}
+  int64_t keys;  // score row stride: a block or a span (kSpanKeys), whichever is longer
+  Scratch(int64_t rows, int64_t d, int64_t keys)
+      : q(rows * d), acc(rows * d), m(rows), l(rows), s(rows * keys), keys(keys) {}
 };
 
 // s[r][t] = q_r . k_t for kRows query rows (q and s rows kStride apart) and the n first keys of a
@@ -158,7 +159,7 @@ inline void pv_rows(float* acc, const float* corr, const float* p, int64_t ps, i
 template <int kR, int64_t kD, typename T>
 inline void span_rows(Scratch& w, int64_t r0, int64_t bs, const Span<T>& sp, int64_t j0, int64_t first_limit,
                       int64_t group) {
-  const int64_t ps = w.s.size() / w.m.size();  // score row stride: the longest span
+  const int64_t ps = w.keys;
   float* s = &w.s[r0 * ps];
   for (int64_t b = 0; b < sp.blocks; ++b)
     for (int64_t t0 = 0; t0 < bs; t0 += 16) score_tile<kR, kD>(&w.q[r0 * kD], sp.k[b], bs, t0, s + b * bs, ps);
@@ -219,7 +220,7 @@ void general_blocks(const AttnArgs& a, const Item& it, const T* k_cache, const T
   const int64_t d = kD > 0 ? kD : a.head_dim, group = a.num_heads / a.num_kv_heads;
   const int64_t bs = a.block_size, head_stride = bs * d;
   const int32_t* table = a.block_tables + it.seq * a.block_table_stride;
-  const int64_t ps = w.s.size() / w.m.size();
+  const int64_t ps = w.keys;
   for (int64_t j0 = 0; j0 < num_keys; j0 += bs) {
     const int64_t block = table[j0 / bs];
     const T* kb = k_cache + (block * a.num_kv_heads + it.kv_head) * head_stride;  // [d, bs]

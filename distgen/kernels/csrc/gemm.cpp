@@ -30,6 +30,12 @@ constexpr int kPanelsMax = 2;   // panels per tile
 
 inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
 
+// Elements from one panel to the next: K rows of 16, or ceil(K / 2) rows of 16 pairs for bfloat16.
+template <typename T>
+inline int64_t panel_stride(int64_t k) {
+  return std::is_same_v<T, bf16> ? (k + 1) / 2 * kPanel * 2 : k * kPanel;
+}
+
 void pack(float* dst, const float* w, int64_t n, int64_t k) {
 #pragma omp parallel for
   for (int64_t p = 0; p < panels(n); ++p)
@@ -69,7 +75,7 @@ inline void store_tile(const float (&acc)[kR][kC][16], const T* bias, T* out, in
 template <int kR, int kC, typename T>
 inline void tile_fma(const T* x, int64_t k, const T* wp, const T* bias, T* out, int64_t ldo, int64_t cols) {
   constexpr bool kPairs = std::is_same_v<T, bf16>;
-  const int64_t panel_stride = kPairs ? (k + 1) / 2 * kPanel * 2 : k * kPanel;
+  const int64_t stride = panel_stride<T>(k);
   vf16 acc[kR][kC];
 #pragma GCC unroll 16
   for (int r = 0; r < kR; ++r)
@@ -81,12 +87,12 @@ inline void tile_fma(const T* x, int64_t k, const T* wp, const T* bias, T* out, 
     for (int c = 0; c < kC; ++c) {
       if constexpr (kPairs) {  // 16 (k, k+1) pairs: the even halves, then the odd ones
         vu16 u;
-        std::memcpy(&u, wp + c * panel_stride + i * kPanel, sizeof u);
+        std::memcpy(&u, wp + c * stride + i * kPanel, sizeof u);
         const vu16 lo = u << 16, hi = u & 0xffff0000u;
         std::memcpy(&w0[c], &lo, sizeof lo);
         std::memcpy(&w1[c], &hi, sizeof hi);
       } else {
-        w0[c] = load16(wp + c * panel_stride + i * kPanel);
+        w0[c] = load16(wp + c * stride + i * kPanel);
       }
     }
 #pragma GCC unroll 16
@@ -111,7 +117,7 @@ inline void tile_fma(const T* x, int64_t k, const T* wp, const T* bias, T* out, 
 template <int kR, int kC>
 inline void tile_dpbf16(const bf16* x, int64_t k, const bf16* wp, const bf16* bias, bf16* out, int64_t ldo,
                         int64_t cols) {
-  const int64_t kh = (k + 1) / 2, panel_stride = kh * kPanel * 2;
+  const int64_t stride = panel_stride<bf16>(k);
   __m512 acc[kR][kC];
 #pragma GCC unroll 16
   for (int r = 0; r < kR; ++r)
@@ -121,7 +127,7 @@ inline void tile_dpbf16(const bf16* x, int64_t k, const bf16* wp, const bf16* bi
   auto step = [&](int64_t i, auto pair_of) {
     __m512bh w[kC];
 #pragma GCC unroll 16
-    for (int c = 0; c < kC; ++c) w[c] = (__m512bh)_mm512_loadu_si512(wp + c * panel_stride + i * kPanel * 2);
+    for (int c = 0; c < kC; ++c) w[c] = (__m512bh)_mm512_loadu_si512(wp + c * stride + i * kPanel * 2);
 #pragma GCC unroll 16
     for (int r = 0; r < kR; ++r) {
       const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair_of(x + r * k + 2 * i));
@@ -167,13 +173,13 @@ template <typename T>
 void linear(T* out, const T* x, const T* wp, const T* bias, int64_t m, int64_t n, int64_t k) {
   const int64_t np = panels(n), groups = (np + kPanelsMax - 1) / kPanelsMax;
   const int64_t row_tiles = (m + kRowsMax - 1) / kRowsMax;
-  const int64_t panel_stride = std::is_same_v<T, bf16> ? (k + 1) / 2 * kPanel * 2 : k * kPanel;
+  const int64_t stride = panel_stride<T>(k);
 #pragma omp parallel for schedule(static) collapse(2) if (groups * row_tiles > 1)
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t t = 0; t < row_tiles; ++t) {
       const int64_t p0 = g * kPanelsMax, r0 = t * kRowsMax, rows = std::min<int64_t>(kRowsMax, m - r0);
       const int64_t col0 = p0 * kPanel, cols = std::min<int64_t>(kPanelsMax * kPanel, n - col0);
-      const T* w = wp + p0 * panel_stride;
+      const T* w = wp + p0 * stride;
       const T* b = bias ? bias + col0 : nullptr;
       if (np - p0 >= 2)
         tile_rows<2>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
