@@ -36,10 +36,10 @@ struct Item {
 
 // Per-thread scratch, sized once per call.
 struct Scratch {
-  std::vector<float> q, acc, m, l, s;
+  std::vector<float> q, acc, m, l, corr, s;
   int64_t keys;  // score row stride: a block or a span (kSpanKeys), whichever is longer
   Scratch(int64_t rows, int64_t d, int64_t keys)
-      : q(rows * d), acc(rows * d), m(rows), l(rows), s(rows * keys), keys(keys) {}
+      : q(rows * d), acc(rows * d), m(rows), l(rows), corr(rows), s(rows * keys), keys(keys) {}
 };
 
 // s[r][t] = q_r . k_t for kRows query rows (q and s rows kStride apart) and the n first keys of a
@@ -154,46 +154,110 @@ inline void pv_rows(float* acc, const float* corr, const float* p, int64_t ps, i
     for (int j = 0; j < kV; ++j) store16(acc + r * kD + 16 * j, a[r][j]);
 }
 
-// One span for kR rows: scores, the online-softmax update (p = 0 past a row's last visible key, so
-// every row can take the same n keys), then the weighted sum of V.
+// s[r][0..32) = q_r . k for kR rows against two 16-key chunks of transposed K ([kD] rows bs apart):
+// 2 * kR accumulators, each q broadcast feeding two FMAs, as the GEMM's tile does.
 template <int kR, int64_t kD, typename T>
-inline void span_rows(Scratch& w, int64_t r0, int64_t bs, const Span<T>& sp, int64_t j0, int64_t first_limit,
-                      int64_t group) {
-  const int64_t ps = w.keys;
-  float* s = &w.s[r0 * ps];
-  for (int64_t b = 0; b < sp.blocks; ++b)
-    for (int64_t t0 = 0; t0 < bs; t0 += 16) score_tile<kR, kD>(&w.q[r0 * kD], sp.k[b], bs, t0, s + b * bs, ps);
-  const int64_t n = sp.n;
-  float corr[kR];
+inline void score_pair(const float* q, const T* k0, const T* k1, int64_t bs, float* s0, float* s1, int64_t ps) {
+  vf16 a0[kR], a1[kR];
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r) a0[r] = a1[r] = vf16{};
+#pragma GCC unroll 4
+  for (int64_t i = 0; i < kD; ++i) {
+    const vf16 x0 = load16(k0 + i * bs), x1 = load16(k1 + i * bs);
+#pragma GCC unroll 16
+    for (int r = 0; r < kR; ++r) {
+      const vf16 qv = splat16(q[r * kD + i]);
+      a0[r] = fma16(qv, x0, a0[r]);
+      a1[r] = fma16(qv, x1, a1[r]);
+    }
+  }
 #pragma GCC unroll 16
   for (int r = 0; r < kR; ++r) {
-    float* sr = s + r * ps;
-    const int64_t visible = std::max<int64_t>(0, std::min(n, first_limit + (r0 + r) / group - j0 + 1));
-    float mx = w.m[r0 + r];
-    for (int64_t t = 0; t < visible; ++t) mx = max_f(mx, sr[t]);
-    corr[r] = visible > 0 ? exp_f(w.m[r0 + r] - mx) : 1.0f;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < n; ++t) {
-      sr[t] = t < visible ? exp_f(sr[t] - mx) : 0.0f;
-      sum += sr[t];
-    }
-    w.l[r0 + r] = w.l[r0 + r] * corr[r] + sum;
-    w.m[r0 + r] = mx;
+    store16(s0 + r * ps, a0[r]);
+    store16(s1 + r * ps, a1[r]);
   }
-  pv_rows<kR, kD>(&w.acc[r0 * kD], corr, s, ps, bs, sp);
 }
 
+// Scores of kR rows against every key of the span (whole blocks), 32 keys at a time.
+template <int kR, int64_t kD, typename T>
+inline void score_span(const float* q, const Span<T>& sp, int64_t bs, float* s, int64_t ps) {
+  const int64_t chunks = sp.blocks * bs / 16;
+  auto chunk = [&](int64_t c) { return sp.k[c * 16 / bs] + (c * 16) % bs; };
+  int64_t c = 0;
+  for (; c + 2 <= chunks; c += 2) score_pair<kR, kD>(q, chunk(c), chunk(c + 1), bs, s + c * 16, s + c * 16 + 16, ps);
+  if (c < chunks) score_tile<kR, kD>(q, chunk(c), bs, 0, s + c * 16, ps);
+}
+
+// The online-softmax update of one row for a span: p = exp(s - max) in place for its visible keys and
+// 0 past them (so every row can take the span's keys alike); returns the factor that rescales the
+// row's accumulator. Masking is by selects, so whatever the cache holds past a row's last visible key
+// or the span's end (even NaN) never reaches the row.
+inline float softmax_span_row(float* sr, int32_t width, int32_t visible, float& m, float& l) {
+  const vi16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const int32_t whole = visible / 16 * 16;  // 16-key chunks visible in full take no masks
+  vf16 mv = splat16(-INFINITY);
+  for (int32_t t0 = 0; t0 < whole; t0 += 16) {
+    const vf16 x = load16(sr + t0);
+    mv = x > mv ? x : mv;
+  }
+  for (int32_t t0 = whole; t0 < width; t0 += 16) {
+    const vf16 x = load16(sr + t0);
+    mv = ((lanes + t0 < visible) & (x > mv)) ? x : mv;
+  }
+  const float mx = max_f(m, hmax16(mv));
+  const float corr = visible > 0 ? exp_f(m - mx) : 1.0f;
+  const vf16 mxv = splat16(mx);
+  vf16 sum = {};
+  for (int32_t t0 = 0; t0 < whole; t0 += 16) {
+    const vf16 e = exp16(load16(sr + t0) - mxv);
+    store16(sr + t0, e);
+    sum += e;
+  }
+  for (int32_t t0 = whole; t0 < width; t0 += 16) {
+    const vf16 e = (lanes + t0 < visible) ? exp16(load16(sr + t0) - mxv) : vf16{};
+    store16(sr + t0, e);
+    sum += e;
+  }
+  float total = 0.0f;
+  for (int l16 = 0; l16 < 16; ++l16) total += sum[l16];
+  l = l * corr + total;
+  m = mx;
+  return corr;
+}
+
+template <int kR, int64_t kD, typename T>
+inline void score_rows_of(Scratch& w, int64_t r, const Span<T>& sp, int64_t bs) {
+  score_span<kR, kD>(&w.q[r * kD], sp, bs, &w.s[r * w.keys], w.keys);
+}
+
+// One span for every row of an item: scores (six rows per register tile), the softmax update row by
+// row, then the weighted sum of V (as many rows per pass as their accumulators fit in registers).
 template <int64_t kD, typename T>
 inline void span_all_rows(Scratch& w, int64_t rows, int64_t bs, const Span<T>& sp, int64_t j0,
                           int64_t first_limit, int64_t group) {
-  constexpr int kMax = kD <= 64 ? 4 : 2;  // the accumulators of kMax rows fill the registers
   int64_t r = 0;
-  for (; r + kMax <= rows; r += kMax) span_rows<kMax, kD>(w, r, bs, sp, j0, first_limit, group);
+  for (; r + 6 <= rows; r += 6) score_rows_of<6, kD>(w, r, sp, bs);
   switch (rows - r) {
-    case 3: span_rows<3, kD>(w, r, bs, sp, j0, first_limit, group); break;
-    case 2: span_rows<2, kD>(w, r, bs, sp, j0, first_limit, group); break;
-    case 1: span_rows<1, kD>(w, r, bs, sp, j0, first_limit, group); break;
+    case 5: score_rows_of<5, kD>(w, r, sp, bs); break;
+    case 4: score_rows_of<4, kD>(w, r, sp, bs); break;
+    case 3: score_rows_of<3, kD>(w, r, sp, bs); break;
+    case 2: score_rows_of<2, kD>(w, r, sp, bs); break;
+    case 1: score_rows_of<1, kD>(w, r, sp, bs); break;
+    default: break;
+  }
+  const int32_t width = static_cast<int32_t>(sp.blocks * bs);
+  for (r = 0; r < rows; ++r) {
+    const int64_t visible = std::max<int64_t>(0, std::min(sp.n, first_limit + r / group - j0 + 1));
+    w.corr[r] = softmax_span_row(&w.s[r * w.keys], width, static_cast<int32_t>(visible), w.m[r], w.l[r]);
+  }
+  constexpr int kMax = kD <= 64 ? 4 : 2;  // the accumulators of kMax rows fill the registers
+  const int64_t ps = w.keys;
+  for (r = 0; r + kMax <= rows; r += kMax)
+    pv_rows<kMax, kD>(&w.acc[r * kD], &w.corr[r], &w.s[r * ps], ps, bs, sp);
+  switch (rows - r) {
+    case 3: pv_rows<3, kD>(&w.acc[r * kD], &w.corr[r], &w.s[r * ps], ps, bs, sp); break;
+    case 2: pv_rows<2, kD>(&w.acc[r * kD], &w.corr[r], &w.s[r * ps], ps, bs, sp); break;
+    case 1: pv_rows<1, kD>(&w.acc[r * kD], &w.corr[r], &w.s[r * ps], ps, bs, sp); break;
     default: break;
   }
 }

@@ -24,8 +24,6 @@ namespace dg {
 
 using bf16 = uint16_t;
 
-using bf16 = uint16_t;
-
 inline float to_f(float x) { return x; }
 inline float to_f(bf16 x) {
   uint32_t u = static_cast<uint32_t>(x) << 16;
@@ -116,6 +114,39 @@ inline vf16 splat16(float x) {
 #pragma GCC unroll 16
   for (int l = 0; l < 16; ++l) r[l] = x;
   return r;
+}
+
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+// exp_f on sixteen lanes at once, with the same steps (so the same result in every lane). Loops over
+// a row whose length or mask varies are not vectorized by GCC when exp_f is inlined in them; a row of
+// spans written with this one is.
+inline vf16 exp16(vf16 x) {
+  x = x < splat16(-87.0f) ? splat16(-87.0f) : x;
+  x = x > splat16(88.0f) ? splat16(88.0f) : x;
+  vf16 n = x * 1.44269504088896341f + 0.5f;
+#pragma GCC unroll 16
+  for (int l = 0; l < 16; ++l) n[l] = std::floor(n[l]);
+  vf16 r = fma16(n, splat16(-0.693145751953125f), x);
+  r = fma16(n, splat16(-1.428606765330187e-06f), r);
+  vf16 p = splat16(1.0f / 5040.0f);
+  p = fma16(p, r, splat16(1.0f / 720.0f));
+  p = fma16(p, r, splat16(1.0f / 120.0f));
+  p = fma16(p, r, splat16(1.0f / 24.0f));
+  p = fma16(p, r, splat16(1.0f / 6.0f));
+  p = fma16(p, r, splat16(0.5f));
+  p = fma16(p, r, splat16(1.0f));
+  p = fma16(p, r, splat16(1.0f));
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  vf16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float hmax16(vf16 v) {
+  float m = v[0];
+  for (int l = 1; l < 16; ++l) m = max_f(m, v[l]);
+  return m;
 }
 
 }  // namespace dg
