@@ -121,7 +121,7 @@ typedef int32_t vi16 __attribute__((vector_size(64)));
 // exp_f on sixteen lanes at once, with the same steps (so the same result in every lane). Loops over
 // a row whose length or mask varies are not vectorized by GCC when exp_f is inlined in them; a row of
 // spans written with this one is.
-inline vf16 exp16(vf16 x) {
+__attribute__((always_inline)) inline vf16 exp16(vf16 x) {
   x = x < splat16(-87.0f) ? splat16(-87.0f) : x;
   x = x > splat16(88.0f) ? splat16(88.0f) : x;
   vf16 n = x * 1.44269504088896341f + 0.5f;
