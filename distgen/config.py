@@ -95,13 +95,15 @@ class ModelConfig:
         return int(self.hf_config["vocab_size"])
 
     def verify_tensor_parallel(self, tp: int) -> None:
-        """Heads split evenly over ``tp`` ranks; KV heads split evenly or are replicated evenly."""
+        """Any TP size up to the number of attention heads: heads are split as evenly as the ranks
+        allow, and a KV head is held by every rank whose query heads read it."""
         heads, kv = self.num_heads, self.num_kv_heads
-        if heads % tp or (kv % tp and tp % kv):
+        if heads % kv:
+            raise ValueError(f"the model's {heads} attention heads are not a multiple of its {kv} KV heads")
+        if not 1 <= tp <= heads:
             raise ValueError(
-                f"tensor_parallel_size={tp} does not fit the model: it has {heads} attention heads and "
-                f"{kv} KV heads; the TP size must divide the attention heads, and either divide the KV "
-                "heads or be a multiple of them"
+                f"tensor_parallel_size={tp} does not fit the model: it has {heads} attention heads, and "
+                f"every rank needs at least one (use a size from 1 to {heads})"
             )
 
 

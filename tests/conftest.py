@@ -31,6 +31,13 @@ def _tiny_config(arch: str):
         return tf.LlamaConfig(
             **common, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True
         )
+    if arch == "llama-gqa3":  # groups of 3 query heads: uneven TP splits start ranks inside a group
+        return tf.LlamaConfig(
+            **{**common, "num_attention_heads": 6, "hidden_size": 96},
+            intermediate_size=120,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
     if arch == "mistral":
         return tf.MistralConfig(
             **common,

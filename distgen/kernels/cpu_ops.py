@@ -29,7 +29,7 @@ _SIGNATURES = {
     "dg_add_rms_norm": [_P, _P, _P, _I, _I, _F],
     "dg_silu_and_mul": [_P, _P, _I, _I],
     "dg_rotary_store_kv": [_P] * 12 + [_I] * 8 + [_F],
-    "dg_paged_attention": [_P] * 7 + [_I] * 7 + [_F],
+    "dg_paged_attention": [_P] * 7 + [_I] * 9 + [_F],
     "dg_argmax_rows": [_P, _P, _I, _I],
     "dg_pack_linear": [_P, _P, _I, _I],
     "dg_linear": [_P] * 4 + [_I] * 3,
@@ -123,6 +123,23 @@ def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor)
     return v_cache.shape[1], v_cache.shape[2]
 
 
+def check_head_map(num_heads: int, num_kv_heads: int, group: int | None, head_offset: int) -> int:
+    """The group size of a head map in which query head j reads KV head (j + head_offset) // group,
+    checked to use every KV head and no other."""
+    if group is None:
+        assert head_offset == 0 and num_heads % num_kv_heads == 0, (
+            f"{num_heads} query heads over {num_kv_heads} KV heads need a group and an offset"
+        )
+        return num_heads // num_kv_heads
+    assert 0 <= head_offset < group, f"head offset {head_offset} outside a group of {group}"
+    last = (num_heads - 1 + head_offset) // group
+    assert last == num_kv_heads - 1, (
+        f"{num_heads} query heads at offset {head_offset} in groups of {group} read {last + 1} KV heads, "
+        f"not {num_kv_heads}"
+    )
+    return group
+
+
 def _token_stride(x: torch.Tensor) -> int:
     """Elements between tokens of a [T, heads, D] view whose heads and dims are packed."""
     t, h, d = x.shape
@@ -188,13 +205,19 @@ def paged_attention(
     query_start: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    group: int | None = None,
+    head_offset: int = 0,
 ) -> torch.Tensor:
     """Attention of every row's queries over its cached context, read in place through its block
     table. q [T, H, D] (row i's queries are q[query_start[i]:query_start[i+1]], the last ones of
     its ``seq_lens[i]`` tokens, causal among themselves); V cache [blocks, Hkv, bs, D], K the same
-    blocks transposed; int32 tables, lengths and starts. Returns (or fills) a contiguous [T, H, D]."""
+    blocks transposed; int32 tables, lengths and starts. Returns (or fills) a contiguous [T, H, D].
+
+    Query head j reads KV head ``(j + head_offset) // group`` (``group`` defaults to H / Hkv): a
+    tensor-parallel rank whose heads start inside a KV group passes its offset."""
     t, h, d = q.shape
     hkv, bs = _check_caches(k_cache, v_cache, q)
+    group = check_head_map(h, hkv, group, head_offset)
     for name, x in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start", query_start)):
         assert x.dtype == torch.int32 and x.is_contiguous(), f"{name} must be contiguous int32"
     if out is None:
@@ -213,6 +236,8 @@ def paged_attention(
         hkv,
         d,
         bs,
+        group,
+        head_offset,
         _token_stride(q),
         block_tables.stride(0),
         scale,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distgen.kernels.cpu_ops import check_head_map
 from distgen.kernels.dispatch import cpu_kernels, triton_ops
 from distgen.layers.norm import RMSNorm
 from distgen.layers.rotary import RotaryEmbedding
@@ -70,10 +71,19 @@ class Attention(nn.Module):
         head_dim: int,
         scale: float,
         rotary: RotaryEmbedding | None = None,
+        group: int | None = None,
+        head_offset: int = 0,
     ) -> None:
+        """Query head j reads KV head ``(j + head_offset) // group``; ``group`` defaults to
+        ``num_heads // num_kv_heads``. A tensor-parallel rank whose query heads start or end inside a
+        KV group (an uneven split, :class:`~distgen.layers.linear.HeadShard`) passes both."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.group = num_heads // num_kv_heads
+        self.group = check_head_map(num_heads, num_kv_heads, group, head_offset)
+        self.head_offset = head_offset
+        # The torch and Triton paths take whole groups: a partial one is padded with zero queries
+        # (whose outputs are dropped). Decode reads K/V once per group, so the padding costs little.
+        self.padded_heads = num_kv_heads * self.group
         self.scale = scale
         self.rotary = rotary  # applied here, so that the Triton path can fuse it with the KV store
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, Hkv, block_size, D], bound by the runner
@@ -94,28 +104,41 @@ class Attention(nn.Module):
         assert qk_norm is None or self.rotary is not None, "q/k norms are fused with the rotary embedding"
         t = q.shape[0]
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
-        if meta.path == "triton":
-            return self._forward_triton(q, k, v, positions, qk_norm, k_cache, v_cache, meta)
         if meta.path == "cpu":
-            return self._forward_cpu(q, k, v, positions, qk_norm, k_cache, v_cache, meta)
+            out = self._forward_cpu(q, k, v, positions, qk_norm, k_cache, v_cache, meta)
+            return out.view(t, self.num_heads * self.head_dim)
+        padded = self.padded_heads != self.num_heads
+        if padded:
+            q = pad_heads(q, self.padded_heads, self.head_offset)
+        if meta.path == "triton":
+            out = self._forward_triton(q, k, v, positions, qk_norm, k_cache, v_cache, meta)
+        else:
+            out = self._forward_torch(q, k, v, positions, qk_norm, k_cache, v_cache, meta)
+        if padded:
+            out = out[:, self.head_offset : self.head_offset + self.num_heads]
+        return out.reshape(t, self.num_heads * self.head_dim)
+
+    def _forward_torch(
+        self, q, k, v, positions, qk_norm, k_cache, v_cache, meta: AttentionMetadata
+    ) -> torch.Tensor:
         if qk_norm is not None:
             q, k = qk_norm[0](q), qk_norm[1](k)
         if self.rotary is not None:
             q, k = self.rotary(positions, q, k)
         write_kv(k_cache, v_cache, k, v, meta.slot_block, meta.slot_offset)
-        out = q.new_empty(t, self.num_heads, self.head_dim)
+        out = torch.empty_like(q)
         nd = meta.num_decode
         if nd:
             self._decode(q[:nd], k_cache, v_cache, meta, out)
         if meta.num_prefill:
             out[nd:] = self._prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta)
-        return out.view(t, self.num_heads * self.head_dim)
+        return out
 
     def _forward_triton(
         self, q, k, v, positions, qk_norm, k_cache, v_cache, meta: AttentionMetadata
     ) -> torch.Tensor:
         ops = triton_ops()
-        t, nd = q.shape[0], meta.num_decode
+        nd = meta.num_decode
         assert meta.block_tables is not None and meta.seq_lens is not None
         slots = (meta.slot_block, meta.slot_offset)
         if self.rotary is not None:
@@ -127,7 +150,7 @@ class Attention(nn.Module):
             q = ops.rotary_store_kv(q, k, v, positions, cos, sin, k_cache, v_cache, *slots, **norm)
         else:
             ops.store_kv(k, v, k_cache, v_cache, *slots)
-        out = q.new_empty(t, self.num_heads, self.head_dim)
+        out = torch.empty_like(q)
         if nd:
             tables, lens = meta.block_tables[:nd], meta.seq_lens[:nd]
             ops.paged_attention_decode(q[:nd], k_cache, v_cache, tables, lens, self.scale, out=out[:nd])
@@ -143,7 +166,7 @@ class Attention(nn.Module):
                 meta.prefill_max_q,
                 out=out[nd:],
             )
-        return out.view(t, self.num_heads * self.head_dim)
+        return out
 
     def _forward_cpu(self, q, k, v, positions, qk_norm, k_cache, v_cache, meta: AttentionMetadata):
         """The CPU kernels: q/k norms and rotary fused with the KV store (q rotated in place), then
@@ -158,10 +181,17 @@ class Attention(nn.Module):
                 rot.update(qk_norm=(qk_norm[0].weight, qk_norm[1].weight), eps=qk_norm[0].eps)
         ops.rotary_store_kv(q, k, v, k_cache, v_cache, meta.slot_block, meta.slot_offset, **rot)
         assert meta.block_tables is not None and meta.seq_lens is not None and meta.query_start is not None
-        out = ops.paged_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start, self.scale
+        return ops.paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start,
+            self.scale,
+            group=self.group,
+            head_offset=self.head_offset,
         )
-        return out.view(q.shape[0], self.num_heads * self.head_dim)
 
     def _read(self, k_cache, v_cache, ctx: ContextRead, meta: AttentionMetadata):
         ws = meta.workspace
@@ -176,10 +206,10 @@ class Attention(nn.Module):
             # Queries sharing a KV head ride in the "length" dim: [b, Hkv, group, D] against [b, Hkv, L, D].
             qg = q[start:end].view(b, self.num_kv_heads, self.group, self.head_dim)
             o = F.scaled_dot_product_attention(qg, k, v, attn_mask=ctx.mask, scale=self.scale)
-            out[start:end] = o.view(b, self.num_heads, self.head_dim)
+            out[start:end] = o.view(b, self.num_kv_heads * self.group, self.head_dim)
 
     def _prefill(self, q, k_new, v_new, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        bp, mq, h, d = meta.num_prefill, meta.prefill_max_q, self.num_heads, self.head_dim
+        bp, mq, h, d = meta.num_prefill, meta.prefill_max_q, q.shape[1], self.head_dim
         ctx = meta.prefill_context
         if bp == 1 and ctx is None:
             # One fresh prompt chunk: plain causal attention on the new K/V, nothing to read back.
@@ -202,6 +232,13 @@ class Attention(nn.Module):
             mask = ctx.mask
         o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return o.transpose(1, 2).reshape(bp * mq, h, d)[meta.prefill_q_index]
+
+
+def pad_heads(q: torch.Tensor, heads: int, offset: int) -> torch.Tensor:
+    """q [T, H, D] as [T, heads, D] with its heads at ``offset`` and zeros around them."""
+    out = q.new_zeros(q.shape[0], heads, q.shape[2])
+    out[:, offset : offset + q.shape[1]] = q
+    return out
 
 
 def write_kv(

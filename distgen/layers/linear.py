@@ -11,6 +11,8 @@ the LM head shares; :mod:`distgen.kernels.cpu_gemm`): the plain weight is then r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,10 +23,44 @@ from distgen.kernels.dispatch import cpu_kernels
 from distgen.layers.weights import LoadedWeight, copy_into, narrow, shape_of
 
 
-def _divide(a: int, b: int, what: str) -> int:
-    if a % b:
-        raise ValueError(f"{what} ({a}) is not divisible by the tensor-parallel size ({b})")
-    return a // b
+def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
+    """(start, size) of part ``index`` when ``n`` items are split into ``parts`` contiguous parts as
+    evenly as possible: the first ``n % parts`` parts take one more."""
+    base, extra = divmod(n, parts)
+    return index * base + min(index, extra), base + (index < extra)
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """One tensor-parallel rank's attention heads: query heads ``q_start ..`` (``num_heads`` of them,
+    split as evenly as the ranks allow) and the KV heads they read, ``kv_start ..``. Local query head j
+    reads local KV head ``(j + head_offset) // group``. Where a rank's query heads start or end inside a
+    KV group, that KV head is held by both ranks it straddles (as vLLM replicates KV heads when the TP
+    size exceeds their number)."""
+
+    q_start: int
+    num_heads: int
+    kv_start: int
+    num_kv_heads: int
+    group: int
+    head_offset: int
+
+    @classmethod
+    def of(cls, num_heads: int, num_kv_heads: int, tp_size: int, tp_rank: int) -> HeadShard:
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} attention heads are not a multiple of {num_kv_heads} KV heads")
+        if tp_size > num_heads:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} exceeds the model's {num_heads} attention heads: "
+                "every rank needs at least one"
+            )
+        group = num_heads // num_kv_heads
+        q_start, n = split_range(num_heads, tp_size, tp_rank)
+        kv_start, kv_end = q_start // group, (q_start + n - 1) // group + 1
+        offset = q_start - kv_start * group
+        if kv_end - kv_start == 1:  # all of them share one KV head: a plain group of n
+            group, offset = n, 0
+        return cls(q_start, n, kv_start, kv_end - kv_start, group, offset)
 
 
 class PackedMatmul:
@@ -76,43 +112,45 @@ class ReplicatedLinear(LinearBase):
 
 
 class ColumnParallelLinear(LinearBase):
-    """Output features split across ranks; the output stays sharded (no communication)."""
+    """Output features split across ranks (as evenly as they divide); the output stays sharded (no
+    communication)."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None
     ) -> None:
         self.tp_rank, self.tp_size = ps.tp_rank(), ps.tp_size()
-        self.out_per_rank = _divide(out_features, self.tp_size, "output features")
+        self.out_start, self.out_per_rank = split_range(out_features, self.tp_size, self.tp_rank)
         super().__init__(in_features, self.out_per_rank, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
         n = param.shape[0]
-        copy_into(param.data, narrow(loaded, 0, self.tp_rank * n, n), type(self).__name__)
+        copy_into(param.data, narrow(loaded, 0, self.out_start, n), type(self).__name__)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several column-parallel outputs stored as one (gate and up projections)."""
+    """Several column-parallel outputs stored as one (gate and up projections): each is split on its
+    own, so a rank holds its part of every one."""
 
     def __init__(
         self, in_features: int, out_sizes: list[int], bias: bool = False, dtype: torch.dtype | None = None
     ) -> None:
+        self.tp_rank, self.tp_size = ps.tp_rank(), ps.tp_size()
         self.out_sizes = out_sizes
-        super().__init__(in_features, sum(out_sizes), bias, dtype)
+        self.parts = [split_range(n, self.tp_size, self.tp_rank) for n in out_sizes]
+        self.out_start, self.out_per_rank = 0, sum(n for _, n in self.parts)
+        LinearBase.__init__(self, in_features, self.out_per_rank, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
         assert isinstance(shard_id, int)
-        size = self.out_sizes[shard_id] // self.tp_size
-        offset = sum(self.out_sizes[:shard_id]) // self.tp_size
-        part = narrow(loaded, 0, self.tp_rank * size, size)
+        start, size = self.parts[shard_id]
+        offset = sum(n for _, n in self.parts[:shard_id])
+        part = narrow(loaded, 0, start, size)
         copy_into(param.data.narrow(0, offset, size), part, f"{type(self).__name__}[{shard_id}]")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused q/k/v projection with heads split by rank.
-
-    When the TP size exceeds the number of KV heads (and is a multiple of it), each KV head is
-    replicated on ``tp_size // num_kv_heads`` consecutive ranks.
-    """
+    """Fused q/k/v projection with the heads split by rank (:class:`HeadShard`): any TP size up to
+    the number of query heads. A KV head is held by every rank whose query heads read it."""
 
     def __init__(
         self,
@@ -123,34 +161,30 @@ class QKVParallelLinear(ColumnParallelLinear):
         bias: bool = False,
         dtype: torch.dtype | None = None,
     ) -> None:
-        tp = ps.tp_size()
+        self.tp_rank, self.tp_size = ps.tp_rank(), ps.tp_size()
+        self.shard = HeadShard.of(num_heads, num_kv_heads, self.tp_size, self.tp_rank)
         self.head_dim = head_dim
-        self.num_heads = _divide(num_heads, tp, "attention heads")
-        if tp >= num_kv_heads:
-            _divide(tp, num_kv_heads, "tensor-parallel size vs KV heads")
-            self.num_kv_heads, self.kv_replicas = 1, tp // num_kv_heads
-        else:
-            self.num_kv_heads, self.kv_replicas = _divide(num_kv_heads, tp, "KV heads"), 1
+        self.num_heads, self.num_kv_heads = self.shard.num_heads, self.shard.num_kv_heads
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
-        total = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
-        super().__init__(hidden, total, bias, dtype)
+        self.out_start, self.out_per_rank = 0, self.q_size + 2 * self.kv_size
+        LinearBase.__init__(self, hidden, self.out_per_rank, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
         if shard_id == "q":
-            offset, size, rank = 0, self.q_size, self.tp_rank
+            offset, size, start = 0, self.q_size, self.shard.q_start * self.head_dim
         elif shard_id in ("k", "v"):
             offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
-            size, rank = self.kv_size, self.tp_rank // self.kv_replicas
+            size, start = self.kv_size, self.shard.kv_start * self.head_dim
         else:
             raise ValueError(f"QKVParallelLinear shard_id must be q, k or v, got {shard_id!r}")
-        if shape_of(loaded)[0] < (rank + 1) * size:
+        if shape_of(loaded)[0] < start + size:
             raise ValueError(
                 f"{shard_id}_proj has {shape_of(loaded)[0]} rows, too few for rank {self.tp_rank}"
             )
         copy_into(
             param.data.narrow(0, offset, size),
-            narrow(loaded, 0, rank * size, size),
+            narrow(loaded, 0, start, size),
             f"QKVParallelLinear[{shard_id}]",
         )
 
@@ -165,17 +199,28 @@ class RowParallelLinear(LinearBase):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        unit: int = 1,
     ) -> None:
+        """The input features are split in whole units of ``unit`` (a head's ``head_dim`` for an
+        attention output projection, so that each rank takes the features of its own heads)."""
         self.tp_rank, self.tp_size = ps.tp_rank(), ps.tp_size()
-        super().__init__(_divide(in_features, self.tp_size, "input features"), out_features, bias, dtype)
+        if in_features % unit:
+            raise ValueError(f"{in_features} input features are not whole units of {unit}")
+        start, n = split_range(in_features // unit, self.tp_size, self.tp_rank)
+        self.in_start = start * unit
+        super().__init__(n * unit, out_features, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
         if param.dim() == 1:  # bias: replicated
             copy_into(param.data, loaded, "RowParallelLinear.bias")
             return
         n = param.shape[1]
-        copy_into(param.data, narrow(loaded, 1, self.tp_rank * n, n), type(self).__name__)
+        copy_into(param.data, narrow(loaded, 1, self.in_start, n), type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x, None)

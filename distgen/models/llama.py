@@ -48,14 +48,23 @@ class LlamaAttention(nn.Module):
         kv_heads = cfg.get("num_key_value_heads") or heads
         self.head_dim = head_dim_of(cfg)
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, kv_heads, bias=qkv_bias, dtype=dtype)
-        self.o_proj = RowParallelLinear(
-            heads * self.head_dim, hidden, bias=bool(cfg.get("o_bias", False)), dtype=dtype
-        )
+        o_bias = bool(cfg.get("o_bias", False))
+        # Split by heads, so that each rank's input features are its own heads' outputs.
+        self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, o_bias, dtype, unit=self.head_dim)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, rotary)
+        shard = self.qkv_proj.shard
+        self.attn = Attention(
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            rotary,
+            group=shard.group,
+            head_offset=shard.head_offset,
+        )
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))

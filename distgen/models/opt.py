@@ -25,7 +25,7 @@ class OPTAttention(nn.Module):
         self.head_dim = hidden // heads
         bias = cfg.get("enable_bias", True)
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=bias, dtype=dtype)
-        self.out_proj = RowParallelLinear(hidden, hidden, bias=bias, dtype=dtype)
+        self.out_proj = RowParallelLinear(hidden, hidden, bias=bias, dtype=dtype, unit=self.head_dim)
         self.num_heads = self.qkv_proj.num_heads
         self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5)
 

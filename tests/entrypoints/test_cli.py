@@ -137,7 +137,7 @@ def test_generate_one_shot(tiny_model_dir):
     "argv, needle",
     [
         (["serve", "/nonexistent/model"], "model '/nonexistent/model' not found"),
-        (["serve", "-tp", "2"], "tensor_parallel_size=2 does not fit the model: it has 9 attention heads"),
+        (["serve", "-tp", "10"], "tensor_parallel_size=10 does not fit the model: it has 9 attention heads"),
         (["serve", "--kv-cache-memory", "lots"], "not a size"),
         (["serve", "--port", "99999"], "not a TCP port"),
         (["serve", "--max-model-len", "0"], "max_model_len must be an integer >= 1, got 0"),

@@ -3,6 +3,7 @@ its shard, and startup failures, dead workers and shutdown leave no process or s
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import shutil
@@ -21,6 +22,8 @@ from distgen.core.scheduler_output import NewRequestData, SchedulerOutput
 from distgen.distributed import parallel_state as ps
 from distgen.engine.args import EngineArgs
 from distgen.engine.exceptions import EngineDeadError, WorkerStartupError
+from distgen.kernels import dispatch
+from distgen.layers.linear import split_range
 from distgen.model_loader.loader import build_model, resolve_model
 from tests.conftest import check_greedy_close, process_alive, random_prompts, wait_gone
 
@@ -86,6 +89,13 @@ def references(hf_reference):
         # Async scheduling: rank 0 broadcasts its samples; every rank fills its next inputs from them.
         ("llama", 2, "async"),
         ("qwen2", 4, "async-preemption"),
+        # Uneven splits: query heads 2/1/1, MLP 43/43/42, a KV head held by two ranks.
+        ("llama", 3, "preemption"),
+        ("qwen3", 3, "prefix-cache"),
+        ("opt", 3, "plain"),
+        # 6 query heads in groups of 3 at tp 4: ranks 1 and 2 start inside a group.
+        ("llama-gqa3", 4, "plain"),
+        ("llama-gqa3", 5, "async-preemption"),
     ],
 )
 def test_tp_greedy_matches_tp1(arch, tp, scenario, tiny_model_dir, references):
@@ -128,58 +138,104 @@ def test_tp_greedy_matches_tp1(arch, tp, scenario, tiny_model_dir, references):
 
 
 @pytest.mark.slow
-def test_smollm2_tp3_matches_tp1():
-    """The default model (9 heads, 3 KV heads) on 3 ranks: 3 heads and 1 KV head each."""
-    texts = ["The capital of France is", "def fibonacci(n):", "Why is the sky blue?", "Once upon a time,"]
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_uneven_tp_on_the_torch_and_triton_attention_paths(mode, tiny_model_dir, references, monkeypatch):
+    """Those paths take whole KV groups: a rank's partial group is padded with zero queries. tp=4 of
+    6 heads in groups of 3 (ranks 1 and 2 start inside a group) against tp=1 on the same path."""
+    if mode == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("DISTGEN_KERNELS", mode)  # the workers read it at start
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    n = 2 if mode == "triton" else 4  # the interpreter is slow
+    prompts, refs = PROMPTS[:n], references("llama-gqa3")[:n]
+    with dispatch.kernel_mode(mode):  # the tp=1 worker runs in this process
+        llm1 = LLM(tiny_model_dir("llama-gqa3"), dtype="float32", kv_cache_memory=KV)
+        base = _generate(llm1, prompts)
+        llm1.shutdown()
+    llm = LLM(
+        tiny_model_dir("llama-gqa3"),
+        tensor_parallel_size=4,
+        distributed_executor_backend="mp",
+        dtype="float32",
+        kv_cache_memory=KV,
+    )
+    got = _generate(llm, prompts)
+    llm.shutdown()
+    assert got == base
+    assert check_greedy_close(refs, got, f"llama-gqa3/tp4/{mode}") >= 0.5
+
+
+SMOLLM2_TEXTS = ["The capital of France is", "def fibonacci(n):", "Why is the sky blue?", "Once upon a time,"]
+
+
+def _smollm2_greedy(tp: int) -> list[list[int]]:
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    got = {}
-    for tp in (1, 3):
-        llm = LLM(tensor_parallel_size=tp, kv_cache_memory=64 << 20, block_size=4)
-        outs = llm.generate(texts + texts, params, use_tqdm=False)  # the second copies hit the cache
-        got[tp] = [o.outputs[0].token_ids for o in outs]
-        assert llm.llm_engine.client.core.scheduler.kv.pool.num_hits > 0
-        llm.shutdown()
-    assert got[3] == got[1]
+    llm = LLM(tensor_parallel_size=tp, kv_cache_memory=64 << 20, block_size=4, dtype="float32")
+    outs = llm.generate(SMOLLM2_TEXTS * 2, params, use_tqdm=False)  # the second copies hit the cache
+    assert llm.llm_engine.client.core.scheduler.kv.pool.num_hits > 0
+    llm.shutdown()
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@functools.cache
+def _smollm2_tp1() -> list[list[int]]:
+    return _smollm2_greedy(1)  # once for the tests below, run with their in-process engine core
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_smollm2_any_tp_matches_tp1(tp):
+    """The default model (9 heads, 3 KV heads): at tp=3 three heads and one KV head per rank; at 2 and 4
+    the heads split unevenly (5/4, 3/2/2/2) and the KV heads a rank's queries straddle are on both."""
+    assert _smollm2_greedy(tp) == _smollm2_tp1()
     assert _spawned_children() == []
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_each_rank_loads_only_its_shard(tp, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("arch,tp", [("llama", 2), ("llama", 3), ("llama", 4), ("llama-gqa3", 4)])
+def test_each_rank_loads_only_its_shard(arch, tp, tiny_model_dir, monkeypatch):
     """Build the tp-way model in-process as each rank would and compare its tensors to the full ones."""
-    path = tiny_model_dir("llama")
+    path = tiny_model_dir(arch)
     full = load_file(os.path.join(path, "model.safetensors"))
     source = resolve_model(path)
-    heads, kv_heads, hd = 4, 2, 16
+    hidden, inter = (64, 128) if arch == "llama" else (96, 120)  # 16 dims per head in both
+    p = "model.layers.0."
     for rank in range(tp):
         monkeypatch.setitem(ps._STATE, "tp", ps._TPGroup(rank, tp, None))
         model = build_model(source, torch.float32, "cpu")
         attn = model.layers[0].self_attn
+        s = attn.qkv_proj.shard
+        hd = 16
+        q_rows, kv_rows = s.num_heads * hd, s.num_kv_heads * hd
         qkv = attn.qkv_proj.weight
-        q_rows, kv_rows = heads // tp * hd, max(1, kv_heads // tp) * hd
-        assert qkv.shape == (q_rows + 2 * kv_rows, 64)
-        kv_rank = rank // max(1, tp // kv_heads)  # the KV head this rank holds (replicated when tp > kv)
-        p = "model.layers.0.self_attn."
-        torch.testing.assert_close(
-            qkv[:q_rows], full[p + "q_proj.weight"][rank * q_rows : (rank + 1) * q_rows]
-        )
-        k = full[p + "k_proj.weight"][kv_rank * kv_rows : (kv_rank + 1) * kv_rows]
+        assert qkv.shape == (q_rows + 2 * kv_rows, hidden)
+        q0, kv0 = s.q_start * hd, s.kv_start * hd
+        torch.testing.assert_close(qkv[:q_rows], full[p + "self_attn.q_proj.weight"][q0 : q0 + q_rows])
+        k = full[p + "self_attn.k_proj.weight"][kv0 : kv0 + kv_rows]
         torch.testing.assert_close(qkv[q_rows : q_rows + kv_rows], k)
         o = attn.o_proj.weight
-        assert o.shape == (64, q_rows)
-        torch.testing.assert_close(o, full[p + "o_proj.weight"][:, rank * q_rows : (rank + 1) * q_rows])
+        assert o.shape == (hidden, q_rows)
+        torch.testing.assert_close(o, full[p + "self_attn.o_proj.weight"][:, q0 : q0 + q_rows])
+        start, n = split_range(inter, tp, rank)
+        gate_up = model.layers[0].mlp.gate_up_proj.weight
+        torch.testing.assert_close(gate_up[:n], full[p + "mlp.gate_proj.weight"][start : start + n])
+        torch.testing.assert_close(gate_up[n:], full[p + "mlp.up_proj.weight"][start : start + n])
+        down = model.layers[0].mlp.down_proj.weight
+        torch.testing.assert_close(down, full[p + "mlp.down_proj.weight"][:, start : start + n])
         emb = model.embed_tokens.weight
-        rows = 49152 // tp
-        torch.testing.assert_close(emb, full["model.embed_tokens.weight"][rank * rows : (rank + 1) * rows])
+        rows = -(-49152 // tp)
+        got = emb[: min(rows, 49152 - rank * rows)]
+        torch.testing.assert_close(got, full["model.embed_tokens.weight"][rank * rows : (rank + 1) * rows])
 
 
-def test_tp_that_does_not_divide_heads_fails_before_any_process(tiny_model_dir):
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 .* 4 attention heads and 2 KV heads"):
-        LLM(tiny_model_dir("llama"), tensor_parallel_size=3, distributed_executor_backend="mp")
+def test_tp_past_the_head_count_fails_before_any_process(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=5 .* 4 attention heads"):
+        LLM(tiny_model_dir("llama"), tensor_parallel_size=5, distributed_executor_backend="mp")
     assert _spawned_children() == []
-    # SmolLM2: 9 heads, 3 KV heads.
-    EngineArgs(tensor_parallel_size=3).create_config()
-    with pytest.raises(ValueError, match="9 attention heads and 3 KV heads"):
-        EngineArgs(tensor_parallel_size=2).create_config()
+    # SmolLM2: 9 heads, 3 KV heads: every size from 1 to 9 fits.
+    for tp in (2, 3, 4, 9):
+        EngineArgs(tensor_parallel_size=tp).create_config()
+    with pytest.raises(ValueError, match="it has 9 attention heads, and every rank needs at least one"):
+        EngineArgs(tensor_parallel_size=10).create_config()
 
 
 @pytest.mark.slow

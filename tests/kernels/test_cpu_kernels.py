@@ -121,6 +121,47 @@ def test_paged_attention_matches_gathered_reference(dtype, shape):
     _close(got, want, dtype, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # (H, Hkv, D, block_size, tp): each rank of an uneven split, ranks starting inside a KV group
+        (9, 3, 64, 16, 2),
+        (9, 3, 64, 16, 4),
+        (12, 4, 32, 5, 5),
+        (14, 2, 128, 16, 3),
+    ],
+)
+def test_paged_attention_on_a_ranks_heads_is_that_slice_of_the_whole(dtype, shape):
+    """A tensor-parallel rank holds query heads [q0, q0 + n) and the KV heads they read: the kernel
+    on those (with the rank's group and head offset) gives exactly those heads of the whole result."""
+    from distgen.layers.linear import HeadShard
+
+    torch.manual_seed(3)
+    h, hkv, d, bs, tp = shape
+    rows = [(1, 40), (23, 23), (7, 50), (1, 1)]
+    max_blocks = max(-(-ctx // bs) for _, ctx in rows)
+    k_cache = torch.randn(len(rows) * max_blocks, hkv, bs, d).to(dtype)
+    v_cache = torch.randn(len(rows) * max_blocks, hkv, bs, d).to(dtype)
+    tables = torch.randperm(len(rows) * max_blocks).view(len(rows), max_blocks).int()
+    lens = torch.tensor([ctx for _, ctx in rows], dtype=torch.int32)
+    starts = torch.tensor([0] + [n for n, _ in rows], dtype=torch.int32).cumsum(0).int()
+    q = torch.randn(int(starts[-1]), h, d).to(dtype)
+    whole = cpu_ops.paged_attention(q, _transposed(k_cache), v_cache, tables, lens, starts, 0.2)
+    offsets = set()
+    for rank in range(tp):
+        s = HeadShard.of(h, hkv, tp, rank)
+        offsets.add(s.head_offset)
+        kv = slice(s.kv_start, s.kv_start + s.num_kv_heads)
+        k_part, v_part = k_cache[:, kv].contiguous(), v_cache[:, kv].contiguous()
+        q_part = q[:, s.q_start : s.q_start + s.num_heads]
+        got = cpu_ops.paged_attention(
+            q_part, _transposed(k_part), v_part, tables, lens, starts, 0.2, None, s.group, s.head_offset
+        )
+        assert torch.equal(got, whole[:, s.q_start : s.q_start + s.num_heads]), f"rank {rank} of {tp}"
+    assert offsets != {0}  # the split puts some rank's first head inside a KV group
+
+
 def test_paged_attention_reads_strided_queries():
     """q as the model passes it: a view into the QKV projection's output rows."""
     torch.manual_seed(2)

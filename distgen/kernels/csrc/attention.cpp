@@ -22,6 +22,9 @@ constexpr int64_t kQueryTile = 16;
 
 struct AttnArgs {
   int64_t num_seqs, num_heads, num_kv_heads, head_dim, block_size;
+  // Query head j reads KV head (j + head_offset) / group. A tensor-parallel rank whose query heads
+  // start inside a KV group (an uneven split) has an offset; otherwise it is 0 and group = H / Hkv.
+  int64_t group, head_offset;
   int64_t q_stride;            // elements between consecutive query tokens
   int64_t block_table_stride;  // elements between rows of the block table
   const int32_t* block_tables;
@@ -30,8 +33,9 @@ struct AttnArgs {
   float scale;
 };
 
+// Query heads h0 .. h0 + heads - 1 share the item's KV head: the whole group, or its part on this rank.
 struct Item {
-  int64_t seq, kv_head, q0, q1;
+  int64_t seq, kv_head, h0, heads, q0, q1;
 };
 
 // Per-thread scratch, sized once per call.
@@ -281,7 +285,7 @@ inline void prefetch_block(const T* k_cache, const T* v_cache, int64_t block, in
 template <int64_t kD, typename T>
 void general_blocks(const AttnArgs& a, const Item& it, const T* k_cache, const T* v_cache, Scratch& w,
                     int64_t rows, int64_t first_limit, int64_t num_keys) {
-  const int64_t d = kD > 0 ? kD : a.head_dim, group = a.num_heads / a.num_kv_heads;
+  const int64_t d = kD > 0 ? kD : a.head_dim, group = it.heads;
   const int64_t bs = a.block_size, head_stride = bs * d;
   const int32_t* table = a.block_tables + it.seq * a.block_table_stride;
   const int64_t ps = w.keys;
@@ -327,15 +331,15 @@ void general_blocks(const AttnArgs& a, const Item& it, const T* k_cache, const T
 template <typename T, int64_t kD>
 void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache, const T* v_cache, T* out,
                  Scratch& w) {
-  const int64_t d = kD > 0 ? kD : a.head_dim, group = a.num_heads / a.num_kv_heads;
+  const int64_t d = kD > 0 ? kD : a.head_dim, group = it.heads;
   const int64_t bs = a.block_size, head_stride = bs * d;
   const int64_t q_begin = a.query_start[it.seq], nq = a.query_start[it.seq + 1] - q_begin;
   const int64_t ctx = a.seq_lens[it.seq];
   const int32_t* table = a.block_tables + it.seq * a.block_table_stride;
   const int64_t rows = (it.q1 - it.q0) * group;
-  // Row r = (query q0 + r / group, head r % group): its last visible key is first_limit + r / group.
+  // Row r = (query q0 + r / group, head h0 + r % group): its last visible key is first_limit + r / group.
   for (int64_t r = 0; r < rows; ++r) {
-    const T* src = q + (q_begin + it.q0 + r / group) * a.q_stride + (it.kv_head * group + r % group) * d;
+    const T* src = q + (q_begin + it.q0 + r / group) * a.q_stride + (it.h0 + r % group) * d;
     for (int64_t i = 0; i < d; ++i) w.q[r * d + i] = to_f(src[i]) * a.scale;
     w.m[r] = -INFINITY;
     w.l[r] = 0.0f;
@@ -361,7 +365,7 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
     general_blocks<kD>(a, it, k_cache, v_cache, w, rows, first_limit, num_keys);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    T* dst = out + ((q_begin + it.q0 + r / group) * a.num_heads + it.kv_head * group + r % group) * d;
+    T* dst = out + ((q_begin + it.q0 + r / group) * a.num_heads + it.h0 + r % group) * d;
     const float inv = 1.0f / w.l[r];
     for (int64_t i = 0; i < d; ++i) dst[i] = from_f<T>(w.acc[r * d + i] * inv);
   }
@@ -373,10 +377,14 @@ void paged_attention(const AttnArgs& a, const T* q, const T* k_cache, const T* v
   for (int64_t b = 0; b < a.num_seqs; ++b) {
     const int64_t nq = a.query_start[b + 1] - a.query_start[b];
     for (int64_t q0 = 0; q0 < nq; q0 += kQueryTile)
-      for (int64_t h = 0; h < a.num_kv_heads; ++h) items.push_back({b, h, q0, std::min(nq, q0 + kQueryTile)});
+      for (int64_t h = 0; h < a.num_kv_heads; ++h) {
+        const int64_t h0 = std::max<int64_t>(0, h * a.group - a.head_offset);
+        const int64_t h1 = std::min(a.num_heads, (h + 1) * a.group - a.head_offset);
+        if (h1 > h0) items.push_back({b, h, h0, h1 - h0, q0, std::min(nq, q0 + kQueryTile)});
+      }
   }
   const int64_t n = static_cast<int64_t>(items.size());
-  const int64_t rows = kQueryTile * (a.num_heads / a.num_kv_heads);
+  const int64_t rows = kQueryTile * a.group;
 #pragma omp parallel if (n > 1)
   {
     Scratch w(rows, a.head_dim, std::max(a.block_size, kSpanKeys));
@@ -400,10 +408,10 @@ void paged_attention(const AttnArgs& a, const T* q, const T* k_cache, const T* v
   DG_EXPORT void dg_paged_attention_##SUF(                                                              \
       void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_tables,  \
       const int32_t* seq_lens, const int32_t* query_start, int64_t num_seqs, int64_t num_heads,         \
-      int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t q_stride,                     \
-      int64_t block_table_stride, float scale) {                                                        \
-    AttnArgs a{num_seqs, num_heads,    num_kv_heads, head_dim,    block_size, q_stride,                 \
-               block_table_stride, block_tables, seq_lens, query_start, scale};                         \
+      int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t group, int64_t head_offset,   \
+      int64_t q_stride, int64_t block_table_stride, float scale) {                                      \
+    AttnArgs a{num_seqs,    num_heads, num_kv_heads,       head_dim,     block_size, group,             \
+               head_offset, q_stride,  block_table_stride, block_tables, seq_lens,   query_start, scale}; \
     paged_attention(a, static_cast<const T*>(q), static_cast<const T*>(k_cache),                        \
                     static_cast<const T*>(v_cache), static_cast<T*>(out));                              \
   }
