@@ -128,6 +128,21 @@ def test_tp2_greedy_matches_tp1_and_transformers(arch, scenario, cluster, tiny_m
     assert ray.available_resources().get("CPU") == 2  # the placement group is gone too
 
 
+@pytest.mark.slow
+def test_default_model_at_tp2_on_ray_matches_tp1(cluster):
+    """9 query heads on 2 actors: 5 and 4, the middle KV head on both, rank 1 starting inside its group."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    texts = ["The capital of France is", "def fibonacci(n):", "Why is the sky blue?"]
+    got = {}
+    for tp in (1, 2):
+        backend = dict(distributed_executor_backend="ray") if tp > 1 else {}
+        llm = LLM(tensor_parallel_size=tp, dtype="float32", kv_cache_memory=32 << 20, **backend)
+        got[tp] = [o.outputs[0].token_ids for o in llm.generate(texts, params, use_tqdm=False)]
+        llm.shutdown()
+    assert got[2] == got[1]
+    _wait_no_actors()
+
+
 def _step(req_id: str, prompt: list[int]) -> SchedulerOutput:
     new = NewRequestData(req_id, prompt, len(prompt), SamplingParams(temperature=0), [0], 0)
     return SchedulerOutput([new], [], {req_id: len(prompt)}, len(prompt))
