@@ -93,6 +93,28 @@ def render_chat(
     The ids are the text tokenized without adding special tokens again: the template already
     places them, as transformers' ``apply_chat_template(tokenize=True)`` does.
     """
+    text = render_chat_text(
+        tokenizer,
+        conversation,
+        chat_template,
+        add_generation_prompt,
+        continue_final_message,
+        chat_template_kwargs,
+        tools,
+    )
+    return text, encode_text(tokenizer, text, add_special_tokens=False)
+
+
+def render_chat_text(
+    tokenizer,
+    conversation: Conversation,
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """The text of :func:`render_chat`, not tokenized (the server tokenizes it off its event loop)."""
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError(
@@ -113,5 +135,4 @@ def render_chat(
         )
     except (TemplateError, TypeError) as e:  # e.g. a message without the content the template reads
         raise ValueError(f"the chat template could not render this conversation: {e}") from e
-    ids = encode_text(tokenizer, text, add_special_tokens=False)
-    return text, ids
+    return text

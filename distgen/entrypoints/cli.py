@@ -85,6 +85,7 @@ _SERVER_KEYS = (
     "allowed_headers",
     "allow_credentials",
     "shutdown_timeout",
+    "max_request_body_size",
 )
 _UNITS = {
     "": 1,
@@ -249,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
     net.add_argument(
         "--allow-credentials", dest="allow_credentials", action="store_true", help=cors + "allow credentials"
+    )
+    net.add_argument(
+        "--max-request-body-size",
+        dest="max_request_body_size",
+        type=parse_size,
+        default=32 << 20,
+        metavar="SIZE",
+        help="answer request bodies larger than this 413 without reading them (default 32MiB; 0: no limit)",
     )
     net.add_argument(
         "--shutdown-timeout",

@@ -21,6 +21,7 @@ from distgen.engine.async_llm import AsyncLLM
 from distgen.engine.exceptions import EngineDeadError
 from distgen.engine.stats import LoggingStatLogger
 from distgen.entrypoints.chat_utils import load_chat_template
+from distgen.entrypoints.openai.body_limit import BodyLimit
 from distgen.entrypoints.openai.errors import OpenAIError, error_response
 from distgen.entrypoints.openai.metrics import PrometheusStatLogger
 from distgen.entrypoints.openai.protocol import (
@@ -31,7 +32,7 @@ from distgen.entrypoints.openai.protocol import (
 )
 from distgen.entrypoints.openai.reasoning_parsers import check_reasoning_parser
 from distgen.entrypoints.openai.serving_chat import create_chat_completion, render_request
-from distgen.entrypoints.openai.serving_common import ServingContext, encode_prompt, now
+from distgen.entrypoints.openai.serving_common import ServingContext, now
 from distgen.entrypoints.openai.serving_completion import create_completion
 from distgen.entrypoints.openai.tool_parsers import PARSERS
 from distgen.envs import envs
@@ -61,9 +62,14 @@ class ServerArgs:
     # On Ctrl-C or SIGTERM: how long the requests in flight may run on before they are ended (with a
     # 503, or an error event in their stream). 0, vLLM's default: at once. New connections are refused.
     shutdown_timeout: float = 0.0
+    # Request bodies over this many bytes are answered 413 unread (0: no limit). A prompt that could
+    # fit the context is far smaller; vLLM sets no limit, which lets one client stall the server.
+    max_request_body_size: int = 32 << 20
 
     def __post_init__(self) -> None:
         check_reasoning_parser(self.reasoning_parser)
+        if self.max_request_body_size < 0:
+            raise ValueError(f"--max-request-body-size must be >= 0, got {self.max_request_body_size}")
         if not self.shutdown_timeout >= 0:  # NaN too
             raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
@@ -100,11 +106,13 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            # The scheme is case-insensitive (RFC 7235: "bearer" is "Bearer"); the key is not.
+            if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), api_key.encode()):
                 return error_response("invalid or missing API key (Authorization: Bearer ...)", 401)
         return await call_next(request)
 
+    app.add_middleware(BodyLimit, limit=server.max_request_body_size)
     if server.allowed_origins:  # added last, so outermost: a preflight needs no API key
         app.add_middleware(
             CORSMiddleware,
@@ -193,9 +201,9 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
             chat = ChatCompletionRequest(
                 messages=req.messages, add_generation_prompt=req.add_generation_prompt
             )
-            _, ids = render_request(ctx, chat)
+            _, ids = await render_request(ctx, chat)
         else:
-            ids = encode_prompt(engine.tokenizer, req.prompt, req.add_special_tokens)
+            ids = await ctx.encode(req.prompt, req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")

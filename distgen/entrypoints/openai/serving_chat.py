@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from distgen.entrypoints.chat_utils import render_chat, validate_conversation
+from distgen.entrypoints.chat_utils import render_chat_text, validate_conversation
 from distgen.entrypoints.openai.errors import OpenAIError
 from distgen.entrypoints.openai.protocol import ChatCompletionRequest
 from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS, ReasoningParser, thinks_first
@@ -129,11 +130,14 @@ def tool_mode(
     return functools.partial(NamedFunctionParser, name), StructuredOutputsParams(json=schema)
 
 
-def render_request(
+async def render_request(
     ctx: ServingContext, req: ChatCompletionRequest, tools: list[dict] | None = None
 ) -> tuple[str, list[int]]:
+    """The conversation rendered by its template (on a worker thread: a long conversation renders
+    for a while), then tokenized as :meth:`ServingContext.encode` does."""
     try:
-        return render_chat(
+        render = functools.partial(
+            render_chat_text,
             ctx.engine.tokenizer,
             validate_conversation(req.messages),
             req.chat_template or ctx.chat_template,
@@ -142,8 +146,11 @@ def render_request(
             req.chat_template_kwargs,
             tools,
         )
+        text = await asyncio.to_thread(render)
     except ValueError as e:
         raise OpenAIError(str(e), param="messages") from e
+    truncating = getattr(req, "truncate_prompt_tokens", None) is not None
+    return text, await ctx.encode(text, add_special_tokens=False, truncating=truncating, param="messages")
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
@@ -152,7 +159,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     limit = engine.max_model_len
     tools_mode = tool_mode(ctx, req)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if tools_mode and req.tools else None
-    text, ids = req.truncate(engine.tokenizer, *render_request(ctx, req, tools), limit)
+    text, ids = req.truncate(engine.tokenizer, *await render_request(ctx, req, tools), limit)
     check_prompt(ids, limit, engine.config.model.vocab_size)
     params = req.to_sampling_params(engine.generation_defaults, len(ids), limit)
     parser, constraint = tools_mode or (None, None)

@@ -27,6 +27,8 @@ from distgen.structured_output import GrammarError
 T = TypeVar("T")
 logger = logging.getLogger("distgen")
 MAX_LOGGED_PROMPT = 200  # characters of a prompt in the request log (--enable-log-requests)
+# Text at least this long is tokenized on a worker thread: the event loop serves others meanwhile.
+OFFLOAD_CHARS = 1 << 15
 
 
 @dataclass
@@ -50,6 +52,36 @@ class ServingContext:
 
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for: the longest vocabulary string. Byte-
+        level vocabularies spell each byte as one character, and a character is at least one byte."""
+        return max(1, max(map(len, self.engine.tokenizer.get_vocab()), default=1))
+
+    def check_prompt_chars(self, chars: int, param: str = "prompt") -> None:
+        """400, before any tokenizing, for text too long to fit the context whatever its tokens:
+        ``chars`` characters are at least ``chars // max_token_chars`` tokens."""
+        limit, longest = self.engine.max_model_len, self.max_token_chars
+        if chars // longest >= limit:
+            raise OpenAIError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{chars} characters, at least {chars // longest} tokens (no token of this model is "
+                f"longer than {longest} characters). Please reduce the length of the prompt.",
+                param=param,
+            )
+
+    async def encode(
+        self, text: str, add_special_tokens: bool = True, truncating: bool = False, param: str = "prompt"
+    ) -> list[int]:
+        """A text prompt's token ids: checked against the context by its length first (unless it is
+        to be truncated to its last tokens), and tokenized off the event loop when it is long."""
+        if not truncating:
+            self.check_prompt_chars(len(text), param)
+        args = (self.engine.tokenizer, text, add_special_tokens, param)
+        if len(text) < OFFLOAD_CHARS:
+            return encode_prompt(*args)
+        return await asyncio.to_thread(encode_prompt, *args)
 
 
 def now() -> int:
@@ -130,12 +162,12 @@ async def until_disconnected(coro, request: Request):
         await asyncio.gather(work, watcher, return_exceptions=True)
 
 
-def encode_prompt(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+def encode_prompt(tokenizer, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
     """A text prompt's token ids; 400 for text that is not valid Unicode."""
     try:
         return encode_text(tokenizer, text, add_special_tokens)
     except ValueError as e:
-        raise OpenAIError(str(e), param="prompt") from e
+        raise OpenAIError(str(e), param=param) from e
 
 
 def start(ctx: ServingContext, req, prompt: dict, params: SamplingParams, request_id: str):

@@ -12,7 +12,6 @@ from distgen.entrypoints.openai.protocol import CompletionRequest
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
     check_prompt,
-    encode_prompt,
     merge_async_iterators,
     now,
     sse,
@@ -76,8 +75,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     model = ctx.check_model(req.model)
     engine = ctx.engine
     inputs: list[tuple[str | None, list[int], SamplingParams]] = []
+    truncating = req.truncate_prompt_tokens is not None
     for p in req.prompts():
-        text, ids = (p, encode_prompt(engine.tokenizer, p)) if isinstance(p, str) else (None, p)
+        text, ids = (p, await ctx.encode(p, truncating=truncating)) if isinstance(p, str) else (None, p)
         text, ids = req.truncate(engine.tokenizer, text, ids, engine.max_model_len)
         check_prompt(ids, engine.max_model_len, engine.config.model.vocab_size)
         inputs.append(
