@@ -20,11 +20,17 @@ NUM_CLIENTS = 64
 MAX_TOKENS = 24
 
 
-def _metric(server, name: str) -> float:
+def _metric(server, name: str, label: str = "") -> float:
+    """The value of ``name`` (the first series whose labels include ``label``, if given)."""
     for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(name + "{"):
+        if line.startswith(name + "{") and label in line:
             return float(line.rsplit(" ", 1)[1])
+    if label:
+        return 0.0  # a labelled series appears with its first count
     raise AssertionError(f"{name} not in /metrics")
+
+
+ABORTS = ("distgen:request_success_total", 'finished_reason="abort"')
 
 
 async def _stream(
@@ -67,6 +73,7 @@ def test_concurrent_streams_with_disconnects(which, request):
     and the victims of preemption change, the outputs may not."""
     server = request.getfixturevalue(which)
     url = server.v1 + "/completions"
+    aborts = _metric(server, *ABORTS)
     prompts = [f"Request number {i} says" for i in range(NUM_CLIENTS)]
     # What each prompt must produce: the same request, alone and not streamed.
     want = {
@@ -103,6 +110,8 @@ def test_concurrent_streams_with_disconnects(which, request):
     assert _metric(server, "distgen:kv_cache_usage_perc") == 0.0
     assert _metric(server, "distgen:num_requests_running") == 0.0
     assert _metric(server, "distgen:num_requests_waiting") == 0.0
+    # Each hung-up stream counts as an abort (unless it finished before the server saw the hang-up).
+    assert 1 <= _metric(server, *ABORTS) - aborts <= NUM_CLIENTS // 4
 
 
 @pytest.mark.parametrize("which", ["server", "async_server"], ids=["default", "async-scheduling"])
@@ -165,6 +174,7 @@ def test_constrained_and_refused_requests_beside_plain_ones(which, request):
 def test_non_streaming_client_that_hangs_up_is_aborted(server):
     max_tokens = 1000  # far more than can be generated before the client gives up
     before = _metric(server, "distgen:generation_tokens_total")
+    aborts = _metric(server, *ABORTS)
     body = {"prompt": "Long story:", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.v1 + "/completions", json=body, timeout=0.3)
@@ -174,6 +184,7 @@ def test_non_streaming_client_that_hangs_up_is_aborted(server):
     assert _metric(server, "distgen:num_requests_running") == 0.0
     assert _metric(server, "distgen:kv_cache_usage_perc") == 0.0
     assert _metric(server, "distgen:generation_tokens_total") - before < max_tokens  # aborted, not finished
+    assert _metric(server, *ABORTS) - aborts == 1
 
 
 def test_engine_core_killed(tiny_model_dir):

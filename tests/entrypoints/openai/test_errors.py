@@ -276,6 +276,12 @@ def test_api_key(keyed_server):
     assert httpx.get(keyed_server.url + "/health").status_code == 200  # health stays open
     models = httpx.get(keyed_server.v1 + "/models", headers={"Authorization": "Bearer s3cret"})
     assert models.status_code == 200
+    # The scheme is case-insensitive (RFC 7235), as vLLM takes it; the key is not.
+    for scheme in ("bearer", "BEARER"):
+        headers = {"Authorization": f"{scheme} s3cret"}
+        assert httpx.get(keyed_server.v1 + "/models", headers=headers).status_code == 200
+    for header in ("Basic s3cret", "bearer S3CRET", "s3cret", "Bearers3cret"):
+        _assert_error(httpx.get(keyed_server.v1 + "/models", headers={"Authorization": header}), 401)
 
 
 def test_api_key_from_the_environment(tiny_model_dir):
