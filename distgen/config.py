@@ -42,6 +42,33 @@ def parse_dtype(
     return _DTYPES[dtype]
 
 
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def human_readable_bytes(value: int | str, what: str = "kv_cache_memory_bytes") -> int:
+    """Bytes as vLLM's ``--kv-cache-memory-bytes`` reads them: an int, or a number with a suffix,
+    lower case decimal (``4g`` = 4e9) and upper case binary (``4G`` = 4 GiB); ``GiB``/``GB`` spelled out
+    also mean binary/decimal."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(i?[bB])?\s*", value)
+        if not m:
+            raise ValueError(f"{what}: not a size: {value!r} (bytes, or a number with k/m/g/t or K/M/G/T)")
+        unit, suffix = m.group(2), m.group(3) or ""
+        if suffix.lower() == "ib" or (unit and suffix == "" and unit.isupper()):
+            scale = _BINARY.get(unit.upper(), 1)
+        else:
+            scale = _DECIMAL.get(unit.lower(), 1)
+        number = int(float(m.group(1)) * scale)
+    else:
+        raise TypeError(f"{what} must be an int or a size string, got {value!r}")
+    if number < 1:
+        raise ValueError(f"{what} must be at least 1 byte, got {value!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str  # HF directory or .gguf file (resolved path)
@@ -54,6 +81,8 @@ class ModelConfig:
     served_model_name: str | None = None
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs, every step runs eagerly
     max_logprobs: int = 20  # most (prompt) logprobs a request may ask for per position
+    # generation_config.json keys laid over the model's (or, with generation_config "distgen", alone)
+    override_generation_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_model_len, int) or self.max_model_len < 1:

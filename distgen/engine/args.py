@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ from distgen.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    human_readable_bytes,
     parse_dtype,
 )
 from distgen.cpu_info import native_bf16
@@ -42,6 +44,7 @@ class EngineArgs:
     distributed_executor_backend: str | None = None
     block_size: int = 16
     kv_cache_memory: int | None = None
+    kv_cache_memory_bytes: int | str | None = None  # vLLM's name: an int, or "4G" (GiB) / "4g" (1e9)
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None
@@ -73,6 +76,8 @@ class EngineArgs:
     pipeline_parallel_size: int = 1  # 1: tensor parallelism only
     swap_space: float = 4.0  # no effect: a preempted request is recomputed, never swapped
     disable_custom_all_reduce: bool = False  # no effect: all-reduce is NCCL's (gloo's on the CPU)
+    override_generation_config: dict | None = None  # e.g. {"temperature": 0.5}, over the model's
+    hf_overrides: dict | None = None  # config.json keys replaced (nested mappings merged) before load
 
     def __post_init__(self) -> None:
         """Every argument must have its declared type: ``enforce_eager="no"`` would otherwise count as
@@ -160,9 +165,26 @@ class EngineArgs:
             if given:
                 logger.info("has no effect in distgen: %s", why)
 
+    def kv_cache_bytes(self) -> int | None:
+        """The KV cache budget from ``kv_cache_memory`` (bytes) or vLLM's ``kv_cache_memory_bytes``
+        (the same, in the units vLLM's flag takes); giving both with different values is an error."""
+        if self.kv_cache_memory_bytes is None:
+            return self.kv_cache_memory
+        given = human_readable_bytes(self.kv_cache_memory_bytes)
+        if self.kv_cache_memory is not None and self.kv_cache_memory != given:
+            raise ValueError(
+                f"kv_cache_memory={self.kv_cache_memory} and kv_cache_memory_bytes="
+                f"{self.kv_cache_memory_bytes!r} ({given} bytes) disagree: give one of them"
+            )
+        return given
+
     def create_config(self) -> tuple[EngineConfig, ModelSource]:
         self._check_vllm_only_args()
         source = resolve_model(self.model)
+        if self.hf_overrides:
+            merged = merge_overrides(source.hf_config, self.hf_overrides)
+            source = dataclasses.replace(source, hf_config=merged)
+            logger.info("hf_overrides: %s", self.hf_overrides)
         if self.load_format != "auto" and (self.load_format == "gguf") != source.is_gguf:
             held = "a GGUF file" if source.is_gguf else "a Hugging Face directory (safetensors)"
             raise ValueError(f"load_format={self.load_format!r}, but the model path holds {held}")
@@ -195,6 +217,7 @@ class EngineArgs:
             served_model_name=self.served_model_name or os.fspath(self.model or "SmolLM2-135M-Instruct"),
             enforce_eager=self.enforce_eager,
             max_logprobs=self.max_logprobs,
+            override_generation_config=self.override_generation_config,
         )  # checks max_model_len and max_logprobs themselves, as the other configs check theirs
         if max_len > max_pos:
             raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {max_pos}")
@@ -210,7 +233,7 @@ class EngineArgs:
             model=model_cfg,
             cache=CacheConfig(
                 self.block_size,
-                self.kv_cache_memory,
+                self.kv_cache_bytes(),
                 self.gpu_memory_utilization,
                 self.enable_prefix_caching,
                 self.num_gpu_blocks_override,
@@ -228,6 +251,18 @@ class EngineArgs:
             ),
             device=device,
         ), source
+
+
+def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``overrides`` laid over it: a mapping given for a mapping is merged key by key
+    (``{"rope_scaling": {"factor": 2.0}}`` keeps the other rope settings), anything else replaced."""
+    out = dict(config)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_overrides(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def check_type(name: str, value: Any, hint: Any) -> None:

@@ -86,7 +86,10 @@ class InputProcessor:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.config = config
         self.tokenizer = source.load_tokenizer(config.model.tokenizer)
-        self.generation_defaults = load_generation_config(source, config.model.generation_config)
+        model = config.model
+        self.generation_defaults = load_generation_config(
+            source, model.generation_config, model.override_generation_config
+        )
         eos = set(generation_eos_ids(source, config.model.generation_config))
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

@@ -30,11 +30,17 @@ ENGINE_HELP = {
     "dtype": "auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, the checkpoint's on CUDA)",
     "seed": "seed for requests that carry none",
     "max_model_len": "longest sequence, prompt plus output (default: the model's limit)",
-    "tensor_parallel_size": "tensor-parallel ranks (must divide the attention heads)",
+    "tensor_parallel_size": "tensor-parallel ranks, 1 to the number of attention heads",
     "distributed_executor_backend": "uni | mp | ray (default: uni for one rank, mp for more, "
     "ray inside a connected Ray cluster)",
     "block_size": "tokens per KV cache block",
     "kv_cache_memory": "KV cache size per rank on the CPU, bytes or with a unit (512MiB, 4GiB)",
+    "kv_cache_memory_bytes": "vLLM's name for the KV cache size: bytes, or 4G (GiB) / 4g (10^9), as vLLM "
+    "reads it",
+    "override_generation_config": "JSON of generation_config keys over the model's, e.g. "
+    "'{\"temperature\": 0.5}' (alone with --generation-config vllm)",
+    "hf_overrides": "JSON of config.json keys to replace before the model loads, e.g. "
+    "'{\"max_position_embeddings\": 4096}' (nested objects are merged)",
     "gpu_memory_utilization": "fraction of GPU memory for weights plus KV cache",
     "enable_prefix_caching": "share KV blocks between requests with a common prompt prefix",
     "num_gpu_blocks_override": "force the number of KV cache blocks",
@@ -86,6 +92,13 @@ _SERVER_KEYS = (
     "allow_credentials",
     "shutdown_timeout",
     "max_request_body_size",
+    "response_role",
+    "return_tokens_as_token_ids",
+    "max_log_len",
+    "enable_prompt_tokens_details",
+    "root_path",
+    "ssl_keyfile",
+    "ssl_certfile",
 )
 _UNITS = {
     "": 1,
@@ -173,12 +186,35 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         )
 
 
-_METAVARS: dict[Any, str] = {int: "N", float: "X", parse_size: "SIZE"}
+def _human_bytes(text: str) -> int:
+    from distgen.config import human_readable_bytes
+
+    try:
+        return human_readable_bytes(text)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _json_object(text: str | dict) -> dict:
+    """A JSON object given on the command line (or a mapping from a YAML config)."""
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
 
 
 def _field_type(name: str, default: Any):
     if name == "kv_cache_memory":
         return parse_size
+    if name == "kv_cache_memory_bytes":
+        return _human_bytes
+    if name in ("override_generation_config", "hf_overrides"):
+        return _json_object
     if name in ("max_model_len", "num_gpu_blocks_override", "max_num_batched_tokens", "seed", "block_size"):
         return int
     if isinstance(default, float):
@@ -186,6 +222,15 @@ def _field_type(name: str, default: Any):
     if isinstance(default, int):
         return int
     return str
+
+
+_METAVARS: dict[Any, str] = {
+    int: "N",
+    float: "X",
+    parse_size: "SIZE",
+    _json_object: "JSON",
+    _human_bytes: "SIZE",
+}
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -213,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/models, /health, /metrics, /tokenize, /detokenize, /version).",
     )
     serve.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    serve.add_argument(
+        "--model", dest="model_flag", metavar="MODEL", default=None, help="the model, as vLLM also takes it"
+    )
     serve.add_argument("--config", metavar="YAML", help="defaults for any flag below, read from a YAML file")
     net = serve.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -250,6 +298,42 @@ def build_parser() -> argparse.ArgumentParser:
         )
     net.add_argument(
         "--allow-credentials", dest="allow_credentials", action="store_true", help=cors + "allow credentials"
+    )
+    net.add_argument(
+        "--response-role",
+        dest="response_role",
+        default="assistant",
+        help="the role a chat reply speaks as when the request adds a generation prompt (default: assistant)",
+    )
+    net.add_argument(
+        "--return-tokens-as-token-ids",
+        dest="return_tokens_as_token_ids",
+        action="store_true",
+        help="logprobs name each token 'token_id:N' (tokens that are not valid UTF-8 alone stay exact)",
+    )
+    net.add_argument(
+        "--max-log-len",
+        dest="max_log_len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="characters of a prompt shown in the request log (default: all)",
+    )
+    net.add_argument(
+        "--enable-prompt-tokens-details",
+        dest="enable_prompt_tokens_details",
+        action="store_true",
+        help="usage gives prompt_tokens_details.cached_tokens: prompt tokens found in the prefix cache",
+    )
+    net.add_argument(
+        "--root-path",
+        dest="root_path",
+        default="",
+        help="the path prefix a reverse proxy serves the API under (FastAPI's root_path)",
+    )
+    net.add_argument("--ssl-keyfile", dest="ssl_keyfile", default=None, help="serve HTTPS with this key")
+    net.add_argument(
+        "--ssl-certfile", dest="ssl_certfile", default=None, help="... and this certificate (PEM)"
     )
     net.add_argument(
         "--max-request-body-size",
@@ -321,6 +405,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    return _with_model_flag(parser, _with_yaml_defaults(parser, argv))
+
+
+def _with_model_flag(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.Namespace:
+    """``serve --model M`` (vLLM takes the model either way) as the positional MODEL."""
+    flag = getattr(ns, "model_flag", None)
+    if flag is not None:
+        if ns.model is not None and ns.model != flag:
+            parser.error(f"two models given: {ns.model!r} and --model {flag!r}")
+        ns.model = flag
+    return ns
+
+
+def _with_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     ns = parser.parse_args(argv)
     path = getattr(ns, "config", None)
     if not path:

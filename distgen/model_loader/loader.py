@@ -97,27 +97,40 @@ def resolve_model(model: str | None) -> ModelSource:
     return ModelSource(path, hf_config, is_gguf=False)
 
 
-def load_generation_config(source: ModelSource, generation_config: str) -> dict[str, Any]:
-    """Sampling defaults from ``generation_config.json`` ("auto"), none ("distgen"), or a path.
+# generation_config.json's keys that become sampling defaults
+GENERATION_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "max_new_tokens",
+    "do_sample",
+)
+
+
+def load_generation_config(
+    source: ModelSource, generation_config: str, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Sampling defaults from ``generation_config.json`` ("auto"), none ("distgen"), or a path, with
+    ``overrides`` (generation-config keys, as vLLM's ``override_generation_config``) laid over them.
 
     Returns the keys that map onto SamplingParams, with ``max_new_tokens`` renamed ``max_tokens``.
     """
-    if generation_config == "distgen":
-        return {}
-    if generation_config == "auto":
-        if source.is_gguf:
-            return {}
-        path = os.path.join(source.path, "generation_config.json")
-        if not os.path.exists(path):
-            return {}
-    else:
-        path = generation_config
-        if os.path.isdir(path):
-            path = os.path.join(path, "generation_config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"generation_config {generation_config!r} not found")
-    with open(path) as f:
-        raw = json.load(f)
+    path = _generation_config_path(source, generation_config)
+    raw: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            raw = json.load(f)
+    if overrides:
+        unknown = sorted(set(overrides) - set(GENERATION_KEYS))
+        if unknown:
+            raise ValueError(
+                f"override_generation_config: unknown key(s) {', '.join(unknown)}; it takes "
+                f"{', '.join(GENERATION_KEYS)}"
+            )
+        raw = {**raw, **overrides}
+        path = f"{path or 'generation defaults'} with override_generation_config"
     # null means "not set" there (some checkpoints write it), not a value.
     keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
     out = {k: raw[k] for k in keys if raw.get(k) is not None}
@@ -127,9 +140,23 @@ def load_generation_config(source: ModelSource, generation_config: str) -> dict[
         out["temperature"] = 0.0
     try:  # at start, not as every request's error
         SamplingParams(**out)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: {e}") from None
     return out
+
+
+def _generation_config_path(source: ModelSource, generation_config: str) -> str | None:
+    if generation_config == "distgen":
+        return None
+    if generation_config == "auto":
+        path = os.path.join(source.path, "generation_config.json")
+        return None if source.is_gguf or not os.path.exists(path) else path
+    path = generation_config
+    if os.path.isdir(path):
+        path = os.path.join(path, "generation_config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"generation_config {generation_config!r} not found")
+    return path
 
 
 def generation_eos_ids(source: ModelSource, generation_config: str) -> list[int]:

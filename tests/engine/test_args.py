@@ -119,3 +119,80 @@ def test_pooling_and_draft_runners_are_refused_before_loading(kwargs, message, m
     monkeypatch.setattr("distgen.engine.args.resolve_model", no_loading)
     with pytest.raises(ValueError, match=message):
         EngineArgs(**kwargs).create_config()
+
+
+@pytest.mark.parametrize(
+    "given,want",
+    [
+        (1 << 20, 1 << 20),
+        ("4G", 4 << 30),  # vLLM: upper case is binary
+        ("4g", 4 * 10**9),  # lower case decimal
+        ("512M", 512 << 20),
+        ("1.5K", 1536),
+        ("4GiB", 4 << 30),
+        ("4GB", 4 * 10**9),
+        ("123", 123),
+    ],
+)
+def test_kv_cache_memory_bytes_takes_vllms_units(given, want, tiny_model_dir):
+    config, _ = EngineArgs(model=tiny_model_dir("llama"), kv_cache_memory_bytes=given).create_config()
+    assert config.cache.kv_cache_memory == want
+
+
+def test_kv_cache_memory_bytes_refuses_nonsense_and_a_disagreement(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes: not a size: 'lots'"):
+        EngineArgs(model=path, kv_cache_memory_bytes="lots").create_config()
+    with pytest.raises(ValueError, match="disagree: give one of them"):
+        EngineArgs(model=path, kv_cache_memory=1 << 20, kv_cache_memory_bytes="2M").create_config()
+    config, _ = EngineArgs(model=path, kv_cache_memory=2 << 20, kv_cache_memory_bytes="2M").create_config()
+    assert config.cache.kv_cache_memory == 2 << 20
+
+
+def test_override_generation_config_lays_keys_over_the_models(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    path = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("llama"), path)
+    (path / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "top_p": 0.9}))
+    llm = LLM(str(path), override_generation_config={"temperature": 0.2, "max_new_tokens": 5})
+    try:
+        params = llm.get_default_sampling_params()
+        assert (params.temperature, params.top_p, params.max_tokens) == (0.2, 0.9, 5)
+    finally:
+        llm.shutdown()
+    # With generation_config "vllm" the model's file is ignored: only the overrides count.
+    llm = LLM(str(path), generation_config="vllm", override_generation_config={"top_k": 3})
+    try:
+        params = llm.get_default_sampling_params()
+        assert (params.top_k, params.top_p, params.temperature) == (3, 1.0, 1.0)
+    finally:
+        llm.shutdown()
+    with pytest.raises(ValueError, match="override_generation_config: unknown key.* temprature"):
+        LLM(str(path), override_generation_config={"temprature": 0.2})
+    bad = "with override_generation_config: SamplingParams.temperature must be >= 0"
+    with pytest.raises(ValueError, match=bad):
+        LLM(str(path), override_generation_config={"temperature": -1})
+
+
+def test_hf_overrides_change_the_config_the_workers_build(tiny_model_dir):
+    from distgen import SamplingParams
+    from distgen.engine.args import merge_overrides
+
+    assert merge_overrides({"a": 1, "r": {"t": "x", "f": 1.0}}, {"r": {"f": 2.0}, "b": 2}) == {
+        "a": 1,
+        "r": {"t": "x", "f": 2.0},
+        "b": 2,
+    }
+    path = tiny_model_dir("llama")
+    config, source = EngineArgs(model=path, hf_overrides={"max_position_embeddings": 256}).create_config()
+    assert config.model.max_model_len == 256 and source.hf_config["max_position_embeddings"] == 256
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = {"prompt_token_ids": [5, 6, 7, 8, 9]}
+    outs = []
+    for overrides in (None, {"rms_norm_eps": 10.0}):
+        llm = LLM(path, dtype="float32", hf_overrides=overrides, kv_cache_memory=16 << 20)
+        outs.append(llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids)
+        llm.shutdown()
+    assert outs[0] != outs[1]  # the model ran with the overridden norm epsilon

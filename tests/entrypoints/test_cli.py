@@ -178,3 +178,50 @@ def test_a_port_in_use_fails_before_the_model_loads():
     assert res.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in res.stderr and "Traceback" not in res.stderr
     assert "engine core" not in res.stderr  # nothing was started
+
+
+def test_vllm_flags_of_the_serve_command():
+    """serve --model, and the engine flags that take JSON or vLLM's byte units."""
+    ns = _parse("serve", "--model", "some/model", "--kv-cache-memory-bytes", "2G")
+    assert ns.model == "some/model"
+    args = engine_args_from(ns)
+    assert args.model == "some/model" and args.kv_cache_memory_bytes == 2 << 30
+    ns = _parse(
+        "serve",
+        "m",
+        "--override-generation-config",
+        '{"temperature": 0.5}',
+        "--hf-overrides",
+        '{"rope_scaling": {"factor": 2.0}}',
+        "--response-role",
+        "bot",
+        "--return-tokens-as-token-ids",
+        "--max-log-len",
+        "40",
+        "--enable-prompt-tokens-details",
+        "--root-path",
+        "/api",
+    )
+    args = engine_args_from(ns)
+    assert args.override_generation_config == {"temperature": 0.5}
+    assert args.hf_overrides == {"rope_scaling": {"factor": 2.0}}
+    assert (ns.response_role, ns.return_tokens_as_token_ids, ns.max_log_len) == ("bot", True, 40)
+    assert (ns.enable_prompt_tokens_details, ns.root_path) == (True, "/api")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["serve", "a", "--model", "b"], "two models given: 'a' and --model 'b'"),
+        (["serve", "--hf-overrides", "[1]"], "not a JSON object"),
+        (["serve", "--override-generation-config", "{temperature"], "not JSON"),
+        (["serve", "--kv-cache-memory-bytes", "lots"], "not a size"),
+        (["serve", "--ssl-keyfile", "/nonexistent.key"], "--ssl-keyfile and --ssl-certfile go together"),
+    ],
+)
+def test_bad_vllm_flags_fail_with_one_clear_line(argv, needle):
+    res = subprocess.run(
+        [sys.executable, "-m", "distgen.entrypoints.cli", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode != 0
+    assert needle in res.stderr, res.stderr[-1500:]

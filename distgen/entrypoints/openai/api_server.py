@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import socket
 from contextlib import asynccontextmanager
@@ -65,9 +66,23 @@ class ServerArgs:
     # Request bodies over this many bytes are answered 413 unread (0: no limit). A prompt that could
     # fit the context is far smaller; vLLM sets no limit, which lets one client stall the server.
     max_request_body_size: int = 32 << 20
+    response_role: str = "assistant"  # the role a chat reply speaks as, when the prompt asks for a reply
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
+    max_log_len: int | None = None  # characters of a prompt in the request log (None: all)
+    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens
+    root_path: str = ""  # the path prefix a proxy serves the app under (ASGI root_path)
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
 
     def __post_init__(self) -> None:
         check_reasoning_parser(self.reasoning_parser)
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("--ssl-keyfile and --ssl-certfile go together: give both or neither")
+        for path in (self.ssl_keyfile, self.ssl_certfile):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"SSL file {path!r} not found")
+        if self.max_log_len is not None and self.max_log_len < 0:
+            raise ValueError(f"--max-log-len must be >= 0, got {self.max_log_len}")
         if self.max_request_body_size < 0:
             raise ValueError(f"--max-request-body-size must be >= 0, got {self.max_request_body_size}")
         if not self.shutdown_timeout >= 0:  # NaN too
@@ -90,6 +105,10 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
         server.tool_call_parser if server.enable_auto_tool_choice else None,
         server.reasoning_parser,
         log_requests=server.enable_log_requests and not server.disable_log_requests,
+        response_role=server.response_role,
+        return_tokens_as_token_ids=server.return_tokens_as_token_ids,
+        max_log_len=server.max_log_len,
+        enable_prompt_tokens_details=server.enable_prompt_tokens_details,
     )
 
     @asynccontextmanager
@@ -270,9 +289,16 @@ def serve(engine_args: EngineArgs, server: ServerArgs) -> None:
                 engine.stat_loggers.append(LoggingStatLogger())
             names = [engine.config.model.served_model_name]
             app = build_app(engine, server, names)
-            config = uvicorn.Config(app, log_level=server.uvicorn_log_level or server.log_level)
+            config = uvicorn.Config(
+                app,
+                log_level=server.uvicorn_log_level or server.log_level,
+                root_path=server.root_path,
+                ssl_keyfile=server.ssl_keyfile,
+                ssl_certfile=server.ssl_certfile,
+            )
             port = sock.getsockname()[1]
-            logger.info("serving %s on http://%s:%d", names[0], server.host, port)
+            scheme = "https" if server.ssl_certfile else "http"
+            logger.info("serving %s on %s://%s:%d%s", names[0], scheme, server.host, port, server.root_path)
             asyncio.run(_draining_server(config, engine, server.shutdown_timeout).serve(sockets=[sock]))
         finally:
             engine.shutdown()

@@ -16,15 +16,14 @@ from distgen.entrypoints.openai.protocol import ChatCompletionRequest
 from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS, ReasoningParser, thinks_first
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
+    TokenNamer,
     check_prompt,
     now,
     sse,
     sse_error,
     start,
-    token_str,
     top_entries,
     until_disconnected,
-    usage,
 )
 from distgen.entrypoints.openai.tool_parsers import (
     PARSERS,
@@ -184,6 +183,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         for _ in range(req.n)
     ]
 
+    # As vLLM: the reply speaks as --response-role, or continues the last message in its role.
+    role_name = ctx.response_role if req.add_generation_prompt else str(req.messages[-1].get("role"))
+    cached = [0]  # prompt tokens found in the prefix cache (--enable-prompt-tokens-details)
     if req.stream:
         include_usage, continuous = req.stream_options.usage_in() if req.stream_options else (False, False)
         chunk = {**base, "object": "chat.completion.chunk"}
@@ -192,21 +194,22 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
             completion = 0  # tokens so far, all choices
 
             def so_far() -> dict:
-                return {"usage": usage(len(ids), completion)} if continuous else {}
+                return {"usage": ctx.usage(len(ids), completion, cached[0])} if continuous else {}
 
             try:
                 async for out in gen:
+                    cached[0] = max(cached[0], out.num_cached_tokens)
                     for c in out.outputs:
                         ch = choices[c.index]
                         if ch.finish_reason is not None:
                             continue
                         if not ch.started:
                             ch.started = True
-                            first = {"index": c.index, "delta": {"role": "assistant", "content": ""}}
+                            first = {"index": c.index, "delta": {"role": role_name, "content": ""}}
                             role = {**first, "logprobs": None, "finish_reason": None}
                             yield sse({**chunk, "choices": [role], **so_far()})
                         before = ch.num_tokens
-                        _fold(ch, c, engine.tokenizer, k)
+                        _fold(ch, c, ctx.name_token, k)
                         completion += ch.num_tokens - before
                         delta = ch.parse(c.text, last=c.finish_reason is not None)
                         if not (delta or c.finish_reason):
@@ -220,7 +223,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                         }
                         yield sse({**chunk, "choices": [choice], **so_far()})
                 if include_usage:
-                    yield sse({**chunk, "choices": [], "usage": usage(len(ids), completion)})
+                    yield sse({**chunk, "choices": [], "usage": ctx.usage(len(ids), completion, cached[0])})
             except Exception as e:
                 yield sse_error(e)
             yield sse("[DONE]")
@@ -229,8 +232,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
     async def collect() -> None:
         async for out in gen:
+            cached[0] = max(cached[0], out.num_cached_tokens)
             for c in out.outputs:
-                _fold(choices[c.index], c, engine.tokenizer, k)
+                _fold(choices[c.index], c, ctx.name_token, k)
 
     await until_disconnected(collect(), raw)
     body = {
@@ -239,25 +243,25 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         "choices": [
             {
                 "index": i,
-                "message": _message(ch),
+                "message": _message(ch, role_name),
                 "logprobs": {"content": ch.logprobs} if k is not None else None,
                 "finish_reason": ch.openai_finish_reason,
                 "stop_reason": ch.stop_reason,
             }
             for i, ch in enumerate(choices)
         ],
-        "usage": usage(len(ids), sum(ch.num_tokens for ch in choices)),
+        "usage": ctx.usage(len(ids), sum(ch.num_tokens for ch in choices), cached[0]),
     }
     return JSONResponse(body)
 
 
-def _message(ch: _Choice) -> dict:
+def _message(ch: _Choice, role: str) -> dict:
     """A whole choice's message: with tool calls, the text around them is the content (None when
     there is none); with a reasoning parser, the thinking is ``reasoning_content`` (and a reply that
     is all thinking has content None)."""
     delta = ch.parse(ch.text, last=True)
     content = delta.get("content", "")
-    message: dict = {"role": "assistant", "content": content}
+    message: dict = {"role": role, "content": content}
     if ch.calls:
         message["content"] = content if content.strip() else None
         message["tool_calls"] = [c.to_openai() for c in ch.calls]
@@ -267,7 +271,7 @@ def _message(ch: _Choice) -> dict:
     return message
 
 
-def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None) -> None:
+def _fold(ch: _Choice, c: CompletionOutput, name: TokenNamer, k: int | None) -> None:
     """Add one delta's text, tokens, finish and logprob entries to the choice."""
     ch.text += c.text
     ch.num_tokens += len(c.token_ids)
@@ -276,9 +280,9 @@ def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None) -> None:
     if k is None or c.logprobs is None:
         return
     for tid, entries in zip(c.token_ids, c.logprobs):
-        s = token_str(tokenizer, tid, entries[tid])
+        s = name(tid, entries[tid])
         top = [
-            {"token": (t := token_str(tokenizer, i, e)), "logprob": e.logprob, "bytes": list(t.encode())}
+            {"token": (t := name(i, e)), "logprob": e.logprob, "bytes": list(t.encode())}
             for i, e in top_entries(entries, k)
         ]
         ch.logprobs.append(

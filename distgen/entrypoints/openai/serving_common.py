@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,7 +26,6 @@ from distgen.structured_output import GrammarError
 
 T = TypeVar("T")
 logger = logging.getLogger("distgen")
-MAX_LOGGED_PROMPT = 200  # characters of a prompt in the request log (--enable-log-requests)
 # Text at least this long is tokenized on a worker thread: the event loop serves others meanwhile.
 OFFLOAD_CHARS = 1 << 15
 
@@ -39,6 +38,24 @@ class ServingContext:
     tool_parser: str | None = None  # a name in tool_parsers.PARSERS: tool_choice "auto" is served
     reasoning_parser: str | None = None  # a name in reasoning_parsers.REASONING_PARSERS
     log_requests: bool = False  # --enable-log-requests
+    response_role: str = "assistant"  # the role of a chat reply (--response-role)
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N" (--return-tokens-...)
+    max_log_len: int | None = None  # characters of a prompt in the request log (None: all of it)
+    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens
+
+    def name_token(self, tid: int, lp: Logprob | None) -> str:
+        """A token as logprobs show it: its text, or ``token_id:N`` (--return-tokens-as-token-ids),
+        which survives tokens that are not valid UTF-8 on their own."""
+        if self.return_tokens_as_token_ids:
+            return f"token_id:{tid}"
+        return token_str(self.engine.tokenizer, tid, lp)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+        """The response's usage, with the prefix-cache hits when --enable-prompt-tokens-details."""
+        out: dict[str, Any] = usage(prompt_tokens, completion_tokens)
+        if self.enable_prompt_tokens_details:
+            out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+        return out
 
     def check_model(self, model: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""
@@ -174,14 +191,10 @@ def start(ctx: ServingContext, req, prompt: dict, params: SamplingParams, reques
     """``engine.generate`` for one prompt of ``req``; a constraint that does not compile is a 400
     naming the request field that gave it (a chat request's ``tools``, when its tool_choice did)."""
     if ctx.log_requests:
-        text = prompt.get("prompt") or ""
-        logger.info(
-            "request %s: %d prompt tokens %r, %s",
-            request_id,
-            len(prompt["prompt_token_ids"]),
-            text if len(text) <= MAX_LOGGED_PROMPT else text[:MAX_LOGGED_PROMPT] + "...",
-            params,
-        )
+        text, cap = prompt.get("prompt") or "", ctx.max_log_len
+        shown = text if cap is None or len(text) <= cap else text[:cap] + "..."
+        n = len(prompt["prompt_token_ids"])
+        logger.info("request %s: %d prompt tokens %r, %s", request_id, n, shown, params)
     try:
         return ctx.engine.generate(prompt, params, request_id, priority=req.priority)
     except GrammarError as e:
@@ -211,5 +224,9 @@ def top_entries(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]
     return sorted(ranked, key=lambda e: e[1].rank)
 
 
-def token_str(tokenizer, tid: int, lp: Logprob) -> str:
-    return lp.decoded_token if lp.decoded_token is not None else tokenizer.decode([tid])
+def token_str(tokenizer, tid: int, lp: Logprob | None) -> str:
+    return lp.decoded_token if lp is not None and lp.decoded_token is not None else tokenizer.decode([tid])
+
+
+# How a logprobs entry names its token: (token id, its entry or None) -> the string shown.
+TokenNamer = Callable[[int, "Logprob | None"], str]

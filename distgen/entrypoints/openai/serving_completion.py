@@ -11,16 +11,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from distgen.entrypoints.openai.protocol import CompletionRequest
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
+    TokenNamer,
     check_prompt,
     merge_async_iterators,
     now,
     sse,
     sse_error,
     start,
-    token_str,
     top_entries,
     until_disconnected,
-    usage,
 )
 from distgen.outputs import CompletionOutput, Logprob, RequestOutput
 from distgen.sampling_params import SamplingParams
@@ -99,13 +98,18 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     }
     merged = merge_async_iterators(*gens)
     echo_logprobs = req.echo and req.logprobs is not None
+    cached = [0] * len(inputs)  # each prompt's tokens found in the prefix cache
 
-    def fold(ch: _Choice, out: RequestOutput, c: CompletionOutput) -> None:
+    def usage_now(completion: int) -> dict:
+        return ctx.usage(num_prompt_tokens, completion, sum(cached))
+
+    def fold(ch: _Choice, out: RequestOutput, c: CompletionOutput, i: int) -> None:
+        cached[i] = max(cached[i], out.num_cached_tokens)
         plp = out.prompt_logprobs
         # Complete once the prefill is (a chunked prefill's outputs carry it piece by piece).
         if echo_logprobs and ch.prompt is None and plp and len(plp) == len(out.prompt_token_ids):
-            ch.prompt = _prompt_logprobs(out.prompt_token_ids, plp, engine.tokenizer, req.logprobs)
-        _fold(ch, c, engine.tokenizer, req.logprobs, keep=not req.echo_only)
+            ch.prompt = _prompt_logprobs(out.prompt_token_ids, plp, ctx.name_token, req.logprobs)
+        _fold(ch, c, ctx.name_token, req.logprobs, keep=not req.echo_only)
 
     if req.stream:
         include_usage, continuous = req.stream_options.usage_in() if req.stream_options else (False, False)
@@ -120,7 +124,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                         if ch.finish_reason is not None:
                             continue
                         before = ch.num_tokens
-                        fold(ch, out, c)
+                        fold(ch, out, c, i)
                         completion += ch.num_tokens - before  # an echo-only choice counts none
                         if echo_logprobs and ch.prompt is None:
                             continue  # the echo goes out with its logprobs, once the prompt is scored
@@ -134,10 +138,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                             "finish_reason": c.finish_reason,
                             "stop_reason": c.stop_reason,
                         }
-                        so_far = {"usage": usage(num_prompt_tokens, completion)} if continuous else {}
+                        so_far = {"usage": usage_now(completion)} if continuous else {}
                         yield sse({**base, "choices": [choice], **so_far})
                 if include_usage:
-                    yield sse({**base, "choices": [], "usage": usage(num_prompt_tokens, completion)})
+                    yield sse({**base, "choices": [], "usage": usage_now(completion)})
             except Exception as e:  # the status line is sent: report in the stream
                 yield sse_error(e)
             yield sse("[DONE]")
@@ -147,7 +151,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     async def collect() -> None:
         async for i, out in merged:
             for c in out.outputs:
-                fold(choices[(i, c.index)], out, c)
+                fold(choices[(i, c.index)], out, c, i)
 
     await until_disconnected(collect(), raw)
     body = {
@@ -162,12 +166,12 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             }
             for (i, j), ch in sorted(choices.items())
         ],
-        "usage": usage(num_prompt_tokens, sum(ch.num_tokens for ch in choices.values())),
+        "usage": usage_now(sum(ch.num_tokens for ch in choices.values())),
     }
     return JSONResponse(body)
 
 
-def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None, keep: bool = True) -> None:
+def _fold(ch: _Choice, c: CompletionOutput, name: TokenNamer, k: int | None, keep: bool = True) -> None:
     """Add one delta to the choice; ``keep=False`` (echo with max_tokens 0) drops its tokens."""
     if c.finish_reason is not None:
         ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
@@ -178,24 +182,24 @@ def _fold(ch: _Choice, c: CompletionOutput, tokenizer, k: int | None, keep: bool
     if k is None or c.logprobs is None:
         return
     for tid, entries in zip(c.token_ids, c.logprobs):
-        s = token_str(tokenizer, tid, entries[tid])
-        top = {token_str(tokenizer, t, e): e.logprob for t, e in top_entries(entries, k)}
+        s = name(tid, entries[tid])
+        top = {name(t, e): e.logprob for t, e in top_entries(entries, k)}
         ch.completion.add(s, entries[tid].logprob, top, ch.offset)
         ch.offset += len(s)
 
 
 def _prompt_logprobs(
-    ids: list[int], prompt_logprobs: list[dict[int, Logprob] | None], tokenizer, k: int
+    ids: list[int], prompt_logprobs: list[dict[int, Logprob] | None], name: TokenNamer, k: int
 ) -> _Logprobs:
     """The echoed prompt's entries (OpenAI's echo with logprobs: the first token has none)."""
     out, offset = _Logprobs(), 0
     for tid, entries in zip(ids, prompt_logprobs):
         if entries is None:
-            s = tokenizer.decode([tid])
+            s = name(tid, None)
             out.add(s, None, None, offset)
         else:
-            s = token_str(tokenizer, tid, entries[tid])
-            top = {token_str(tokenizer, t, e): e.logprob for t, e in top_entries(entries, k)}
+            s = name(tid, entries[tid])
+            top = {name(t, e): e.logprob for t, e in top_entries(entries, k)}
             out.add(s, entries[tid].logprob, top, offset)
         offset += len(s)
     return out

@@ -94,13 +94,14 @@ def start_server(model_dir: str, *args: str, env: dict[str, str] | None = None) 
         *args,
     ]
     proc = subprocess.Popen(cmd, env=None if env is None else {**os.environ, **env})
-    server = Server(proc, f"http://127.0.0.1:{port}", model_dir)
+    scheme = "https" if "--ssl-certfile" in args else "http"
+    server = Server(proc, f"{scheme}://127.0.0.1:{port}", model_dir)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"the server exited during startup with code {proc.returncode}")
         try:
-            if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+            if httpx.get(server.url + "/health", timeout=1, verify=False).status_code == 200:
                 return server
         except httpx.TransportError:
             pass

@@ -370,6 +370,18 @@ def test_requests_are_logged_only_when_asked(smollm2_tokenizer, caplog):
     assert "max_tokens=5" in line
 
 
+def test_max_log_len_cuts_the_logged_prompt(smollm2_tokenizer, caplog):
+    import re
+
+    engine = ScriptedEngine(smollm2_tokenizer, "Fine.")
+    with caplog.at_level("INFO", logger="distgen"):
+        client = client_for(engine, enable_log_requests=True, max_log_len=5)
+        client.chat.completions.create(model="scripted", messages=MESSAGES, max_tokens=5)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request ")]
+    assert re.search(r"prompt tokens '.{5}\.\.\.', ", line), line
+    assert "Weather in Paris" not in line
+
+
 def test_cors_only_for_the_origins_given(smollm2_tokenizer):
     """--allowed-origins: a page from that origin may call the API (its preflight needs no API key);
     other origins, and every origin without the flag, get no CORS headers."""
