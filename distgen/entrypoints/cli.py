@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="start the OpenAI-compatible HTTP server",
         description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-        "/v1/models, /health, /metrics, /tokenize, /detokenize, /version).",
+        "/v1/models, /health, /ping, /load, /metrics, /tokenize, /detokenize, /version).",
     )
     serve.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     serve.add_argument(

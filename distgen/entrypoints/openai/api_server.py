@@ -175,6 +175,15 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
     async def health() -> Response:
         return Response(status_code=503 if engine.errored else 200)
 
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:  # SageMaker's health check, as vLLM serves it
+        return await health()
+
+    @app.get("/load")
+    async def load() -> dict:
+        """Requests in flight (queued or running), for a router that balances by load."""
+        return {"server_load": engine.num_in_flight}
+
     @app.get("/version")
     async def version() -> dict:
         return {"version": distgen.__version__}

@@ -341,6 +341,31 @@ def test_models_version_tokenize_detokenize_health(server, client):
     assert text == PROMPT
     chat = httpx.post(server.url + "/tokenize", json={"messages": CONVERSATION}).json()
     assert chat["count"] > toks["count"]
+    # SageMaker's /ping (GET and POST) and the load a router balances by.
+    assert httpx.get(server.url + "/ping").status_code == httpx.post(server.url + "/ping").status_code == 200
+    assert httpx.get(server.url + "/load").json() == {"server_load": 0}
+
+
+def test_load_counts_the_requests_in_flight(server):
+    import threading
+
+    body = {"prompt": "Long:", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    done = []
+    threads = [
+        threading.Thread(
+            target=lambda: done.append(httpx.post(server.v1 + "/completions", json=body, timeout=120))
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    seen = 0
+    while any(t.is_alive() for t in threads):
+        seen = max(seen, httpx.get(server.url + "/load").json()["server_load"])
+    for t in threads:
+        t.join()
+    assert seen == 3 and all(r.status_code == 200 for r in done)
+    assert httpx.get(server.url + "/load").json() == {"server_load": 0}
 
 
 def test_metrics_after_requests(server, client):
