@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI's routes plus /health, /metrics, /tokenize, /detokenize, /version."""
+"""The FastAPI app: OpenAI's routes plus /health, /ping, /load, /metrics, /tokenize, /detokenize, /version."""
 
 from __future__ import annotations
 
