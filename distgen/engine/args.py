@@ -67,8 +67,8 @@ class EngineArgs:
     trust_remote_code: bool = False  # no model code is ever loaded: only built-in architectures run
     runner: str = "auto"  # auto | generate: every architecture distgen runs is generative
     convert: str = "auto"  # auto | none: no model is converted into a pooling model
-    revision: str | None = None  # refused: nothing is downloaded
-    download_dir: str | None = None  # no effect: nothing is downloaded
+    revision: str | None = None  # of a hub model (a branch, tag or commit); default: main
+    download_dir: str | None = None  # where hub models are downloaded (default: the Hugging Face cache)
     load_format: str = "auto"  # auto | safetensors | gguf: must match what the model path holds
     tokenizer_mode: str = "auto"  # auto | hf: the model's own tokenizer
     quantization: str | None = None  # refused: weights load in dtype (a GGUF file is dequantized)
@@ -116,11 +116,6 @@ class EngineArgs:
                 "run: use convert='auto' or 'none'",
             ),
             (
-                self.revision is not None,
-                f"revision={self.revision!r}: nothing is ever downloaded; point "
-                "model at that revision's directory (or its snapshot in the Hugging Face cache)",
-            ),
-            (
                 self.quantization is not None,
                 f"quantization={self.quantization!r} is not supported: weights "
                 "load in dtype (a GGUF file is dequantized at load)",
@@ -154,7 +149,6 @@ class EngineArgs:
                 self.trust_remote_code,
                 "trust_remote_code: no model code is loaded, only distgen's architectures run",
             ),
-            (self.download_dir is not None, "download_dir: nothing is downloaded"),
             (self.swap_space != 4, "swap_space: a preempted request is recomputed, never swapped"),
             (
                 self.disable_custom_all_reduce,
@@ -180,7 +174,7 @@ class EngineArgs:
 
     def create_config(self) -> tuple[EngineConfig, ModelSource]:
         self._check_vllm_only_args()
-        source = resolve_model(self.model)
+        source = resolve_model(self.model, self.revision, self.download_dir)
         if self.hf_overrides:
             merged = merge_overrides(source.hf_config, self.hf_overrides)
             source = dataclasses.replace(source, hf_config=merged)
@@ -212,7 +206,9 @@ class EngineArgs:
             dtype=dtype,
             max_model_len=max_len,
             seed=self.seed,
-            tokenizer=None if self.tokenizer is None else local_path(self.tokenizer, "tokenizer"),
+            tokenizer=None
+            if self.tokenizer is None
+            else local_path(self.tokenizer, "tokenizer", None, self.download_dir),
             generation_config=gen,
             served_model_name=self.served_model_name or os.fspath(self.model or "SmolLM2-135M-Instruct"),
             enforce_eager=self.enforce_eager,

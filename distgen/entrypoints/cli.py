@@ -24,9 +24,9 @@ from distgen.signals import catchable_ctrl_c
 if TYPE_CHECKING:
     from distgen.engine.args import EngineArgs
 
-MODEL_HELP = "HF directory, .gguf file, or the id of a model in the local HF cache (default: SmolLM2)"
+MODEL_HELP = "HF directory, .gguf file, or hub id org/name[:file.gguf], fetched if absent (default: SmolLM2)"
 ENGINE_HELP = {
-    "tokenizer": "tokenizer directory or cached hub id, if not the model's",
+    "tokenizer": "tokenizer directory or hub id, if not the model's",
     "dtype": "auto | float32 | bfloat16 | float16 (auto: float32 on the CPU, the checkpoint's on CUDA)",
     "seed": "seed for requests that carry none",
     "max_model_len": "longest sequence, prompt plus output (default: the model's limit)",
@@ -57,8 +57,8 @@ ENGINE_HELP = {
     "runner": "auto | generate (what auto resolves to: every architecture distgen serves is generative); "
     "vLLM's pooling and draft are refused",
     "convert": "auto | none; vLLM's embed, classify and reward (pooling models) are refused",
-    "revision": "vLLM's; refused: nothing is downloaded (point MODEL at the revision's directory)",
-    "download_dir": "vLLM's; no effect: nothing is downloaded",
+    "revision": "the branch, tag or commit of a hub model (default: main)",
+    "download_dir": "where hub models are downloaded (default: the Hugging Face cache, $HF_HUB_CACHE)",
     "load_format": "auto | safetensors | gguf (must match what MODEL holds)",
     "tokenizer_mode": "auto | hf: the model's own tokenizer",
     "quantization": "vLLM's; refused: weights load in --dtype (a GGUF file is dequantized)",
@@ -456,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     ns = _apply_config(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(levelname)s %(asctime)s %(message)s", level=logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request of a hub download
     try:
         if ns.command == "serve":
             from distgen.entrypoints.openai.api_server import ServerArgs, serve

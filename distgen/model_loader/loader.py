@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distgen.model_loader import hub
 from distgen.model_loader.safetensors import iter_safetensors
 from distgen.models.registry import resolve_model_class
 from distgen.sampling_params import SamplingParams
@@ -46,43 +47,38 @@ class ModelSource:
         return AutoTokenizer.from_pretrained(self.path)
 
 
-def local_path(model: str | os.PathLike, what: str = "model") -> str:
-    """The local file or directory ``model`` names: a path, or a Hugging Face hub id (``org/name``)
-    whose snapshot is already in the local hub cache (``HF_HUB_CACHE``, ``HF_HOME``), as a vLLM user
-    would name it. Nothing is downloaded."""
+def local_path(
+    model: str | os.PathLike,
+    what: str = "model",
+    revision: str | None = None,
+    download_dir: str | None = None,
+) -> str:
+    """The local file or directory ``model`` names: a path, or a Hugging Face hub id (``org/name``,
+    ``org/name:file.gguf``) found in the hub cache or downloaded into it (:mod:`.hub`)."""
     model = os.fspath(model)
     path = os.path.abspath(os.path.expanduser(model))
     if os.path.exists(path):
+        if revision is not None:
+            logger.info("revision %r has no effect: %s %r is a local path", revision, what, model)
         return path
-    cached = _hub_cache_snapshot(model)
-    if cached is None:
-        raise FileNotFoundError(
-            f"{what} {model!r} not found: give a local Hugging Face directory, a .gguf file, or the id "
-            "of a model in the local Hugging Face cache (nothing is downloaded from a model hub)"
-        )
-    return cached
+    if hub.looks_like_repo_id(model):
+        return hub.download(model, revision, download_dir, what)
+    raise FileNotFoundError(
+        f"{what} {model!r} not found: give a local Hugging Face directory, a .gguf file, or a hub id "
+        "(org/name, or org/name:file.gguf for one GGUF file of a repository)"
+    )
 
 
-def _hub_cache_snapshot(repo_id: str) -> str | None:
-    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
-        return None
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(repo_id, local_files_only=True)
-    except (LocalEntryNotFoundError, HFValidationError):
-        return None
-
-
-def resolve_model(model: str | None) -> ModelSource:
-    """``None`` -> the embedded SmolLM2 default; a ``.gguf`` file; a Hugging Face directory; or the
-    id of one in the local Hugging Face cache."""
+def resolve_model(
+    model: str | None, revision: str | None = None, download_dir: str | None = None
+) -> ModelSource:
+    """``None`` -> the embedded SmolLM2 default; a ``.gguf`` file; a Hugging Face directory; or a hub
+    id, downloaded when the cache lacks it."""
     if model is None:
         from distgen.model_loader.gguf import default_model_path
 
         model = default_model_path()
-    path = local_path(model)
+    path = local_path(model, "model", revision, download_dir)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise ValueError(f"model file {path!r} is not a .gguf file")

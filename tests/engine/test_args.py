@@ -59,7 +59,6 @@ def test_a_seed_torch_cannot_take_is_refused_before_the_model_loads(seed, tiny_m
         ({"quantization": "awq"}, r"quantization='awq' is not supported"),
         ({"kv_cache_dtype": "fp8"}, r"kv_cache_dtype='fp8' is not supported"),
         ({"pipeline_parallel_size": 2}, r"pipeline_parallel_size=2 is not supported.*tensor_parallel_size"),
-        ({"revision": "main"}, r"revision='main': nothing is ever downloaded"),
         ({"tokenizer_mode": "mistral"}, r"tokenizer_mode='mistral' is not supported"),
         ({"load_format": "pt"}, r"load_format='pt' is not supported"),
         ({"load_format": "gguf"}, r"load_format='gguf', but the model path holds a Hugging Face directory"),
@@ -79,7 +78,8 @@ def test_vllm_arguments_without_a_counterpart_change_nothing(tiny_model_dir, cap
         given, _ = EngineArgs(
             model=model,
             trust_remote_code=True,
-            download_dir="/nowhere",
+            download_dir="/nowhere",  # for hub models only: a local path is read where it is
+            revision="v2",
             swap_space=8,
             disable_custom_all_reduce=True,
             load_format="safetensors",
@@ -89,8 +89,9 @@ def test_vllm_arguments_without_a_counterpart_change_nothing(tiny_model_dir, cap
         ).create_config()
     assert given == plain
     said = [r.getMessage() for r in caplog.records]
-    for name in ("trust_remote_code", "download_dir", "swap_space", "disable_custom_all_reduce"):
+    for name in ("trust_remote_code", "swap_space", "disable_custom_all_reduce"):
         assert any(m.startswith("has no effect in distgen: " + name) for m in said), (name, said)
+    assert any(m.startswith("revision 'v2' has no effect: model") for m in said), said
 
 
 @pytest.mark.parametrize("runner, convert", [("auto", "auto"), ("generate", "none"), ("generate", "auto")])
