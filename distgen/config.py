@@ -180,8 +180,19 @@ class ParallelConfig:
     # CPU workers' OpenMP threads: "auto" | "nobind" | CPU lists per local rank, "0-3|4-7" (vLLM's
     # VLLM_CPU_OMP_THREADS_BIND values; see workers/cpu_threads.py)
     cpu_omp_threads_bind: str = "auto"
+    # A lost worker (dead, raising, or silent past worker_step_timeout_s) is replaced and its requests
+    # recomputed, up to max_worker_restarts times in worker_restart_window_s; 0 turns recovery off.
+    max_worker_restarts: int = 3
+    worker_restart_window_s: float = 600.0
+    worker_step_timeout_s: float | None = 300.0  # None: wait for a step however long it takes
 
     def __post_init__(self) -> None:
+        if self.max_worker_restarts < 0:
+            raise ValueError(f"max_worker_restarts must be >= 0, got {self.max_worker_restarts}.")
+        if not self.worker_restart_window_s > 0:
+            raise ValueError(f"worker_restart_window_s must be > 0, got {self.worker_restart_window_s}.")
+        if self.worker_step_timeout_s is not None and not self.worker_step_timeout_s > 0:
+            raise ValueError(f"worker_step_timeout_s must be > 0 or None, got {self.worker_step_timeout_s}.")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}.")
         if self.distributed_executor_backend not in (None, "uni", "mp", "ray"):

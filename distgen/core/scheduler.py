@@ -162,6 +162,24 @@ class Scheduler:
 
         return self._make_output(num_scheduled, new_blocks, new_reqs)
 
+    def requeue_all(self) -> int:
+        """The workers were lost, and every KV block with them: each unfinished request goes back to
+        the waiting queue (oldest first) to be recomputed from its prompt and the tokens it has, and
+        the prefix cache is emptied. Steps in flight never answer: no token is pending. Returns how
+        many requests there are."""
+        for req in reversed(self.running):  # put_back adds at the head: the oldest ends up first
+            self.kv.free(req)
+            req.status = RequestStatus.PREEMPTED
+            req.num_computed_tokens = 0
+            self.waiting.put_back(req)
+        self.running.clear()
+        for req in self.requests.values():
+            req.num_pending = 0
+            req.num_computed_tokens = 0
+        self.finished_req_ids.clear()
+        self.kv.pool.reset_prefix_cache()
+        return len(self.requests)
+
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED

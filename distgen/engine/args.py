@@ -61,6 +61,10 @@ class EngineArgs:
     disable_log_stats: bool = False  # serve: no periodic line of engine stats in the log
     # CPU workers' OpenMP threads: auto | nobind | "0-3|4-7"; None: $DISTGEN_CPU_OMP_THREADS_BIND or auto
     cpu_omp_threads_bind: str | None = None
+    # Worker recovery (mp and ray): restarts allowed per window (0: a lost worker ends every request)
+    max_worker_restarts: int = 3
+    worker_restart_window_s: float = 600.0
+    worker_step_timeout_s: float | None = 300.0  # a worker silent this long in a step is lost
     # Accepted as vLLM spells them, so its launch lines and scripts run unchanged. Each is checked in
     # create_config: what distgen does one way only is refused when asked otherwise (a ValueError
     # saying so), and what has no counterpart here changes nothing (an INFO line says so).
@@ -243,7 +247,12 @@ class EngineArgs:
             ),
             # Resolved here, in the user's process: a Ray cluster it is connected to means "ray".
             parallel=ParallelConfig(
-                self.tensor_parallel_size, backend, self.cpu_omp_threads_bind or envs().cpu_omp_threads_bind
+                self.tensor_parallel_size,
+                backend,
+                self.cpu_omp_threads_bind or envs().cpu_omp_threads_bind,
+                self.max_worker_restarts,
+                self.worker_restart_window_s,
+                self.worker_step_timeout_s,
             ),
             device=device,
         ), source

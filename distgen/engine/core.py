@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 from distgen.config import EngineConfig
 from distgen.core.request import FINISH_REASONS, Request, RequestStatus
 from distgen.core.scheduler import Scheduler
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from distgen.engine.exceptions import EngineDeadError
 from distgen.engine.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -22,9 +24,30 @@ from distgen.model_loader.loader import ModelSource
 logger = logging.getLogger("distgen")
 
 
+class RestartBudget:
+    """At most ``limit`` restarts in any ``window_s`` seconds."""
+
+    def __init__(self, limit: int, window_s: float, clock=time.monotonic) -> None:
+        self.limit, self.window_s, self._clock = limit, window_s, clock
+        self._times: deque[float] = deque()
+
+    def take(self) -> bool:
+        now = self._clock()
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+        if len(self._times) >= self.limit:
+            return False
+        self._times.append(now)
+        return True
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
-        self.config = config
+        self.config, self.source = config, source
+        par = config.parallel
+        self.restarts = RestartBudget(par.max_worker_restarts, par.worker_restart_window_s)
+        self._lost: EngineDeadError | None = None  # a worker failure whose restart is due
+        self.num_worker_restarts = self.num_recovered_requests = 0
         self.executor = Executor.create(config, source)
         try:
             num_blocks = self.executor.determine_num_blocks()
@@ -74,8 +97,9 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def has_work(self) -> bool:
-        """Requests to run, steps to collect, or abort notices still to hand out."""
-        return bool(self._aborted_outputs or self._in_flight) or self.scheduler.has_unfinished()
+        """Requests to run, steps to collect, abort notices still to hand out, or a restart due."""
+        pending = self._aborted_outputs or self._in_flight or self._lost is not None
+        return bool(pending) or self.scheduler.has_unfinished()
 
     @property
     def worker_pids(self) -> list[int]:
@@ -83,17 +107,59 @@ class EngineCore:
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
+        if self._lost is not None:
+            self._restart_workers()
         outputs, self._aborted_outputs = self._aborted_outputs, []
-        if self.config.scheduler.async_scheduling:
-            outputs.extend(self._step_ahead())
-        elif self.scheduler.has_unfinished():
-            sched = self.scheduler.schedule()
-            outputs.extend(self._make_outputs(sched, self.executor.execute_model(sched)))
+        try:
+            if self.config.scheduler.async_scheduling:
+                self._step_ahead(outputs)
+            elif self.scheduler.has_unfinished():
+                sched = self.scheduler.schedule()
+                outputs.extend(self._make_outputs(sched, self.executor.execute_model(sched)))
+        except EngineDeadError as e:
+            if not self._recoverable(e):
+                raise
+            self._lost = e  # the restart runs at the next call: first the front end hears of it
         return EngineCoreOutputs(outputs=outputs, stats=self.stats())
 
-    def _step_ahead(self) -> list[EngineCoreOutput]:
+    def _recoverable(self, e: EngineDeadError) -> bool:
+        """A lost worker (mp or ray) is replaced while the restart budget lasts."""
+        if not getattr(self.executor, "restartable", False) or not self.restarts.take():
+            return False
+        logger.error("%s\nrestarting the workers (%d restarts so far)", e, self.num_worker_restarts)
+        return True
+
+    def _restart_workers(self) -> None:
+        """New workers for the lost ones, the KV cache rebuilt at its size, and every request in
+        flight rescheduled: recomputed from its prompt and the tokens it already has, so its stream
+        goes on where it stopped (a seeded request's generator is a function of its position)."""
+        t0 = time.monotonic()
+        self._lost = None
+        self._in_flight.clear()  # launched steps of the lost workers: they never answer
+        self.executor.shutdown()
+        num_requests = self.scheduler.requeue_all()
+        self.executor = Executor.create(self.config, self.source)
+        try:
+            available = self.executor.determine_num_blocks()
+            if available < self.num_blocks:
+                raise EngineDeadError(
+                    f"the engine is dead: the restarted workers have room for {available} KV blocks, "
+                    f"fewer than the {self.num_blocks} the engine runs with"
+                )
+            self.executor.init_kv_cache(self.num_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.num_worker_restarts += 1
+        self.num_recovered_requests += num_requests
+        logger.warning(
+            "workers restarted in %.1fs; %d request(s) rescheduled", time.monotonic() - t0, num_requests
+        )
+
+    def _step_ahead(self, outputs: list[EngineCoreOutput]) -> None:
         """Async scheduling: launch step n+1, then collect step n, so the host's work on both
-        overlaps the GPU's on n+1. Outputs lag one call behind the launches."""
+        overlaps the GPU's on n+1. Outputs lag one call behind the launches; each collected step's
+        go into ``outputs`` at once, so that a failure on a later one loses none of them."""
         # Penalties read the last token on the host: with such a request, steps go one at a time.
         one_at_a_time = self.scheduler.num_needing_host_tokens > 0
         running_ahead = False
@@ -101,11 +167,11 @@ class EngineCore:
             sched = self.scheduler.schedule()
             self._in_flight.append((sched, self.executor.submit(sched)))
             running_ahead = not (sched.is_empty or one_at_a_time)
-        outputs = []
         while self._in_flight and (len(self._in_flight) > 1 or not running_ahead):
-            sched, pending = self._in_flight.popleft()
-            outputs.extend(self._make_outputs(sched, pending.get()))
-        return outputs
+            sched, pending = self._in_flight[0]
+            result = pending.get()
+            self._in_flight.popleft()
+            outputs.extend(self._make_outputs(sched, result))
 
     def _make_outputs(self, sched, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         sampled = dict(zip(result.req_ids, result.sampled_token_ids))
@@ -163,6 +229,9 @@ class EngineCore:
             s.prefix_cache_queries,
             s.prefix_cache_hits,
             s.num_preemptions,
+            self._lost is not None,
+            self.num_worker_restarts,
+            self.num_recovered_requests,
         )
 
     def shutdown(self) -> None:

@@ -70,6 +70,9 @@ class SchedulerStatsMsg(msgspec.Struct, array_like=True):
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    recovering: bool = False  # a lost worker is being replaced: steps resume after the restart
+    num_worker_restarts: int = 0
+    num_recovered_requests: int = 0  # requests in flight at a restart, rescheduled by recomputation
 
 
 class EngineCoreOutputs(msgspec.Struct, tag="outputs", array_like=True, omit_defaults=True):

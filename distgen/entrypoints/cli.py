@@ -39,6 +39,11 @@ ENGINE_HELP = {
     "reads it",
     "override_generation_config": "JSON of generation_config keys over the model's, e.g. "
     "'{\"temperature\": 0.5}' (alone with --generation-config vllm)",
+    "max_worker_restarts": "lost workers (dead, raising, or silent past --worker-step-timeout-s) are "
+    "replaced and their requests recomputed, this many times per --worker-restart-window-s; 0: a lost "
+    "worker ends every request",
+    "worker_restart_window_s": "the window of --max-worker-restarts, in seconds",
+    "worker_step_timeout_s": "a worker silent this long in a step is lost (hung or stopped)",
     "hf_overrides": "JSON of config.json keys to replace before the model loads, e.g. "
     "'{\"max_position_embeddings\": 4096}' (nested objects are merged)",
     "gpu_memory_utilization": "fraction of GPU memory for weights plus KV cache",
@@ -92,6 +97,7 @@ _SERVER_KEYS = (
     "allow_credentials",
     "shutdown_timeout",
     "max_request_body_size",
+    "exit_on_engine_death",
     "response_role",
     "return_tokens_as_token_ids",
     "max_log_len",
@@ -298,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
     net.add_argument(
         "--allow-credentials", dest="allow_credentials", action="store_true", help=cors + "allow credentials"
+    )
+    net.add_argument(
+        "--exit-on-engine-death",
+        dest="exit_on_engine_death",
+        action="store_true",
+        help="exit (status 1) once the engine is dead, as vLLM does, for a supervisor that restarts on "
+        "exit; by default the server stays up answering 503",
     )
     net.add_argument(
         "--response-role",

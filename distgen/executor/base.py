@@ -20,6 +20,8 @@ class PendingOutput(Protocol):
 
 
 class Executor(ABC):
+    restartable = False  # whether lost workers can be replaced (the in-process one cannot)
+
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.config = config
         self.source = source

@@ -145,6 +145,7 @@ class BroadcastExecutor(Executor):
 
     backend_name = "?"
     startup_hint = ""  # appended to "exited" lines while starting
+    restartable = True  # the engine core may replace lost workers with new ones (EngineCore)
 
     def __init__(
         self, config: EngineConfig, source: ModelSource, channel: Channel, worker_cls: type | None = None
@@ -199,7 +200,7 @@ class BroadcastExecutor(Executor):
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self._broadcast(ExecuteModel(sched))
-        return self._expect(StepResult).output
+        return self._expect_step()
 
     def submit(self, sched: SchedulerOutput) -> _LaunchedStep:
         """Send the step to the workers and return at once; rank 0 answers the steps in order."""
@@ -211,7 +212,7 @@ class BroadcastExecutor(Executor):
         if seq != self._collected + 1:
             raise RuntimeError(f"step {seq} collected out of order (step {self._collected + 1} is next)")
         self._collected = seq
-        return self._expect(StepResult).output
+        return self._expect_step()
 
     def shutdown(self) -> None:
         if self._dead is None:
@@ -249,6 +250,17 @@ class BroadcastExecutor(Executor):
                 except zmq.Again:
                     self._check_alive(starting=False)
                     sock.poll(POLL_MS, zmq.POLLOUT)
+
+    def _expect_step(self) -> ModelRunnerOutput:
+        """Rank 0's answer to the next step; a worker silent past the step timeout (hung, stopped)
+        is a failure like a dead one."""
+        timeout = self.config.parallel.worker_step_timeout_s
+        msg = self._recv(None if timeout is None else time.monotonic() + timeout, starting=False)
+        if msg is None:
+            self._die(f"no answer to a step within {timeout:g}s (worker_step_timeout_s)", False)
+        if not isinstance(msg, StepResult):
+            self._die(f"protocol error: expected StepResult from the workers, got {msg!r}", False)
+        return msg.output
 
     def _expect(self, kind: type[_Reply]) -> _Reply:
         msg = self._recv(None, starting=False)

@@ -115,8 +115,13 @@ def test_killed_engine_core_raises_engine_dead(tiny_model_dir):
 
 
 def test_tp_worker_killed_behind_the_engine_core(tiny_model_dir):
+    """With recovery off: the engine ends (tests/engine/test_recovery.py has it on)."""
     llm = LLM(
-        tiny_model_dir("llama"), tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=KV
+        tiny_model_dir("llama"),
+        tensor_parallel_size=2,
+        distributed_executor_backend="mp",
+        kv_cache_memory=KV,
+        max_worker_restarts=0,
     )
     ready = llm.llm_engine.client.ready
     assert len(ready.worker_pids) == 2

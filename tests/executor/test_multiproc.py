@@ -60,8 +60,8 @@ def _spawned_children() -> list[int]:
     return found
 
 
-def _tp2(path: str) -> LLM:
-    return LLM(path, tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=KV)
+def _tp2(path: str, **kwargs) -> LLM:
+    return LLM(path, tensor_parallel_size=2, distributed_executor_backend="mp", kv_cache_memory=KV, **kwargs)
 
 
 def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
@@ -257,12 +257,14 @@ def test_startup_failure_names_the_rank(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
 def test_worker_killed_mid_generation_raises_engine_dead(tiny_model_dir, async_scheduling):
+    """With recovery off (tests/engine/test_recovery.py has it on)."""
     llm = LLM(
         tiny_model_dir("llama"),
         tensor_parallel_size=2,
         distributed_executor_backend="mp",
         kv_cache_memory=KV,
         async_scheduling=async_scheduling,
+        max_worker_restarts=0,
     )
     executor = llm.llm_engine.client.core.executor
     pids, ipc_dir = executor.worker_pids, executor.ipc_dir
@@ -290,7 +292,7 @@ def test_worker_killed_mid_generation_raises_engine_dead(tiny_model_dir, async_s
 @pytest.mark.slow
 def test_worker_raising_makes_engine_dead(tiny_model_dir):
     """A step the workers cannot run (a block id past the cache) raises in every rank's forward."""
-    llm = _tp2(tiny_model_dir("llama"))
+    llm = _tp2(tiny_model_dir("llama"), max_worker_restarts=0)
     executor = llm.llm_engine.client.core.executor
     pids = executor.worker_pids
     bad = NewRequestData("x", [5, 6, 7], 3, SamplingParams(temperature=0), [10**6], 0)

@@ -73,6 +73,9 @@ class ServerArgs:
     root_path: str = ""  # the path prefix a proxy serves the app under (ASGI root_path)
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
+    # Once the engine is dead (its core gone, or workers lost past the restart budget): exit with
+    # status 1, as vLLM does, for a supervisor that restarts on exit; otherwise answer 503 meanwhile.
+    exit_on_engine_death: bool = False
 
     def __post_init__(self) -> None:
         check_reasoning_parser(self.reasoning_parser)
@@ -173,7 +176,10 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=503 if engine.errored else 200)
+        """503 once the engine is dead, and while lost workers are being replaced."""
+        stats = engine.last_stats
+        recovering = stats is not None and stats.recovering
+        return Response(status_code=503 if engine.errored or recovering else 200)
 
     @app.api_route("/ping", methods=["GET", "POST"])
     async def ping() -> Response:  # SageMaker's health check, as vLLM serves it
@@ -308,8 +314,28 @@ def serve(engine_args: EngineArgs, server: ServerArgs) -> None:
             port = sock.getsockname()[1]
             scheme = "https" if server.ssl_certfile else "http"
             logger.info("serving %s on %s://%s:%d%s", names[0], scheme, server.host, port, server.root_path)
-            asyncio.run(_draining_server(config, engine, server.shutdown_timeout).serve(sockets=[sock]))
+            uv = _draining_server(config, engine, server.shutdown_timeout)
+            asyncio.run(_serve_until(uv, sock, engine if server.exit_on_engine_death else None))
+            if server.exit_on_engine_death and engine.errored:
+                raise SystemExit("distgen serve: the engine is dead (--exit-on-engine-death): exiting")
         finally:
             engine.shutdown()
     finally:
         sock.close()
+
+
+async def _serve_until(uv, sock: socket.socket, engine: AsyncLLM | None) -> None:
+    """Serve; with ``engine`` given, stop (as Ctrl-C does) once it is dead."""
+
+    async def watch() -> None:
+        while not uv.should_exit:
+            await asyncio.sleep(0.25)
+            if engine is not None and engine.errored:
+                logger.error("the engine is dead: stopping the server (--exit-on-engine-death)")
+                uv.should_exit = True
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await uv.serve(sockets=[sock])
+    finally:
+        watcher.cancel()

@@ -48,6 +48,8 @@ class PrometheusStatLogger:
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("num_preemptions", "Preemptions (KV blocks reclaimed).")
+        self.restarts = counter("num_worker_restarts", "Lost workers replaced (worker recovery).")
+        self.recovered = counter("num_recovered_requests", "Requests rescheduled after a worker restart.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
@@ -72,6 +74,8 @@ class PrometheusStatLogger:
             self.prefix_queries.inc(scheduler.prefix_cache_queries - last.prefix_cache_queries)
             self.prefix_hits.inc(scheduler.prefix_cache_hits - last.prefix_cache_hits)
             self.preemptions.inc(scheduler.num_preemptions - last.num_preemptions)
+            self.restarts.inc(scheduler.num_worker_restarts - last.num_worker_restarts)
+            self.recovered.inc(scheduler.num_recovered_requests - last.num_recovered_requests)
             self._last = scheduler
         self.prompt_tokens.inc(it.num_prompt_tokens)
         self.generation_tokens.inc(it.num_generation_tokens)
