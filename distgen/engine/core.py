@@ -48,6 +48,7 @@ class EngineCore:
         self.restarts = RestartBudget(par.max_worker_restarts, par.worker_restart_window_s)
         self._lost: EngineDeadError | None = None  # a worker failure whose restart is due
         self.num_worker_restarts = self.num_recovered_requests = 0
+        self.last_restart_s = 0.0  # how long the last restart took
         self.executor = Executor.create(config, source)
         try:
             num_blocks = self.executor.determine_num_blocks()
@@ -152,8 +153,9 @@ class EngineCore:
             raise
         self.num_worker_restarts += 1
         self.num_recovered_requests += num_requests
+        self.last_restart_s = time.monotonic() - t0
         logger.warning(
-            "workers restarted in %.1fs; %d request(s) rescheduled", time.monotonic() - t0, num_requests
+            "workers restarted in %.1fs; %d request(s) rescheduled", self.last_restart_s, num_requests
         )
 
     def _step_ahead(self, outputs: list[EngineCoreOutput]) -> None:

@@ -28,6 +28,11 @@ def _engine_core_in_process(monkeypatch):
     monkeypatch.setenv("DISTGEN_ENABLE_MULTIPROCESSING", "0")
 
 
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def _requests() -> tuple[list, list[SamplingParams]]:
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -76,6 +81,7 @@ def test_a_lost_worker_is_replaced_and_every_request_completes(how, tiny_model_d
         prompts, params = _requests()
         want = _tokens(llm.generate(prompts, params, use_tqdm=False))
         old = list(llm.llm_engine.client.core.executor.worker_pids)
+        rss_before = _rss_mib(os.getpid())  # the engine core's process (this one)
         sig = signal.SIGSTOP if how == "sigstop" else signal.SIGKILL
         t0 = time.monotonic()
         got = _tokens(_run_with_failure(llm, lambda ex: os.kill(ex.worker_pids[1], sig)))
@@ -85,9 +91,13 @@ def test_a_lost_worker_is_replaced_and_every_request_completes(how, tiny_model_d
         assert core.num_worker_restarts == 1 and core.num_recovered_requests == 6 + 2 * 2  # sequences
         assert wait_gone(old, timeout=10) == []  # the stopped one too
         assert set(core.executor.worker_pids).isdisjoint(old)
-        print(f"[{how}] generation with one worker restart: {elapsed:.1f}s")
+        took = core.last_restart_s
+        print(f"[{how}] generation with one worker restart: {elapsed:.1f}s, the restart itself {took:.1f}s")
         stats = llm.llm_engine.get_stats()
         assert (stats.num_worker_restarts, stats.recovering, stats.num_running) == (1, False, 0)
+        rss_after = _rss_mib(os.getpid())
+        print(f"[{how}] engine-core RSS {rss_before:.0f} MiB before, {rss_after:.0f} MiB after")
+        assert rss_after <= rss_before * 1.1
     finally:
         llm.shutdown()
 
