@@ -17,9 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from distgen.entrypoints import collect_env
+from distgen.entrypoints.client_cli import add_client_commands, run_client
 from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from distgen.entrypoints.openai.tool_parsers import PARSERS
+from distgen.entrypoints.run_batch import add_run_batch_command, run_batch
 from distgen.signals import catchable_ctrl_c
+
+logger = logging.getLogger("distgen")
 
 if TYPE_CHECKING:
     from distgen.engine.args import EngineArgs
@@ -252,10 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distgen",
         description="distgen: LLM inference with tensor parallelism and vLLM's API.",
-        epilog="Run `distgen serve --help` or `distgen generate --help` for their flags.",
+        epilog="Run `distgen COMMAND --help` for a command's flags.",
     )
     parser.add_argument("--version", action="version", version=f"distgen {distgen.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{serve,generate,chat,complete,run-batch,collect-env}"
+    )
 
     serve = sub.add_parser(
         "serve",
@@ -414,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1, help="completions to generate")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     add_engine_args(gen)
+    add_client_commands(sub)
+    add_run_batch_command(sub, add_engine_args, MODEL_HELP)
+    sub.add_parser("collect-env", help="print the machine and software versions, for a bug report")
     return parser
 
 
@@ -479,9 +489,17 @@ def main(argv: list[str] | None = None) -> None:
             serve(engine_args_from(ns), server)
         elif ns.command == "generate":
             _generate(ns)
+        elif ns.command in ("chat", "complete"):
+            run_client(ns)
+        elif ns.command == "run-batch":
+            args = engine_args_from(ns)
+            if run_batch(args, ns.input_file, ns.output_file, ns.max_concurrency)["failed"]:
+                logger.warning("run-batch: some requests failed; their errors are in %s", ns.output_file)
+        elif ns.command == "collect-env":
+            collect_env.main()
     except KeyboardInterrupt:
         pass
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
+    except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError) as e:
         # Bad flags, a model that cannot load, workers that cannot start: one line, no traceback.
         sys.exit(f"distgen {ns.command}: error: {e}")
 
