@@ -94,8 +94,7 @@ def references(hf_reference):
         ("qwen3", 3, "prefix-cache"),
         ("opt", 3, "plain"),
         # 6 query heads in groups of 3 at tp 4: ranks 1 and 2 start inside a group.
-        ("llama-gqa3", 4, "plain"),
-        ("llama-gqa3", 5, "async-preemption"),
+        ("llama-gqa3", 4, "async-preemption"),
     ],
 )
 def test_tp_greedy_matches_tp1(arch, tp, scenario, tiny_model_dir, references):
