@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI's routes plus /health, /ping, /load, /metrics, /tokenize, /detokenize, /version."""
+"""The FastAPI app: OpenAI's routes (completions, chat, responses, models) plus /health, /ping, /load, /metrics, /tokenize, /detokenize, /version."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from distgen.entrypoints.openai.reasoning_parsers import check_reasoning_parser
 from distgen.entrypoints.openai.serving_chat import create_chat_completion, render_request
 from distgen.entrypoints.openai.serving_common import ServingContext, now
 from distgen.entrypoints.openai.serving_completion import create_completion
+from distgen.entrypoints.openai.serving_responses import ResponsesRequest, ResponseStore, create_response
 from distgen.entrypoints.openai.tool_parsers import PARSERS
 from distgen.envs import envs
 
@@ -225,6 +226,13 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         _check_alive(engine)
         return await create_chat_completion(ctx, req, raw)
+
+    responses = ResponseStore()
+
+    @app.post("/v1/responses")
+    async def create_responses(req: ResponsesRequest, raw: Request):
+        _check_alive(engine)
+        return await create_response(ctx, responses, req, raw)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict:
