@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI's routes (completions, chat, responses, models) plus /health, /ping, /load, /metrics, /tokenize, /detokenize, /version."""
+"""The FastAPI app: OpenAI's routes (completions, chat, responses, models) plus /health, /ping,
+/load, /metrics, /tokenize, /detokenize and /version."""
 
 from __future__ import annotations
 
