@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from distgen.entrypoints import collect_env
+from distgen.entrypoints.bench import add_bench_command, run_bench
 from distgen.entrypoints.client_cli import add_client_commands, run_client
 from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from distgen.entrypoints.openai.tool_parsers import PARSERS
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"distgen {distgen.__version__}")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{serve,generate,chat,complete,run-batch,collect-env}"
+        dest="command", required=True, metavar="{serve,generate,chat,complete,run-batch,bench,collect-env}"
     )
 
     serve = sub.add_parser(
@@ -424,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_commands(sub)
     add_run_batch_command(sub, add_engine_args, MODEL_HELP)
     sub.add_parser("collect-env", help="print the machine and software versions, for a bug report")
+    add_bench_command(sub, add_engine_args, MODEL_HELP)
     return parser
 
 
@@ -497,6 +499,8 @@ def main(argv: list[str] | None = None) -> None:
                 logger.warning("run-batch: some requests failed; their errors are in %s", ns.output_file)
         elif ns.command == "collect-env":
             collect_env.main()
+        elif ns.command == "bench":
+            run_bench(ns, engine_args_from)
     except KeyboardInterrupt:
         pass
     except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError) as e:
