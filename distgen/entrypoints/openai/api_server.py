@@ -176,47 +176,7 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
         what = {404: f"no such endpoint: {request.url.path}", 405: f"{request.method} is not allowed here"}
         return error_response(what.get(e.status_code, str(e.detail)), e.status_code)
 
-    @app.get("/health")
-    async def health() -> Response:
-        """503 once the engine is dead, and while lost workers are being replaced."""
-        stats = engine.last_stats
-        recovering = stats is not None and stats.recovering
-        return Response(status_code=503 if engine.errored or recovering else 200)
-
-    @app.api_route("/ping", methods=["GET", "POST"])
-    async def ping() -> Response:  # SageMaker's health check, as vLLM serves it
-        return await health()
-
-    @app.get("/load")
-    async def load() -> dict:
-        """Requests in flight (queued or running), for a router that balances by load."""
-        return {"server_load": engine.num_in_flight}
-
-    @app.get("/version")
-    async def version() -> dict:
-        return {"version": distgen.__version__}
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    def card(name: str) -> dict:
-        return {
-            "id": name,
-            "object": "model",
-            "created": now(),
-            "owned_by": "distgen",
-            "root": engine.config.model.model,
-            "max_model_len": engine.max_model_len,
-        }
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [card(name) for name in served_model_names]}
-
-    @app.get("/v1/models/{model:path}")
-    async def model(model: str) -> dict:  # OpenAI's "retrieve model" (client.models.retrieve)
-        return card(ctx.check_model(model))
+    _add_info_routes(app, engine, ctx, metrics, served_model_names)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
@@ -259,6 +219,54 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
         return {"prompt": engine.tokenizer.decode(req.tokens)}
 
     return app
+
+
+def _add_info_routes(
+    app: FastAPI, engine: AsyncLLM, ctx: ServingContext, metrics, served_model_names
+) -> None:
+    """Health (/health, /ping), load, version, metrics and the models list."""
+
+    @app.get("/health")
+    async def health() -> Response:
+        """503 once the engine is dead, and while lost workers are being replaced."""
+        stats = engine.last_stats
+        recovering = stats is not None and stats.recovering
+        return Response(status_code=503 if engine.errored or recovering else 200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:  # SageMaker's health check, as vLLM serves it
+        return await health()
+
+    @app.get("/load")
+    async def load() -> dict:
+        """Requests in flight (queued or running), for a router that balances by load."""
+        return {"server_load": engine.num_in_flight}
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": distgen.__version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def card(name: str) -> dict:
+        return {
+            "id": name,
+            "object": "model",
+            "created": now(),
+            "owned_by": "distgen",
+            "root": engine.config.model.model,
+            "max_model_len": engine.max_model_len,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [card(name) for name in served_model_names]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:  # OpenAI's "retrieve model" (client.models.retrieve)
+        return card(ctx.check_model(model))
 
 
 def _check_alive(engine: AsyncLLM) -> None:
