@@ -168,26 +168,27 @@ class Scheduler:
         the prefix cache is emptied. Steps in flight never answer: no token is pending. Returns how
         many requests there are."""
         for req in reversed(self.running):  # put_back adds at the head: the oldest ends up first
-            self.kv.free(req)
-            req.status = RequestStatus.PREEMPTED
-            req.num_computed_tokens = 0
-            self.waiting.put_back(req)
+            self._requeue(req)
         self.running.clear()
         for req in self.requests.values():
             req.num_pending = 0
-            req.num_computed_tokens = 0
         self.finished_req_ids.clear()
         self.kv.pool.reset_prefix_cache()
         return len(self.requests)
 
     def _preempt(self, req: Request) -> None:
+        self._requeue(req)
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        logger.debug("preempted %s (KV cache full)", req.request_id)
+
+    def _requeue(self, req: Request) -> None:
+        """A running request back to the head of the waiting queue, its blocks freed, to be
+        recomputed (the caller takes it out of ``running``)."""
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
-        req.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.put_back(req)
-        logger.debug("preempted %s (KV cache full)", req.request_id)
 
     def _make_output(
         self, num_scheduled: dict[str, int], new_blocks: dict[str, list[int]], new_reqs: list[Request]

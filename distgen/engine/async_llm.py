@@ -139,12 +139,13 @@ class AsyncLLM:
         """End a request early (its KV blocks are freed); unknown or finished ids are ignored."""
         children = self.output_processor.abort_request(request_id)
         self._last_token_time.pop(request_id, None)
-        if children:
-            # Counted here: the engine core's "abort" outputs come for a request already forgotten.
-            aborted = IterationStats(finish_reasons=["abort"] * len(children))
-            for stat_logger in self.stat_loggers:
-                stat_logger.record(None, aborted)
-        if children and not self.errored:
+        if not children:
+            return
+        # Counted here: the engine core's "abort" outputs come for a request already forgotten.
+        aborted = IterationStats(finish_reasons=["abort"] * len(children))
+        for stat_logger in self.stat_loggers:
+            stat_logger.record(None, aborted)
+        if not self.errored:
             self.client.abort_requests(children)
 
     # -- the output handler -----------------------------------------------------------------------

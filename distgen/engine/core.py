@@ -46,7 +46,7 @@ class EngineCore:
         self.config, self.source = config, source
         par = config.parallel
         self.restarts = RestartBudget(par.max_worker_restarts, par.worker_restart_window_s)
-        self._lost: EngineDeadError | None = None  # a worker failure whose restart is due
+        self._restart_due = False  # a worker was lost: the next step first replaces the workers
         self.num_worker_restarts = self.num_recovered_requests = 0
         self.last_restart_s = 0.0  # how long the last restart took
         self.executor = Executor.create(config, source)
@@ -99,7 +99,7 @@ class EngineCore:
 
     def has_work(self) -> bool:
         """Requests to run, steps to collect, abort notices still to hand out, or a restart due."""
-        pending = self._aborted_outputs or self._in_flight or self._lost is not None
+        pending = self._aborted_outputs or self._in_flight or self._restart_due
         return bool(pending) or self.scheduler.has_unfinished()
 
     @property
@@ -108,7 +108,7 @@ class EngineCore:
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
-        if self._lost is not None:
+        if self._restart_due:
             self._restart_workers()
         outputs, self._aborted_outputs = self._aborted_outputs, []
         try:
@@ -120,12 +120,12 @@ class EngineCore:
         except EngineDeadError as e:
             if not self._recoverable(e):
                 raise
-            self._lost = e  # the restart runs at the next call: first the front end hears of it
+            self._restart_due = True  # the restart runs at the next call: first the front end hears of it
         return EngineCoreOutputs(outputs=outputs, stats=self.stats())
 
     def _recoverable(self, e: EngineDeadError) -> bool:
         """A lost worker (mp or ray) is replaced while the restart budget lasts."""
-        if not getattr(self.executor, "restartable", False) or not self.restarts.take():
+        if not self.executor.restartable or not self.restarts.take():
             return False
         logger.error("%s\nrestarting the workers (%d restarts so far)", e, self.num_worker_restarts)
         return True
@@ -135,7 +135,7 @@ class EngineCore:
         flight rescheduled: recomputed from its prompt and the tokens it already has, so its stream
         goes on where it stopped (a seeded request's generator is a function of its position)."""
         t0 = time.monotonic()
-        self._lost = None
+        self._restart_due = False
         self._in_flight.clear()  # launched steps of the lost workers: they never answer
         self.executor.shutdown()
         num_requests = self.scheduler.requeue_all()
@@ -231,7 +231,7 @@ class EngineCore:
             s.prefix_cache_queries,
             s.prefix_cache_hits,
             s.num_preemptions,
-            self._lost is not None,
+            self._restart_due,
             self.num_worker_restarts,
             self.num_recovered_requests,
         )

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from distgen.entrypoints.client_cli import sse_data
+
 
 def add_bench_command(sub: argparse._SubParsersAction, add_engine_args, model_help: str) -> None:
     bench = sub.add_parser("bench", help="benchmark a server or the engine (as `vllm bench`)")
@@ -63,19 +65,24 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-range-ratio", dest="random_range_ratio", type=float, default=0.0)
 
 
+def random_ids(rng: random.Random, n: int, vocab: int = 32000) -> list[int]:
+    """``n`` token ids uniform over the vocabulary (capped at 32000), past its first 100, which hold
+    most special tokens."""
+    return [rng.randrange(100, min(vocab, 32000)) for _ in range(n)]
+
+
 def random_requests(ns: argparse.Namespace, vocab: int = 32000) -> list[tuple[list[int], int]]:
     """vLLM's random dataset: lengths uniform in [len * (1 - ratio), len * (1 + ratio)], token ids
-    uniform over the vocabulary (past its first 100, which hold most special tokens)."""
+    from :func:`random_ids`."""
     rng = random.Random(ns.seed)
 
     def length(n: int) -> int:
         return max(1, rng.randint(int(n * (1 - ns.random_range_ratio)), int(n * (1 + ns.random_range_ratio))))
 
-    out = []
-    for _ in range(ns.num_prompts):
-        ids = [rng.randrange(100, vocab) for _ in range(length(ns.random_input_len))]
-        out.append((ids, length(ns.random_output_len)))
-    return out
+    return [
+        (random_ids(rng, length(ns.random_input_len), vocab), length(ns.random_output_len))
+        for _ in range(ns.num_prompts)
+    ]
 
 
 def run_bench(ns: argparse.Namespace, engine_args_from) -> dict[str, Any]:
@@ -94,7 +101,7 @@ def run_bench(ns: argparse.Namespace, engine_args_from) -> dict[str, Any]:
 def _throughput(llm, ns: argparse.Namespace, vocab: int) -> dict[str, Any]:
     from distgen import SamplingParams
 
-    reqs = random_requests(ns, min(vocab, 32000))
+    reqs = random_requests(ns, vocab)
     prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
     params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=n, ignore_eos=True) for _, n in reqs]
     t0 = time.perf_counter()
@@ -120,10 +127,7 @@ def _latency(llm, ns: argparse.Namespace, vocab: int) -> dict[str, Any]:
     from distgen import SamplingParams
 
     rng = random.Random(ns.seed)
-    prompts = [
-        {"prompt_token_ids": [rng.randrange(100, min(vocab, 32000)) for _ in range(ns.input_len)]}
-        for _ in range(ns.batch_size)
-    ]
+    prompts = [{"prompt_token_ids": random_ids(rng, ns.input_len, vocab)} for _ in range(ns.batch_size)]
     params = SamplingParams(temperature=1.0, max_tokens=ns.output_len, ignore_eos=True)
     for _ in range(ns.num_iters_warmup):
         llm.generate(prompts, params, use_tqdm=False)
@@ -177,6 +181,8 @@ async def _serve(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _one_request(client, ns: argparse.Namespace, model: str, ids: list[int], n: int) -> dict:
+    import httpx
+
     body = {
         "model": model,
         "prompt": ids,
@@ -201,9 +207,9 @@ async def _one_request(client, ns: argparse.Namespace, model: str, ids: list[int
                 out["error"] = f"{resp.status_code}: {resp.text[:200]}"
                 return out
             async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                chunk = sse_data(line)
+                if chunk is None:
                     continue
-                chunk = json.loads(line[6:])
                 now = time.perf_counter()
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     if not out["text"]:
@@ -216,15 +222,9 @@ async def _one_request(client, ns: argparse.Namespace, model: str, ids: list[int
                     out["output_tokens"] = chunk["usage"]["completion_tokens"]
         out["latency"] = time.perf_counter() - t0
         out["success"] = True
-    except httpx_errors() as e:
+    except httpx.HTTPError as e:
         out["error"] = str(e)
     return out
-
-
-def httpx_errors() -> tuple[type[BaseException], ...]:
-    import httpx
-
-    return (httpx.HTTPError,)
 
 
 def _serve_metrics(ns, model: str, reqs, outs: list[dict], duration: float) -> dict[str, Any]:

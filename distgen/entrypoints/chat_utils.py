@@ -10,8 +10,6 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from distgen.engine.input_processor import encode_text
-
 Message = dict[str, Any]
 Conversation = list[Message]
 
@@ -78,33 +76,6 @@ def validate_conversation(conversation: Any) -> Conversation:
     return out
 
 
-def render_chat(
-    tokenizer,
-    conversation: Conversation,
-    chat_template: str | None = None,
-    add_generation_prompt: bool = True,
-    continue_final_message: bool = False,
-    chat_template_kwargs: dict[str, Any] | None = None,
-    tools: list[dict[str, Any]] | None = None,
-) -> tuple[str, list[int]]:
-    """Render ``conversation`` with ``chat_template`` (else the model's) into (text, token ids);
-    ``tools`` (OpenAI-style function schemas) go to the template, which may describe them.
-
-    The ids are the text tokenized without adding special tokens again: the template already
-    places them, as transformers' ``apply_chat_template(tokenize=True)`` does.
-    """
-    text = render_chat_text(
-        tokenizer,
-        conversation,
-        chat_template,
-        add_generation_prompt,
-        continue_final_message,
-        chat_template_kwargs,
-        tools,
-    )
-    return text, encode_text(tokenizer, text, add_special_tokens=False)
-
-
 def render_chat_text(
     tokenizer,
     conversation: Conversation,
@@ -114,7 +85,12 @@ def render_chat_text(
     chat_template_kwargs: dict[str, Any] | None = None,
     tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The text of :func:`render_chat`, not tokenized (the server tokenizes it off its event loop)."""
+    """Render ``conversation`` with ``chat_template`` (else the model's); ``tools`` (OpenAI-style
+    function schemas) go to the template, which may describe them.
+
+    Tokenize the text without adding special tokens again: the template already places them, as
+    transformers' ``apply_chat_template(tokenize=True)`` does. (The server tokenizes it off its event
+    loop, so rendering and tokenizing are two steps.)"""
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError(

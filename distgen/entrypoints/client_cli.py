@@ -65,6 +65,14 @@ def _lines(quick: str | None) -> Iterator[str]:
             yield line
 
 
+def sse_data(line: str) -> dict | None:
+    """The JSON of one server-sent ``data:`` line of a streamed reply; None for any other line and
+    for the closing ``[DONE]``."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None
+    return json.loads(line[6:])
+
+
 def _stream(client, path: str, body: dict, ns: argparse.Namespace) -> str:
     """POST ``body`` streamed; print each delta as it comes; the whole reply."""
     body = {**body, "stream": True}
@@ -76,9 +84,9 @@ def _stream(client, path: str, body: dict, ns: argparse.Namespace) -> str:
             resp.read()
             raise ValueError(f"the server answered {resp.status_code}: {resp.text[:500]}")
         for raw in resp.iter_lines():
-            if not raw.startswith("data: ") or raw == "data: [DONE]":
+            chunk = sse_data(raw)
+            if chunk is None:
                 continue
-            chunk = json.loads(raw[6:])
             if "error" in chunk:
                 raise ValueError(f"the server ended the reply: {chunk['error'].get('message')}")
             for choice in chunk.get("choices", []):

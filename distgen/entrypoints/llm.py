@@ -10,9 +10,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from distgen.engine.args import EngineArgs
+from distgen.engine.input_processor import encode_text
 from distgen.engine.llm_engine import LLMEngine, PromptType
 from distgen.entrypoints.beam_search import beam_search
-from distgen.entrypoints.chat_utils import Conversation, render_chat, validate_conversation
+from distgen.entrypoints.chat_utils import Conversation, render_chat_text, validate_conversation
 from distgen.entrypoints.openai.reasoning_parsers import check_reasoning_parser, end_token_ids, thinks_first
 from distgen.outputs import BeamSearchOutput, RequestOutput
 from distgen.sampling_params import BeamSearchParams, SamplingParams
@@ -142,8 +143,9 @@ class LLM:
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conv in conversations:
-            text, ids = render_chat(
-                self.get_tokenizer(),
+            tokenizer = self.get_tokenizer()
+            text = render_chat_text(
+                tokenizer,
                 validate_conversation(conv),
                 chat_template,
                 add_generation_prompt,
@@ -151,6 +153,7 @@ class LLM:
                 chat_template_kwargs,
                 tools,
             )
+            ids = encode_text(tokenizer, text, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

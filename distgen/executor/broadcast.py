@@ -254,16 +254,12 @@ class BroadcastExecutor(Executor):
     def _expect_step(self) -> ModelRunnerOutput:
         """Rank 0's answer to the next step; a worker silent past the step timeout (hung, stopped)
         is a failure like a dead one."""
-        timeout = self.config.parallel.worker_step_timeout_s
-        msg = self._recv(None if timeout is None else time.monotonic() + timeout, starting=False)
-        if msg is None:
-            self._die(f"no answer to a step within {timeout:g}s (worker_step_timeout_s)", False)
-        if not isinstance(msg, StepResult):
-            self._die(f"protocol error: expected StepResult from the workers, got {msg!r}", False)
-        return msg.output
+        return self._expect(StepResult, self.config.parallel.worker_step_timeout_s).output
 
-    def _expect(self, kind: type[_Reply]) -> _Reply:
-        msg = self._recv(None, starting=False)
+    def _expect(self, kind: type[_Reply], timeout_s: float | None = None) -> _Reply:
+        msg = self._recv(None if timeout_s is None else time.monotonic() + timeout_s, starting=False)
+        if msg is None:
+            self._die(f"no answer to a step within {timeout_s:g}s (worker_step_timeout_s)", False)
         if not isinstance(msg, kind):
             self._die(f"protocol error: expected {kind.__name__} from the workers, got {msg!r}", False)
         return msg

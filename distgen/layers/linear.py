@@ -137,7 +137,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.tp_rank, self.tp_size = ps.tp_rank(), ps.tp_size()
         self.out_sizes = out_sizes
         self.parts = [split_range(n, self.tp_size, self.tp_rank) for n in out_sizes]
-        self.out_start, self.out_per_rank = 0, sum(n for _, n in self.parts)
+        self.out_per_rank = sum(n for _, n in self.parts)
         LinearBase.__init__(self, in_features, self.out_per_rank, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
@@ -167,7 +167,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_heads, self.num_kv_heads = self.shard.num_heads, self.shard.num_kv_heads
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
-        self.out_start, self.out_per_rank = 0, self.q_size + 2 * self.kv_size
+        self.out_per_rank = self.q_size + 2 * self.kv_size
         LinearBase.__init__(self, hidden, self.out_per_rank, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:

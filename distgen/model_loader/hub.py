@@ -10,13 +10,10 @@ online, the hub is asked which commit the revision names (as vLLM and transforme
 
 from __future__ import annotations
 
-import logging
-
-logger = logging.getLogger("distgen")
-
-# What a generative model needs; PyTorch .bin weights are never fetched (distgen loads safetensors).
-MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+# What a tokenizer needs (with config and generation config, *.json), and a generative model: that and
+# its safetensors weights. PyTorch .bin weights are never fetched (distgen loads safetensors).
 TOKENIZER_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+MODEL_PATTERNS = [*TOKENIZER_PATTERNS, "*.safetensors"]
 
 
 def looks_like_repo_id(name: str) -> bool:

@@ -222,7 +222,11 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
 
 
 def _add_info_routes(
-    app: FastAPI, engine: AsyncLLM, ctx: ServingContext, metrics, served_model_names
+    app: FastAPI,
+    engine: AsyncLLM,
+    ctx: ServingContext,
+    metrics: PrometheusStatLogger,
+    served_model_names: list[str],
 ) -> None:
     """Health (/health, /ping), load, version, metrics and the models list."""
 

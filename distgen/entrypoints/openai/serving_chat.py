@@ -148,7 +148,7 @@ async def render_request(
         text = await asyncio.to_thread(render)
     except ValueError as e:
         raise OpenAIError(str(e), param="messages") from e
-    truncating = getattr(req, "truncate_prompt_tokens", None) is not None
+    truncating = req.truncate_prompt_tokens is not None
     return text, await ctx.encode(text, add_special_tokens=False, truncating=truncating, param="messages")
 
 

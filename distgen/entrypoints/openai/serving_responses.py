@@ -7,7 +7,6 @@ continues a stored response's conversation (responses are kept in memory, the mo
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -20,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from distgen.entrypoints.openai.errors import OpenAIError
 from distgen.entrypoints.openai.protocol import ChatCompletionRequest
 from distgen.entrypoints.openai.serving_chat import render_request
-from distgen.entrypoints.openai.serving_common import ServingContext, check_prompt, start, until_disconnected
+from distgen.entrypoints.openai.serving_common import (
+    ServingContext,
+    check_prompt,
+    now,
+    start,
+    until_disconnected,
+)
 
 MAX_STORED = 1024  # responses kept for previous_response_id
 
@@ -154,7 +159,7 @@ class _Reply:
         self.rid, self.item_id, self.model, self.req = rid, item_id, model, req
         self.prompt_tokens, self.output_tokens, self.cached = prompt_tokens, 0, 0
         self.text, self.finish = "", None
-        self.created = int(time.time())
+        self.created = now()
         self.seq = 0
 
     def fold(self, out) -> str:
