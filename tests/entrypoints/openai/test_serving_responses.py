@@ -8,16 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.entrypoints.openai.conftest import start_server
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def greedy_server(tiny_model_dir):
-    s = start_server(tiny_model_dir("llama"), "--override-generation-config", '{"temperature": 0}')
-    yield s
-    s.stop()
 
 
 @pytest.fixture
