@@ -42,6 +42,11 @@ def parse_dtype(
     return _DTYPES[dtype]
 
 
+# The architectures whose models can be cut into pipeline stages (models/llama.py and its subclasses).
+PIPELINE_ARCHITECTURES = frozenset(
+    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+)
+
 _DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -119,6 +124,21 @@ class ModelConfig:
         hd = self.hf_config.get("head_dim")
         return int(hd) if hd else int(self.hf_config["hidden_size"]) // self.num_heads
 
+    def verify_pipeline_parallel(self, pp: int) -> None:
+        """Every stage holds at least one layer, of a model that can be cut into stages."""
+        if pp == 1:
+            return
+        if not 1 <= pp <= self.num_layers:
+            raise ValueError(
+                f"pipeline_parallel_size={pp} does not fit the model: it has {self.num_layers} layers, and "
+                f"every stage needs at least one (use a size from 1 to {self.num_layers})"
+            )
+        if self.architecture not in PIPELINE_ARCHITECTURES:
+            raise ValueError(
+                f"pipeline parallelism is not supported for {self.architecture}: it is for "
+                f"{', '.join(sorted(PIPELINE_ARCHITECTURES))}"
+            )
+
     @property
     def vocab_size(self) -> int:
         return int(self.hf_config["vocab_size"])
@@ -177,6 +197,8 @@ class SchedulerConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # None | "uni" | "mp" | "ray"
+    # Stages of contiguous layers; global rank r is TP rank r % tp of stage r // tp.
+    pipeline_parallel_size: int = 1
     # CPU workers' OpenMP threads: "auto" | "nobind" | CPU lists per local rank, "0-3|4-7" (vLLM's
     # VLLM_CPU_OMP_THREADS_BIND values; see workers/cpu_threads.py)
     cpu_omp_threads_bind: str = "auto"
@@ -195,6 +217,8 @@ class ParallelConfig:
             raise ValueError(f"worker_step_timeout_s must be > 0 or None, got {self.worker_step_timeout_s}.")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}.")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}.")
         if self.distributed_executor_backend not in (None, "uni", "mp", "ray"):
             raise ValueError(
                 "distributed_executor_backend must be one of None, 'uni', 'mp', 'ray', "
@@ -207,6 +231,11 @@ class ParallelConfig:
                 f"got {bind!r}."
             )
 
+    @property
+    def world_size(self) -> int:
+        """Workers of one engine: every TP rank of every pipeline stage."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -218,3 +247,4 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.model.verify_tensor_parallel(self.parallel.tensor_parallel_size)
+        self.model.verify_pipeline_parallel(self.parallel.pipeline_parallel_size)

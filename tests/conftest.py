@@ -14,13 +14,15 @@ TINY_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
 VOCAB = 49152  # the SmolLM2 tokenizer's, saved beside every tiny model
 
 
-def _tiny_config(arch: str):
+def _tiny_config(arch: str, layers: int = 2):
     import transformers as tf
 
+    if arch.endswith("-4l"):  # enough layers for 3 and 4 pipeline stages
+        return _tiny_config(arch[:-3], 4)
     common = dict(
         vocab_size=VOCAB,
         hidden_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=1024,
         initializer_range=0.1,

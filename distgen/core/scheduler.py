@@ -14,6 +14,10 @@ admitted next is the most urgent, and the running request preempted is the least
 A step's tokens count as computed as soon as it is scheduled. With async scheduling the next step is
 scheduled before the last one's sampled tokens are known: a request then asks for its pending token
 (``Request.num_pending``), which the worker takes from the previous step's samples on the device.
+
+Under pipeline parallelism up to ``pipeline_depth`` steps are in flight, one per stage: the running
+requests are cut into that many micro-batches (a step takes at most its share of the unfinished
+requests), and a request whose sampled token is still in the pipeline sits out until it arrives.
 """
 
 from __future__ import annotations
@@ -44,9 +48,15 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(
-        self, sched_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int, max_model_len: int
+        self,
+        sched_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        max_model_len: int,
+        pipeline_depth: int = 1,
     ) -> None:
         self.config = sched_config
+        self.pipeline_depth = pipeline_depth
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
@@ -102,13 +112,19 @@ class Scheduler:
         new_blocks: dict[str, list[int]] = {}
         new_reqs: list[Request] = []
         preempted = False
+        # Pipelined: this step's micro-batch takes its share of the unfinished requests.
+        seqs = (
+            -(-len(self.requests) // self.pipeline_depth) if self.pipeline_depth > 1 else len(self.requests)
+        )
 
         # 1. Running requests, oldest first; preempt from the back when blocks run out.
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(num_scheduled) < seqs:
             req = self.running[i]
-            if req.num_pending and req.num_output_tokens + req.num_pending >= req.max_tokens:
-                i += 1  # its last token is being sampled: it ends when that arrives
+            if req.num_pending and (
+                self.pipeline_depth > 1 or req.num_output_tokens + req.num_pending >= req.max_tokens
+            ):
+                i += 1  # its token is in the pipeline, or its last one is being sampled: wait for it
                 continue
             n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
             if n <= 0:  # all known tokens computed (should not happen between steps)
@@ -133,7 +149,13 @@ class Scheduler:
             i += 1
 
         # 2. Waiting requests, in the policy's order (preempted ones were put back in it).
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+        while (
+            self.waiting
+            and budget > 0
+            and not preempted
+            and len(self.running) < self.config.max_num_seqs
+            and len(num_scheduled) < seqs
+        ):
             req = self.waiting.peek()
             if req.num_pending:  # preempted while a step sampled for it: wait for that token
                 break

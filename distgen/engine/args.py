@@ -77,7 +77,7 @@ class EngineArgs:
     tokenizer_mode: str = "auto"  # auto | hf: the model's own tokenizer
     quantization: str | None = None  # refused: weights load in dtype (a GGUF file is dequantized)
     kv_cache_dtype: str = "auto"  # auto: the KV cache holds the model's dtype
-    pipeline_parallel_size: int = 1  # 1: tensor parallelism only
+    pipeline_parallel_size: int = 1
     swap_space: float = 4.0  # no effect: a preempted request is recomputed, never swapped
     disable_custom_all_reduce: bool = False  # no effect: all-reduce is NCCL's (gloo's on the CPU)
     override_generation_config: dict | None = None  # e.g. {"temperature": 0.5}, over the model's
@@ -128,11 +128,6 @@ class EngineArgs:
                 self.kv_cache_dtype != "auto",
                 f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: the "
                 "KV cache holds the model's dtype ('auto')",
-            ),
-            (
-                self.pipeline_parallel_size != 1,
-                f"pipeline_parallel_size={self.pipeline_parallel_size} is not "
-                "supported: distgen splits a model by tensor parallelism (tensor_parallel_size) only",
             ),
             (
                 self.tokenizer_mode not in ("auto", "hf"),
@@ -192,7 +187,8 @@ class EngineArgs:
             "resolved from 'auto': " if self.runner == "auto" else "",
             ", ".join(hf.get("architectures") or ["no architectures listed"]),
         )
-        backend = Executor.resolve_backend(self.distributed_executor_backend, self.tensor_parallel_size)
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        backend = Executor.resolve_backend(self.distributed_executor_backend, world)
         device = self.device or default_device(backend)
         check_device(device, backend)
         max_pos = int(hf.get("max_position_embeddings") or 2048)
@@ -249,6 +245,7 @@ class EngineArgs:
             parallel=ParallelConfig(
                 self.tensor_parallel_size,
                 backend,
+                self.pipeline_parallel_size,
                 self.cpu_omp_threads_bind or envs().cpu_omp_threads_bind,
                 self.max_worker_restarts,
                 self.worker_restart_window_s,

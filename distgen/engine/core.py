@@ -68,7 +68,11 @@ class EngineCore:
                 config.model.max_model_len,
                 capacity,
             )
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
+        # Pipeline parallelism: one step in flight per stage, each a micro-batch of its own.
+        self.pipeline_depth = par.pipeline_parallel_size
+        self.scheduler = Scheduler(
+            config.scheduler, config.cache, num_blocks, self.max_model_len, self.pipeline_depth
+        )
         self._aborted_outputs: list[EngineCoreOutput] = []
         # Async scheduling: launched steps whose outputs are not collected yet, oldest first.
         self._in_flight: deque[tuple[SchedulerOutput, PendingOutput]] = deque()
@@ -112,7 +116,9 @@ class EngineCore:
             self._restart_workers()
         outputs, self._aborted_outputs = self._aborted_outputs, []
         try:
-            if self.config.scheduler.async_scheduling:
+            if self.pipeline_depth > 1:
+                self._step_pipelined(outputs)
+            elif self.config.scheduler.async_scheduling:
                 self._step_ahead(outputs)
             elif self.scheduler.has_unfinished():
                 sched = self.scheduler.schedule()
@@ -170,10 +176,26 @@ class EngineCore:
             self._in_flight.append((sched, self.executor.submit(sched)))
             running_ahead = not (sched.is_empty or one_at_a_time)
         while self._in_flight and (len(self._in_flight) > 1 or not running_ahead):
-            sched, pending = self._in_flight[0]
-            result = pending.get()
-            self._in_flight.popleft()
-            outputs.extend(self._make_outputs(sched, result))
+            self._collect_oldest(outputs)
+
+    def _step_pipelined(self, outputs: list[EngineCoreOutput]) -> None:
+        """Pipeline parallelism: launch micro-batches until every stage has one, then collect the
+        oldest, so that stage s works on step n while stage s+1 works on step n-1. When nothing more
+        can be launched (every request in flight), collect one step and schedule again."""
+        launched = False
+        if len(self._in_flight) < self.pipeline_depth and self.scheduler.has_unfinished():
+            sched = self.scheduler.schedule()
+            if not sched.is_empty or sched.finished_req_ids:  # the workers still hear of finished ones
+                self._in_flight.append((sched, self.executor.submit(sched)))
+                launched = not sched.is_empty
+        if self._in_flight and (len(self._in_flight) >= self.pipeline_depth or not launched):
+            self._collect_oldest(outputs)
+
+    def _collect_oldest(self, outputs: list[EngineCoreOutput]) -> None:
+        sched, pending = self._in_flight[0]
+        result = pending.get()
+        self._in_flight.popleft()
+        outputs.extend(self._make_outputs(sched, result))
 
     def _make_outputs(self, sched, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         sampled = dict(zip(result.req_ids, result.sampled_token_ids))

@@ -73,7 +73,8 @@ ENGINE_HELP = {
     "tokenizer_mode": "auto | hf: the model's own tokenizer",
     "quantization": "vLLM's; refused: weights load in --dtype (a GGUF file is dequantized)",
     "kv_cache_dtype": "auto only: the KV cache holds the model's dtype",
-    "pipeline_parallel_size": "1 only: distgen splits models by tensor parallelism",
+    "pipeline_parallel_size": "pipeline stages, each a contiguous range of layers on tp workers; 1 to the "
+    "number of layers (Llama, Mistral, Qwen2, Qwen3)",
     "swap_space": "vLLM's; no effect: a preempted request is recomputed, never swapped",
     "disable_custom_all_reduce": "vLLM's; no effect: all-reduce is NCCL's (gloo's on the CPU)",
     "scheduling_policy": "fcfs (arrival order) | priority (each request's priority, lower first, "
@@ -83,7 +84,7 @@ ENGINE_HELP = {
     "between the workers of a machine) | nobind | CPU lists per worker, 0-3|4-7 "
     "(default: $DISTGEN_CPU_OMP_THREADS_BIND, else auto)",
 }
-_ALIASES = {"tensor_parallel_size": ["-tp", "--tp"]}
+_ALIASES = {"tensor_parallel_size": ["-tp", "--tp"], "pipeline_parallel_size": ["-pp", "--pp"]}
 _UNITS = {
     "": 1,
     "b": 1,

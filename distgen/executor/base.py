@@ -46,24 +46,25 @@ class Executor(ABC):
     def shutdown(self) -> None: ...
 
     @staticmethod
-    def resolve_backend(backend: str | None, tp: int) -> str:
-        """The backend ``None`` stands for: ``uni`` for tp=1; ``ray`` when this process is connected to a
-        Ray cluster (or ``RAY_ADDRESS`` names one, as in a Ray job); ``mp`` otherwise. A front end that
+    def resolve_backend(backend: str | None, world_size: int) -> str:
+        """The backend ``None`` stands for: ``uni`` for one worker; ``ray`` when this process is connected
+        to a Ray cluster (or ``RAY_ADDRESS`` names one, as in a Ray job); ``mp`` otherwise. A front end that
         starts the engine core in another process should resolve this first, where the user's Ray is."""
         if backend is not None:
             return backend
-        if tp == 1:
+        if world_size == 1:
             return "uni"
         return "ray" if _ray_connected() else "mp"
 
     @staticmethod
     def create(config: EngineConfig, source: ModelSource) -> Executor:
-        tp = config.parallel.tensor_parallel_size
-        backend = Executor.resolve_backend(config.parallel.distributed_executor_backend, tp)
+        world = config.parallel.world_size
+        backend = Executor.resolve_backend(config.parallel.distributed_executor_backend, world)
         if backend == "uni":
-            if tp != 1:
+            if world != 1:
                 raise ValueError(
-                    f"the 'uni' executor runs one worker; tensor_parallel_size={tp} needs 'mp' or 'ray'"
+                    f"the 'uni' executor runs one worker; {world} workers (tensor_parallel_size x "
+                    "pipeline_parallel_size) need 'mp' or 'ray'"
                 )
             from distgen.executor.uniproc import UniProcExecutor
 

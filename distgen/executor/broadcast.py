@@ -152,7 +152,7 @@ class BroadcastExecutor(Executor):
     ) -> None:
         super().__init__(config, source)
         self.worker_cls = worker_cls  # what each rank runs: None = distgen's Worker
-        self.world_size = config.parallel.tensor_parallel_size
+        self.world_size = config.parallel.world_size
         self.channel = channel
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(WorkerReply)

@@ -1,4 +1,4 @@
-"""Tensor parallelism on one host: one spawned worker process per rank.
+"""Tensor and pipeline parallelism on one host: one spawned worker process per rank.
 
 Control plane: the ZeroMQ broadcast of :mod:`distgen.executor.broadcast` over ipc:// sockets in a
 private temporary directory; a worker is gone when its process has an exit code. The data plane
@@ -68,7 +68,7 @@ class MultiprocExecutor(BroadcastExecutor):
     def __init__(self, config: EngineConfig, source: ModelSource, worker_cls: type | None = None) -> None:
         ipc_dir = tempfile.mkdtemp(prefix="distgen-mp-")
         try:
-            channel = Channel(config.parallel.tensor_parallel_size, [f"ipc://{ipc_dir}"])
+            channel = Channel(config.parallel.world_size, [f"ipc://{ipc_dir}"])
         except BaseException:
             shutil.rmtree(ipc_dir, ignore_errors=True)
             raise

@@ -1,4 +1,4 @@
-"""Tensor parallelism over Ray: one actor per rank in a placement group, on one node or many.
+"""Tensor and pipeline parallelism over Ray: one actor per rank in a placement group, on one node or many.
 
 Ray only places the workers and manages their lifetime. The per-step control plane is the same ZeroMQ
 broadcast as ``mp`` (:mod:`distgen.executor.broadcast`), over tcp:// on this node's address; the data
@@ -156,7 +156,7 @@ class RayExecutor(BroadcastExecutor):
 
     def __init__(self, config: EngineConfig, source: ModelSource, worker_cls: type | None = None) -> None:
         ray = import_ray()
-        world = config.parallel.tensor_parallel_size
+        world = config.parallel.world_size
         owns = connect_ray(max(os.cpu_count() or 1, world))
         try:
             # Ranks on this node connect over ipc (abstract: no file to leave), the others over tcp.
@@ -193,6 +193,7 @@ class RayExecutor(BroadcastExecutor):
             opts = dict(num_cpus=0, num_gpus=1) if cuda else dict(num_cpus=1)
             self._actors.actors.append(cls.options(scheduling_strategy=strategy, **opts).remote(rank))
         self._actors.infos = self._actor_infos()
+        self._order_ranks(ray.get_runtime_context().get_node_id())
         rank0 = self._actors.infos[0]
         init_method = f"tcp://{rank0.node_ip}:{rank0.free_port}"
         here = ray.get_runtime_context().get_node_id()
@@ -223,6 +224,15 @@ class RayExecutor(BroadcastExecutor):
         )
         self._wait_ready(max(1.0, STARTUP_TIMEOUT_S - (time.monotonic() - t0)))
 
+    def _order_ranks(self, here: str) -> None:
+        """Global ranks by node, this node's first: consecutive ranks form a TP group, so a TP group
+        stays within a node wherever the nodes hold whole groups, and pipeline stages (the next ranks)
+        go to the other nodes, where only hidden states cross the network."""
+        infos = self._actors.infos
+        order = sorted(range(len(infos)), key=lambda b: (infos[b].node_id != here, infos[b].node_id, b))
+        self._actors.actors = [self._actors.actors[b] for b in order]
+        self._actors.infos = [infos[b] for b in order]
+
     def _place(self, bundles: list[dict[str, float]]) -> Any:
         import ray
         from ray.util.placement_group import placement_group
@@ -231,7 +241,8 @@ class RayExecutor(BroadcastExecutor):
         have = ray.cluster_resources().get(kind, 0.0)
         if have < len(bundles):
             self._startup_failed(
-                f"tensor_parallel_size={len(bundles)} needs {len(bundles)} bundles of {bundles[0]}, but the "
+                f"{len(bundles)} workers (tensor_parallel_size x pipeline_parallel_size) need {len(bundles)} "
+                f"bundles of {bundles[0]}, but the "
                 f"Ray cluster has {have:g} {kind} in all"
             )
         pg = placement_group(bundles, strategy="PACK")

@@ -34,4 +34,4 @@ class DistgenWorker:
 
     def run(self, args: WorkerArgs) -> None:
         if not serve(args):
-            raise RuntimeError(f"worker rank {self.rank} failed (its traceback went to the executor)")
+            raise RuntimeError(f"worker rank {args.rank} failed (its traceback went to the executor)")

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from distgen.distributed import parallel_state as ps
 from distgen.layers.activation import SiluAndMul
 from distgen.layers.attention import Attention, AttentionMetadata
 from distgen.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from distgen.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from distgen.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    split_range,
+)
 from distgen.layers.norm import RMSNorm
 from distgen.layers.rotary import RotaryEmbedding
 from distgen.layers.weights import LoadedWeight
@@ -114,33 +121,50 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    """The whole model, or under pipeline parallelism this rank's stage of it: a contiguous range of
+    layers, with the embedding on the first stage and the final norm and LM head on the last."""
+
     qkv_bias = False
     qk_norm = False
 
     def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
         super().__init__()
         qkv_bias = self.qkv_bias or bool(cfg.get("attention_bias", False))
-        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], dtype)
+        self.tied = bool(cfg.get("tie_word_embeddings", False))
+        self.first, self.last = ps.is_first_stage(), ps.is_last_stage()
+        self.start_layer, count = split_range(cfg["num_hidden_layers"], ps.pp_size(), ps.pp_stage())
         rotary = rotary_of(cfg)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, dtype, qkv_bias, self.qk_norm, rotary)
-            for _ in range(cfg["num_hidden_layers"])
+            LlamaDecoderLayer(cfg, dtype, qkv_bias, self.qk_norm, rotary) for _ in range(count)
         )
-        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), dtype)
-        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], dtype=dtype)
-        self.tied = bool(cfg.get("tie_word_embeddings", False))
-        if self.tied:
-            self.lm_head.tie(self.embed_tokens)
+        if self.first:
+            self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], dtype)
+        if self.last:
+            self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), dtype)
+            self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], dtype=dtype)
+            if self.tied and self.first:
+                self.lm_head.tie(self.embed_tokens)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states; on a stage before the last, (hidden, residual) for the next
+        stage, which passes them back in as ``intermediate``."""
+        if intermediate is None:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
+        if not self.last:
+            return x, residual
         x, _ = self.norm(x, residual)
         return x
 
@@ -158,4 +182,30 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> set[str]:
         """Load Hugging Face-named weights; returns the names of the parameters that were filled."""
-        return load_hf_weights(self, weights, ("model.",), self._stacked, self.tied)
+        # A checkpoint's lm_head.weight is skipped where the head shares the embedding's parameter.
+        shared = self.tied and self.first
+        return load_hf_weights(self, self._of_this_stage(weights), ("model.",), self._stacked, shared)
+
+    _LAYER = re.compile(r"((?:model\.)?layers\.)(\d+)(\..*)")
+
+    def _of_this_stage(
+        self, weights: Iterable[tuple[str, LoadedWeight]]
+    ) -> Iterator[tuple[str, LoadedWeight]]:
+        """The checkpoint weights this stage holds, layers renumbered from its first; a tied LM head
+        on a last stage without the embedding takes the embedding's weight as its own."""
+        for name, w in weights:
+            m = self._LAYER.fullmatch(name)
+            if m:
+                i = int(m[2]) - self.start_layer
+                if 0 <= i < len(self.layers):
+                    yield f"{m[1]}{i}{m[3]}", w
+            elif "embed_tokens." in name:
+                if self.first:
+                    yield name, w
+                elif self.last and self.tied:
+                    yield "lm_head.weight", w
+            elif name.startswith(("model.norm.", "norm.", "lm_head.")):
+                if self.last and not (name.startswith("lm_head.") and self.tied and not self.first):
+                    yield name, w
+            else:
+                yield name, w

@@ -34,7 +34,7 @@ from distgen.structured_output import GrammarMatchers
 from distgen.workers.cuda_graphs import DecodeGraphs
 from distgen.workers.input_batch import CachedRequestState, RequestStates
 from distgen.workers.sampled_output import SampledOutput
-from distgen.workers.step_inputs import StepInputBuilder
+from distgen.workers.step_inputs import StepInputBuilder, StepInputs
 
 logger = logging.getLogger("distgen")
 
@@ -65,7 +65,8 @@ class ModelRunner:
         self.inputs = StepInputBuilder(
             self.block_size, attn.num_kv_heads, attn.head_dim, self.dtype, self.device
         )
-        self.is_driver = ps.tp_rank() == 0
+        self.is_driver = ps.is_driver()
+        self.hidden_size = int(source.hf_config["hidden_size"])
         self.graphs: DecodeGraphs | None = None
         self._meta_cache: tuple[tuple[int, list[str]], SamplingMetadata] | None = None
         # Structured outputs: rank 0 loads the tokenizer only when a request first asks for them.
@@ -73,13 +74,16 @@ class ModelRunner:
             lambda: source.load_tokenizer(config.model.tokenizer), self.vocab_size
         )
         # Async scheduling: the last sampling step's tokens on the device, and each request's row.
-        self.async_scheduling = config.scheduler.async_scheduling
+        # Under pipeline parallelism no step reads a token still being sampled (the scheduler holds
+        # back requests in flight), so there is nothing to keep.
+        self.async_scheduling = config.scheduler.async_scheduling and ps.pp_size() == 1
         self._last_sampled: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
 
     def _use_graphs(self) -> bool:
         eager = self.config.model.enforce_eager
-        return self.device.type == "cuda" and use_triton_on(self.device) and not eager
+        cuda = self.device.type == "cuda" and use_triton_on(self.device)
+        return cuda and not eager and ps.pp_size() == 1
 
     # -- KV cache -------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -162,8 +166,26 @@ class ModelRunner:
             fill = self._placeholder_fill(rows, step.cu)
             if fill is not None:
                 step.input_ids[fill[0]] = fill[1]
-            hidden, cu = self.model(step.input_ids, step.positions, step.meta), step.cu
+            hidden, cu = self._forward(step), step.cu
+            if hidden is None:  # a stage before the last: its output went on to the next stage
+                return None
         return self._sample(rows, counts, hidden, cu)
+
+    def _forward(self, step: StepInputs) -> torch.Tensor | None:
+        """The model on this step's inputs: the whole model, or this rank's pipeline stage, which takes
+        its input from the previous stage and sends its output to the next."""
+        if ps.pp_size() == 1:
+            return self.model(step.input_ids, step.positions, step.meta)
+        intermediate = None
+        if not ps.is_first_stage():
+            shape = (len(step.input_ids), self.hidden_size)
+            x, residual = ps.recv_from_prev([shape, shape], self.dtype, self.device)
+            intermediate = (x, residual)
+        out = self.model(step.input_ids, step.positions, step.meta, intermediate)
+        if ps.is_last_stage():
+            return out
+        ps.send_to_next(list(out))
+        return None
 
     def _placeholder_fill(
         self, rows: list[CachedRequestState], cu: np.ndarray

@@ -1,4 +1,4 @@
-"""One tensor-parallel rank: joins the group, holds a model shard and its KV cache slice."""
+"""One rank: joins its TP group and pipeline stage, holds a model shard and its KV cache slice."""
 
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ class Worker:
     ) -> None:
         self.config = config
         self.rank = rank
-        world = config.parallel.tensor_parallel_size
-        if world > 1:
-            backend = "nccl" if config.device.startswith("cuda") else "gloo"
-            ps.init_tp_group(rank, world, init_method or "", backend)
+        par = config.parallel
+        if par.world_size > 1:
+            backend = ps.default_backend(config.device)
+            ps.init_parallel_groups(
+                rank, par.tensor_parallel_size, par.pipeline_parallel_size, init_method or "", backend
+            )
         if config.device.startswith("cuda"):
             torch.cuda.set_device(rank if device_index is None else device_index)
         torch.manual_seed(config.model.seed)
@@ -49,4 +51,4 @@ class Worker:
         return self.runner.submit(sched)
 
     def shutdown(self) -> None:
-        ps.destroy_tp_group()
+        ps.destroy_parallel_groups()

@@ -19,13 +19,13 @@ def test_default_backend_is_nccl_on_cuda():
 
 
 def test_no_group_without_init_method():
-    ps.init_tp_group(0, 1, "", "gloo")
+    ps.init_parallel_groups(0, 1, 1, "", "gloo")
     try:
         assert not dist.is_initialized()
         x = torch.ones(3)
         assert ps.all_reduce(x) is x and ps.gather(x) is x
     finally:
-        ps.destroy_tp_group()
+        ps.destroy_parallel_groups()
 
 
 NCCL_OK = torch.cuda.is_available() and dist.is_nccl_available()
@@ -39,7 +39,7 @@ def test_collectives_in_a_group_of_one(backend):
     device = "cuda" if backend == "nccl" else "cpu"
     if device == "cuda":
         torch.cuda.set_device(0)
-    ps.init_tp_group(0, 1, f"tcp://127.0.0.1:{free_port()}", backend)
+    ps.init_parallel_groups(0, 1, 1, f"tcp://127.0.0.1:{free_port()}", backend)
     try:
         assert dist.is_initialized() and dist.get_backend() == backend
         assert (ps.tp_rank(), ps.tp_size()) == (0, 1)
@@ -56,5 +56,5 @@ def test_collectives_in_a_group_of_one(backend):
             torch.cuda.synchronize()
             assert torch.equal(buf, 2 * x)
     finally:
-        ps.destroy_tp_group()
+        ps.destroy_parallel_groups()
     assert not dist.is_initialized()

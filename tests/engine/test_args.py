@@ -58,7 +58,6 @@ def test_a_seed_torch_cannot_take_is_refused_before_the_model_loads(seed, tiny_m
     [
         ({"quantization": "awq"}, r"quantization='awq' is not supported"),
         ({"kv_cache_dtype": "fp8"}, r"kv_cache_dtype='fp8' is not supported"),
-        ({"pipeline_parallel_size": 2}, r"pipeline_parallel_size=2 is not supported.*tensor_parallel_size"),
         ({"tokenizer_mode": "mistral"}, r"tokenizer_mode='mistral' is not supported"),
         ({"load_format": "pt"}, r"load_format='pt' is not supported"),
         ({"load_format": "gguf"}, r"load_format='gguf', but the model path holds a Hugging Face directory"),

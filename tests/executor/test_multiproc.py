@@ -164,9 +164,15 @@ def test_uneven_tp_on_the_torch_attention_path(tiny_model_dir, references, monke
 SMOLLM2_TEXTS = ["The capital of France is", "def fibonacci(n):", "Why is the sky blue?", "Once upon a time,"]
 
 
-def _smollm2_greedy(tp: int) -> list[list[int]]:
+def smollm2_greedy(tp: int, pp: int = 1) -> list[list[int]]:
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    llm = LLM(tensor_parallel_size=tp, kv_cache_memory=64 << 20, block_size=4, dtype="float32")
+    llm = LLM(
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        kv_cache_memory=64 << 20,
+        block_size=4,
+        dtype="float32",
+    )
     outs = llm.generate(SMOLLM2_TEXTS * 2, params, use_tqdm=False)  # the second copies hit the cache
     assert llm.llm_engine.client.core.scheduler.kv.pool.num_hits > 0
     llm.shutdown()
@@ -174,8 +180,8 @@ def _smollm2_greedy(tp: int) -> list[list[int]]:
 
 
 @functools.cache
-def _smollm2_tp1() -> list[list[int]]:
-    return _smollm2_greedy(1)  # once for the tests below, run with their in-process engine core
+def smollm2_tp1() -> list[list[int]]:
+    return smollm2_greedy(1)  # once for the tests below, run with their in-process engine core
 
 
 @pytest.mark.slow
@@ -184,7 +190,7 @@ def test_smollm2_any_tp_matches_tp1(tp):
     """The default model (9 heads, 3 KV heads) at the sizes that split it unevenly: 5/4 and 3/2/2/2
     heads, the KV heads a rank's queries straddle held by both ranks (even splits: the tiny models at
     tp 2 and 3 above)."""
-    assert _smollm2_greedy(tp) == _smollm2_tp1()
+    assert smollm2_greedy(tp) == smollm2_tp1()
     assert _spawned_children() == []
 
 

@@ -130,6 +130,25 @@ def test_tp2_greedy_matches_tp1_and_transformers(arch, scenario, cluster, tiny_m
 
 
 @pytest.mark.slow
+def test_pp2_one_stage_per_node_matches_pp1(cluster, tiny_model_dir, hf_reference):
+    """Two pipeline stages on the two nodes (one CPU each): hidden states cross between the nodes'
+    workers, micro-batches in flight, with preemption; the tokens are pp=1's."""
+    path = tiny_model_dir("qwen3-4l")
+    kwargs = dict(dtype="float32", **PREEMPTION)
+    llm1 = LLM(path, kv_cache_memory=KV, **kwargs)
+    base = _generate(llm1, PROMPTS)
+    llm1.shutdown()
+    llm = _ray_llm(path, tp=1, pipeline_parallel_size=2, **kwargs)
+    assert len(_actor_pids()) == 2
+    got = _generate(llm, PROMPTS)
+    assert llm.llm_engine.get_stats().num_preemptions > 0
+    assert got == base
+    check_greedy_close(hf_reference("qwen3-4l", PROMPTS, MAX_NEW), got, "ray/qwen3-4l/pp2")
+    llm.shutdown()
+    _wait_no_actors()
+
+
+@pytest.mark.slow
 def test_default_model_at_tp2_on_ray_matches_tp1(cluster):
     """9 query heads on 2 actors: 5 and 4, the middle KV head on both, rank 1 starting inside its group."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -266,7 +285,7 @@ def test_startup_failure_names_the_rank(cluster, tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_too_many_ranks_for_the_cluster_fails_fast(cluster, tiny_model_dir):
     t0 = time.monotonic()
-    with pytest.raises(WorkerStartupError, match=r"tensor_parallel_size=4 needs 4 bundles .* has 2 CPU"):
+    with pytest.raises(WorkerStartupError, match=r"4 workers .* need 4 bundles .* has 2 CPU"):
         _ray_llm(tiny_model_dir("llama"), tp=4)
     assert time.monotonic() - t0 < 30
     assert _actor_pids() == []
