@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Submit `distgen serve` to a Ray cluster as a Ray job: the engine core runs in the job's driver
-# and places one actor per tensor-parallel rank (one GPU each) in a placement group.
+# and places one actor per rank (one GPU each) in a placement group: tp ranks per pipeline stage.
 #
 #   RAY_ADDRESS=http://HEAD_IP:8265 launch/submit_serve.sh /models/Qwen2-7B --tp 4
+#   RAY_ADDRESS=http://HEAD_IP:8265 launch/submit_serve.sh /models/Llama-3-70B --tp 8 --pp 2   # two nodes
 #   RAY_ADDRESS=http://HEAD_IP:8265 launch/submit_serve.sh /models/m --tp 2 --port 8001 --max-model-len 4096
 #
 # Arguments after the model and --tp go to `distgen serve` unchanged (vLLM's flag names). The job

@@ -1,7 +1,7 @@
 """The Ray launch scripts end to end on this machine: ``launch/start_head.sh`` brings a one-node
-cluster up, ``launch/submit_serve.sh`` submits ``distgen serve`` as a Ray job with three
-tensor-parallel ranks (Ray actors, on CPUs), the server answers a chat request, and ``ray job stop``
-ends it without leaving an engine, a rank or an actor behind.
+cluster up, ``launch/submit_serve.sh`` submits ``distgen serve --tp 2 --pp 2`` as a Ray job (four
+Ray actors on CPUs: two pipeline stages of two tensor-parallel ranks), the server answers a chat
+request, and ``ray job stop`` ends it without leaving an engine, a rank or an actor behind.
 
 The cluster uses token authentication with a token made up for this test (``RAY_AUTH_TOKEN``, nothing
 written under ``~/.ray``), and free ports for everything Ray would otherwise take at a fixed one.
@@ -77,7 +77,7 @@ def test_submit_serve_as_a_ray_job_then_stop_it(cluster_env, tmp_path):
     from distgen.model_loader.gguf import default_model_path
 
     env = cluster_env
-    ports = ["--num-cpus", "3", "--ray-client-server-port", str(free_port())]
+    ports = ["--num-cpus", "4", "--ray-client-server-port", str(free_port())]
     ports += ["--dashboard-agent-listen-port", str(free_port())]
     head = subprocess.run(
         ["launch/start_head.sh", *ports], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
@@ -90,7 +90,7 @@ def test_submit_serve_as_a_ray_job_then_stop_it(cluster_env, tmp_path):
     log = tmp_path / "submit.log"
     with open(log, "w") as out:
         submit = subprocess.Popen(
-            ["launch/submit_serve.sh", default_model_path(), "--tp", "3", "--port", str(http)],
+            ["launch/submit_serve.sh", default_model_path(), "--tp", "2", "--pp", "2", "--port", str(http)],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -118,7 +118,7 @@ def test_submit_serve_as_a_ray_job_then_stop_it(cluster_env, tmp_path):
             },
         )
         assert "Paris" in reply["choices"][0]["message"]["content"]
-        assert "3 Ray actors on 1 node(s)" in log.read_text()  # the ranks really are Ray actors
+        assert "4 Ray actors on 1 node(s)" in log.read_text()  # the ranks really are Ray actors
 
         jobs = subprocess.run(
             [str(BIN / "ray"), "job", "list"], env=env, capture_output=True, text=True, timeout=60
