@@ -175,8 +175,7 @@ class AsyncLLM:
 
     def _fail_requests(self, error: ReplicaDeadError) -> None:
         """A data-parallel replica died: the requests it held end with ``error`` (their children on
-        other replicas are aborted); every other request goes on."""
-        logger.error("%s", error)
+        other replicas are aborted); every other request goes on. The client logged the death."""
         for request_id in self.output_processor.parents_of(error.request_ids):
             queue = self._queues.get(request_id)
             self.abort(request_id)

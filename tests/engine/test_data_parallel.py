@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -65,6 +67,49 @@ def test_data_parallel_size_is_checked_and_the_in_process_client_refuses_it(tiny
     monkeypatch.setenv("DISTGEN_ENABLE_MULTIPROCESSING", "0")
     with pytest.raises(ValueError, match="DISTGEN_ENABLE_MULTIPROCESSING=0"):
         EngineCoreClient.make(config, source)
+
+
+def test_cpu_workers_of_every_replica_split_the_hosts_cores(tiny_model_dir, monkeypatch):
+    """Replica r's rank k takes share r*tp + k of dp*tp: the replicas' threads never share a core."""
+    from distgen.engine.dp_client import replica_config
+    from distgen.executor import worker_loop
+    from distgen.workers.cpu_threads import plan
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(worker_loop, "configure", lambda spec, rank, size: calls.append((rank, size)))
+    config, _ = EngineArgs(
+        model=tiny_model_dir("llama"), data_parallel_size=2, tensor_parallel_size=2, device="cpu"
+    ).create_config()
+    for dp_rank in (0, 1):
+        for rank in (0, 1):
+            worker_loop.setup_cpu_threads(replica_config(config, dp_rank), rank, 2)
+    assert calls == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    monkeypatch.setattr("distgen.workers.cpu_threads.physical_cores", lambda cpus: sorted(cpus))
+    assert [plan("auto", r, 4, list(range(8))) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+SCRIPT = """
+import os, sys
+from distgen import LLM, SamplingParams
+llm = LLM(sys.argv[1], data_parallel_size=2, kv_cache_memory=16 << 20)
+llm.generate("Hello", SamplingParams(max_tokens=2), use_tqdm=False)
+client = llm.llm_engine.client
+print("PIDS", *client.pids, *client.ready.worker_pids, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_front_end_leaves_no_replica_behind(tiny_model_dir, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), tiny_model_dir("llama")], capture_output=True, text=True
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PIDS")), None)
+    assert line is not None and proc.returncode == -9, proc.stderr[-3000:]
+    pids = [int(p) for p in line.split()[1:]]
+    assert len(pids) >= 2 and wait_gone(pids) == [], "a replica outlived its front end"
 
 
 def _spy_routing(client) -> list[int]:
@@ -129,9 +174,13 @@ def test_an_abort_goes_to_the_replica_that_holds_the_request(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_a_dead_replica_ends_only_its_requests_and_the_others_serve_on(tiny_model_dir):
+@pytest.mark.parametrize("kill", ["core", "worker"])
+def test_a_dead_replica_ends_only_its_requests_and_the_others_serve_on(kill, tiny_model_dir):
+    """The replica's engine-core process killed, or its only worker with recovery off (the core then
+    reports its engine dead and exits)."""
+    workers = dict(distributed_executor_backend="mp", max_worker_restarts=0) if kill == "worker" else {}
     engine = AsyncLLM.from_engine_args(
-        EngineArgs(model=tiny_model_dir("llama"), kv_cache_memory=KV, data_parallel_size=2)
+        EngineArgs(model=tiny_model_dir("llama"), kv_cache_memory=KV, data_parallel_size=2, **workers)
     )
     client = engine.client
     long = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
@@ -149,7 +198,8 @@ def test_a_dead_replica_ends_only_its_requests_and_the_others_serve_on(tiny_mode
             await asyncio.sleep(0.005)
         owner = dict(client.router.owner)
         victim = owner["a"]
-        os.kill(client.pids[victim], signal.SIGKILL)
+        rep = client.replicas[victim].ready
+        os.kill(rep.pid if kill == "core" else rep.worker_pids[0], signal.SIGKILL)
         for rid, task in tasks.items():
             if owner[rid] == victim:
                 with pytest.raises(ReplicaDeadError, match=f"data-parallel replica {victim} is dead"):
@@ -166,4 +216,5 @@ def test_a_dead_replica_ends_only_its_requests_and_the_others_serve_on(tiny_mode
     finally:
         engine.shutdown()
     assert time.monotonic() - t0 < 30
-    assert wait_gone(client.pids) == [] and not any(process_alive(p) for p in client.pids)
+    pids = client.pids + client.ready.worker_pids
+    assert wait_gone(pids) == [] and not any(process_alive(p) for p in pids)
