@@ -189,7 +189,7 @@ class _DPClientBase(EngineCoreClient):
             if s is None:
                 continue
             if self._dead[rank] is not None:
-                s = msgspec.structs.replace(s, num_running=0, num_waiting=0, recovering=False)
+                s = msgspec.structs.replace(s, num_running=0, num_waiting=0)
             stats.append(s)
             blocks.append(0 if self._dead[rank] is not None else self.replicas[rank].ready.num_blocks)
         return sum_stats(stats, blocks) if stats else None

@@ -59,9 +59,11 @@ class Router:
 
 
 def sum_stats(stats: list[SchedulerStatsMsg], blocks: list[int]) -> SchedulerStatsMsg:
-    """One engine's stats from its replicas' (counters summed; a replica's ``blocks`` weighs its KV
-    usage)."""
+    """One engine's stats from its replicas': counters summed, KV usage weighed by each replica's
+    ``blocks`` (0 for a dead one, which counts in the counters only). The engine is ``recovering``
+    (``/health`` 503) only while every live replica is: until then the others serve."""
     total_blocks = sum(blocks)
+    live = [s for s, b in zip(stats, blocks) if b > 0]
     usage = sum(s.kv_cache_usage * b for s, b in zip(stats, blocks)) / total_blocks if total_blocks else 0.0
     return SchedulerStatsMsg(
         num_running=sum(s.num_running for s in stats),
@@ -70,7 +72,7 @@ def sum_stats(stats: list[SchedulerStatsMsg], blocks: list[int]) -> SchedulerSta
         prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
         prefix_cache_hits=sum(s.prefix_cache_hits for s in stats),
         num_preemptions=sum(s.num_preemptions for s in stats),
-        recovering=any(s.recovering for s in stats),
+        recovering=bool(live) and all(s.recovering for s in live),
         num_worker_restarts=sum(s.num_worker_restarts for s in stats),
         num_recovered_requests=sum(s.num_recovered_requests for s in stats),
     )

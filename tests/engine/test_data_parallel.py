@@ -55,8 +55,10 @@ def test_stats_are_summed_and_kv_usage_is_weighted_by_blocks():
     b = SchedulerStatsMsg(1, 0, 0.1, 6, 2, 0, recovering=True)
     s = sum_stats([a, b], [100, 300])
     assert (s.num_running, s.num_waiting, s.prefix_cache_queries, s.prefix_cache_hits) == (3, 1, 16, 6)
-    assert s.num_preemptions == 1 and s.num_worker_restarts == 1 and s.recovering
+    assert s.num_preemptions == 1 and s.num_worker_restarts == 1
     assert s.kv_cache_usage == pytest.approx((50 + 30) / 400)
+    assert not s.recovering  # replica a still serves: /health stays 200
+    assert sum_stats([a, b], [0, 300]).recovering  # a is dead, the only live one recovers
 
 
 def test_data_parallel_size_is_checked_and_the_in_process_client_refuses_it(tiny_model_dir, monkeypatch):
