@@ -114,6 +114,16 @@ def test_a_killed_front_end_leaves_no_replica_behind(tiny_model_dir, tmp_path):
     assert len(pids) >= 2 and wait_gone(pids) == [], "a replica outlived its front end"
 
 
+@pytest.mark.slow
+def test_a_replica_that_cannot_start_fails_the_start_and_stops_the_others(tiny_model_dir):
+    from tests.engine.test_core_client import _children
+
+    before = _children()
+    with pytest.raises(ValueError, match="does not fit one block"):
+        LLM(tiny_model_dir("llama"), kv_cache_memory=1, data_parallel_size=2)
+    assert wait_gone(list(_children() - before)) == []
+
+
 def _spy_routing(client) -> list[int]:
     seen: list[int] = []
     route = client.router.route
@@ -150,7 +160,7 @@ def test_replicas_give_one_engines_greedy_outputs_and_share_the_batch(tp, tiny_m
 
 
 @pytest.mark.slow
-def test_an_abort_goes_to_the_replica_that_holds_the_request(tiny_model_dir):
+def test_an_abort_goes_to_the_replica_that_holds_the_request_then_one_dies_under_llm(tiny_model_dir):
     llm = LLM(tiny_model_dir("llama"), kv_cache_memory=KV, data_parallel_size=2)
     engine = llm.llm_engine
     client = engine.client
@@ -171,6 +181,17 @@ def test_an_abort_goes_to_the_replica_that_holds_the_request(tiny_model_dir):
         assert len(done[0].outputs[0].token_ids) == 400
         stats = engine.get_stats()
         assert stats.num_running == 0 and stats.num_waiting == 0  # b ended in its replica too
+
+        # LLM.generate: a replica dying mid-batch raises from the call; the next call runs on the other.
+        victim = client.pids[0]
+        engine.add_request({"prompt_token_ids": [5, 6, 7]}, long, request_id="c")
+        engine.step()
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(ReplicaDeadError, match="data-parallel replica 0 is dead"):
+            llm.generate(PROMPTS[:2], long, use_tqdm=False)
+        assert not engine.has_unfinished_requests() and client.router.owner == {}
+        outs = llm.generate(PROMPTS[:4], GREEDY, use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [GREEDY.max_tokens] * 4
     finally:
         llm.shutdown()
 
