@@ -7,6 +7,8 @@
   user's ``__main__``, so scripts need no ``if __name__ == "__main__"`` guard. The front end binds
   two ipc sockets in a private temporary directory, hands their paths to the child, and waits for its
   :class:`EngineCoreReady` handshake (or its error) with a timeout.
+- With ``data_parallel_size > 1``, :meth:`EngineCoreClient.make` returns a client over several of
+  them (``engine/dp_client.py``).
 
 While waiting for outputs, the clients poll with a short timeout and check in between that the
 engine-core process is alive: a dead core becomes :class:`EngineDeadError`, never a hang.
