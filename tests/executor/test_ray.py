@@ -135,7 +135,8 @@ def test_two_data_parallel_replicas_each_with_its_placement_group(cluster, tiny_
     so one actor lands on each node; the outputs are transformers'."""
     kwargs = dict(dtype="float32", kv_cache_memory=KV, distributed_executor_backend="ray")
     llm = LLM(tiny_model_dir("llama"), data_parallel_size=2, **kwargs)
-    assert len(_actor_pids()) == 2 and ray.available_resources().get("CPU", 0) == 0
+    groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+    assert len(_actor_pids()) == 2 and len(groups) == 2
     got = _generate(llm, PROMPTS)
     llm.shutdown()
     _wait_no_actors()
