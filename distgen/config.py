@@ -207,8 +207,19 @@ class ParallelConfig:
     max_worker_restarts: int = 3
     worker_restart_window_s: float = 600.0
     worker_step_timeout_s: float | None = 300.0  # None: wait for a step however long it takes
+    # Engine replicas behind one front end (engine/dp_client.py); each replica's config carries its own
+    # rank, so its workers take their share of this host's cores (and GPUs) next to the other replicas'.
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
 
     def __post_init__(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}.")
+        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(
+                f"data_parallel_rank must be in [0, {self.data_parallel_size}), "
+                f"got {self.data_parallel_rank}."
+            )
         if self.max_worker_restarts < 0:
             raise ValueError(f"max_worker_restarts must be >= 0, got {self.max_worker_restarts}.")
         if not self.worker_restart_window_s > 0:

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: SmolLM2)")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size: Ray actors, one per rank")
     ap.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size: stages of --tp actors each")
+    ap.add_argument("--dp", type=int, default=1, help="data_parallel_size: engine replicas, --tp ranks each")
     ap.add_argument("--input", required=True, help=".jsonl ({'prompt'} or {'messages'}) or a text file")
     ap.add_argument("--output", default=None, help="where to write the JSON lines (default: stdout)")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model,
         tensor_parallel_size=args.tp,
         pipeline_parallel_size=args.pp,
+        data_parallel_size=args.dp,
         distributed_executor_backend="ray",
         max_model_len=args.max_model_len,
         seed=args.seed,

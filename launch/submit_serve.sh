@@ -5,6 +5,7 @@
 #   RAY_ADDRESS=http://HEAD_IP:8265 launch/submit_serve.sh /models/Qwen2-7B --tp 4
 #   RAY_ADDRESS=http://HEAD_IP:8265 launch/submit_serve.sh /models/Llama-3-70B --tp 8 --pp 2   # two nodes
 #   RAY_ADDRESS=http://HEAD_IP:8265 launch/submit_serve.sh /models/m --tp 2 --port 8001 --max-model-len 4096
+#   RAY_ADDRESS=http://HEAD_IP:8265 launch/submit_serve.sh /models/m --tp 2 -dp 4    # 4 replicas of 2 ranks
 #
 # Arguments after the model and --tp go to `distgen serve` unchanged (vLLM's flag names). The job
 # uploads this directory (--working-dir .), so run it from the distgen checkout; the model path is read

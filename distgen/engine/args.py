@@ -41,6 +41,7 @@ class EngineArgs:
     seed: int = 0
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1  # engine replicas behind one front end, each with tensor_parallel_size ranks
     distributed_executor_backend: str | None = None
     block_size: int = 16
     kv_cache_memory: int | None = None
@@ -250,6 +251,7 @@ class EngineArgs:
                 self.max_worker_restarts,
                 self.worker_restart_window_s,
                 self.worker_step_timeout_s,
+                self.data_parallel_size,
             ),
             device=device,
         ), source

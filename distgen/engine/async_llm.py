@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator
 
 from distgen.config import EngineConfig
 from distgen.engine.args import EngineArgs
-from distgen.engine.core_client import AsyncMPClient
-from distgen.engine.exceptions import EngineDeadError
+from distgen.engine.core_client import AsyncMPClient, EngineCoreClient
+from distgen.engine.dp_client import AsyncDPClient
+from distgen.engine.exceptions import EngineDeadError, ReplicaDeadError
 from distgen.engine.input_processor import InputProcessor, NewRequest, PromptType
 from distgen.engine.messages import EngineCoreOutputs, SchedulerStatsMsg
 from distgen.engine.output_processor import OutputProcessor
@@ -39,7 +40,9 @@ class AsyncLLM:
         def load_inputs() -> None:  # the tokenizer loads while the engine core loads the model
             self.input_processor = InputProcessor(config, source)
 
-        self.client = AsyncMPClient(config, source, while_starting=load_inputs)
+        client = EngineCoreClient.make(config, source, asyncio_mode=True, while_starting=load_inputs)
+        assert isinstance(client, AsyncMPClient | AsyncDPClient)
+        self.client = client
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
         self.last_stats: SchedulerStatsMsg | None = None
@@ -156,7 +159,12 @@ class AsyncLLM:
     async def _run_output_handler(self) -> None:
         try:
             while True:
-                self._process(await self.client.get_output_async())
+                try:
+                    core_out = await self.client.get_output_async()
+                except ReplicaDeadError as e:
+                    self._fail_requests(e)
+                    continue
+                self._process(core_out)
         except asyncio.CancelledError:
             raise
         except BaseException as e:
@@ -164,6 +172,15 @@ class AsyncLLM:
             self._dead = dead
             logger.error("%s", self._dead)
             self.end_all(dead)  # dead: nothing is sent to the engine core
+
+    def _fail_requests(self, error: ReplicaDeadError) -> None:
+        """A data-parallel replica died: the requests it held end with ``error`` (their children on
+        other replicas are aborted); every other request goes on. The client logged the death."""
+        for request_id in self.output_processor.parents_of(error.request_ids):
+            queue = self._queues.get(request_id)
+            self.abort(request_id)
+            if queue is not None:
+                queue.put_nowait(error)
 
     def _process(self, core_out: EngineCoreOutputs) -> None:
         now = time.time()

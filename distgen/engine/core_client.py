@@ -7,6 +7,8 @@
   user's ``__main__``, so scripts need no ``if __name__ == "__main__"`` guard. The front end binds
   two ipc sockets in a private temporary directory, hands their paths to the child, and waits for its
   :class:`EngineCoreReady` handshake (or its error) with a timeout.
+- With ``data_parallel_size > 1``, :meth:`EngineCoreClient.make` returns a client over several of
+  them (``engine/dp_client.py``).
 
 While waiting for outputs, the clients poll with a short timeout and check in between that the
 engine-core process is alive: a dead core becomes :class:`EngineDeadError`, never a hang.
@@ -111,6 +113,18 @@ class EngineCoreClient(ABC):
         """The client of a new engine core. ``while_starting`` is the caller's own start-up work (the
         tokenizer, ...): it runs while the engine core process boots and loads the model, and the core
         is stopped if it raises."""
+        if config.parallel.data_parallel_size > 1:
+            from distgen.engine.dp_client import AsyncDPClient, SyncDPClient
+
+            if asyncio_mode:
+                return AsyncDPClient(config, source, while_starting)
+            if not envs().enable_multiprocessing:
+                raise ValueError(
+                    "data_parallel_size > 1 runs each replica in an engine-core process of its own; "
+                    "DISTGEN_ENABLE_MULTIPROCESSING=0 (the engine core in-process, for debugging) "
+                    f"takes data_parallel_size=1, got {config.parallel.data_parallel_size}"
+                )
+            return SyncDPClient(config, source, while_starting)
         if asyncio_mode:
             return AsyncMPClient(config, source, while_starting)
         if envs().enable_multiprocessing:
@@ -165,7 +179,10 @@ class _CoreProcess:
     answered: bool = False
 
     @classmethod
-    def start(cls, config: EngineConfig, source: ModelSource) -> _CoreProcess:
+    def start(
+        cls, config: EngineConfig, source: ModelSource, env: dict[str, str] | None = None
+    ) -> _CoreProcess:
+        """Spawn the engine core; ``env`` replaces the child's environment (default: this one's)."""
         ipc_dir = tempfile.mkdtemp(prefix="distgen-core-")
         ctx = zmq.Context()
         inp, out = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
@@ -187,7 +204,7 @@ class _CoreProcess:
         try:
             cmd = [sys.executable, "-m", "distgen.engine.core_main"]
             with held_signals():  # a stop now would leave the core reading half its arguments
-                res.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+                res.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env)
                 assert res.proc.stdin is not None
                 res.proc.stdin.write(pickle.dumps(args))
                 res.proc.stdin.close()
@@ -226,13 +243,19 @@ class _CoreProcess:
 
 class _MPClientBase(EngineCoreClient):
     def __init__(
-        self, config: EngineConfig, source: ModelSource, while_starting: Callable[[], None] | None = None
+        self,
+        config: EngineConfig,
+        source: ModelSource,
+        while_starting: Callable[[], None] | None = None,
+        proc: _CoreProcess | None = None,
     ) -> None:
+        """``proc``: an engine core already started (data parallelism starts its replicas together and
+        then waits for each); this client owns it from here on."""
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(EngineCoreMessage)
         self._dead: str | None = None
         t0 = time.monotonic()
-        self._proc = _CoreProcess.start(config, source)
+        self._proc = proc if proc is not None else _CoreProcess.start(config, source)
         self._finalizer = weakref.finalize(self, self._proc.close)
         try:
             if while_starting is not None:
@@ -330,9 +353,13 @@ class SyncMPClient(_MPClientBase):
 
 class AsyncMPClient(_MPClientBase):
     def __init__(
-        self, config: EngineConfig, source: ModelSource, while_starting: Callable[[], None] | None = None
+        self,
+        config: EngineConfig,
+        source: ModelSource,
+        while_starting: Callable[[], None] | None = None,
+        proc: _CoreProcess | None = None,
     ) -> None:
-        super().__init__(config, source, while_starting)
+        super().__init__(config, source, while_starting, proc)
         # The same socket, awaited on the event loop (inputs stay synchronous: a PUSH send queues).
         self._output = zmq.asyncio.Socket.from_socket(self._proc.output)
 

@@ -9,6 +9,17 @@ class EngineDeadError(RuntimeError):
     """A worker process died or raised: the engine cannot run any more steps."""
 
 
+class ReplicaDeadError(EngineDeadError):
+    """One data-parallel replica died while others still serve: only its requests end.
+
+    ``request_ids`` are the engine-core ids it held (the children of an n>1 request included); the
+    front end fails each one's request with this error and goes on."""
+
+    def __init__(self, message: str, request_ids: list[str]) -> None:
+        super().__init__(message)
+        self.request_ids = request_ids
+
+
 class WorkerStartupError(RuntimeError):
     """A worker process failed to start (for example while loading its model shard)."""
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from distgen.config import EngineConfig
 from distgen.engine.args import EngineArgs
 from distgen.engine.core_client import EngineCoreClient
+from distgen.engine.exceptions import ReplicaDeadError
 from distgen.engine.input_processor import InputProcessor, PromptType
 from distgen.engine.output_processor import OutputProcessor
 from distgen.model_loader.loader import ModelSource
@@ -105,7 +106,12 @@ class LLMEngine:
         return self.output_processor.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        core_out = self.client.get_output()
+        try:
+            core_out = self.client.get_output()
+        except ReplicaDeadError as e:
+            # A data-parallel replica died: its requests end with the error; the others stay.
+            self.abort_request(self.output_processor.parents_of(e.request_ids))
+            raise
         if core_out.stats is not None:
             self.last_stats = core_out.stats
         outputs, to_abort = self.output_processor.process_outputs(core_out.outputs)

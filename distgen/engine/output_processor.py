@@ -83,6 +83,11 @@ class OutputProcessor:
     def has_unfinished(self) -> bool:
         return bool(self.parents)
 
+    def parents_of(self, child_ids: list[str]) -> list[str]:
+        """The user requests these engine-core ids belong to, each once; unknown ids are skipped."""
+        found = (self.child_to_parent.get(c) for c in child_ids)
+        return list(dict.fromkeys(f[0].request_id for f in found if f is not None))
+
     def abort_request(self, request_id: str) -> list[str]:
         """Forget a user request; returns its child ids for the engine core to abort."""
         parent = self.parents.pop(request_id, None)

@@ -36,6 +36,8 @@ ENGINE_HELP = {
     "seed": "seed for requests that carry none",
     "max_model_len": "longest sequence, prompt plus output (default: the model's limit)",
     "tensor_parallel_size": "tensor-parallel ranks, 1 to the number of attention heads",
+    "data_parallel_size": "engine replicas, each with --tensor-parallel-size ranks; a request goes to the "
+    "least loaded one",
     "distributed_executor_backend": "uni | mp | ray (default: uni for one rank, mp for more, "
     "ray inside a connected Ray cluster)",
     "block_size": "tokens per KV cache block",
@@ -84,7 +86,11 @@ ENGINE_HELP = {
     "between the workers of a machine) | nobind | CPU lists per worker, 0-3|4-7 "
     "(default: $DISTGEN_CPU_OMP_THREADS_BIND, else auto)",
 }
-_ALIASES = {"tensor_parallel_size": ["-tp", "--tp"], "pipeline_parallel_size": ["-pp", "--pp"]}
+_ALIASES = {
+    "tensor_parallel_size": ["-tp", "--tp"],
+    "pipeline_parallel_size": ["-pp", "--pp"],
+    "data_parallel_size": ["-dp", "--dp"],
+}
 _UNITS = {
     "": 1,
     "b": 1,

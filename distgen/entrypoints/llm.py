@@ -26,8 +26,9 @@ class LLM:
 
     ``LLM()`` loads the embedded default model (SmolLM2-135M-Instruct); ``model`` may be a Hugging
     Face directory or a ``.gguf`` file. Keyword arguments are the engine's (vLLM's names):
-    ``dtype``, ``seed``, ``max_model_len``, ``tensor_parallel_size``, ``kv_cache_memory``,
-    ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ``generation_config``...
+    ``dtype``, ``seed``, ``max_model_len``, ``tensor_parallel_size``, ``data_parallel_size``,
+    ``kv_cache_memory``, ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``,
+    ``generation_config``...
     ``reasoning_parser`` (``"qwen3"``, ``"deepseek_r1"``), as vLLM's: the model's thinking is left
     free, and a structured-output constraint holds from the end of it (``</think>``).
     """

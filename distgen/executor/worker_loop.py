@@ -60,9 +60,14 @@ class WorkerArgs:
 
 def setup_cpu_threads(config: EngineConfig, local_rank: int, local_size: int) -> None:
     """A CPU worker takes its share of this machine's cores (workers/cpu_threads.py); a GPU worker
-    keeps its share of torch's threads for host work."""
+    keeps its share of torch's threads for host work. The ranks of every data-parallel replica on
+    this host count as one set (replica r's ranks come after the r replicas before it), so replicas
+    split the cores instead of each taking all of them."""
     import torch
 
+    par = config.parallel
+    local_rank += par.data_parallel_rank * local_size
+    local_size *= par.data_parallel_size
     if config.device == "cpu":
         configure(config.parallel.cpu_omp_threads_bind, local_rank, local_size)
     else:

@@ -149,6 +149,21 @@ def test_pp2_one_stage_per_node_matches_pp1(cluster, tiny_model_dir, hf_referenc
 
 
 @pytest.mark.slow
+def test_two_data_parallel_replicas_each_with_its_placement_group(cluster, tiny_model_dir, hf_reference):
+    """dp=2 on the two one-CPU nodes: each replica's engine core places its own group (one bundle),
+    so one actor lands on each node; the outputs are transformers'."""
+    kwargs = dict(dtype="float32", kv_cache_memory=KV, distributed_executor_backend="ray")
+    llm = LLM(tiny_model_dir("llama"), data_parallel_size=2, **kwargs)
+    groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+    assert len(_actor_pids()) == 2 and len(groups) == 2
+    got = _generate(llm, PROMPTS)
+    llm.shutdown()
+    _wait_no_actors()
+    assert check_greedy_close(hf_reference("llama", PROMPTS, MAX_NEW), got, "ray dp=2") >= 0.5
+    assert ray.available_resources().get("CPU") == 2  # both placement groups are gone
+
+
+@pytest.mark.slow
 def test_default_model_at_tp2_on_ray_matches_tp1(cluster):
     """9 query heads on 2 actors: 5 and 4, the middle KV head on both, rank 1 starting inside its group."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
