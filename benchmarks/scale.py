@@ -1,11 +1,13 @@
 """Scale-out layouts side by side: step time, bytes moved per step, and the pipeline bubble.
 
-Runs one batch (greedy, ignore_eos) under each layout, one engine at a time, the engine core in this
-process so its steps can be counted, and prints per layout: output tok/s, steps, mean step time, the
-control-plane bytes the executor broadcast per step (measured: the encoded messages times the ranks
-they go to) and the data-plane bytes per step (from each step's scheduled token count and the model's
-shapes: TP's all-reduces and logits gather, PP's hidden states and residual between stages), and what
-those bytes would cost per step over NVLink (450 GB/s a direction) and 100 Gb/s Ethernet.
+Runs one batch (greedy, ignore_eos) under each layout, one engine at a time, each in a fresh process
+(a process that ran a model before keeps OpenMP threads that compete with the workers), the engine
+core in that process so its steps can be counted, and prints per layout: output tok/s, steps, mean
+step time, the control-plane bytes the executor broadcast per step (measured: the encoded messages
+times the ranks they go to) and the data-plane bytes per step (from each step's scheduled token count
+and the model's shapes: TP's all-reduces and logits gather, PP's hidden states and residual between
+stages), and what those bytes would cost per step over NVLink (450 GB/s a direction) and 100 Gb/s
+Ethernet.
 
 ``pp2-serial`` is pp 2 with one step in flight (micro-batching off): one stage works while the other
 waits, the bubble that micro-batching removes. Layouts: tp1 tp2 pp2 pp2-serial tp2xpp2 dp2.
@@ -16,8 +18,11 @@ waits, the bubble that micro-batching removes. Layouts: tp1 tp2 pp2 pp2-serial t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -88,8 +93,12 @@ def data_plane_bytes(shape: dict, tp: int, pp: int, tokens: int, sampled: int, e
 
 def run_layout(name: str, model: str | None, prompts: list, params: SamplingParams) -> dict:
     kwargs = dict(LAYOUTS[name])
-    if len(kwargs) and "data_parallel_size" not in kwargs:
+    dp = "data_parallel_size" in kwargs
+    if len(kwargs) and not dp:
         kwargs["distributed_executor_backend"] = "mp"
+    # The engine core in this process, so that its steps are counted; replicas need processes of
+    # their own (their steps are not counted).
+    os.environ["DISTGEN_ENABLE_MULTIPROCESSING"] = "1" if dp else "0"
     llm = LLM(model, dtype="float32", kv_cache_memory=256 << 20, **kwargs)
     core = getattr(llm.llm_engine.client, "core", None)
     if name.endswith("-serial"):
@@ -119,22 +128,34 @@ def run_layout(name: str, model: str | None, prompts: list, params: SamplingPara
     )
 
 
+def _in_child(name: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--one", name, "--requests", str(args.requests)]
+    cmd += ["--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens)]
+    if args.model:
+        cmd += ["--model", args.model]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: one layout, JSON out
     ap.add_argument("--layouts", default="tp1,tp2,pp2,pp2-serial,dp2")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
-    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
-    os.environ["DISTGEN_ENABLE_MULTIPROCESSING"] = "0"  # the engine core here: its steps are counted
     prompts = [
         {"prompt_token_ids": [100 + 13 * i + j for j in range(args.prompt_len)]} for i in range(args.requests)
     ]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    if args.one:
+        print(json.dumps(run_layout(args.one, args.model, prompts, params)))
+        return
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; float32")
     print(f"{args.requests} requests x {args.prompt_len} prompt tokens -> {args.max_tokens} new tokens\n")
-    rows = [run_layout(name, args.model, prompts, params) for name in args.layouts.split(",")]
+    rows = [_in_child(name, args) for name in args.layouts.split(",")]
     base = rows[0]
     head = (
         "layout        tok/s  vs first  steps  ms/step  control kB/step  data kB/step  NVLink us  100GbE us"
