@@ -61,7 +61,7 @@ def replica_config(config: EngineConfig, rank: int) -> EngineConfig:
 
 def replica_env(config: EngineConfig, rank: int, ray_address: str | None) -> dict[str, str] | None:
     """The environment of replica ``rank``'s engine core (None: this process's). On CUDA without Ray,
-    the replica sees only its own ``tensor_parallel_size`` GPUs, since each executor numbers its
+    the replica sees only its own ``tp x pp`` GPUs, since each executor numbers its
     ranks' devices from 0 (Ray gives each actor its GPU itself); with Ray, every replica joins the
     same instance."""
     par = config.parallel
@@ -69,15 +69,15 @@ def replica_env(config: EngineConfig, rank: int, ray_address: str | None) -> dic
         return dict(os.environ, RAY_ADDRESS=ray_address)
     if config.device != "cuda" or par.distributed_executor_backend == "ray":
         return None
-    tp, dp = par.tensor_parallel_size, par.data_parallel_size
+    world, dp = par.world_size, par.data_parallel_size
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(i) for i in range(dp * tp)]
-    if len(devices) < dp * tp:
+    devices = visible.split(",") if visible else [str(i) for i in range(dp * world)]
+    if len(devices) < dp * world:
         raise ValueError(
-            f"data_parallel_size {dp} x tensor_parallel_size {tp} needs {dp * tp} GPUs; "
-            f"CUDA_VISIBLE_DEVICES={visible!r} shows {len(devices)}"
+            f"data_parallel_size {dp} x {world} workers per replica (tensor x pipeline parallel) needs "
+            f"{dp * world} GPUs; CUDA_VISIBLE_DEVICES={visible!r} shows {len(devices)}"
         )
-    return dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(devices[rank * tp : (rank + 1) * tp]))
+    return dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(devices[rank * world : (rank + 1) * world]))
 
 
 def _start_ray(config: EngineConfig) -> str | None:
@@ -91,7 +91,7 @@ def _start_ray(config: EngineConfig) -> str | None:
     if ray.is_initialized():
         return None  # the replicas find it with address="auto", as a single engine core does
     par = config.parallel
-    connect_ray(par.data_parallel_size * par.tensor_parallel_size)
+    connect_ray(par.data_parallel_size * par.world_size)
     return ray.get_runtime_context().gcs_address
 
 

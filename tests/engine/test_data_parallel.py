@@ -90,6 +90,23 @@ def test_cpu_workers_of_every_replica_split_the_hosts_cores(tiny_model_dir, monk
     assert [plan("auto", r, 4, list(range(8))) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
+def test_each_replica_sees_its_own_gpus(tiny_model_dir, monkeypatch):
+    """On CUDA without Ray, replica r sees GPUs r*w .. r*w + w - 1, w = tp x pp of one replica."""
+    from dataclasses import replace
+
+    from distgen.engine.dp_client import replica_config, replica_env
+
+    args = dict(data_parallel_size=2, tensor_parallel_size=2, pipeline_parallel_size=2, device="cpu")
+    config, _ = EngineArgs(model=tiny_model_dir("llama"), **args).create_config()
+    config = replace(config, device="cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    seen = [replica_env(replica_config(config, r), r, None)["CUDA_VISIBLE_DEVICES"] for r in (0, 1)]
+    assert seen == ["0,1,2,3", "4,5,6,7"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    with pytest.raises(ValueError, match="needs 8 GPUs; CUDA_VISIBLE_DEVICES='0,1,2' shows 3"):
+        replica_env(replica_config(config, 0), 0, None)
+
+
 SCRIPT = """
 import os, sys
 from distgen import LLM, SamplingParams
