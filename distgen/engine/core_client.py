@@ -35,13 +35,6 @@ import zmq.asyncio
 
 from distgen.config import EngineConfig
 from distgen.engine.core_proc import EngineCoreProcArgs
-from distgen.engine.exceptions import (
-    SETTING_ERRORS,
-    EngineDeadError,
-    EngineStartupError,
-    WorkerStartupError,
-    describe_exit,
-)
 from distgen.engine.messages import (
     EngineCoreAbort,
     EngineCoreGetStats,
@@ -53,6 +46,13 @@ from distgen.engine.messages import (
     SchedulerStatsMsg,
 )
 from distgen.envs import envs
+from distgen.exceptions import (
+    SETTING_ERRORS,
+    EngineDeadError,
+    EngineStartupError,
+    WorkerStartupError,
+    describe_exit,
+)
 from distgen.model_loader.loader import ModelSource
 from distgen.signals import held_signals
 

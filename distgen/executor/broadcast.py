@@ -21,7 +21,7 @@ import zmq
 
 from distgen.config import EngineConfig
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from distgen.engine.exceptions import SETTING_ERRORS, EngineDeadError, WorkerStartupError
+from distgen.exceptions import SETTING_ERRORS, EngineDeadError, WorkerStartupError
 from distgen.executor.base import Executor
 from distgen.executor.messages import (
     Ack,

@@ -21,7 +21,7 @@ from distgen import LLM, SamplingParams
 from distgen.core.scheduler_output import NewRequestData, SchedulerOutput
 from distgen.distributed import parallel_state as ps
 from distgen.engine.args import EngineArgs
-from distgen.engine.exceptions import EngineDeadError, WorkerStartupError
+from distgen.exceptions import EngineDeadError, WorkerStartupError
 from distgen.kernels import dispatch
 from distgen.layers.linear import split_range
 from distgen.model_loader.loader import build_model, resolve_model

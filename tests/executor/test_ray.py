@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from distgen import LLM, SamplingParams
 from distgen.core.scheduler_output import NewRequestData, SchedulerOutput
 from distgen.engine.args import EngineArgs
-from distgen.engine.exceptions import EngineDeadError, WorkerStartupError
+from distgen.exceptions import EngineDeadError, WorkerStartupError
 from distgen.executor.base import Executor
 from tests.conftest import check_greedy_close, process_alive, random_prompts
 
