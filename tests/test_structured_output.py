@@ -13,13 +13,12 @@ import torch
 from distgen.sampling_params import SamplingParams, StructuredOutputsParams
 from distgen.structured_output import (
     GrammarError,
-    GrammarMatchers,
     allows_other_than,
     compile_grammar,
-    end_of,
     grammar_tokenizer,
     unpack_bitmask,
 )
+from distgen.workers.grammar_matchers import GrammarMatchers, end_of
 from distgen.workers.input_batch import CachedRequestState
 
 EOS = 2

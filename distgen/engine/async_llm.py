@@ -19,11 +19,11 @@ from distgen.config import EngineConfig
 from distgen.engine.args import EngineArgs
 from distgen.engine.core_client import AsyncMPClient, EngineCoreClient
 from distgen.engine.dp_client import AsyncDPClient
-from distgen.engine.exceptions import EngineDeadError, ReplicaDeadError
 from distgen.engine.input_processor import InputProcessor, NewRequest, PromptType
 from distgen.engine.messages import EngineCoreOutputs, SchedulerStatsMsg
 from distgen.engine.output_processor import OutputProcessor
 from distgen.engine.stats import IterationStats, StatLogger
+from distgen.exceptions import EngineDeadError, ReplicaDeadError
 from distgen.model_loader.loader import ModelSource
 from distgen.outputs import RequestOutput
 from distgen.sampling_params import SamplingParams

@@ -10,7 +10,6 @@ from distgen.config import EngineConfig
 from distgen.core.request import FINISH_REASONS, Request, RequestStatus
 from distgen.core.scheduler import Scheduler
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from distgen.engine.exceptions import EngineDeadError
 from distgen.engine.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -18,6 +17,7 @@ from distgen.engine.messages import (
     Logprobs,
     SchedulerStatsMsg,
 )
+from distgen.exceptions import EngineDeadError
 from distgen.executor.base import Executor, PendingOutput
 from distgen.model_loader.loader import ModelSource
 

@@ -35,13 +35,6 @@ import zmq.asyncio
 
 from distgen.config import EngineConfig
 from distgen.engine.core_proc import EngineCoreProcArgs
-from distgen.engine.exceptions import (
-    SETTING_ERRORS,
-    EngineDeadError,
-    EngineStartupError,
-    WorkerStartupError,
-    describe_exit,
-)
 from distgen.engine.messages import (
     EngineCoreAbort,
     EngineCoreGetStats,
@@ -53,6 +46,13 @@ from distgen.engine.messages import (
     SchedulerStatsMsg,
 )
 from distgen.envs import envs
+from distgen.exceptions import (
+    SETTING_ERRORS,
+    EngineDeadError,
+    EngineStartupError,
+    WorkerStartupError,
+    describe_exit,
+)
 from distgen.model_loader.loader import ModelSource
 from distgen.signals import held_signals
 
@@ -187,7 +187,7 @@ class _CoreProcess:
         ctx = zmq.Context()
         inp, out = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
         # No high-water mark on the way in: past ZeroMQ's default 1000 queued messages a send blocks
-        # until the core reads (between steps), and an n=20000 request froze the server for a step.
+        # until the core reads (between steps), and one request with a large n sends that many.
         inp.setsockopt(zmq.SNDHWM, 0)
         inp.bind(f"ipc://{ipc_dir}/input")
         out.bind(f"ipc://{ipc_dir}/output")
@@ -226,7 +226,7 @@ class _CoreProcess:
             except zmq.ZMQError:
                 pass
             try:
-                # A core still loading reads no input (Ctrl-C at start waited the whole timeout).
+                # A core still loading reads no input: waiting for it to read Shutdown is pointless.
                 proc.wait(SHUTDOWN_TIMEOUT_S if self.answered else 0)
             except subprocess.TimeoutExpired:
                 proc.terminate()  # SIGTERM: the core still stops its workers

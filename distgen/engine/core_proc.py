@@ -22,7 +22,6 @@ import msgspec
 import zmq
 
 from distgen.config import EngineConfig
-from distgen.engine.exceptions import SETTING_ERRORS
 from distgen.engine.messages import (
     EngineCoreAbort,
     EngineCoreGetStats,
@@ -32,6 +31,7 @@ from distgen.engine.messages import (
     EngineCoreRequest,
     EngineCoreShutdown,
 )
+from distgen.exceptions import SETTING_ERRORS
 from distgen.model_loader.loader import ModelSource
 from distgen.orphan_watch import start_orphan_watch
 

@@ -40,7 +40,6 @@ from distgen.engine.core_client import (
     _MPClientBase,
 )
 from distgen.engine.dp_router import Router, sum_stats
-from distgen.engine.exceptions import EngineDeadError, ReplicaDeadError
 from distgen.engine.messages import (
     EngineCoreOutputs,
     EngineCoreReady,
@@ -48,6 +47,7 @@ from distgen.engine.messages import (
     EngineCoreShutdown,
     SchedulerStatsMsg,
 )
+from distgen.exceptions import EngineDeadError, ReplicaDeadError
 from distgen.model_loader.loader import ModelSource
 
 logger = logging.getLogger("distgen")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from distgen.engine.exceptions import EngineDeadError
 from distgen.engine.messages import EngineCoreRequest, SchedulerStatsMsg
+from distgen.exceptions import EngineDeadError
 
 PREFIX_HOMES = 4096  # first blocks remembered for tie-breaking; the least recently routed go first
 

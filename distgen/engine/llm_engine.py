@@ -10,9 +10,9 @@ from collections.abc import Callable
 from distgen.config import EngineConfig
 from distgen.engine.args import EngineArgs
 from distgen.engine.core_client import EngineCoreClient
-from distgen.engine.exceptions import ReplicaDeadError
 from distgen.engine.input_processor import InputProcessor, PromptType
 from distgen.engine.output_processor import OutputProcessor
+from distgen.exceptions import ReplicaDeadError
 from distgen.model_loader.loader import ModelSource
 from distgen.outputs import RequestOutput
 from distgen.sampling_params import SamplingParams

@@ -34,8 +34,8 @@ class SequenceState:
 
     @property
     def detok(self) -> IncrementalDetokenizer:
-        """Made at the sequence's first output: an n=20000 request made 20000 of them up front,
-        half a second with the server's event loop blocked."""
+        """Made at the sequence's first output, not up front: a request with a large n would otherwise
+        build that many detokenizers at once, with the server's event loop blocked meanwhile."""
         if self._detok is None:
             self._detok = IncrementalDetokenizer(self._tokenizer, self._prompt_token_ids, self.params)
         return self._detok

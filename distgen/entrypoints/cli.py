@@ -114,16 +114,6 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
-
-
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     from distgen.engine.args import EngineArgs  # torch: loaded here, where Ctrl-C is caught
 

@@ -21,7 +21,7 @@ import zmq
 
 from distgen.config import EngineConfig
 from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from distgen.engine.exceptions import SETTING_ERRORS, EngineDeadError, WorkerStartupError
+from distgen.exceptions import SETTING_ERRORS, EngineDeadError, WorkerStartupError
 from distgen.executor.base import Executor
 from distgen.executor.messages import (
     Ack,
@@ -169,8 +169,8 @@ class BroadcastExecutor(Executor):
         def release(channel: Channel = self.channel) -> None:
             gone = {e.rank for e in handles.exits(starting=False)}
             alive = [r not in gone for r in range(len(channel.requests))]
-            # Ranks still loading their shard read no Shutdown: stop them at once (a Ctrl-C while
-            # the model loads waited out the whole timeout).
+            # Ranks still loading their shard read no Shutdown: stop them at once, so a Ctrl-C while
+            # the model loads does not wait out the whole timeout.
             _release(channel, handles, alive, SHUTDOWN_TIMEOUT_S if handles.ready else 0.0)
 
         self._finalizer = weakref.finalize(self, release)

@@ -15,7 +15,7 @@ import tempfile
 import time
 
 from distgen.config import EngineConfig
-from distgen.engine.exceptions import describe_exit
+from distgen.exceptions import describe_exit
 from distgen.executor.broadcast import BroadcastExecutor, Channel, WorkerExit, WorkerHandles
 from distgen.executor.ports import free_port
 from distgen.executor.worker_loop import WorkerArgs, run_mp_worker

@@ -19,7 +19,7 @@ import uuid
 from typing import Any, NoReturn
 
 from distgen.config import EngineConfig
-from distgen.engine.exceptions import WorkerStartupError
+from distgen.exceptions import WorkerStartupError
 from distgen.executor.broadcast import (
     STARTUP_TIMEOUT_S,
     BroadcastExecutor,

@@ -38,9 +38,3 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         grid = (x2.shape[0], triton.cdiv(inter, BLOCK))
         _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), inter, BLOCK=BLOCK)
     return out.view(*x.shape[:-1], inter)
-
-
-def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    """Plain-torch reference of :func:`silu_and_mul` (float32 math, one rounding)."""
-    gate, up = x.float().chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate) * up).to(x.dtype)

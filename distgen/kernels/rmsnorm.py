@@ -97,18 +97,3 @@ def fused_add_rmsnorm(
     out, new_res = _launch(x, residual, weight, eps)
     assert new_res is not None
     return out, new_res
-
-
-def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Plain-torch reference of :func:`rmsnorm`."""
-    x32 = x.float()
-    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return (weight * normed).to(x.dtype)
-
-
-def fused_add_rmsnorm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch reference of :func:`fused_add_rmsnorm`."""
-    x = x + residual.to(x.dtype)
-    return rmsnorm_ref(x, weight, eps), x

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from distgen.kernels.kv_store import _store_heads, check_cache_args, last_dim_contiguous, store_kv_ref
-from distgen.kernels.rmsnorm import rmsnorm_ref
+from distgen.kernels.reference import rmsnorm_ref, rotate_ref
 
 
 @triton.jit
@@ -197,16 +197,6 @@ def rotary_store_kv(
     return q_out
 
 
-def _rotate_ref(
-    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
-    """``x`` [T, heads, D] rotated by ``positions`` [T], in float32."""
-    c = cos[positions].float().unsqueeze(1)
-    s = sin[positions].float().unsqueeze(1)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-
-
 def rotary_store_kv_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -225,5 +215,5 @@ def rotary_store_kv_ref(
     dtype directly, rounded once."""
     if qk_norm is not None:
         q, k = rmsnorm_ref(q, qk_norm[0], eps), rmsnorm_ref(k, qk_norm[1], eps)
-    store_kv_ref(_rotate_ref(k, positions, cos, sin), v, k_cache, v_cache, slot_block, slot_offset)
-    return _rotate_ref(q, positions, cos, sin).to(q.dtype)
+    store_kv_ref(rotate_ref(k, positions, cos, sin), v, k_cache, v_cache, slot_block, slot_offset)
+    return rotate_ref(q, positions, cos, sin).to(q.dtype)

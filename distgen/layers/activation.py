@@ -1,13 +1,13 @@
-"""Activations: the Triton kernel on CUDA, the CPU kernel on the CPU, plain torch (their reference)
-otherwise (see :mod:`distgen.kernels.dispatch`)."""
+"""Activations: the Triton kernel on CUDA, the CPU kernel on the CPU, plain torch (their reference,
+:mod:`distgen.kernels.reference`) otherwise (see :mod:`distgen.kernels.dispatch`)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distgen.kernels.dispatch import cpu_kernels, triton_ops, use_cpu_kernels, use_triton
+from distgen.kernels.reference import silu_and_mul_ref
 
 
 class SiluAndMul(nn.Module):
@@ -18,5 +18,4 @@ class SiluAndMul(nn.Module):
             return triton_ops().silu_and_mul(x)
         if use_cpu_kernels(x) and x.is_contiguous():
             return cpu_kernels().silu_and_mul(x)
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return silu_and_mul_ref(x)

@@ -1,5 +1,6 @@
 """RMSNorm with an optional fused residual add: the Triton kernel on CUDA, the CPU kernel on the CPU,
-plain torch (their reference) otherwise (see :mod:`distgen.kernels.dispatch`)."""
+plain torch (their reference, :mod:`distgen.kernels.reference`) otherwise (see
+:mod:`distgen.kernels.dispatch`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 from distgen.kernels.dispatch import cpu_kernels, triton_ops, use_cpu_kernels, use_triton
+from distgen.kernels.reference import fused_add_rmsnorm_ref, rmsnorm_ref
 
 
 class RMSNorm(nn.Module):
@@ -14,11 +16,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype), requires_grad=False)
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -35,6 +32,5 @@ class RMSNorm(nn.Module):
             if residual.is_contiguous():  # both are this step's own buffers: updated in place
                 return cpu_kernels().fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
+            return rmsnorm_ref(x, self.weight, self.eps)
+        return fused_add_rmsnorm_ref(x, residual, self.weight, self.eps)

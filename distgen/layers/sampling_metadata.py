@@ -70,7 +70,7 @@ def build_sampling_metadata(
 
     ``generators`` maps a row to its request's persistent generator (requests with a seed);
     ``output_token_ids`` is kept by reference; ``grammar_bitmask`` holds the constrained rows and
-    their packed allowed tokens (:class:`~distgen.structured_output.GrammarMatchers`). Optional
+    their packed allowed tokens (:class:`~distgen.workers.grammar_matchers.GrammarMatchers`). Optional
     tensors are left ``None`` when no row needs them, so the sampler skips that work.
     """
     temps = [float(p.temperature) for p in params]

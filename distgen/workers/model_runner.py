@@ -30,8 +30,8 @@ from distgen.kernels.dispatch import attention_path, use_triton_on
 from distgen.layers.sampler import Sampler
 from distgen.layers.sampling_metadata import SamplingMetadata, build_sampling_metadata
 from distgen.model_loader.loader import ModelSource, build_model
-from distgen.structured_output import GrammarMatchers
 from distgen.workers.cuda_graphs import DecodeGraphs
+from distgen.workers.grammar_matchers import GrammarMatchers
 from distgen.workers.input_batch import CachedRequestState, RequestStates
 from distgen.workers.sampled_output import SampledOutput
 from distgen.workers.step_inputs import StepInputBuilder, StepInputs

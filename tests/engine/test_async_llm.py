@@ -10,7 +10,7 @@ import pytest
 from distgen import SamplingParams
 from distgen.engine.args import EngineArgs
 from distgen.engine.async_llm import AsyncLLM
-from distgen.engine.exceptions import EngineDeadError
+from distgen.exceptions import EngineDeadError
 
 LONG = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from distgen import LLM, SamplingParams
-from distgen.engine.exceptions import EngineDeadError
+from distgen.exceptions import EngineDeadError
 from tests.conftest import process_alive, random_prompts, wait_gone
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,8 @@ from distgen.engine.args import EngineArgs
 from distgen.engine.async_llm import AsyncLLM
 from distgen.engine.core_client import EngineCoreClient
 from distgen.engine.dp_router import Router, sum_stats
-from distgen.engine.exceptions import EngineDeadError, ReplicaDeadError
 from distgen.engine.messages import EngineCoreRequest, SchedulerStatsMsg
+from distgen.exceptions import EngineDeadError, ReplicaDeadError
 from tests.conftest import check_greedy_close, process_alive, random_prompts, wait_gone
 
 KV = 16 << 20

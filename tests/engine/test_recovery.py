@@ -13,7 +13,7 @@ import pytest
 
 from distgen import LLM, SamplingParams
 from distgen.engine.core import RestartBudget
-from distgen.engine.exceptions import EngineDeadError
+from distgen.exceptions import EngineDeadError
 from distgen.workers.worker import Worker
 from tests.conftest import random_prompts, wait_gone
 

@@ -17,15 +17,11 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from distgen.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from distgen.kernels.activation import silu_and_mul  # noqa: E402
 from distgen.kernels.dispatch import kernel_mode  # noqa: E402
 from distgen.kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
-from distgen.kernels.rmsnorm import (  # noqa: E402
-    fused_add_rmsnorm,
-    fused_add_rmsnorm_ref,
-    rmsnorm,
-    rmsnorm_ref,
-)
+from distgen.kernels.reference import fused_add_rmsnorm_ref, rmsnorm_ref, silu_and_mul_ref  # noqa: E402
+from distgen.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm  # noqa: E402
 from distgen.kernels.rotary import rotary_store_kv, rotary_store_kv_ref  # noqa: E402
 from distgen.layers.activation import SiluAndMul  # noqa: E402
 from distgen.layers.attention import write_kv  # noqa: E402

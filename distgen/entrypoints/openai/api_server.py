@@ -20,7 +20,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import distgen
 from distgen.engine.args import EngineArgs
 from distgen.engine.async_llm import AsyncLLM
-from distgen.engine.exceptions import EngineDeadError
 from distgen.engine.stats import LoggingStatLogger
 from distgen.entrypoints.chat_utils import load_chat_template
 from distgen.entrypoints.openai.body_limit import BodyLimit
@@ -39,6 +38,7 @@ from distgen.entrypoints.openai.serving_completion import create_completion
 from distgen.entrypoints.openai.serving_responses import ResponsesRequest, ResponseStore, create_response
 from distgen.entrypoints.openai.tool_parsers import PARSERS
 from distgen.envs import envs
+from distgen.exceptions import EngineDeadError
 
 logger = logging.getLogger("distgen")
 

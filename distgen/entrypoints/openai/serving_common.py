@@ -16,10 +16,10 @@ from fastapi import Request
 
 from distgen.engine.async_llm import AsyncLLM
 from distgen.engine.core import validate_prompt
-from distgen.engine.exceptions import EngineDeadError
 from distgen.engine.input_processor import encode_text
 from distgen.entrypoints.openai.errors import OpenAIError, error_body
 from distgen.entrypoints.openai.reasoning_parsers import end_token_ids
+from distgen.exceptions import EngineDeadError
 from distgen.outputs import Logprob
 from distgen.sampling_params import SamplingParams
 from distgen.structured_output import GrammarError

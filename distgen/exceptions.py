@@ -1,4 +1,5 @@
-"""Errors the engine raises when its processes fail."""
+"""Errors the engine raises when its processes fail. A module below every layer: the executors raise
+them, the engine core and the front end catch them."""
 
 from __future__ import annotations
 

@@ -1,0 +1,41 @@
+"""The plain-torch implementation of each fused op: the path the layers take where no kernel runs, and
+the reference the Triton and CPU kernels are tested against. One implementation per op, so the torch
+path and the references cannot drift apart. Float32 math, rounded once to the input dtype, as the
+kernels compute."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a merged ``[.., 2 * I]`` gate/up projection."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (weight * normed).to(x.dtype)
+
+
+def fused_add_rmsnorm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rmsnorm(x + residual), x + residual)``."""
+    x = x + residual.to(x.dtype)
+    return rmsnorm_ref(x, weight, eps), x
+
+
+def rotate_ref(
+    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """``x`` [T, heads, D] rotated by ``positions`` [T] (NeoX "rotate half" layout), in float32:
+    with ``x = cat(x1, x2)``, ``cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)``; ``cos``/``sin`` are
+    the caches ``[max_pos, D / 2]``."""
+    c = cos[positions].float().unsqueeze(1)
+    s = sin[positions].float().unsqueeze(1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
