@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -87,6 +87,13 @@ def compile_grammar(params: StructuredOutputsParams, ll_tokenizer) -> str:
     return grammar
 
 
+class GrammarBitmask(NamedTuple):
+    """A step's constrained rows and their packed masks (bit ``t`` of a row set: token ``t`` allowed)."""
+
+    rows: list[int]  # the constrained rows' indices in the batch
+    packed: torch.Tensor  # [k, ceil(V / 32)] int32, one row per index in ``rows``
+
+
 _NOT_YET = object()
 
 
@@ -99,7 +106,7 @@ class GrammarMatchers:
         self._ll_tokenizer = None
         self._executor = None
 
-    def bitmask(self, rows: Sequence[CachedRequestState]) -> tuple[list[int], torch.Tensor] | None:
+    def bitmask(self, rows: Sequence[CachedRequestState]) -> GrammarBitmask | None:
         """The constrained rows' indices and their ``[k, ceil(V / 32)]`` int32 bitmask (bit ``t`` of a
         row set: token ``t`` allowed); None when no row is constrained."""
         constrained = [i for i, s in enumerate(rows) if s.sampling_params._grammar is not None]
@@ -130,7 +137,7 @@ class GrammarMatchers:
                 mask[k] = -1
         if work:  # llguidance fills the rows in parallel, straight into the tensor's memory
             self._executor.unsafe_compute_mask_ptr(work, mask.data_ptr(), mask.shape[1] * 4, len(constrained))
-        return constrained, mask
+        return GrammarBitmask(rows=constrained, packed=mask)
 
     def _caught_up(self, s: CachedRequestState):
         """The row's matcher, fed the output tokens it has not seen; None once it has failed (a token it
