@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -82,6 +82,13 @@ def compile_grammar(params: StructuredOutputsParams, ll_tokenizer) -> str:
     if error:
         raise GrammarError(f"structured_outputs.{kind} does not compile: {error}")
     return grammar
+
+
+class GrammarBitmask(NamedTuple):
+    """A step's constrained rows and their packed masks (bit ``t`` of a row set: token ``t`` allowed)."""
+
+    rows: list[int]  # the constrained rows' indices in the batch
+    packed: torch.Tensor  # [k, ceil(V / 32)] int32, one row per index in ``rows``
 
 
 def allows_other_than(packed_row: torch.Tensor, ids: set[int]) -> bool:

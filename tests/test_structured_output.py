@@ -45,9 +45,9 @@ def _row(
 
 
 def _allowed(tok, matchers: GrammarMatchers, rows) -> list[set[int]]:
-    constrained, packed = matchers.bitmask(rows)
-    allowed = unpack_bitmask(packed, len(tok))
-    return [set(allowed[k].nonzero().flatten().tolist()) for k in range(len(constrained))]
+    bitmask = matchers.bitmask(rows)
+    allowed = unpack_bitmask(bitmask.packed, len(tok))
+    return [set(allowed[k].nonzero().flatten().tolist()) for k in range(len(bitmask.rows))]
 
 
 def test_unpack_bitmask():

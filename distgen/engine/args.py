@@ -174,6 +174,25 @@ class EngineArgs:
 
     def create_config(self) -> tuple[EngineConfig, ModelSource]:
         self._check_vllm_only_args()
+        source = self._model_source()
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        backend = Executor.resolve_backend(self.distributed_executor_backend, world)
+        device = self.device or default_device(backend)
+        check_device(device, backend)
+        model_cfg = self._model_config(source, device)
+        batched = self._max_num_batched_tokens(model_cfg.max_model_len)
+        config = EngineConfig(
+            model=model_cfg,
+            cache=self._cache_config(),
+            scheduler=self._scheduler_config(batched),
+            parallel=self._parallel_config(backend),
+            device=device,
+        )
+        return config, source
+
+    def _model_source(self) -> ModelSource:
+        """The model found (and downloaded when it is a hub id), with ``hf_overrides`` laid over its
+        config, checked against ``load_format``."""
         source = resolve_model(self.model, self.revision, self.download_dir)
         if self.hf_overrides:
             merged = merge_overrides(source.hf_config, self.hf_overrides)
@@ -182,16 +201,15 @@ class EngineArgs:
         if self.load_format != "auto" and (self.load_format == "gguf") != source.is_gguf:
             held = "a GGUF file" if source.is_gguf else "a Hugging Face directory (safetensors)"
             raise ValueError(f"load_format={self.load_format!r}, but the model path holds {held}")
-        hf = source.hf_config
         logger.info(
             "runner: generate (%s%s)",
             "resolved from 'auto': " if self.runner == "auto" else "",
-            ", ".join(hf.get("architectures") or ["no architectures listed"]),
+            ", ".join(source.hf_config.get("architectures") or ["no architectures listed"]),
         )
-        world = self.tensor_parallel_size * self.pipeline_parallel_size
-        backend = Executor.resolve_backend(self.distributed_executor_backend, world)
-        device = self.device or default_device(backend)
-        check_device(device, backend)
+        return source
+
+    def _model_config(self, source: ModelSource, device: str) -> ModelConfig:
+        hf = source.hf_config
         max_pos = int(hf.get("max_position_embeddings") or 2048)
         max_len = max_pos if self.max_model_len is None else self.max_model_len
         gen = self.generation_config
@@ -218,6 +236,11 @@ class EngineArgs:
         )  # checks max_model_len and max_logprobs themselves, as the other configs check theirs
         if max_len > max_pos:
             raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {max_pos}")
+        return model_cfg
+
+    def _max_num_batched_tokens(self, max_len: int) -> int:
+        """The step's token budget: given, or 2048 (with chunked prefill) or room for the longest
+        prompt (without, since a prompt then runs in one step)."""
         batched = self.max_num_batched_tokens
         if batched is None:
             batched = 2048 if self.enable_chunked_prefill else max(2048, max_len)
@@ -226,35 +249,38 @@ class EngineArgs:
                 f"without chunked prefill, max_num_batched_tokens ({batched}) must be at least "
                 f"max_model_len ({max_len}), or a long prompt could never be scheduled"
             )
-        return EngineConfig(
-            model=model_cfg,
-            cache=CacheConfig(
-                self.block_size,
-                self.kv_cache_bytes(),
-                self.gpu_memory_utilization,
-                self.enable_prefix_caching,
-                self.num_gpu_blocks_override,
-            ),
-            scheduler=SchedulerConfig(
-                self.max_num_seqs,
-                batched,
-                self.enable_chunked_prefill,
-                self.async_scheduling,
-                self.scheduling_policy,
-            ),
-            # Resolved here, in the user's process: a Ray cluster it is connected to means "ray".
-            parallel=ParallelConfig(
-                self.tensor_parallel_size,
-                backend,
-                self.pipeline_parallel_size,
-                self.cpu_omp_threads_bind or envs().cpu_omp_threads_bind,
-                self.max_worker_restarts,
-                self.worker_restart_window_s,
-                self.worker_step_timeout_s,
-                self.data_parallel_size,
-            ),
-            device=device,
-        ), source
+        return batched
+
+    def _cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            self.block_size,
+            self.kv_cache_bytes(),
+            self.gpu_memory_utilization,
+            self.enable_prefix_caching,
+            self.num_gpu_blocks_override,
+        )
+
+    def _scheduler_config(self, max_num_batched_tokens: int) -> SchedulerConfig:
+        return SchedulerConfig(
+            self.max_num_seqs,
+            max_num_batched_tokens,
+            self.enable_chunked_prefill,
+            self.async_scheduling,
+            self.scheduling_policy,
+        )
+
+    def _parallel_config(self, backend: str) -> ParallelConfig:
+        """``backend`` is resolved in the user's process: a Ray cluster it is connected to means "ray"."""
+        return ParallelConfig(
+            self.tensor_parallel_size,
+            backend,
+            self.pipeline_parallel_size,
+            self.cpu_omp_threads_bind or envs().cpu_omp_threads_bind,
+            self.max_worker_restarts,
+            self.worker_restart_window_s,
+            self.worker_step_timeout_s,
+            self.data_parallel_size,
+        )
 
 
 def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

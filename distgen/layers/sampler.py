@@ -23,7 +23,13 @@ import torch
 
 from distgen.host_to_device import to_device
 from distgen.kernels.dispatch import cpu_kernels, use_cpu_kernels
-from distgen.layers.sampling_metadata import SAMPLING_EPS, SamplingMetadata
+from distgen.layers.sampling_metadata import (
+    SAMPLING_EPS,
+    AllowedTokens,
+    GrammarMask,
+    LogitBias,
+    SamplingMetadata,
+)
 
 
 @dataclass
@@ -80,30 +86,26 @@ class Sampler(torch.nn.Module):
 
 
 # -- steps, usable on their own ---------------------------------------------------------------------
-def apply_grammar(logits: torch.Tensor, grammar: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+def apply_grammar(logits: torch.Tensor, grammar: GrammarMask | None) -> torch.Tensor:
     """Rows with a grammar (structured outputs) keep only the tokens it allows next."""
     if grammar is None:
         return logits
-    rows, allowed = grammar
-    return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
+    rows = grammar.rows
+    return logits.index_put((rows,), logits[rows].masked_fill(~grammar.allowed, float("-inf")))
 
 
 def apply_allowed_and_bias(
-    logits: torch.Tensor,
-    allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    logits: torch.Tensor, allowed: AllowedTokens | None, bias: LogitBias | None
 ) -> torch.Tensor:
     """Rows with ``allowed_token_ids`` keep only those ids (the rest ``-inf``); then each
     ``logit_bias`` entry is added to its (row, id). Two indexed writes at most, no host sync."""
     if allowed is not None:
-        rows, pair_rows, pair_ids = allowed
         forbidden = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-        forbidden[rows] = True
-        forbidden[pair_rows, pair_ids] = False
+        forbidden[allowed.rows] = True
+        forbidden[allowed.pair_rows, allowed.pair_ids] = False
         logits = logits.masked_fill(forbidden, float("-inf"))
     if bias is not None:
-        rows, ids, values = bias
-        logits = logits.index_put((rows, ids), values, accumulate=True)
+        logits = logits.index_put((bias.rows, bias.token_ids), bias.values, accumulate=True)
     return logits
 
 

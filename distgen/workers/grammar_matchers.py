@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from distgen.structured_output import grammar_tokenizer, llguidance_module
+from distgen.structured_output import GrammarBitmask, grammar_tokenizer, llguidance_module
 from distgen.workers.input_batch import CachedRequestState
 
 logger = logging.getLogger("distgen")
@@ -28,7 +28,7 @@ class GrammarMatchers:
         self._ll_tokenizer = None
         self._executor = None
 
-    def bitmask(self, rows: Sequence[CachedRequestState]) -> tuple[list[int], torch.Tensor] | None:
+    def bitmask(self, rows: Sequence[CachedRequestState]) -> GrammarBitmask | None:
         """The constrained rows' indices and their ``[k, ceil(V / 32)]`` int32 bitmask (bit ``t`` of a
         row set: token ``t`` allowed); None when no row is constrained."""
         constrained = [i for i, s in enumerate(rows) if s.sampling_params._grammar is not None]
@@ -59,7 +59,7 @@ class GrammarMatchers:
                 mask[k] = -1
         if work:  # llguidance fills the rows in parallel, straight into the tensor's memory
             self._executor.unsafe_compute_mask_ptr(work, mask.data_ptr(), mask.shape[1] * 4, len(constrained))
-        return constrained, mask
+        return GrammarBitmask(rows=constrained, packed=mask)
 
     def _caught_up(self, s: CachedRequestState):
         """The row's matcher, fed the output tokens it has not seen; None once it has failed (a token it

@@ -71,10 +71,11 @@ def test_allowed_ids_and_logit_bias_become_index_tensors():
         SamplingParams(logit_bias={7: 2.5, 9: -1.0}, allowed_token_ids=[7]),
     ]
     meta = build_sampling_metadata(params, [[1]] * 3, [[], [], []], {}, vocab)
-    rows, pair_rows, pair_ids = meta.allowed
-    assert rows.tolist() == [0, 2] and pair_rows.tolist() == [0, 0, 2] and pair_ids.tolist() == [3, 5, 7]
-    rows, ids, values = meta.logit_bias
-    assert rows.tolist() == [2, 2] and ids.tolist() == [7, 9] and values.tolist() == [2.5, -1.0]
+    allowed, bias = meta.allowed, meta.logit_bias
+    assert allowed.rows.tolist() == [0, 2]
+    assert allowed.pair_rows.tolist() == [0, 0, 2] and allowed.pair_ids.tolist() == [3, 5, 7]
+    assert bias.rows.tolist() == [2, 2] and bias.token_ids.tolist() == [7, 9]
+    assert bias.values.tolist() == [2.5, -1.0]
     plain = build_sampling_metadata([SamplingParams()], [[1]], [[]], {}, vocab)
     assert plain.allowed is None and plain.logit_bias is None
 

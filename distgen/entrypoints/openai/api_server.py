@@ -103,7 +103,26 @@ class ServerArgs:
 def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str]) -> FastAPI:
     metrics = PrometheusStatLogger(served_model_names[0])
     engine.stat_loggers.append(metrics)
-    ctx = ServingContext(
+    ctx = _serving_context(engine, server, served_model_names)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="distgen", version=distgen.__version__, lifespan=lifespan)
+    app.state.ctx = ctx
+    app.state.metrics = metrics
+    _add_middleware(app, server)
+    _add_error_handlers(app)
+    _add_info_routes(app, engine, ctx, metrics, served_model_names)
+    _add_generation_routes(app, engine, ctx)
+    _add_token_routes(app, engine, ctx)
+    return app
+
+
+def _serving_context(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str]) -> ServingContext:
+    return ServingContext(
         engine,
         served_model_names,
         load_chat_template(server.chat_template),
@@ -116,15 +135,10 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
         enable_prompt_tokens_details=server.enable_prompt_tokens_details,
     )
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        engine.shutdown()
 
-    app = FastAPI(title="distgen", version=distgen.__version__, lifespan=lifespan)
-    app.state.ctx = ctx
-    app.state.metrics = metrics
-
+def _add_middleware(app: FastAPI, server: ServerArgs) -> None:
+    """The API key check on /v1, the body size limit and CORS. Each middleware added wraps the ones
+    before it, so CORS, added last, answers a preflight before the key is asked for."""
     api_key = server.api_key or envs().api_key
 
     @app.middleware("http")
@@ -137,7 +151,7 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
         return await call_next(request)
 
     app.add_middleware(BodyLimit, limit=server.max_request_body_size)
-    if server.allowed_origins:  # added last, so outermost: a preflight needs no API key
+    if server.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=server.allowed_origins,
@@ -145,6 +159,11 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
             allow_headers=server.allowed_headers,
             allow_credentials=server.allow_credentials,
         )
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ours, request validation, a dead engine, a ValueError, and
+    Starlette's own (an unknown path, a wrong method)."""
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, e: OpenAIError):
@@ -176,7 +195,9 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
         what = {404: f"no such endpoint: {request.url.path}", 405: f"{request.method} is not allowed here"}
         return error_response(what.get(e.status_code, str(e.detail)), e.status_code)
 
-    _add_info_routes(app, engine, ctx, metrics, served_model_names)
+
+def _add_generation_routes(app: FastAPI, engine: AsyncLLM, ctx: ServingContext) -> None:
+    """/v1/completions, /v1/chat/completions and /v1/responses."""
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
@@ -194,6 +215,10 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
     async def create_responses(req: ResponsesRequest, raw: Request):
         _check_alive(engine)
         return await create_response(ctx, responses, req, raw)
+
+
+def _add_token_routes(app: FastAPI, engine: AsyncLLM, ctx: ServingContext) -> None:
+    """/tokenize (a prompt or a conversation) and /detokenize."""
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict:
@@ -217,8 +242,6 @@ def build_app(engine: AsyncLLM, server: ServerArgs, served_model_names: list[str
         if bad is not None:
             raise OpenAIError(f"token id {bad} is out of the vocabulary range [0, {vocab})", param="tokens")
         return {"prompt": engine.tokenizer.decode(req.tokens)}
-
-    return app
 
 
 def _add_info_routes(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from distgen.entrypoints.chat_utils import render_chat_text, validate_conversation
 from distgen.entrypoints.openai.errors import OpenAIError
@@ -20,7 +20,7 @@ from distgen.entrypoints.openai.serving_common import (
     check_prompt,
     now,
     sse,
-    sse_error,
+    sse_response,
     start,
     top_entries,
     until_disconnected,
@@ -33,8 +33,8 @@ from distgen.entrypoints.openai.tool_parsers import (
     ToolParser,
     required_calls_schema,
 )
-from distgen.outputs import CompletionOutput
-from distgen.sampling_params import StructuredOutputsParams
+from distgen.outputs import CompletionOutput, RequestOutput
+from distgen.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 @dataclass
@@ -152,8 +152,85 @@ async def render_request(
     return text, await ctx.encode(text, add_special_tokens=False, truncating=truncating, param="messages")
 
 
+@dataclass
+class _ChatPrompt:
+    """The rendered conversation, ready for the engine, and how its reply is read."""
+
+    text: str
+    ids: list[int]
+    params: SamplingParams
+    parser: Callable[[], ToolParser] | None  # with tools: makes each choice's tool-call parser
+    thinking: bool  # with a reasoning parser: the reply opens with its thinking
+
+
+class _Chat:
+    """The request's n choices, as its outputs fold in."""
+
+    def __init__(
+        self,
+        ctx: ServingContext,
+        req: ChatCompletionRequest,
+        model: str,
+        request_id: str,
+        prompt: _ChatPrompt,
+    ) -> None:
+        self.ctx, self.req = ctx, req
+        self.k = prompt.params.logprobs
+        self.num_prompt_tokens = len(prompt.ids)
+        self.base = {"id": request_id, "created": now(), "model": model}
+        reasoning = REASONING_PARSERS[ctx.reasoning_parser] if ctx.reasoning_parser else None
+        self.choices = [
+            _Choice(
+                parser=prompt.parser() if prompt.parser else None,
+                max_calls=None if req.parallel_tool_calls else 1,
+                reasoning=reasoning(thinking_done=not prompt.thinking) if reasoning else None,
+            )
+            for _ in range(req.n)
+        ]
+        # As vLLM: the reply speaks as --response-role, or continues the last message in its role.
+        self.role = ctx.response_role if req.add_generation_prompt else str(req.messages[-1].get("role"))
+        self.cached = 0  # prompt tokens found in the prefix cache (--enable-prompt-tokens-details)
+
+    def usage(self, completion: int) -> dict:
+        return self.ctx.usage(self.num_prompt_tokens, completion, self.cached)
+
+    def fold(self, ch: _Choice, c: CompletionOutput) -> None:
+        _fold(ch, c, self.ctx.name_token, self.k)
+
+    def body(self) -> dict:
+        """The whole response, once every choice has finished."""
+        return {
+            **self.base,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": i,
+                    "message": _message(ch, self.role),
+                    "logprobs": {"content": ch.logprobs} if self.k is not None else None,
+                    "finish_reason": ch.openai_finish_reason,
+                    "stop_reason": ch.stop_reason,
+                }
+                for i, ch in enumerate(self.choices)
+            ],
+            "usage": self.usage(sum(ch.num_tokens for ch in self.choices)),
+        }
+
+
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
     model = ctx.check_model(req.model)
+    prompt = await _prepare(ctx, req)
+    request_id = ctx.new_request_id("chatcmpl")
+    gen = start(ctx, req, {"prompt": prompt.text, "prompt_token_ids": prompt.ids}, prompt.params, request_id)
+    chat = _Chat(ctx, req, model, request_id, prompt)
+    if req.stream:
+        return sse_response(_stream(chat, gen))
+    await until_disconnected(_collect(chat, gen), raw)
+    return JSONResponse(chat.body())
+
+
+async def _prepare(ctx: ServingContext, req: ChatCompletionRequest) -> _ChatPrompt:
+    """The conversation rendered, tokenized, truncated and checked, with its sampling params and the
+    constraint its tool_choice asks for."""
     engine = ctx.engine
     limit = engine.max_model_len
     tools_mode = tool_mode(ctx, req)
@@ -169,90 +246,53 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if params.structured_outputs is not None and thinking:
         # As vLLM does with a reasoning parser: the model thinks freely, the constraint holds after.
         params._grammar_after = ctx.reasoning_end_ids
-    request_id = ctx.new_request_id("chatcmpl")
-    gen = start(ctx, req, {"prompt": text, "prompt_token_ids": ids}, params, request_id)
-    k = params.logprobs
-    base = {"id": request_id, "created": now(), "model": model}
-    reasoning = REASONING_PARSERS[ctx.reasoning_parser] if ctx.reasoning_parser else None
-    choices = [
-        _Choice(
-            parser=parser() if parser else None,
-            max_calls=None if req.parallel_tool_calls else 1,
-            reasoning=reasoning(thinking_done=not thinking) if reasoning else None,
-        )
-        for _ in range(req.n)
-    ]
+    return _ChatPrompt(text, ids, params, parser, thinking)
 
-    # As vLLM: the reply speaks as --response-role, or continues the last message in its role.
-    role_name = ctx.response_role if req.add_generation_prompt else str(req.messages[-1].get("role"))
-    cached = [0]  # prompt tokens found in the prefix cache (--enable-prompt-tokens-details)
-    if req.stream:
-        include_usage, continuous = req.stream_options.usage_in() if req.stream_options else (False, False)
-        chunk = {**base, "object": "chat.completion.chunk"}
 
-        async def stream() -> AsyncIterator[str]:
-            completion = 0  # tokens so far, all choices
+async def _stream(chat: _Chat, gen: AsyncIterator[RequestOutput]) -> AsyncGenerator[str, None]:
+    """The chunks: each choice's role first, then its deltas, then usage when the request asks for it."""
+    req, k = chat.req, chat.k
+    include_usage, continuous = req.stream_options.usage_in() if req.stream_options else (False, False)
+    chunk = {**chat.base, "object": "chat.completion.chunk"}
+    completion = 0  # tokens so far, all choices
 
-            def so_far() -> dict:
-                return {"usage": ctx.usage(len(ids), completion, cached[0])} if continuous else {}
+    def so_far() -> dict:
+        return {"usage": chat.usage(completion)} if continuous else {}
 
-            try:
-                async for out in gen:
-                    cached[0] = max(cached[0], out.num_cached_tokens)
-                    for c in out.outputs:
-                        ch = choices[c.index]
-                        if ch.finish_reason is not None:
-                            continue
-                        if not ch.started:
-                            ch.started = True
-                            first = {"index": c.index, "delta": {"role": role_name, "content": ""}}
-                            role = {**first, "logprobs": None, "finish_reason": None}
-                            yield sse({**chunk, "choices": [role], **so_far()})
-                        before = ch.num_tokens
-                        _fold(ch, c, ctx.name_token, k)
-                        completion += ch.num_tokens - before
-                        delta = ch.parse(c.text, last=c.finish_reason is not None)
-                        if not (delta or c.finish_reason):
-                            continue  # its logprobs go with the next chunk
-                        choice = {
-                            "index": c.index,
-                            "delta": delta,
-                            "logprobs": {"content": ch.unsent_logprobs()} if k is not None else None,
-                            "finish_reason": ch.openai_finish_reason,
-                            "stop_reason": c.stop_reason,
-                        }
-                        yield sse({**chunk, "choices": [choice], **so_far()})
-                if include_usage:
-                    yield sse({**chunk, "choices": [], "usage": ctx.usage(len(ids), completion, cached[0])})
-            except Exception as e:
-                yield sse_error(e)
-            yield sse("[DONE]")
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    async def collect() -> None:
-        async for out in gen:
-            cached[0] = max(cached[0], out.num_cached_tokens)
-            for c in out.outputs:
-                _fold(choices[c.index], c, ctx.name_token, k)
-
-    await until_disconnected(collect(), raw)
-    body = {
-        **base,
-        "object": "chat.completion",
-        "choices": [
-            {
-                "index": i,
-                "message": _message(ch, role_name),
-                "logprobs": {"content": ch.logprobs} if k is not None else None,
+    async for out in gen:
+        chat.cached = max(chat.cached, out.num_cached_tokens)
+        for c in out.outputs:
+            ch = chat.choices[c.index]
+            if ch.finish_reason is not None:
+                continue
+            if not ch.started:
+                ch.started = True
+                first = {"index": c.index, "delta": {"role": chat.role, "content": ""}}
+                role = {**first, "logprobs": None, "finish_reason": None}
+                yield sse({**chunk, "choices": [role], **so_far()})
+            before = ch.num_tokens
+            chat.fold(ch, c)
+            completion += ch.num_tokens - before
+            delta = ch.parse(c.text, last=c.finish_reason is not None)
+            if not (delta or c.finish_reason):
+                continue  # its logprobs go with the next chunk
+            choice = {
+                "index": c.index,
+                "delta": delta,
+                "logprobs": {"content": ch.unsent_logprobs()} if k is not None else None,
                 "finish_reason": ch.openai_finish_reason,
-                "stop_reason": ch.stop_reason,
+                "stop_reason": c.stop_reason,
             }
-            for i, ch in enumerate(choices)
-        ],
-        "usage": ctx.usage(len(ids), sum(ch.num_tokens for ch in choices), cached[0]),
-    }
-    return JSONResponse(body)
+            yield sse({**chunk, "choices": [choice], **so_far()})
+    if include_usage:
+        yield sse({**chunk, "choices": [], "usage": chat.usage(completion)})
+
+
+async def _collect(chat: _Chat, gen: AsyncIterator[RequestOutput]) -> None:
+    async for out in gen:
+        chat.cached = max(chat.cached, out.num_cached_tokens)
+        for c in out.outputs:
+            chat.fold(chat.choices[c.index], c)
 
 
 def _message(ch: _Choice, role: str) -> dict:

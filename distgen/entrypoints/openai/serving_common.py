@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from distgen.engine.async_llm import AsyncLLM
 from distgen.engine.core import validate_prompt
@@ -113,6 +115,23 @@ def sse_error(e: Exception) -> str:
     """``e`` as a stream's last event, with the status it would have had before the stream began."""
     status = e.status if isinstance(e, OpenAIError) else 503 if isinstance(e, EngineDeadError) else 500
     return sse(error_body(str(e), status))
+
+
+def sse_response(events: AsyncGenerator[str, None]) -> StreamingResponse:
+    """``events`` as a server-sent event stream ended by ``[DONE]``. The status line goes out before
+    the first event, so an error after it is the stream's last event instead."""
+
+    async def stream() -> AsyncIterator[str]:
+        # Closed with the response, so a client that goes away aborts the requests behind ``events``.
+        async with contextlib.aclosing(events):
+            try:
+                async for event in events:
+                    yield event
+            except Exception as e:
+                yield sse_error(e)
+        yield sse("[DONE]")
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from distgen.entrypoints.openai.protocol import CompletionRequest
 from distgen.entrypoints.openai.serving_common import (
@@ -16,7 +16,7 @@ from distgen.entrypoints.openai.serving_common import (
     merge_async_iterators,
     now,
     sse,
-    sse_error,
+    sse_response,
     start,
     top_entries,
     until_disconnected,
@@ -70,105 +70,135 @@ class _Choice:
         }
 
 
+@dataclass
+class _Prompt:
+    """One prompt of the request, ready for the engine."""
+
+    text: str | None  # None: given as token ids
+    ids: list[int]
+    params: SamplingParams
+
+
+class _Completion:
+    """The request's choices, one per (prompt, n), as its outputs fold in."""
+
+    def __init__(
+        self, ctx: ServingContext, req: CompletionRequest, model: str, request_id: str, prompts: list[_Prompt]
+    ) -> None:
+        tokenizer = ctx.engine.tokenizer
+        echo = [
+            (p.text if p.text is not None else tokenizer.decode(p.ids)) if req.echo else "" for p in prompts
+        ]
+        self.ctx, self.req = ctx, req
+        self.num_prompt_tokens = sum(len(p.ids) for p in prompts)
+        self.base = {"id": request_id, "object": "text_completion", "created": now(), "model": model}
+        self.choices = {
+            (i, j): _Choice(text=echo[i], offset=len(echo[i]))
+            for i in range(len(prompts))
+            for j in range(req.n)
+        }
+        self.echo_logprobs = req.echo and req.logprobs is not None
+        self.cached = [0] * len(prompts)  # each prompt's tokens found in the prefix cache
+
+    def usage(self, completion: int) -> dict:
+        return self.ctx.usage(self.num_prompt_tokens, completion, sum(self.cached))
+
+    def fold(self, ch: _Choice, out: RequestOutput, c: CompletionOutput, i: int) -> None:
+        """Add output ``c`` of prompt ``i`` to its choice ``ch``."""
+        req, name = self.req, self.ctx.name_token
+        self.cached[i] = max(self.cached[i], out.num_cached_tokens)
+        plp = out.prompt_logprobs
+        # Complete once the prefill is (a chunked prefill's outputs carry it piece by piece).
+        if self.echo_logprobs and ch.prompt is None and plp and len(plp) == len(out.prompt_token_ids):
+            ch.prompt = _prompt_logprobs(out.prompt_token_ids, plp, name, req.logprobs)
+        _fold(ch, c, name, req.logprobs, keep=not req.echo_only)
+
+    def body(self) -> dict:
+        """The whole response, once every choice has finished."""
+        choices = self.choices
+        return {
+            **self.base,
+            "choices": [
+                {
+                    "index": i * self.req.n + j,
+                    "text": ch.text,
+                    "logprobs": ch.logprobs() if self.req.logprobs is not None else None,
+                    "finish_reason": ch.finish_reason,
+                    "stop_reason": ch.stop_reason,
+                }
+                for (i, j), ch in sorted(choices.items())
+            ],
+            "usage": self.usage(sum(ch.num_tokens for ch in choices.values())),
+        }
+
+
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
     model = ctx.check_model(req.model)
+    prompts = await _prepare(ctx, req)
+    request_id = ctx.new_request_id("cmpl")
+    gens = [
+        start(ctx, req, {"prompt": p.text, "prompt_token_ids": p.ids}, p.params, f"{request_id}-{i}")
+        for i, p in enumerate(prompts)
+    ]
+    run = _Completion(ctx, req, model, request_id, prompts)
+    merged = merge_async_iterators(*gens)
+    if req.stream:
+        return sse_response(_stream(run, merged))
+    await until_disconnected(_collect(run, merged), raw)
+    return JSONResponse(run.body())
+
+
+async def _prepare(ctx: ServingContext, req: CompletionRequest) -> list[_Prompt]:
+    """Each prompt tokenized (unless given as ids), truncated, checked, with its sampling params."""
     engine = ctx.engine
-    inputs: list[tuple[str | None, list[int], SamplingParams]] = []
+    prompts = []
     truncating = req.truncate_prompt_tokens is not None
     for p in req.prompts():
         text, ids = (p, await ctx.encode(p, truncating=truncating)) if isinstance(p, str) else (None, p)
         text, ids = req.truncate(engine.tokenizer, text, ids, engine.max_model_len)
         check_prompt(ids, engine.max_model_len, engine.config.model.vocab_size)
-        inputs.append(
-            (text, ids, req.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len))
-        )
-    request_id = ctx.new_request_id("cmpl")
-    gens = [
-        start(ctx, req, {"prompt": t, "prompt_token_ids": ids}, params, f"{request_id}-{i}")
-        for i, (t, ids, params) in enumerate(inputs)
-    ]
-    n = req.n
-    echo = [
-        (t if t is not None else engine.tokenizer.decode(ids)) if req.echo else "" for t, ids, _ in inputs
-    ]
-    num_prompt_tokens = sum(len(ids) for _, ids, _ in inputs)
-    base = {"id": request_id, "object": "text_completion", "created": now(), "model": model}
-    choices = {
-        (i, j): _Choice(text=echo[i], offset=len(echo[i])) for i in range(len(inputs)) for j in range(n)
-    }
-    merged = merge_async_iterators(*gens)
-    echo_logprobs = req.echo and req.logprobs is not None
-    cached = [0] * len(inputs)  # each prompt's tokens found in the prefix cache
+        params = req.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len)
+        prompts.append(_Prompt(text, ids, params))
+    return prompts
 
-    def usage_now(completion: int) -> dict:
-        return ctx.usage(num_prompt_tokens, completion, sum(cached))
 
-    def fold(ch: _Choice, out: RequestOutput, c: CompletionOutput, i: int) -> None:
-        cached[i] = max(cached[i], out.num_cached_tokens)
-        plp = out.prompt_logprobs
-        # Complete once the prefill is (a chunked prefill's outputs carry it piece by piece).
-        if echo_logprobs and ch.prompt is None and plp and len(plp) == len(out.prompt_token_ids):
-            ch.prompt = _prompt_logprobs(out.prompt_token_ids, plp, ctx.name_token, req.logprobs)
-        _fold(ch, c, ctx.name_token, req.logprobs, keep=not req.echo_only)
-
-    if req.stream:
-        include_usage, continuous = req.stream_options.usage_in() if req.stream_options else (False, False)
-
-        async def stream() -> AsyncIterator[str]:
-            completion = 0  # tokens so far, all choices
-
-            try:
-                async for i, out in merged:
-                    for c in out.outputs:
-                        ch = choices[(i, c.index)]
-                        if ch.finish_reason is not None:
-                            continue
-                        before = ch.num_tokens
-                        fold(ch, out, c, i)
-                        completion += ch.num_tokens - before  # an echo-only choice counts none
-                        if echo_logprobs and ch.prompt is None:
-                            continue  # the echo goes out with its logprobs, once the prompt is scored
-                        if not (len(ch.text) > ch.sent_text or c.finish_reason):
-                            continue
-                        text, ch.sent_text = ch.text[ch.sent_text :], len(ch.text)
-                        choice = {
-                            "index": i * n + c.index,
-                            "text": text,
-                            "logprobs": ch.logprobs(stream=True) if req.logprobs is not None else None,
-                            "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason,
-                        }
-                        so_far = {"usage": usage_now(completion)} if continuous else {}
-                        yield sse({**base, "choices": [choice], **so_far})
-                if include_usage:
-                    yield sse({**base, "choices": [], "usage": usage_now(completion)})
-            except Exception as e:  # the status line is sent: report in the stream
-                yield sse_error(e)
-            yield sse("[DONE]")
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    async def collect() -> None:
-        async for i, out in merged:
-            for c in out.outputs:
-                fold(choices[(i, c.index)], out, c, i)
-
-    await until_disconnected(collect(), raw)
-    body = {
-        **base,
-        "choices": [
-            {
-                "index": i * n + j,
-                "text": ch.text,
-                "logprobs": ch.logprobs() if req.logprobs is not None else None,
-                "finish_reason": ch.finish_reason,
-                "stop_reason": ch.stop_reason,
+async def _stream(
+    run: _Completion, merged: AsyncIterator[tuple[int, RequestOutput]]
+) -> AsyncGenerator[str, None]:
+    """The chunks: each choice's new text as it comes, then usage when the request asks for it."""
+    req = run.req
+    include_usage, continuous = req.stream_options.usage_in() if req.stream_options else (False, False)
+    completion = 0  # tokens so far, all choices
+    async for i, out in merged:
+        for c in out.outputs:
+            ch = run.choices[(i, c.index)]
+            if ch.finish_reason is not None:
+                continue
+            before = ch.num_tokens
+            run.fold(ch, out, c, i)
+            completion += ch.num_tokens - before  # an echo-only choice counts none
+            if run.echo_logprobs and ch.prompt is None:
+                continue  # the echo goes out with its logprobs, once the prompt is scored
+            if not (len(ch.text) > ch.sent_text or c.finish_reason):
+                continue
+            text, ch.sent_text = ch.text[ch.sent_text :], len(ch.text)
+            choice = {
+                "index": i * req.n + c.index,
+                "text": text,
+                "logprobs": ch.logprobs(stream=True) if req.logprobs is not None else None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
             }
-            for (i, j), ch in sorted(choices.items())
-        ],
-        "usage": usage_now(sum(ch.num_tokens for ch in choices.values())),
-    }
-    return JSONResponse(body)
+            so_far = {"usage": run.usage(completion)} if continuous else {}
+            yield sse({**run.base, "choices": [choice], **so_far})
+    if include_usage:
+        yield sse({**run.base, "choices": [], "usage": run.usage(completion)})
+
+
+async def _collect(run: _Completion, merged: AsyncIterator[tuple[int, RequestOutput]]) -> None:
+    async for i, out in merged:
+        for c in out.outputs:
+            run.fold(run.choices[(i, c.index)], out, c, i)
 
 
 def _fold(ch: _Choice, c: CompletionOutput, name: TokenNamer, k: int | None, keep: bool = True) -> None:
