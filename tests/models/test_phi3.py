@@ -1,0 +1,174 @@
+"""Phi-3: fused qkv/gate_up weights split per TP rank, LongRoPE with a partial rotary as transformers
+computes it, greedy outputs equal to transformers' at tp 1 and 2, and the sliding-window limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distgen import LLM, SamplingParams
+from distgen.config import resolve_max_model_len
+from distgen.distributed import parallel_state as ps
+from distgen.layers.linear import HeadShard, split_range
+from distgen.model_loader.safetensors import iter_safetensors
+from distgen.models.phi3 import Phi3ForCausalLM, partial_rotary_perm
+from tests.conftest import (
+    PHI3_ORIGINAL_MAX,
+    _tiny_config,
+    assert_engine_idle_and_empty,
+    check_greedy_close,
+    random_prompts,
+)
+
+MAX_NEW = 12
+# Prompts inside the original length: transformers rotates them with the short factors and switches
+# to the long ones once a decode passes the original length, as distgen does.
+SHORT = random_prompts(6, seed=3, lo=3, hi=PHI3_ORIGINAL_MAX - 2)
+# Prompts past it: every position from the original length on takes the long factors.
+LONG = random_prompts(3, seed=4, lo=PHI3_ORIGINAL_MAX + 5, hi=80)
+
+
+def _hf_rotary():
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    return Phi3RotaryEmbedding(_tiny_config("phi3"))
+
+
+def _hf_config_dict() -> dict:
+    return {**_tiny_config("phi3").to_dict(), "architectures": ["Phi3ForCausalLM"]}
+
+
+def test_longrope_tables_match_transformers_rope_init():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = _tiny_config("phi3")
+    rotary = Phi3ForCausalLM.rotary_of(_hf_config_dict())
+    init = ROPE_INIT_FUNCTIONS["longrope"]
+    short, scale = init(hf_cfg, None)
+    long, long_scale = init(hf_cfg, None, seq_len=PHI3_ORIGINAL_MAX + 1)
+    assert scale == long_scale == pytest.approx((1 + 1) ** 0.5)  # factor 1024/32 = 32: sqrt(1 + ln 32/ln 32)
+    assert not torch.equal(short, long)
+    for p in (0, 1, PHI3_ORIGINAL_MAX - 1, PHI3_ORIGINAL_MAX, 100, 1023):
+        inv = short if p < PHI3_ORIGINAL_MAX else long
+        f = torch.tensor(float(p)) * inv
+        torch.testing.assert_close(rotary.cos[p, :6], f.cos() * scale, rtol=0, atol=0)
+        torch.testing.assert_close(rotary.sin[p, :6], f.sin() * scale, rtol=0, atol=0)
+    # The 4 dims that do not turn (2 pairs).
+    assert torch.equal(rotary.cos[:, 6:], torch.ones(1024, 2))
+    assert torch.equal(rotary.sin[:, 6:], torch.zeros(1024, 2))
+
+
+def test_rotation_of_permuted_heads_equals_transformers_partial_rotary():
+    """transformers at decode (one position per call, so its factor switch sees that position + 1)
+    against distgen's rotary on the permuted head layout, permuted back."""
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    hf = _hf_rotary()
+    rotary = Phi3ForCausalLM.rotary_of(_hf_config_dict())
+    perm = partial_rotary_perm(16, 12)
+    inverse = torch.argsort(perm)
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 1, 16)
+    for p in (0, 7, PHI3_ORIGINAL_MAX - 1, PHI3_ORIGINAL_MAX, 500):
+        cos, sin = hf(q, torch.tensor([[p]]))
+        want, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        ours, _ = rotary(
+            torch.tensor([p]), q[0, :, :, perm].transpose(0, 1), q[0, :, :, perm].transpose(0, 1)
+        )
+        got = ours.transpose(0, 1)[..., inverse]
+        torch.testing.assert_close(got, want[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_fused_weights_load_into_each_ranks_shards(tp, tiny_model_dir, monkeypatch):
+    """Each rank's qkv_proj holds its q heads and the KV heads they read (q and k permuted for the
+    partial rotary) and its gate_up_proj its slices of gate and up, read lazily from the safetensors."""
+    path = tiny_model_dir("phi3")
+    full = {name: w[:] for name, w in iter_safetensors(path)}
+    cfg = _hf_config_dict()
+    d, inter = 16, cfg["intermediate_size"]
+    perm = partial_rotary_perm(d, 12)
+
+    def heads(w: torch.Tensor, start: int, n: int) -> torch.Tensor:
+        return w.unflatten(0, (-1, d))[start : start + n][:, perm].flatten(0, 1)
+
+    for rank in range(tp):
+        monkeypatch.setitem(ps._STATE, "tp", ps._TPGroup(rank, tp, None))
+        model = Phi3ForCausalLM(cfg, torch.float32)
+        loaded = model.load_weights(iter_safetensors(path))
+        assert loaded == {n for n, _ in model.named_parameters()}
+        s = HeadShard.of(4, 2, tp, rank)
+        for i, layer in enumerate(model.layers):
+            qkv = full[f"model.layers.{i}.self_attn.qkv_proj.weight"]
+            q, k, v = qkv.split([64, 32, 32])
+            vs = v.unflatten(0, (-1, d))[s.kv_start : s.kv_start + s.num_kv_heads].flatten(0, 1)
+            want = torch.cat((heads(q, s.q_start, s.num_heads), heads(k, s.kv_start, s.num_kv_heads), vs))
+            assert torch.equal(layer.self_attn.qkv_proj.weight, want), (tp, rank, i)
+            gate, up = full[f"model.layers.{i}.mlp.gate_up_proj.weight"].split([inter, inter])
+            start, n = split_range(inter, tp, rank)
+            want = torch.cat((gate[start : start + n], up[start : start + n]))
+            assert torch.equal(layer.mlp.gate_up_proj.weight, want), (tp, rank, i)
+
+
+def _hf_stepwise(model, prompts: list[list[int]], max_new: int):
+    """transformers fed one token per call, prompt included: each call's factor switch then sees its
+    own position, the rule distgen applies to every token (see ``_longrope_tables``)."""
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            res = None
+            for t in p:
+                cache = None if res is None else res.past_key_values
+                res = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            toks, top5 = [], []
+            for _ in range(max_new):
+                logits = res.logits[0, -1].float()
+                toks.append(int(logits.argmax()))
+                top5.append(logits.topk(5).indices.tolist())
+                res = model(torch.tensor([[toks[-1]]]), past_key_values=res.past_key_values, use_cache=True)
+            out.append((toks, top5))
+    return out
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dir, hf_reference):
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_model_dir("phi3"), dtype=torch.float32).eval()
+    return hf_reference("phi3", SHORT, MAX_NEW) + _hf_stepwise(model, LONG, MAX_NEW)
+
+
+@pytest.mark.parametrize(
+    "tp,kwargs",
+    [(1, {}), (2, {"distributed_executor_backend": "mp", "max_num_batched_tokens": 16})],
+    ids=["tp1", "tp2-mp-chunked"],
+)
+def test_greedy_matches_transformers(tp, kwargs, tiny_model_dir, references):
+    llm = LLM(
+        tiny_model_dir("phi3"),
+        dtype="float32",
+        seed=0,
+        tensor_parallel_size=tp,
+        kv_cache_memory=16 << 20,
+        **kwargs,
+    )
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in SHORT + LONG], params, use_tqdm=False)
+    rate = check_greedy_close(references, [o.outputs[0].token_ids for o in outs], f"phi3/tp{tp}")
+    assert rate >= 0.5, f"phi3 tp{tp}: only {rate:.0%} of sequences match exactly"
+    assert_engine_idle_and_empty(llm)
+    llm.shutdown()
+
+
+def test_sliding_window_caps_max_model_len_or_is_refused():
+    """No windowed attention: a sequence must fit in the window, so max_model_len defaults to it and a
+    longer one asked for is refused, naming the setting; other architectures keep theirs."""
+    cfg = {"architectures": ["Phi3ForCausalLM"], "sliding_window": 2047}
+    assert resolve_max_model_len(cfg, 4096, None) == 2047
+    assert resolve_max_model_len(cfg, 4096, 1000) == 1000
+    assert resolve_max_model_len(cfg, 4096, 2047) == 2047
+    with pytest.raises(ValueError, match="sliding_window"):
+        resolve_max_model_len(cfg, 4096, 2048)
+    assert resolve_max_model_len({**cfg, "sliding_window": None}, 4096, None) == 4096
+    assert resolve_max_model_len({**cfg, "sliding_window": 262144}, 131072, None) == 131072
+    assert resolve_max_model_len({**cfg, "architectures": ["MistralForCausalLM"]}, 4096, None) == 4096
