@@ -129,6 +129,19 @@ class ModelConfig:
         return archs[0]
 
     @property
+    def long_rope_original(self) -> int | None:
+        """LongRoPE's original length (Phi-3), past which a prompt is rotated with the long factors
+        from its first token on (see :class:`distgen.layers.rotary.LongRopeSwitch`); else None."""
+        if self.architecture != "Phi3ForCausalLM":
+            return None
+        from distgen.models.phi3 import phi3_rope  # the model code, only for this architecture
+
+        _, scaling, _ = phi3_rope(self.hf_config)
+        if not scaling or scaling.get("rope_type") != "longrope":
+            return None
+        return int(scaling["original_max_position_embeddings"])
+
+    @property
     def num_layers(self) -> int:
         return int(self.hf_config["num_hidden_layers"])
 

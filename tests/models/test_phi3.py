@@ -3,6 +3,7 @@ computes it, greedy outputs equal to transformers' at tp 1 and 2, and the slidin
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from distgen import LLM, SamplingParams
 from distgen.config import resolve_max_model_len
 from distgen.distributed import parallel_state as ps
 from distgen.layers.linear import HeadShard, split_range
+from distgen.layers.rotary import LongRopeSwitch
 from distgen.model_loader.safetensors import iter_safetensors
 from distgen.models.phi3 import Phi3ForCausalLM, partial_rotary_perm
 from tests.conftest import (
@@ -22,10 +24,12 @@ from tests.conftest import (
 
 MAX_NEW = 12
 # Prompts inside the original length: transformers rotates them with the short factors and switches
-# to the long ones once a decode passes the original length, as distgen does.
+# to the long ones once a decode passes the original length.
 SHORT = random_prompts(6, seed=3, lo=3, hi=PHI3_ORIGINAL_MAX - 2)
-# Prompts past it: every position from the original length on takes the long factors.
+# Prompts past it: transformers rotates every token of these with the long factors.
 LONG = random_prompts(3, seed=4, lo=PHI3_ORIGINAL_MAX + 5, hi=80)
+# A short prompt that is the start of a long one: its KV blocks must not serve the long one.
+PREFIX = LONG[0][: PHI3_ORIGINAL_MAX - 4]
 
 
 def _hf_rotary():
@@ -43,40 +47,53 @@ def test_longrope_tables_match_transformers_rope_init():
 
     hf_cfg = _tiny_config("phi3")
     rotary = Phi3ForCausalLM.rotary_of(_hf_config_dict())
+    assert rotary.long_rope == LongRopeSwitch(PHI3_ORIGINAL_MAX, 1024)
+    assert rotary.cos.shape == (2048, 8)  # the short rows, then the long ones
     init = ROPE_INIT_FUNCTIONS["longrope"]
     short, scale = init(hf_cfg, None)
     long, long_scale = init(hf_cfg, None, seq_len=PHI3_ORIGINAL_MAX + 1)
     assert scale == long_scale == pytest.approx((1 + 1) ** 0.5)  # factor 1024/32 = 32: sqrt(1 + ln 32/ln 32)
     assert not torch.equal(short, long)
     for p in (0, 1, PHI3_ORIGINAL_MAX - 1, PHI3_ORIGINAL_MAX, 100, 1023):
-        inv = short if p < PHI3_ORIGINAL_MAX else long
-        f = torch.tensor(float(p)) * inv
-        torch.testing.assert_close(rotary.cos[p, :6], f.cos() * scale, rtol=0, atol=0)
-        torch.testing.assert_close(rotary.sin[p, :6], f.sin() * scale, rtol=0, atol=0)
+        for row, inv in ((p, short), (1024 + p, long)):
+            f = torch.tensor(float(p)) * inv
+            torch.testing.assert_close(rotary.cos[row, :6], f.cos() * scale, rtol=0, atol=0)
+            torch.testing.assert_close(rotary.sin[row, :6], f.sin() * scale, rtol=0, atol=0)
     # The 4 dims that do not turn (2 pairs).
-    assert torch.equal(rotary.cos[:, 6:], torch.ones(1024, 2))
-    assert torch.equal(rotary.sin[:, 6:], torch.zeros(1024, 2))
+    assert torch.equal(rotary.cos[:, 6:], torch.ones(2048, 2))
+    assert torch.equal(rotary.sin[:, 6:], torch.zeros(2048, 2))
 
 
-def test_rotation_of_permuted_heads_equals_transformers_partial_rotary():
-    """transformers at decode (one position per call, so its factor switch sees that position + 1)
-    against distgen's rotary on the permuted head layout, permuted back."""
+def test_long_rope_switch_rows():
+    """Long rows for every token of a prompt past the original length, and from the original length
+    on in a shorter prompt's request (transformers' per-call switch, as generation meets it)."""
+    switch = LongRopeSwitch(original=32, offset=1024)
+    pos = np.array([0, 31, 32, 40, 0, 31, 32])
+    prompt = np.array([32, 32, 32, 32, 33, 33, 33])
+    assert switch.rows(pos, prompt).tolist() == [0, 31, 1056, 1064, 1024, 1055, 1056]
+
+
+@pytest.mark.parametrize("prompt_len", [1, 20, PHI3_ORIGINAL_MAX, PHI3_ORIGINAL_MAX + 1, 50])
+def test_rotation_of_permuted_heads_equals_transformers_partial_rotary(prompt_len):
+    """transformers on a whole prompt and then one decode, against distgen's rotary at the rows its
+    switch picks, on the permuted head layout, permuted back."""
     from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 
     hf = _hf_rotary()
     rotary = Phi3ForCausalLM.rotary_of(_hf_config_dict())
     perm = partial_rotary_perm(16, 12)
     inverse = torch.argsort(perm)
-    torch.manual_seed(0)
-    q = torch.randn(1, 4, 1, 16)
-    for p in (0, 7, PHI3_ORIGINAL_MAX - 1, PHI3_ORIGINAL_MAX, 500):
-        cos, sin = hf(q, torch.tensor([[p]]))
-        want, _ = apply_rotary_pos_emb(q, q, cos, sin)
-        ours, _ = rotary(
-            torch.tensor([p]), q[0, :, :, perm].transpose(0, 1), q[0, :, :, perm].transpose(0, 1)
-        )
-        got = ours.transpose(0, 1)[..., inverse]
-        torch.testing.assert_close(got, want[0], rtol=0, atol=1e-6)
+    torch.manual_seed(prompt_len)
+    q = torch.randn(1, 4, prompt_len + 1, 16)
+    calls = [torch.arange(prompt_len), torch.tensor([prompt_len])]  # the prompt, then a decode
+    for positions in calls:
+        x = q[:, :, positions]
+        cos, sin = hf(x, positions[None])
+        want, _ = apply_rotary_pos_emb(x, x, cos, sin)
+        rows = rotary.long_rope.rows(positions.numpy(), np.full(len(positions), prompt_len))
+        qp = x[0][..., perm].transpose(0, 1)  # [T, H, D] in distgen's layout
+        ours, _ = rotary(torch.from_numpy(rows), qp, qp)
+        torch.testing.assert_close(ours.transpose(0, 1)[..., inverse], want[0], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 3])
@@ -110,38 +127,15 @@ def test_fused_weights_load_into_each_ranks_shards(tp, tiny_model_dir, monkeypat
             assert torch.equal(layer.mlp.gate_up_proj.weight, want), (tp, rank, i)
 
 
-def _hf_stepwise(model, prompts: list[list[int]], max_new: int):
-    """transformers fed one token per call, prompt included: each call's factor switch then sees its
-    own position, the rule distgen applies to every token (see ``_longrope_tables``)."""
-    out = []
-    with torch.inference_mode():
-        for p in prompts:
-            res = None
-            for t in p:
-                cache = None if res is None else res.past_key_values
-                res = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
-            toks, top5 = [], []
-            for _ in range(max_new):
-                logits = res.logits[0, -1].float()
-                toks.append(int(logits.argmax()))
-                top5.append(logits.topk(5).indices.tolist())
-                res = model(torch.tensor([[toks[-1]]]), past_key_values=res.past_key_values, use_cache=True)
-            out.append((toks, top5))
-    return out
-
-
 @pytest.fixture(scope="module")
-def references(tiny_model_dir, hf_reference):
-    import transformers as tf
-
-    model = tf.AutoModelForCausalLM.from_pretrained(tiny_model_dir("phi3"), dtype=torch.float32).eval()
-    return hf_reference("phi3", SHORT, MAX_NEW) + _hf_stepwise(model, LONG, MAX_NEW)
+def references(hf_reference):
+    return hf_reference("phi3", SHORT + LONG, MAX_NEW)
 
 
 @pytest.mark.parametrize(
     "tp,kwargs",
-    [(1, {}), (2, {"distributed_executor_backend": "mp", "max_num_batched_tokens": 16})],
-    ids=["tp1", "tp2-mp-chunked"],
+    [(1, {"block_size": 4}), (2, {"distributed_executor_backend": "mp", "max_num_batched_tokens": 16})],
+    ids=["tp1-prefix-cache", "tp2-mp-chunked"],
 )
 def test_greedy_matches_transformers(tp, kwargs, tiny_model_dir, references):
     llm = LLM(
@@ -153,6 +147,8 @@ def test_greedy_matches_transformers(tp, kwargs, tiny_model_dir, references):
         **kwargs,
     )
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    # A short prompt first, whose cached blocks hold the start of a long prompt rotated the short way.
+    llm.generate([{"prompt_token_ids": PREFIX}], params, use_tqdm=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in SHORT + LONG], params, use_tqdm=False)
     rate = check_greedy_close(references, [o.outputs[0].token_ids for o in outs], f"phi3/tp{tp}")
     assert rate >= 0.5, f"phi3 tp{tp}: only {rate:.0%} of sequences match exactly"
