@@ -5,8 +5,9 @@ LongRoPE and an optional partial rotary.
   ``gate_up_proj.weight``. Each is cut into its parts (lazily: a rank reads only its own rows) and
   handed to the loaders Llama's q/k/v and gate/up weights go through, so every TP rank takes its
   heads and its slice of the MLP as it would from separate tensors.
-- LongRoPE: :class:`~distgen.layers.rotary.RotaryEmbedding` (see ``_longrope_tables`` for which factor
-  set a position gets, and where that differs from transformers).
+- LongRoPE: :class:`~distgen.layers.rotary.RotaryEmbedding` holds the short and the long tables;
+  :class:`~distgen.layers.rotary.LongRopeSwitch` says which one a token reads, as transformers decides
+  it while generating (the model runner applies it; the scheduler caches long prompts' blocks apart).
 - A partial rotary (``partial_rotary_factor``, 0.75 in Phi-4-mini) turns the first ``rotary_dim`` dims
   of each head (pairs ``i, i + rotary_dim/2``), while distgen's rotary and its kernels pair ``i`` with
   ``i + head_dim/2``. The q and k rows of each head are permuted at load so that the turning pairs
