@@ -134,8 +134,12 @@ def references(hf_reference):
 
 @pytest.mark.parametrize(
     "tp,kwargs",
-    [(1, {"block_size": 4}), (2, {"distributed_executor_backend": "mp", "max_num_batched_tokens": 16})],
-    ids=["tp1-prefix-cache", "tp2-mp-chunked"],
+    [
+        (1, {"block_size": 4}),
+        (2, {"distributed_executor_backend": "mp", "max_num_batched_tokens": 16}),
+        (1, {"distributed_executor_backend": "mp", "pipeline_parallel_size": 2}),
+    ],
+    ids=["tp1-prefix-cache", "tp2-mp-chunked", "pp2-mp"],
 )
 def test_greedy_matches_transformers(tp, kwargs, tiny_model_dir, references):
     llm = LLM(
@@ -168,3 +172,44 @@ def test_sliding_window_caps_max_model_len_or_is_refused():
     assert resolve_max_model_len({**cfg, "sliding_window": None}, 4096, None) == 4096
     assert resolve_max_model_len({**cfg, "sliding_window": 262144}, 131072, None) == 131072
     assert resolve_max_model_len({**cfg, "architectures": ["MistralForCausalLM"]}, 4096, None) == 4096
+
+
+@pytest.mark.parametrize(
+    "style",
+    ["phi-3-mini-128k (transformers 4: rope_scaling su)", "phi-4-mini (partial rotary 0.75)"],
+)
+def test_checkpoint_style_configs_read_as_transformers_reads_them(style):
+    """config.json as the published checkpoints write it (rope_scaling, original_max_position_embeddings
+    and partial_rotary_factor at the top level), shrunk to 16384 positions: the same tables as
+    transformers' rope init on a Phi3Config built from the same dict."""
+    import transformers as tf
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    phi4 = style.startswith("phi-4")
+    heads, partial = (24, 0.75) if phi4 else (32, 1.0)
+    half = int(3072 // heads * partial) // 2
+    cfg = {
+        "architectures": ["Phi3ForCausalLM"],
+        "hidden_size": 3072,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 8 if phi4 else 32,
+        "max_position_embeddings": 16384,
+        "original_max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": partial,
+        "rope_scaling": {
+            "type": "longrope" if phi4 else "su",
+            "short_factor": [1.0 + i / 100 for i in range(half)],
+            "long_factor": [1.0 + i for i in range(half)],
+        },
+        "sliding_window": 262144,
+    }
+    rotary = Phi3ForCausalLM.rotary_of(cfg)
+    assert rotary.long_rope == LongRopeSwitch(4096, 16384)
+    hf_cfg = tf.Phi3Config(**{k: v for k, v in cfg.items() if k != "architectures"})
+    init = ROPE_INIT_FUNCTIONS["longrope"]
+    (short, scale), (long, _) = init(hf_cfg, None), init(hf_cfg, None, seq_len=4097)
+    for p in (0, 4095, 4096, 16383):
+        for row, inv in ((p, short), (16384 + p, long)):
+            torch.testing.assert_close(rotary.cos[row, :half], (p * inv).cos() * scale, rtol=0, atol=0)
+    assert resolve_max_model_len(cfg, 16384, None) == 16384
