@@ -154,8 +154,9 @@ def test_greedy_matches_transformers(tp, kwargs, tiny_model_dir, references):
     # A short prompt first, whose cached blocks hold the start of a long prompt rotated the short way.
     llm.generate([{"prompt_token_ids": PREFIX}], params, use_tqdm=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in SHORT + LONG], params, use_tqdm=False)
-    rate = check_greedy_close(references, [o.outputs[0].token_ids for o in outs], f"phi3/tp{tp}")
-    assert rate >= 0.5, f"phi3 tp{tp}: only {rate:.0%} of sequences match exactly"
+    tag = f"phi3/tp{tp}/pp{kwargs.get('pipeline_parallel_size', 1)}"
+    rate = check_greedy_close(references, [o.outputs[0].token_ids for o in outs], tag)
+    assert rate >= 0.5, f"{tag}: only {rate:.0%} of sequences match exactly"
     assert_engine_idle_and_empty(llm)
     llm.shutdown()
 
