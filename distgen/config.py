@@ -44,8 +44,29 @@ def parse_dtype(
 
 # The architectures whose models can be cut into pipeline stages (models/llama.py and its subclasses).
 PIPELINE_ARCHITECTURES = frozenset(
-    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"}
 )
+
+# Architectures whose ``sliding_window`` distgen honours by keeping every sequence inside the window
+# (its attention has no window): max_model_len defaults to the window and may not exceed it.
+WINDOWED_ARCHITECTURES = frozenset({"Phi3ForCausalLM"})
+
+
+def resolve_max_model_len(hf_config: dict[str, Any], max_pos: int, requested: int | None) -> int:
+    """``requested``, or the model's ``max_pos`` when None; for a windowed architecture with a
+    ``sliding_window`` no longer than that, the window (when not requested) or a ValueError."""
+    max_len = max_pos if requested is None else requested
+    window = hf_config.get("sliding_window")
+    archs = hf_config.get("architectures") or []
+    if window is None or not set(archs[:1]) & WINDOWED_ARCHITECTURES or max_len <= int(window):
+        return max_len
+    if requested is None:
+        return int(window)
+    raise ValueError(
+        f"max_model_len {requested} exceeds the model's sliding_window ({window}): distgen does not "
+        f"implement sliding-window attention, so a sequence must fit in it: use max_model_len <= {window}"
+    )
+
 
 _DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -106,6 +127,19 @@ class ModelConfig:
     def architecture(self) -> str:
         archs = self.hf_config.get("architectures") or ["?"]
         return archs[0]
+
+    @property
+    def long_rope_original(self) -> int | None:
+        """LongRoPE's original length (Phi-3), past which a prompt is rotated with the long factors
+        from its first token on (see :class:`distgen.layers.rotary.LongRopeSwitch`); else None."""
+        if self.architecture != "Phi3ForCausalLM":
+            return None
+        from distgen.models.phi3 import phi3_rope  # the model code, only for this architecture
+
+        _, scaling, _ = phi3_rope(self.hf_config)
+        if not scaling or scaling.get("rope_type") != "longrope":
+            return None
+        return int(scaling["original_max_position_embeddings"])
 
     @property
     def num_layers(self) -> int:

@@ -12,6 +12,7 @@ import torch
 
 TINY_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
 VOCAB = 49152  # the SmolLM2 tokenizer's, saved beside every tiny model
+PHI3_ORIGINAL_MAX = 32  # the tiny phi3's original_max_position_embeddings (LongRoPE's switch)
 
 
 def _tiny_config(arch: str, layers: int = 2):
@@ -64,6 +65,24 @@ def _tiny_config(arch: str, layers: int = 2):
             head_dim=32,
             tie_word_embeddings=True,
             use_sliding_window=False,
+        )
+    if arch == "phi3":
+        # LongRoPE over the 12 turning dims of 16 (Phi-4-mini's partial rotary 0.75): 6 factors each,
+        # and an original length of 32 that prompts and decodes in tests cross.
+        return tf.Phi3Config(
+            **common,
+            intermediate_size=128,
+            num_key_value_heads=2,
+            original_max_position_embeddings=PHI3_ORIGINAL_MAX,
+            partial_rotary_factor=0.75,
+            rope_scaling=dict(
+                type="longrope",
+                short_factor=[1.0, 1.05, 1.1, 1.2, 1.3, 1.5],
+                long_factor=[1.0, 1.5, 3.0, 6.0, 12.0, 32.0],
+            ),
+            sliding_window=None,
+            tie_word_embeddings=False,
+            pad_token_id=0,
         )
     if arch == "opt":
         return tf.OPTConfig(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distgen.core.block_pool import BlockPool, KVCacheBlock, hash_block
+from distgen.core.block_pool import BlockHash, BlockPool, KVCacheBlock, hash_block
 from distgen.core.request import Request
 
 
@@ -10,9 +10,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# The hash chain's root for a prompt longer than ``long_prompt`` (LongRoPE rotates every token of
+# such a prompt with its long factors, so its blocks differ from a shorter prompt's on the same tokens).
+_LONG_PROMPT_ROOT: BlockHash = -0x10C0DE  # an int: str hashes differ between processes
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_caching: bool, long_prompt: int | None = None
+    ) -> None:
         self.block_size = block_size
+        self.long_prompt = long_prompt
         self.pool = BlockPool(num_blocks, enable_caching)
         self.enable_caching = enable_caching
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
@@ -27,9 +35,12 @@ class KVCacheManager:
         bs = self.block_size
         hashes = request.block_hashes
         tokens = request.all_token_ids
+        root = None
+        if self.long_prompt is not None and request.num_prompt_tokens > self.long_prompt:
+            root = _LONG_PROMPT_ROOT
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
+            hashes.append(hash_block(hashes[-1] if hashes else root, tokens[i * bs : (i + 1) * bs]))
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """Longest cached prefix of ``request`` in full blocks, and how many tokens it covers.

@@ -54,11 +54,16 @@ class Scheduler:
         num_blocks: int,
         max_model_len: int,
         pipeline_depth: int = 1,
+        long_prompt: int | None = None,
     ) -> None:
+        """``long_prompt``: the prompt length past which the model rotates a request differently
+        from its first token (LongRoPE), so that its KV blocks are cached apart."""
         self.config = sched_config
         self.pipeline_depth = pipeline_depth
         self.max_model_len = max_model_len
-        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching, long_prompt
+        )
         self.requests: dict[str, Request] = {}
         self.waiting = make_queue(sched_config.policy)
         self.running: list[Request] = []  # priority policy: sorted by priority_key

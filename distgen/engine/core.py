@@ -71,7 +71,12 @@ class EngineCore:
         # Pipeline parallelism: one step in flight per stage, each a micro-batch of its own.
         self.pipeline_depth = par.pipeline_parallel_size
         self.scheduler = Scheduler(
-            config.scheduler, config.cache, num_blocks, self.max_model_len, self.pipeline_depth
+            config.scheduler,
+            config.cache,
+            num_blocks,
+            self.max_model_len,
+            self.pipeline_depth,
+            config.model.long_rope_original,
         )
         self._aborted_outputs: list[EngineCoreOutput] = []
         # Async scheduling: launched steps whose outputs are not collected yet, oldest first.

@@ -44,3 +44,29 @@ def copy_into(param: torch.Tensor, w: LoadedWeight, what: str) -> None:
 
 def default_weight_loader(param: torch.nn.Parameter, w: LoadedWeight, shard_id: Any = None) -> None:
     copy_into(param.data, w, getattr(param, "name_hint", "?"))
+
+
+class _RowView:
+    """Rows ``start .. start + size`` of a lazy safetensors slice, itself lazy: indexing it reads only
+    the rows asked for (a part of a fused checkpoint tensor, such as q of a stacked qkv)."""
+
+    def __init__(self, w: Any, start: int, size: int) -> None:
+        self.w, self.start, self.size = w, start, size
+
+    def get_shape(self) -> list[int]:
+        return [self.size, *list(self.w.get_shape())[1:]]
+
+    def __getitem__(self, index: slice | tuple[slice, ...]) -> torch.Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        first, *rest = index or (slice(None),)
+        lo, hi, step = first.indices(self.size)
+        if step != 1:
+            raise ValueError("a row view reads contiguous rows only")
+        return self.w[(slice(self.start + lo, self.start + hi), *rest)]
+
+
+def row_part(w: LoadedWeight, start: int, size: int) -> LoadedWeight:
+    """Rows ``start .. start + size`` of ``w``, as lazy as ``w`` is."""
+    if isinstance(w, torch.Tensor):
+        return w.narrow(0, start, size)
+    return _RowView(w, start, size)

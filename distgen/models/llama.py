@@ -133,7 +133,7 @@ class LlamaForCausalLM(nn.Module):
         self.tied = bool(cfg.get("tie_word_embeddings", False))
         self.first, self.last = ps.is_first_stage(), ps.is_last_stage()
         self.start_layer, count = split_range(cfg["num_hidden_layers"], ps.pp_size(), ps.pp_stage())
-        rotary = rotary_of(cfg)
+        rotary = self.rotary_of(cfg)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, dtype, qkv_bias, self.qk_norm, rotary) for _ in range(count)
         )
@@ -144,6 +144,11 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], dtype=dtype)
             if self.tied and self.first:
                 self.lm_head.tie(self.embed_tokens)
+
+    @staticmethod
+    def rotary_of(cfg: dict[str, Any]) -> RotaryEmbedding:
+        """The rotary embedding the layers share (a subclass with its own rope variant overrides it)."""
+        return rotary_of(cfg)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]

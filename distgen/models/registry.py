@@ -6,6 +6,7 @@ from torch import nn
 
 from distgen.models.llama import LlamaForCausalLM
 from distgen.models.opt import OPTForCausalLM
+from distgen.models.phi3 import Phi3ForCausalLM
 from distgen.models.qwen2 import Qwen2ForCausalLM
 from distgen.models.qwen3 import Qwen3ForCausalLM
 
@@ -15,6 +16,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 
 

@@ -127,9 +127,11 @@ class DecodeGraphs:
         block_table: np.ndarray,
         block_size: int,
         fill: tuple[slice | torch.Tensor, torch.Tensor] | None = None,
+        rope_pos: np.ndarray | None = None,
     ) -> torch.Tensor:
         """Replay the bucket's graph for ``n`` decode rows; returns the hidden states ``[n, hidden]``.
-        ``fill`` = (rows, tokens on the device) overrides those rows' input ids (async scheduling)."""
+        ``fill`` = (rows, tokens on the device) overrides those rows' input ids (async scheduling);
+        ``rope_pos``, the rows' rotary table rows where they are not their positions (LongRoPE)."""
         n = len(input_ids)
         b = self.bucket(n)
         nb = block_table.shape[1]
@@ -138,7 +140,7 @@ class DecodeGraphs:
             self._copied.synchronize()
         hv = self._host_vec.numpy()
         hv[_IDS, :n] = input_ids
-        hv[_POS, :n] = positions
+        hv[_POS, :n] = positions if rope_pos is None else rope_pos
         hv[_SLOT_BLOCK, :n] = slot_block
         hv[_SLOT_OFFSET, :n] = positions % block_size
         hv[_SEQ_LEN, :n] = seq_lens

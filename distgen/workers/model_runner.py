@@ -62,8 +62,9 @@ class ModelRunner:
         self.states = RequestStates(-(-config.model.max_model_len // self.block_size))
         self.kv_cache = torch.empty(0)  # [layers, 2 (K, V), blocks, kv heads, block size, head dim]
         attn = self.model.attention_layers()[0]
+        self.long_rope = attn.rotary.long_rope if attn.rotary is not None else None
         self.inputs = StepInputBuilder(
-            self.block_size, attn.num_kv_heads, attn.head_dim, self.dtype, self.device
+            self.block_size, attn.num_kv_heads, attn.head_dim, self.dtype, self.device, self.long_rope
         )
         self.is_driver = ps.is_driver()
         self.hidden_size = int(source.hf_config["hidden_size"])
@@ -221,7 +222,11 @@ class ModelRunner:
         slot_block = table[np.arange(n), positions // bs]
         cu = np.arange(n + 1)
         fill = self._placeholder_fill(rows, cu)
-        hidden = self.graphs.run(ids, positions, slot_block, positions + 1, table, bs, fill)
+        rope_pos = positions
+        if self.long_rope is not None:
+            prompt_lens = np.fromiter((s.num_prompt_tokens for s in rows), dtype=np.int64, count=n)
+            rope_pos = self.long_rope.rows(positions, prompt_lens)
+        hidden = self.graphs.run(ids, positions, slot_block, positions + 1, table, bs, fill, rope_pos)
         return hidden, cu
 
     def _zero_fresh_blocks(self, sched: SchedulerOutput) -> None:

@@ -22,23 +22,33 @@ import torch
 from distgen.host_to_device import to_device
 from distgen.kernels.dispatch import attention_path
 from distgen.layers.attention import AttentionMetadata, ContextRead, tile_index
+from distgen.layers.rotary import LongRopeSwitch
 from distgen.workers.input_batch import CachedRequestState
 
 
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T] (LongRoPE: the tokens' rotary table rows)
     cu: np.ndarray  # [B + 1] offsets of each row's tokens in the flattened batch
     meta: AttentionMetadata
 
 
 class StepInputBuilder:
     def __init__(
-        self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+        self,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        long_rope: LongRopeSwitch | None = None,
     ) -> None:
+        """``long_rope``: the model's LongRoPE switch; the model then gets each token's rotary table
+        row in place of its position (the slots still come from the positions)."""
         self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.dtype, self.device = dtype, device
+        self.long_rope = long_rope
         self._ws: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def build(self, rows: list[CachedRequestState], counts: list[int], table: np.ndarray) -> StepInputs:
@@ -61,7 +71,11 @@ class StepInputBuilder:
         while nd < len(counts) and counts[nd] == 1:
             nd += 1
         seq_lens = starts_np + counts_np
-        input_ids, positions_t = to_device(ids, dev, torch.long), to_device(positions, dev)
+        rope_pos = positions
+        if self.long_rope is not None:
+            prompt_lens = np.asarray([s.num_prompt_tokens for s in rows], dtype=np.int64)
+            rope_pos = self.long_rope.rows(positions, prompt_lens[row_of_tok])
+        input_ids, positions_t = to_device(ids, dev, torch.long), to_device(rope_pos, dev)
         path = attention_path(dev, self.dtype)
         if path == "triton":
             meta = self._triton_metadata(table, slot_block, positions, seq_lens, counts_np, nd)

@@ -277,3 +277,15 @@ def test_blocks_are_cached_only_when_full_of_computed_tokens():
     kv.allocate_slots(a, 2 * BS - 2)  # the rest of the prompt
     assert all(kv.pool.blocks[i].block_hash is not None for i in kv.block_ids("a"))
     assert kv.get_computed_blocks(req("c", prompt))[1] == 2 * BS
+
+
+def test_a_prompt_past_the_long_rope_length_has_its_own_hash_chain():
+    """LongRoPE (Phi-3) rotates a long prompt differently from its first token: a shorter prompt's
+    blocks on the same tokens are not hits for it, while long prompts share theirs."""
+    kv = KVCacheManager(32, BS, enable_caching=True, long_prompt=10)
+    tokens = list(range(100, 120))
+    admit(kv, req("short", tokens[:9]))
+    assert kv.get_computed_blocks(req("long", tokens))[1] == 0
+    admit(kv, req("long", tokens))
+    assert kv.get_computed_blocks(req("long2", tokens[:12]))[1] == 8
+    assert kv.get_computed_blocks(req("short2", tokens[:10]))[1] == 8  # the short prompt's 2 blocks
