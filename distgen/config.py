@@ -68,6 +68,14 @@ def resolve_max_model_len(hf_config: dict[str, Any], max_pos: int, requested: in
     )
 
 
+def check_partition(layers: tuple[int, ...], pp: int, num_layers: int) -> None:
+    if len(layers) != pp or sum(layers) != num_layers or min(layers) < 1:
+        raise ValueError(
+            f"the pipeline layer partition {list(layers)} must give each of the {pp} stages at least one "
+            f"layer and {num_layers} layers in all"
+        )
+
+
 _DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -173,6 +181,22 @@ class ModelConfig:
                 f"{', '.join(sorted(PIPELINE_ARCHITECTURES))}"
             )
 
+    def pipeline_partition(self, pp: int) -> tuple[int, ...]:
+        """Layers per stage, balanced by cost: the last stage also runs the LM head, for every token
+        that samples (each decode token), which costs ``vocab x hidden`` multiply-adds against a layer's
+        weights; it takes that many fewer layers (at least one), the others split the rest evenly."""
+        n = self.num_layers
+        if pp == 1:
+            return (n,)
+        cfg = self.hf_config
+        hidden = int(cfg["hidden_size"])
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        layer = hidden * (2 * q + 2 * kv) + 3 * hidden * int(cfg.get("intermediate_size") or 4 * hidden)
+        head = self.vocab_size / layer * hidden
+        last = min(max(1, round((n + head) / pp - head)), n - (pp - 1))
+        base, extra = divmod(n - last, pp - 1)
+        return tuple(base + (i < extra) for i in range(pp - 1)) + (last,)
+
     @property
     def vocab_size(self) -> int:
         return int(self.hf_config["vocab_size"])
@@ -245,6 +269,8 @@ class ParallelConfig:
     # rank, so its workers take their share of this host's cores (and GPUs) next to the other replicas'.
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
+    # Layers per pipeline stage (None: one stage); resolved by EngineArgs from the model's costs.
+    pipeline_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.data_parallel_size < 1:
@@ -293,3 +319,6 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.model.verify_tensor_parallel(self.parallel.tensor_parallel_size)
         self.model.verify_pipeline_parallel(self.parallel.pipeline_parallel_size)
+        layers = self.parallel.pipeline_layers
+        if layers is not None:
+            check_partition(layers, self.parallel.pipeline_parallel_size, self.model.num_layers)

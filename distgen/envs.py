@@ -24,6 +24,8 @@ class Envs:
     max_n_sequences: int
     # CPU workers' OpenMP threads and their CPUs: auto | nobind | "0-3|4-7" (see workers/cpu_threads.py).
     cpu_omp_threads_bind: str
+    # Layers per pipeline stage, "19,11" (vLLM's VLLM_PP_LAYER_PARTITION); None: balanced by cost.
+    pp_layer_partition: tuple[int, ...] | None
 
 
 _FALSE = ("0", "false", "no", "off")
@@ -39,7 +41,18 @@ def envs() -> Envs:
         api_key=env.get("DISTGEN_API_KEY") or None,
         max_n_sequences=_positive_int(env, "DISTGEN_MAX_N_SEQUENCES", 16384),
         cpu_omp_threads_bind=env.get("DISTGEN_CPU_OMP_THREADS_BIND", "auto").strip(),
+        pp_layer_partition=_int_list(env, "DISTGEN_PP_LAYER_PARTITION"),
     )
+
+
+def _int_list(env: Mapping[str, str], name: str) -> tuple[int, ...] | None:
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"{name} must be comma-separated layer counts like '19,11', got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -37,6 +37,7 @@ class _Pipeline:
     stage: int = 0
     size: int = 1
     tp: int = 1  # the global rank distance between one stage's rank and the next stage's
+    layers: tuple[int, ...] | None = None  # layers per stage; None: as even as they split
 
 
 _STATE: dict[str, object] = {"tp": _TPGroup(0, 1, None), "pp": _Pipeline()}
@@ -47,8 +48,11 @@ def default_backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def init_parallel_groups(rank: int, tp: int, pp: int, init_method: str, backend: str) -> None:
-    """Join the world of ``tp * pp`` ranks, its TP group and its stage (every worker calls this once).
+def init_parallel_groups(
+    rank: int, tp: int, pp: int, init_method: str, backend: str, layers: tuple[int, ...] | None = None
+) -> None:
+    """Join the world of ``tp * pp`` ranks, its TP group and its stage (every worker calls this once);
+    ``layers``: how many layers each stage holds (see :func:`stage_layers`).
 
     With one rank and no ``init_method`` no process group is made and collectives are the identity.
     """
@@ -65,7 +69,7 @@ def init_parallel_groups(rank: int, tp: int, pp: int, init_method: str, backend:
         groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)]
         group = groups[stage] if tp > 1 else None
     _STATE["tp"] = _TPGroup(rank % tp, tp, group, stage * tp)
-    _STATE["pp"] = _Pipeline(stage, pp, tp)
+    _STATE["pp"] = _Pipeline(stage, pp, tp, layers)
     logger.debug("rank %d/%d: TP rank %d of stage %d/%d (%s)", rank, world, rank % tp, stage, pp, backend)
 
 
@@ -89,6 +93,16 @@ def pp_stage() -> int:
 
 def pp_size() -> int:
     return _pp().size
+
+
+def stage_layers(num_layers: int) -> tuple[int, int]:
+    """(first layer, number of layers) of this rank's stage: the configured partition, or the layers
+    split as evenly as they go."""
+    p = _pp()
+    if p.layers is None:
+        base, extra = divmod(num_layers, p.size)
+        return p.stage * base + min(p.stage, extra), base + (p.stage < extra)
+    return sum(p.layers[: p.stage]), p.layers[p.stage]
 
 
 def is_first_stage() -> bool:

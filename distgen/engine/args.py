@@ -186,7 +186,7 @@ class EngineArgs:
             model=model_cfg,
             cache=self._cache_config(),
             scheduler=self._scheduler_config(batched),
-            parallel=self._parallel_config(backend),
+            parallel=self._parallel_config(backend, model_cfg),
             device=device,
         )
         return config, source
@@ -272,8 +272,13 @@ class EngineArgs:
             self.scheduling_policy,
         )
 
-    def _parallel_config(self, backend: str) -> ParallelConfig:
+    def _parallel_config(self, backend: str, model: ModelConfig) -> ParallelConfig:
         """``backend`` is resolved in the user's process: a Ray cluster it is connected to means "ray"."""
+        pp, layers = self.pipeline_parallel_size, None
+        if pp > 1:
+            model.verify_pipeline_parallel(pp)
+            layers = envs().pp_layer_partition or model.pipeline_partition(pp)
+            logger.info("pipeline stages: %s layers", list(layers))
         return ParallelConfig(
             self.tensor_parallel_size,
             backend,
@@ -283,6 +288,7 @@ class EngineArgs:
             self.worker_restart_window_s,
             self.worker_step_timeout_s,
             self.data_parallel_size,
+            pipeline_layers=layers,
         )
 
 

@@ -13,12 +13,7 @@ from distgen.distributed import parallel_state as ps
 from distgen.layers.activation import SiluAndMul
 from distgen.layers.attention import Attention, AttentionMetadata
 from distgen.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from distgen.layers.linear import (
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-    split_range,
-)
+from distgen.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from distgen.layers.norm import RMSNorm
 from distgen.layers.rotary import RotaryEmbedding
 from distgen.layers.weights import LoadedWeight
@@ -132,7 +127,7 @@ class LlamaForCausalLM(nn.Module):
         qkv_bias = self.qkv_bias or bool(cfg.get("attention_bias", False))
         self.tied = bool(cfg.get("tie_word_embeddings", False))
         self.first, self.last = ps.is_first_stage(), ps.is_last_stage()
-        self.start_layer, count = split_range(cfg["num_hidden_layers"], ps.pp_size(), ps.pp_stage())
+        self.start_layer, count = ps.stage_layers(cfg["num_hidden_layers"])
         rotary = self.rotary_of(cfg)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, dtype, qkv_bias, self.qk_norm, rotary) for _ in range(count)

@@ -30,9 +30,8 @@ class Worker:
         par = config.parallel
         if par.world_size > 1:
             backend = ps.default_backend(config.device)
-            ps.init_parallel_groups(
-                rank, par.tensor_parallel_size, par.pipeline_parallel_size, init_method or "", backend
-            )
+            tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
+            ps.init_parallel_groups(rank, tp, pp, init_method or "", backend, par.pipeline_layers)
         if config.device.startswith("cuda"):
             torch.cuda.set_device(rank if device_index is None else device_index)
         torch.manual_seed(config.model.seed)

@@ -108,19 +108,19 @@ def test_smollm2_pp2_matches_pp1():
     assert smollm2_greedy(1, pp=2) == smollm2_tp1()
 
 
-@pytest.mark.parametrize("pp", [2, 4])
-def test_each_stage_loads_only_its_layers(pp, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("layers", [(2, 2), (3, 1), (1, 1, 1, 1)])
+def test_each_stage_loads_only_its_layers(layers, tiny_model_dir, monkeypatch):
     """Build each stage in-process as its rank would: its layers are the checkpoint's, renumbered."""
     path = tiny_model_dir("llama-4l")  # tied embeddings: the last stage's head takes the embedding
     full = load_file(os.path.join(path, "model.safetensors"))
     source = resolve_model(path)
-    start = 0
+    start, pp = 0, len(layers)
     for stage in range(pp):
-        monkeypatch.setitem(ps._STATE, "pp", ps._Pipeline(stage, pp, 1))
+        monkeypatch.setitem(ps._STATE, "pp", ps._Pipeline(stage, pp, 1, layers))
         model = build_model(source, torch.float32, "cpu")
         names = {n for n, _ in model.named_parameters()}
         n = len(model.layers)
-        assert n == 4 // pp and model.start_layer == start
+        assert n == layers[stage] and model.start_layer == start
         assert ("embed_tokens.weight" in names) == (stage == 0)
         assert ("norm.weight" in names) == (stage == pp - 1)
         for i in range(n):
@@ -130,6 +130,23 @@ def test_each_stage_loads_only_its_layers(pp, tiny_model_dir, monkeypatch):
             torch.testing.assert_close(model.lm_head.weight, full["model.embed_tokens.weight"])
         assert len(model.attention_layers()) == n  # and so the stage's KV cache holds n layers
         start += n
+
+
+def test_stages_balance_the_lm_head(monkeypatch):
+    """The last stage runs the LM head for every sampling token: SmolLM2's (49152 x 576) weighs about
+    8 of its layers, so at pp 2 the last stage takes 11 of the 30 layers; an override sets them."""
+    monkeypatch.delenv("DISTGEN_PP_LAYER_PARTITION", raising=False)
+    for pp, want in [(2, (19, 11)), (3, (13, 12, 5)), (30, (1,) * 30)]:
+        config, _ = EngineArgs(pipeline_parallel_size=pp).create_config()
+        assert config.parallel.pipeline_layers == want
+    monkeypatch.setenv("DISTGEN_PP_LAYER_PARTITION", "20, 10")
+    assert EngineArgs(pipeline_parallel_size=2).create_config()[0].parallel.pipeline_layers == (20, 10)
+    monkeypatch.setenv("DISTGEN_PP_LAYER_PARTITION", "20,11")
+    with pytest.raises(ValueError, match=r"partition \[20, 11\] must give each of the 2 stages .* 30 layers"):
+        EngineArgs(pipeline_parallel_size=2).create_config()
+    monkeypatch.setenv("DISTGEN_PP_LAYER_PARTITION", "20;10")
+    with pytest.raises(ValueError, match="DISTGEN_PP_LAYER_PARTITION must be comma-separated"):
+        EngineArgs(pipeline_parallel_size=2).create_config()
 
 
 def test_pp_sizes_that_cannot_work_fail_before_any_process(tiny_model_dir):
