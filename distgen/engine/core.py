@@ -16,6 +16,7 @@ from distgen.engine.messages import (
     EngineCoreRequest,
     Logprobs,
     SchedulerStatsMsg,
+    validate_prompt,
 )
 from distgen.exceptions import EngineDeadError
 from distgen.executor.base import Executor, PendingOutput
@@ -265,21 +266,6 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-
-
-def validate_prompt(token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
-    """Raise ValueError for a prompt that can never run: empty, too long, or out of the vocabulary."""
-    n = len(token_ids)
-    if n == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    if n >= max_model_len:
-        raise ValueError(
-            f"the prompt has {n} tokens, but the maximum model length is {max_model_len} "
-            "(the prompt plus at least one generated token must fit)"
-        )
-    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"prompt token id {bad} is out of the vocabulary range [0, {vocab_size})")
 
 
 def _prompt_lp(plp: list) -> Logprobs:

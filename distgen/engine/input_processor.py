@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distgen.config import EngineConfig
-from distgen.engine.core import validate_prompt
-from distgen.engine.messages import EngineCoreRequest
+from distgen.engine.messages import EngineCoreRequest, validate_prompt
 from distgen.envs import envs
 from distgen.model_loader.loader import ModelSource, generation_eos_ids, load_generation_config
 from distgen.sampling_params import SamplingParams, StructuredOutputsParams

@@ -14,7 +14,11 @@ from distgen.engine.input_processor import encode_text
 from distgen.engine.llm_engine import LLMEngine, PromptType
 from distgen.entrypoints.beam_search import beam_search
 from distgen.entrypoints.chat_utils import Conversation, render_chat_text, validate_conversation
-from distgen.entrypoints.openai.reasoning_parsers import check_reasoning_parser, end_token_ids, thinks_first
+from distgen.entrypoints.openai.reasoning_parsers import (
+    check_reasoning_parser,
+    constrain_after_thinking,
+    end_token_ids,
+)
 from distgen.outputs import BeamSearchOutput, RequestOutput
 from distgen.sampling_params import BeamSearchParams, SamplingParams
 
@@ -114,11 +118,7 @@ class LLM:
         else:  # token ids: their last few, as text, say whether the prompt closed the think block
             ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else prompt
             text = self.get_tokenizer().decode(list(ids)[-8:]) if isinstance(ids, (list, tuple)) else ""
-        if not thinks_first(text):
-            return params
-        params = params.clone()
-        params._grammar_after = self._reasoning_end_ids
-        return params
+        return constrain_after_thinking(params, text, self._reasoning_end_ids)
 
     @functools.cached_property
     def _reasoning_end_ids(self) -> list[int]:

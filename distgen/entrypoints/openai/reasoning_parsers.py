@@ -12,6 +12,7 @@ has ended.
 from __future__ import annotations
 
 from distgen.entrypoints.openai.tool_parsers import held_prefix
+from distgen.sampling_params import SamplingParams
 
 START, END = "<think>", "</think>"
 
@@ -124,6 +125,17 @@ def thinks_first(prompt_text: str) -> bool:
     """Whether a reply to this prompt may start with thinking: not when the prompt closed the think
     block itself (Qwen3's template with ``enable_thinking=False`` ends with an empty one)."""
     return not prompt_text.rstrip().endswith(END)
+
+
+def constrain_after_thinking(params: SamplingParams, prompt_text: str, end_ids: list[int]) -> SamplingParams:
+    """As vLLM does with a reasoning parser: a reply that may think first (``thinks_first``) thinks
+    freely, and its structured-output constraint holds from the end of the thinking (``end_ids``, the
+    tokens of ``</think>``). Returns ``params`` itself when nothing changes, else a copy."""
+    if params.structured_outputs is None or not thinks_first(prompt_text):
+        return params
+    params = params.clone()
+    params._grammar_after = end_ids
+    return params
 
 
 def end_token_ids(tokenizer) -> list[int]:

@@ -13,7 +13,12 @@ from fastapi.responses import JSONResponse
 from distgen.entrypoints.chat_utils import render_chat_text, validate_conversation
 from distgen.entrypoints.openai.errors import OpenAIError
 from distgen.entrypoints.openai.protocol import ChatCompletionRequest
-from distgen.entrypoints.openai.reasoning_parsers import REASONING_PARSERS, ReasoningParser, thinks_first
+from distgen.entrypoints.openai.reasoning_parsers import (
+    REASONING_PARSERS,
+    ReasoningParser,
+    constrain_after_thinking,
+    thinks_first,
+)
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
     TokenNamer,
@@ -243,9 +248,8 @@ async def _prepare(ctx: ServingContext, req: ChatCompletionRequest) -> _ChatProm
         params.structured_outputs = constraint
     # A prompt that ends with a closed think block (thinking turned off) leaves the reply no thinking.
     thinking = ctx.reasoning_parser is not None and thinks_first(text)
-    if params.structured_outputs is not None and thinking:
-        # As vLLM does with a reasoning parser: the model thinks freely, the constraint holds after.
-        params._grammar_after = ctx.reasoning_end_ids
+    if thinking:
+        params = constrain_after_thinking(params, text, ctx.reasoning_end_ids)
     return _ChatPrompt(text, ids, params, parser, thinking)
 
 

@@ -17,8 +17,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from distgen.engine.async_llm import AsyncLLM
-from distgen.engine.core import validate_prompt
 from distgen.engine.input_processor import encode_text
+from distgen.engine.messages import validate_prompt
 from distgen.entrypoints.openai.errors import OpenAIError, error_body
 from distgen.entrypoints.openai.reasoning_parsers import end_token_ids
 from distgen.exceptions import EngineDeadError
