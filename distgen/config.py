@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from distgen.distributed.parallel_state import split_range
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -194,8 +196,7 @@ class ModelConfig:
         layer = hidden * (2 * q + 2 * kv) + 3 * hidden * int(cfg.get("intermediate_size") or 4 * hidden)
         head = self.vocab_size / layer * hidden
         last = min(max(1, round((n + head) / pp - head)), n - (pp - 1))
-        base, extra = divmod(n - last, pp - 1)
-        return tuple(base + (i < extra) for i in range(pp - 1)) + (last,)
+        return tuple(split_range(n - last, pp - 1, i)[1] for i in range(pp - 1)) + (last,)
 
     @property
     def vocab_size(self) -> int:

@@ -95,13 +95,19 @@ def pp_size() -> int:
     return _pp().size
 
 
+def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
+    """(start, size) of part ``index`` when ``n`` items are split into ``parts`` contiguous parts as
+    evenly as possible: the first ``n % parts`` parts take one more."""
+    base, extra = divmod(n, parts)
+    return index * base + min(index, extra), base + (index < extra)
+
+
 def stage_layers(num_layers: int) -> tuple[int, int]:
     """(first layer, number of layers) of this rank's stage: the configured partition, or the layers
     split as evenly as they go."""
     p = _pp()
     if p.layers is None:
-        base, extra = divmod(num_layers, p.size)
-        return p.stage * base + min(p.stage, extra), base + (p.stage < extra)
+        return split_range(num_layers, p.size, p.stage)
     return sum(p.layers[: p.stage]), p.layers[p.stage]
 
 

@@ -275,8 +275,7 @@ class EngineArgs:
     def _parallel_config(self, backend: str, model: ModelConfig) -> ParallelConfig:
         """``backend`` is resolved in the user's process: a Ray cluster it is connected to means "ray"."""
         pp, layers = self.pipeline_parallel_size, None
-        if pp > 1:
-            model.verify_pipeline_parallel(pp)
+        if pp > 1:  # a size that does not fit the model fails EngineConfig's checks, before the partition's
             layers = envs().pp_layer_partition or model.pipeline_partition(pp)
             logger.info("pipeline stages: %s layers", list(layers))
         return ParallelConfig(

@@ -23,13 +23,6 @@ from distgen.kernels.dispatch import cpu_kernels
 from distgen.layers.weights import LoadedWeight, copy_into, narrow, shape_of
 
 
-def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
-    """(start, size) of part ``index`` when ``n`` items are split into ``parts`` contiguous parts as
-    evenly as possible: the first ``n % parts`` parts take one more."""
-    base, extra = divmod(n, parts)
-    return index * base + min(index, extra), base + (index < extra)
-
-
 @dataclass(frozen=True)
 class HeadShard:
     """One tensor-parallel rank's attention heads: query heads ``q_start ..`` (``num_heads`` of them,
@@ -55,7 +48,7 @@ class HeadShard:
                 "every rank needs at least one"
             )
         group = num_heads // num_kv_heads
-        q_start, n = split_range(num_heads, tp_size, tp_rank)
+        q_start, n = ps.split_range(num_heads, tp_size, tp_rank)
         kv_start, kv_end = q_start // group, (q_start + n - 1) // group + 1
         offset = q_start - kv_start * group
         if kv_end - kv_start == 1:  # all of them share one KV head: a plain group of n
@@ -119,7 +112,7 @@ class ColumnParallelLinear(LinearBase):
         self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None
     ) -> None:
         self.tp_rank, self.tp_size = ps.tp_rank(), ps.tp_size()
-        self.out_start, self.out_per_rank = split_range(out_features, self.tp_size, self.tp_rank)
+        self.out_start, self.out_per_rank = ps.split_range(out_features, self.tp_size, self.tp_rank)
         super().__init__(in_features, self.out_per_rank, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
@@ -136,7 +129,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     ) -> None:
         self.tp_rank, self.tp_size = ps.tp_rank(), ps.tp_size()
         self.out_sizes = out_sizes
-        self.parts = [split_range(n, self.tp_size, self.tp_rank) for n in out_sizes]
+        self.parts = [ps.split_range(n, self.tp_size, self.tp_rank) for n in out_sizes]
         self.out_per_rank = sum(n for _, n in self.parts)
         LinearBase.__init__(self, in_features, self.out_per_rank, bias, dtype)
 
@@ -211,7 +204,7 @@ class RowParallelLinear(LinearBase):
         self.tp_rank, self.tp_size = ps.tp_rank(), ps.tp_size()
         if in_features % unit:
             raise ValueError(f"{in_features} input features are not whole units of {unit}")
-        start, n = split_range(in_features // unit, self.tp_size, self.tp_rank)
+        start, n = ps.split_range(in_features // unit, self.tp_size, self.tp_rank)
         self.in_start = start * unit
         super().__init__(n * unit, out_features, bias, dtype)
 

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from distgen import LLM, SamplingParams
 from distgen.core.scheduler_output import NewRequestData, SchedulerOutput
 from distgen.distributed import parallel_state as ps
+from distgen.distributed.parallel_state import split_range
 from distgen.engine.args import EngineArgs
 from distgen.exceptions import EngineDeadError, WorkerStartupError
 from distgen.kernels import dispatch
-from distgen.layers.linear import split_range
 from distgen.model_loader.loader import build_model, resolve_model
 from tests.conftest import check_greedy_close, process_alive, random_prompts, wait_gone
 

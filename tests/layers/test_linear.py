@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from distgen.layers.linear import HeadShard, split_range
+from distgen.distributed.parallel_state import split_range
+from distgen.layers.linear import HeadShard
 
 
 @pytest.mark.parametrize("n,parts", [(9, 2), (9, 4), (1536, 5), (7, 7), (3, 1), (10, 3)])

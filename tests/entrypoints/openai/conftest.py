@@ -38,6 +38,30 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def descendants_running(pid: int, marker: bytes) -> list[int]:
+    """The processes below ``pid`` whose command line holds ``marker``, in pid order."""
+    found = []
+    for child in descendants(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if marker in f.read():
+                    found.append(child)
+        except OSError:
+            pass
+    return sorted(found)
+
+
+def metric(server, name: str, label: str = "") -> float:
+    """The value of ``name`` in the server's /metrics (the first series whose labels include
+    ``label``, if given; 0 while a labelled series has not appeared)."""
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + "{") and label in line:
+            return float(line.rsplit(" ", 1)[1])
+    if label:
+        return 0.0  # a labelled series appears with its first count
+    raise AssertionError(f"{name} not in /metrics")
+
+
 @dataclass
 class Server:
     proc: subprocess.Popen

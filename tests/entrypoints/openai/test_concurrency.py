@@ -13,21 +13,11 @@ import time
 import httpx
 import pytest
 
-from tests.entrypoints.openai.conftest import start_server
+from tests.entrypoints.openai.conftest import metric, start_server
 
 pytestmark = pytest.mark.slow
 NUM_CLIENTS = 64
 MAX_TOKENS = 24
-
-
-def _metric(server, name: str, label: str = "") -> float:
-    """The value of ``name`` (the first series whose labels include ``label``, if given)."""
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(name + "{") and label in line:
-            return float(line.rsplit(" ", 1)[1])
-    if label:
-        return 0.0  # a labelled series appears with its first count
-    raise AssertionError(f"{name} not in /metrics")
 
 
 ABORTS = ("distgen:request_success_total", 'finished_reason="abort"')
@@ -73,7 +63,7 @@ def test_concurrent_streams_with_disconnects(which, request):
     and the victims of preemption change, the outputs may not."""
     server = request.getfixturevalue(which)
     url = server.v1 + "/completions"
-    aborts = _metric(server, *ABORTS)
+    aborts = metric(server, *ABORTS)
     prompts = [f"Request number {i} says" for i in range(NUM_CLIENTS)]
     # What each prompt must produce: the same request, alone and not streamed.
     want = {
@@ -103,15 +93,15 @@ def test_concurrent_streams_with_disconnects(which, request):
     # The aborted requests released their blocks: nothing running, the KV cache back to empty.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (
-        _metric(server, "distgen:kv_cache_usage_perc") != 0.0
-        or _metric(server, "distgen:num_requests_running") != 0
+        metric(server, "distgen:kv_cache_usage_perc") != 0.0
+        or metric(server, "distgen:num_requests_running") != 0
     ):
         time.sleep(0.2)
-    assert _metric(server, "distgen:kv_cache_usage_perc") == 0.0
-    assert _metric(server, "distgen:num_requests_running") == 0.0
-    assert _metric(server, "distgen:num_requests_waiting") == 0.0
+    assert metric(server, "distgen:kv_cache_usage_perc") == 0.0
+    assert metric(server, "distgen:num_requests_running") == 0.0
+    assert metric(server, "distgen:num_requests_waiting") == 0.0
     # Each hung-up stream counts as an abort (unless it finished before the server saw the hang-up).
-    assert 1 <= _metric(server, *ABORTS) - aborts <= NUM_CLIENTS // 4
+    assert 1 <= metric(server, *ABORTS) - aborts <= NUM_CLIENTS // 4
 
 
 @pytest.mark.parametrize("which", ["server", "async_server"], ids=["default", "async-scheduling"])
@@ -165,26 +155,26 @@ def test_constrained_and_refused_requests_beside_plain_ones(which, request):
     assert all(re.fullmatch(regex, t) for t in fitted if t is not None), fitted
     assert sum(t is None for t in fitted) == 3 and codes == [400] * 4
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _metric(server, "distgen:num_requests_running") != 0:
+    while time.monotonic() < deadline and metric(server, "distgen:num_requests_running") != 0:
         time.sleep(0.1)
-    assert _metric(server, "distgen:num_requests_running") == 0.0
-    assert _metric(server, "distgen:kv_cache_usage_perc") == 0.0
+    assert metric(server, "distgen:num_requests_running") == 0.0
+    assert metric(server, "distgen:kv_cache_usage_perc") == 0.0
 
 
 def test_non_streaming_client_that_hangs_up_is_aborted(server):
     max_tokens = 1000  # far more than can be generated before the client gives up
-    before = _metric(server, "distgen:generation_tokens_total")
-    aborts = _metric(server, *ABORTS)
+    before = metric(server, "distgen:generation_tokens_total")
+    aborts = metric(server, *ABORTS)
     body = {"prompt": "Long story:", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.v1 + "/completions", json=body, timeout=0.3)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _metric(server, "distgen:num_requests_running") != 0:
+    while time.monotonic() < deadline and metric(server, "distgen:num_requests_running") != 0:
         time.sleep(0.1)
-    assert _metric(server, "distgen:num_requests_running") == 0.0
-    assert _metric(server, "distgen:kv_cache_usage_perc") == 0.0
-    assert _metric(server, "distgen:generation_tokens_total") - before < max_tokens  # aborted, not finished
-    assert _metric(server, *ABORTS) - aborts == 1
+    assert metric(server, "distgen:num_requests_running") == 0.0
+    assert metric(server, "distgen:kv_cache_usage_perc") == 0.0
+    assert metric(server, "distgen:generation_tokens_total") - before < max_tokens  # aborted, not finished
+    assert metric(server, *ABORTS) - aborts == 1
 
 
 def test_engine_core_killed(tiny_model_dir):
@@ -196,7 +186,7 @@ def test_engine_core_killed(tiny_model_dir):
         async def in_flight_then_kill() -> httpx.Response:
             async with httpx.AsyncClient(timeout=60) as client:
                 task = asyncio.create_task(client.post(url, json=body))
-                while _metric(s, "distgen:num_requests_running") == 0:  # wait until it is in flight
+                while metric(s, "distgen:num_requests_running") == 0:  # wait until it is in flight
                     assert not task.done(), task.result().text
                     await asyncio.sleep(0.05)
                 os.kill(s.core_pid(), signal.SIGKILL)

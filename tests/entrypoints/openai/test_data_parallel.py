@@ -10,35 +10,16 @@ import time
 import httpx
 import pytest
 
-from tests.entrypoints.openai.conftest import descendants, start_server
+from tests.entrypoints.openai.conftest import descendants_running, metric, start_server
 
 pytestmark = pytest.mark.slow
-
-
-def _metric(server, name: str) -> float:
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def _core_pids(server) -> list[int]:
-    pids = []
-    for pid in descendants(server.proc.pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"distgen.engine.core_main" in f.read():
-                    pids.append(pid)
-        except OSError:
-            pass
-    return sorted(pids)
 
 
 def test_serve_dp2_answers_and_survives_one_replica(tiny_model_dir):
     s = start_server(tiny_model_dir("llama"), "-dp", "2")
     try:
         url = s.v1 + "/completions"
-        cores = _core_pids(s)
+        cores = descendants_running(s.proc.pid, b"distgen.engine.core_main")
         assert len(cores) == 2
         short = {"prompt": ["Hello", "The sky", "One two"], "max_tokens": 4, "temperature": 0}
         r = httpx.post(url, json=short, timeout=30)
@@ -50,7 +31,7 @@ def test_serve_dp2_answers_and_survives_one_replica(tiny_model_dir):
             async with httpx.AsyncClient(timeout=60) as client:
                 tasks = [asyncio.create_task(client.post(url, json=long)) for _ in range(2)]
                 # One on each replica: the summed stats count both.
-                while _metric(s, "distgen:num_requests_running") < 2:
+                while metric(s, "distgen:num_requests_running") < 2:
                     assert not any(t.done() for t in tasks)
                     await asyncio.sleep(0.05)
                 os.kill(cores[0], signal.SIGKILL)
@@ -62,6 +43,6 @@ def test_serve_dp2_answers_and_survives_one_replica(tiny_model_dir):
         assert httpx.get(s.url + "/health").status_code == 200  # one replica still serves
         again = httpx.post(url, json=short, timeout=30)
         assert again.status_code == 200 and len(again.json()["choices"]) == 3
-        assert _core_pids(s) == cores[1:]
+        assert descendants_running(s.proc.pid, b"distgen.engine.core_main") == cores[1:]
     finally:
         s.stop()  # Ctrl-C: nothing of the server, the live replica or its workers is left

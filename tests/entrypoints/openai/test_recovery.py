@@ -15,29 +15,10 @@ import httpx
 import pytest
 
 from tests.conftest import wait_gone
-from tests.entrypoints.openai.conftest import descendants, start_server
+from tests.entrypoints.openai.conftest import descendants_running, metric, start_server
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 48
-
-
-def _workers(server) -> list[int]:
-    out = []
-    for pid in descendants(server.core_pid()):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"spawn_main" in f.read():
-                    out.append(pid)
-        except OSError:
-            pass
-    return out
-
-
-def _metric(server, name: str) -> float:
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict, first: asyncio.Event) -> list[str]:
@@ -65,7 +46,7 @@ def test_streams_survive_a_worker_kill(tiny_model_dir):
         ]
         bodies.append({"prompt": "Seeded:", "max_tokens": MAX_TOKENS, "seed": 3, "n": 2, "ignore_eos": True})
         want = [[c["text"] for c in httpx.post(url, json=b, timeout=120).json()["choices"]] for b in bodies]
-        old = _workers(s)
+        old = descendants_running(s.core_pid(), b"spawn_main")
         assert len(old) == 3
         health: list[int] = []
         stop = threading.Event()
@@ -94,9 +75,9 @@ def test_streams_survive_a_worker_kill(tiny_model_dir):
         print(f"nine streams with a worker restart: {time.monotonic() - t0:.1f}s")
         assert got == want
         assert 503 in health and health[-1] == 200  # 503 while the workers were replaced
-        assert _metric(s, "distgen:num_worker_restarts_total") == 1
-        assert _metric(s, "distgen:num_recovered_requests_total") >= 1
-        assert wait_gone(old, timeout=10) == [] and len(_workers(s)) == 3
+        assert metric(s, "distgen:num_worker_restarts_total") == 1
+        assert metric(s, "distgen:num_recovered_requests_total") >= 1
+        assert wait_gone(old, timeout=10) == [] and len(descendants_running(s.core_pid(), b"spawn_main")) == 3
     finally:
         s.stop()
 
@@ -106,7 +87,7 @@ def test_exit_on_engine_death(tiny_model_dir):
         tiny_model_dir("llama"), "--tp", "2", "--max-worker-restarts", "0", "--exit-on-engine-death"
     )
     try:
-        workers = _workers(s)
+        workers = descendants_running(s.core_pid(), b"spawn_main")
         os.kill(workers[0], signal.SIGKILL)
         body = {"prompt": "Hi", "max_tokens": 4}
         assert httpx.post(s.v1 + "/completions", json=body, timeout=60).status_code == 503
