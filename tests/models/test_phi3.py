@@ -10,7 +10,8 @@ import torch
 from distgen import LLM, SamplingParams
 from distgen.config import resolve_max_model_len
 from distgen.distributed import parallel_state as ps
-from distgen.layers.linear import HeadShard, split_range
+from distgen.distributed.parallel_state import split_range
+from distgen.layers.linear import HeadShard
 from distgen.layers.rotary import LongRopeSwitch
 from distgen.model_loader.safetensors import iter_safetensors
 from distgen.models.phi3 import Phi3ForCausalLM, partial_rotary_perm
