@@ -53,8 +53,8 @@ class Driver:
     """Hand-scheduled steps of one request on a ModelRunner: a prefill, then decodes."""
 
     def __init__(self, runner, prompt: list[int], block_size: int) -> None:
-        from distgen.core.scheduler_output import NewRequestData, SchedulerOutput
         from distgen.sampling_params import SamplingParams
+        from distgen.workers.scheduler_output import NewRequestData, SchedulerOutput
 
         self.runner, self.bs = runner, block_size
         self.params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True, detokenize=False)
@@ -69,7 +69,7 @@ class Driver:
         self.token = out.sampled_token_ids[0]
 
     def step(self) -> None:
-        from distgen.core.scheduler_output import CachedRequestData, SchedulerOutput
+        from distgen.workers.scheduler_output import CachedRequestData, SchedulerOutput
 
         new_blocks = []
         if (self.n + 1) % self.bs == 1 or self.bs == 1:  # position n + 1 starts a fresh block
@@ -104,7 +104,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=64, help="timed graph steps")
     p.add_argument("--profiled-steps", type=int, default=8)
     args = p.parse_args()
-    from distgen.engine.args import EngineArgs
+    from distgen.frontend.args import EngineArgs
     from distgen.workers.model_runner import ModelRunner
 
     cuda = args.device.startswith("cuda")

@@ -37,14 +37,14 @@ import sys
 import tempfile
 import time
 
-from distgen.core.scheduler_output import (
+from distgen.sampling_params import SamplingParams
+from distgen.workers.sampled_output import SampledOutput
+from distgen.workers.scheduler_output import (
     CachedRequestData,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
 )
-from distgen.sampling_params import SamplingParams
-from distgen.workers.sampled_output import SampledOutput
 
 logger = logging.getLogger("benchmarks.step_overhead")
 EQUAL_NICE = True  # --ray-niceness turns it off
@@ -162,9 +162,9 @@ def time_steps(run, sched: SchedulerOutput, steps: int) -> float:
 def control_plane(model: str, steps: int, repeats: int) -> dict[str, dict[str, float]]:
     import ray
 
-    from distgen.engine.args import EngineArgs
     from distgen.executor.multiproc import MultiprocExecutor
     from distgen.executor.ray_executor import RayExecutor
+    from distgen.frontend.args import EngineArgs
 
     config, source = EngineArgs(model=model, tensor_parallel_size=2, kv_cache_memory=16 << 20).create_config()
     # Two ray executors at once: 4 one-CPU bundles (logical CPUs; the ranks mostly wait).

@@ -266,7 +266,7 @@ class ParallelConfig:
     max_worker_restarts: int = 3
     worker_restart_window_s: float = 600.0
     worker_step_timeout_s: float | None = 300.0  # None: wait for a step however long it takes
-    # Engine replicas behind one front end (engine/dp_client.py); each replica's config carries its own
+    # Engine replicas behind one front end (frontend/dp_client.py); each replica's config carries its own
     # rank, so its workers take their share of this host's cores (and GPUs) next to the other replicas'.
     data_parallel_size: int = 1
     data_parallel_rank: int = 0

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from distgen.engine.args import EngineArgs
+from distgen.frontend.args import EngineArgs
 from distgen.sampling_params import SamplingParams
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"

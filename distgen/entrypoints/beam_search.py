@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from distgen.engine.messages import validate_prompt
+from distgen.engine_core.messages import validate_prompt
 from distgen.outputs import BeamSearchOutput, BeamSearchSequence
 from distgen.sampling_params import BeamSearchParams, SamplingParams
 

@@ -27,7 +27,7 @@ from distgen.signals import catchable_ctrl_c
 logger = logging.getLogger("distgen")
 
 if TYPE_CHECKING:
-    from distgen.engine.args import EngineArgs
+    from distgen.frontend.args import EngineArgs
 
 MODEL_HELP = "HF directory, .gguf file, or hub id org/name[:file.gguf], fetched if absent (default: SmolLM2)"
 ENGINE_HELP = {
@@ -115,7 +115,7 @@ def parse_size(text: str | int) -> int:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    from distgen.engine.args import EngineArgs  # torch: loaded here, where Ctrl-C is caught
+    from distgen.frontend.args import EngineArgs  # torch: loaded here, where Ctrl-C is caught
 
     group = parser.add_argument_group("engine")
     defaults = EngineArgs()
@@ -196,7 +196,7 @@ _METAVARS: dict[Any, str] = {
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    from distgen.engine.args import EngineArgs
+    from distgen.frontend.args import EngineArgs
 
     names = {f.name for f in dataclasses.fields(EngineArgs)}
     return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})

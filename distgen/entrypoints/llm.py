@@ -9,9 +9,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from distgen.engine.args import EngineArgs
-from distgen.engine.input_processor import encode_text
-from distgen.engine.llm_engine import LLMEngine, PromptType
 from distgen.entrypoints.beam_search import beam_search
 from distgen.entrypoints.chat_utils import Conversation, render_chat_text, validate_conversation
 from distgen.entrypoints.openai.reasoning_parsers import (
@@ -19,6 +16,9 @@ from distgen.entrypoints.openai.reasoning_parsers import (
     constrain_after_thinking,
     end_token_ids,
 )
+from distgen.frontend.args import EngineArgs
+from distgen.frontend.input_processor import encode_text
+from distgen.frontend.llm_engine import LLMEngine, PromptType
 from distgen.outputs import BeamSearchOutput, RequestOutput
 from distgen.sampling_params import BeamSearchParams, SamplingParams
 

@@ -51,8 +51,8 @@ async def _run(engine_args, lines: list[str], max_concurrency: int) -> list[dict
     import httpx
     from tqdm import tqdm
 
-    from distgen.engine.async_llm import AsyncLLM
     from distgen.entrypoints.openai.api_server import ServerArgs, build_app
+    from distgen.frontend.async_llm import AsyncLLM
 
     engine = AsyncLLM.from_engine_args(engine_args)
     try:

@@ -9,8 +9,8 @@ from abc import ABC, abstractmethod
 from typing import Protocol
 
 from distgen.config import EngineConfig
-from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.model_loader.loader import ModelSource
+from distgen.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 
 class PendingOutput(Protocol):

@@ -20,7 +20,6 @@ import msgspec
 import zmq
 
 from distgen.config import EngineConfig
-from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.exceptions import SETTING_ERRORS, EngineDeadError, WorkerStartupError
 from distgen.executor.base import Executor
 from distgen.executor.messages import (
@@ -37,6 +36,7 @@ from distgen.executor.messages import (
     WorkerRequest,
 )
 from distgen.model_loader.loader import ModelSource
+from distgen.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("distgen")
 _Reply = TypeVar("_Reply", NumBlocks, Ack, StepResult)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from distgen.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 
 class DetermineNumBlocks(msgspec.Struct, tag=True, array_like=True):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from distgen.config import EngineConfig
-from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.executor.base import Executor
 from distgen.executor.worker_loop import setup_cpu_threads
 from distgen.model_loader.loader import ModelSource
 from distgen.workers.sampled_output import SampledOutput
+from distgen.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.workers.worker import Worker
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from distgen.core.scheduler_output import SchedulerOutput
 from distgen.sampling_params import SamplingParams
+from distgen.workers.scheduler_output import SchedulerOutput
 
 PLACEHOLDER = -1  # a token id not known on the host yet
 

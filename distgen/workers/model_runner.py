@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from distgen.config import EngineConfig
-from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.distributed import parallel_state as ps
 from distgen.host_to_device import to_device
 from distgen.kernels.cpu_memory import advise_huge_pages
@@ -34,6 +33,7 @@ from distgen.workers.cuda_graphs import DecodeGraphs
 from distgen.workers.grammar_matchers import GrammarMatchers
 from distgen.workers.input_batch import CachedRequestState, RequestStates
 from distgen.workers.sampled_output import SampledOutput
+from distgen.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.workers.step_inputs import StepInputBuilder, StepInputs
 
 logger = logging.getLogger("distgen")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from distgen.core.scheduler_output import ModelRunnerOutput
 from distgen.layers.sampler import SamplerOutput
+from distgen.workers.scheduler_output import ModelRunnerOutput
 
 
 class SampledOutput:

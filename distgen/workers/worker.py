@@ -7,11 +7,11 @@ import logging
 import torch
 
 from distgen.config import EngineConfig
-from distgen.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.distributed import parallel_state as ps
 from distgen.model_loader.loader import ModelSource
 from distgen.workers.model_runner import ModelRunner
 from distgen.workers.sampled_output import SampledOutput
+from distgen.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("distgen")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distgen.engine.args import EngineArgs
 from distgen.entrypoints.cli import _apply_config, build_parser, engine_args_from, parse_size
+from distgen.frontend.args import EngineArgs
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distgen import LLM, SamplingParams
-from distgen.core.scheduler_output import NewRequestData, SchedulerOutput
 from distgen.distributed import parallel_state as ps
 from distgen.distributed.parallel_state import split_range
-from distgen.engine.args import EngineArgs
 from distgen.exceptions import EngineDeadError, WorkerStartupError
+from distgen.frontend.args import EngineArgs
 from distgen.kernels import dispatch
 from distgen.model_loader.loader import build_model, resolve_model
+from distgen.workers.scheduler_output import NewRequestData, SchedulerOutput
 from tests.conftest import check_greedy_close, process_alive, random_prompts, wait_gone
 
 MAX_NEW = 10
@@ -37,7 +37,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
 @pytest.fixture(autouse=True)
 def _engine_core_in_process(monkeypatch):
     """These tests reach into the executor, so the engine core runs in the test's process (the split
-    into an engine-core process is tested in tests/engine/test_core_client.py)."""
+    into an engine-core process is tested in tests/frontend/test_core_client.py)."""
     monkeypatch.setenv("DISTGEN_ENABLE_MULTIPROCESSING", "0")
 
 
@@ -261,7 +261,7 @@ def test_startup_failure_names_the_rank(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
 def test_worker_killed_mid_generation_raises_engine_dead(tiny_model_dir, async_scheduling):
-    """With recovery off (tests/engine/test_recovery.py has it on)."""
+    """With recovery off (tests/engine_core/test_recovery.py has it on)."""
     llm = LLM(
         tiny_model_dir("llama"),
         tensor_parallel_size=2,

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from distgen import LLM, SamplingParams
 from distgen.distributed import parallel_state as ps
-from distgen.engine.args import EngineArgs
 from distgen.exceptions import EngineDeadError
+from distgen.frontend.args import EngineArgs
 from distgen.model_loader.loader import build_model, resolve_model
 from tests.conftest import check_greedy_close, random_prompts, wait_gone
 from tests.executor.test_multiproc import smollm2_greedy, smollm2_tp1

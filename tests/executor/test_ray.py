@@ -19,10 +19,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from distgen import LLM, SamplingParams
-from distgen.core.scheduler_output import NewRequestData, SchedulerOutput
-from distgen.engine.args import EngineArgs
 from distgen.exceptions import EngineDeadError, WorkerStartupError
 from distgen.executor.base import Executor
+from distgen.frontend.args import EngineArgs
+from distgen.workers.scheduler_output import NewRequestData, SchedulerOutput
 from tests.conftest import check_greedy_close, process_alive, random_prompts
 
 ray = pytest.importorskip("ray")
@@ -386,7 +386,7 @@ def test_serve_on_the_ray_cluster(cluster, tiny_model_dir):
 def test_device_follows_the_clusters_gpus(cluster, monkeypatch):
     """The engine core may run on a node without a GPU: with ranks as Ray actors, CUDA is the default
     device when the cluster has GPUs, wherever the engine runs."""
-    from distgen.engine.args import default_device
+    from distgen.frontend.args import default_device
 
     assert default_device("ray") == "cpu"  # this test cluster has CPUs only
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 8.0})

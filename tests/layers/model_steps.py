@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from distgen.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
-from distgen.engine.args import EngineArgs
+from distgen.frontend.args import EngineArgs
 from distgen.sampling_params import SamplingParams
 from distgen.workers.model_runner import ModelRunner
+from distgen.workers.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from tests.conftest import _tiny_config
 
 

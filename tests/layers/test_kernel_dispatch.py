@@ -18,10 +18,10 @@ if not torch.cuda.is_available():  # on a GPU the kernels must compile and run t
 
 import pytest  # noqa: E402
 
-from distgen.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
 from distgen.kernels import dispatch  # noqa: E402
 from distgen.sampling_params import SamplingParams  # noqa: E402
 from distgen.workers.cuda_graphs import DecodeGraphs, decode_buckets  # noqa: E402
+from distgen.workers.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
 from tests.layers.model_steps import A, B, make_runner, run_steps  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")

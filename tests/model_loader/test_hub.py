@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 RESOLVE = textwrap.dedent(
     """
     import json, os, sys
-    from distgen.engine.args import EngineArgs
+    from distgen.frontend.args import EngineArgs
     kwargs = json.loads(sys.argv[1])
     try:
         config, source = EngineArgs(**kwargs).create_config()

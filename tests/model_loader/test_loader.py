@@ -13,7 +13,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from distgen.engine.args import EngineArgs
+from distgen.frontend.args import EngineArgs
 from distgen.model_loader.loader import load_generation_config, resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

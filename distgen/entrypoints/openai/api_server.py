@@ -18,9 +18,6 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import distgen
-from distgen.engine.args import EngineArgs
-from distgen.engine.async_llm import AsyncLLM
-from distgen.engine.stats import LoggingStatLogger
 from distgen.entrypoints.chat_utils import load_chat_template
 from distgen.entrypoints.openai.body_limit import BodyLimit
 from distgen.entrypoints.openai.errors import OpenAIError, error_response
@@ -39,6 +36,9 @@ from distgen.entrypoints.openai.serving_responses import ResponsesRequest, Respo
 from distgen.entrypoints.openai.tool_parsers import PARSERS
 from distgen.envs import envs
 from distgen.exceptions import EngineDeadError
+from distgen.frontend.args import EngineArgs
+from distgen.frontend.async_llm import AsyncLLM
+from distgen.frontend.stats import LoggingStatLogger
 
 logger = logging.getLogger("distgen")
 

@@ -1,6 +1,6 @@
 """Prometheus metrics under the ``distgen:`` prefix, named after vLLM's set.
 
-Fed once per engine step by ``AsyncLLM`` (see :class:`distgen.engine.stats.StatLogger`): gauges from
+Fed once per engine step by ``AsyncLLM`` (see :class:`distgen.frontend.stats.StatLogger`): gauges from
 the scheduler's stats, counters and histograms from what the step produced. Each server owns its
 registry, so several servers in one process (tests) never collide.
 """
@@ -16,8 +16,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from distgen.engine.messages import SchedulerStatsMsg
-from distgen.engine.stats import IterationStats
+from distgen.engine_core.messages import SchedulerStatsMsg
+from distgen.frontend.stats import IterationStats
 
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20]
 ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0]

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from distgen.engine.input_processor import keep_last_tokens
 from distgen.entrypoints.openai.errors import OpenAIError
+from distgen.frontend.input_processor import keep_last_tokens
 from distgen.sampling_params import SamplingParams, StructuredOutputsParams, prompt_limit
 
 _DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")

@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from distgen.engine.async_llm import AsyncLLM
-from distgen.engine.input_processor import encode_text
-from distgen.engine.messages import validate_prompt
+from distgen.engine_core.messages import validate_prompt
 from distgen.entrypoints.openai.errors import OpenAIError, error_body
 from distgen.entrypoints.openai.reasoning_parsers import end_token_ids
 from distgen.exceptions import EngineDeadError
+from distgen.frontend.async_llm import AsyncLLM
+from distgen.frontend.input_processor import encode_text
 from distgen.outputs import Logprob
 from distgen.sampling_params import SamplingParams
 from distgen.structured_output import GrammarError

@@ -76,7 +76,7 @@ class Server:
         for pid in descendants(self.proc.pid):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"distgen.engine.core_main" in f.read():
+                    if b"distgen.engine_core.main" in f.read():
                         return pid
             except OSError:
                 pass

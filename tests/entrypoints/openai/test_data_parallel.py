@@ -19,7 +19,7 @@ def test_serve_dp2_answers_and_survives_one_replica(tiny_model_dir):
     s = start_server(tiny_model_dir("llama"), "-dp", "2")
     try:
         url = s.v1 + "/completions"
-        cores = descendants_running(s.proc.pid, b"distgen.engine.core_main")
+        cores = descendants_running(s.proc.pid, b"distgen.engine_core.main")
         assert len(cores) == 2
         short = {"prompt": ["Hello", "The sky", "One two"], "max_tokens": 4, "temperature": 0}
         r = httpx.post(url, json=short, timeout=30)
@@ -43,6 +43,6 @@ def test_serve_dp2_answers_and_survives_one_replica(tiny_model_dir):
         assert httpx.get(s.url + "/health").status_code == 200  # one replica still serves
         again = httpx.post(url, json=short, timeout=30)
         assert again.status_code == 200 and len(again.json()["choices"]) == 3
-        assert descendants_running(s.proc.pid, b"distgen.engine.core_main") == cores[1:]
+        assert descendants_running(s.proc.pid, b"distgen.engine_core.main") == cores[1:]
     finally:
         s.stop()  # Ctrl-C: nothing of the server, the live replica or its workers is left

@@ -13,9 +13,9 @@ import time
 import httpx
 import pytest
 
-from distgen.engine.core_client import SHUTDOWN_TIMEOUT_S as CORE_TIMEOUT_S
 from distgen.executor.broadcast import SHUTDOWN_TIMEOUT_S as WORKERS_TIMEOUT_S
 from distgen.executor.ports import free_port
+from distgen.frontend.core_client import SHUTDOWN_TIMEOUT_S as CORE_TIMEOUT_S
 from tests.conftest import wait_gone
 from tests.entrypoints.openai.conftest import descendants, start_server
 

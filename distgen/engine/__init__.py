@@ -1,1 +1,0 @@
-"""distgen.engine."""
