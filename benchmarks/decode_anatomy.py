@@ -53,11 +53,11 @@ class Driver:
     """Hand-scheduled steps of one request on a ModelRunner: a prefill, then decodes."""
 
     def __init__(self, runner, prompt: list[int], block_size: int) -> None:
-        from distgen.sampling_params import SamplingParams
+        from distgen.sampling_spec import SamplingSpec
         from distgen.workers.scheduler_output import NewRequestData, SchedulerOutput
 
         self.runner, self.bs = runner, block_size
-        self.params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True, detokenize=False)
+        self.params = SamplingSpec(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
         self.n = len(prompt)
         blocks = list(range(-(-(self.n + 1) // block_size)))
         out = runner.execute_model(

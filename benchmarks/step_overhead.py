@@ -38,6 +38,7 @@ import tempfile
 import time
 
 from distgen.sampling_params import SamplingParams
+from distgen.sampling_spec import SamplingSpec
 from distgen.workers.sampled_output import SampledOutput
 from distgen.workers.scheduler_output import (
     CachedRequestData,
@@ -78,7 +79,7 @@ def decode_step(batch: int = 32) -> SchedulerOutput:
 
 
 def prefill_step(batch: int = 8, prompt: int = 256) -> SchedulerOutput:
-    params = SamplingParams(temperature=0, max_tokens=64)
+    params = SamplingSpec(temperature=0.0, max_tokens=64)
     reqs = [
         NewRequestData(
             f"p{i}", list(range(i, i + prompt)), prompt, params, list(range(i * 17, i * 17 + 17)), 0

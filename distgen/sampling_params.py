@@ -86,6 +86,10 @@ class StructuredOutputsParams:
             self.choice = list(self.choice)
 
 
+def is_greedy_temperature(temperature: float) -> bool:
+    return temperature < _GREEDY_EPS
+
+
 @dataclass
 class SamplingParams:
     """How to sample the continuation of one prompt.
@@ -119,15 +123,9 @@ class SamplingParams:
     bad_words: list[str] | None = None  # words never generated (each as its tokens, see below)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: all that fit)
     structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice, grammar
-    # Filled by the engine: EOS ids from the tokenizer / generation_config that end a sequence.
-    _eos_token_ids: list[int] = field(default_factory=list, repr=False)
-    # Filled by the engine from ``bad_words``: token sequences whose last token is forbidden right
-    # after the rest of the sequence (a one-token word: always).
-    _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
-    # Filled by the engine from ``structured_outputs``: the grammar, compiled for llguidance.
-    _grammar: str | None = field(default=None, repr=False)
     # Set by a server with a reasoning parser: the grammar holds only after these tokens (the end of
-    # the model's thinking, "</think>") appear in the output.
+    # the model's thinking, "</think>") appear in the output. The front end's own: the input processor
+    # carries it into the request's ``SamplingSpec``.
     _grammar_after: list[int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -274,15 +272,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature < _GREEDY_EPS
-
-    @property
-    def all_stop_token_ids(self) -> set[int]:
-        """Token ids that end the sequence: stop_token_ids, plus EOS unless ignore_eos."""
-        ids = set(self.stop_token_ids)
-        if not self.ignore_eos:
-            ids.update(self._eos_token_ids)
-        return ids
+        return is_greedy_temperature(self.temperature)
 
     def clone(self) -> SamplingParams:
         return copy.deepcopy(self)

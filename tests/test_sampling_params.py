@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from distgen.sampling_params import BeamSearchParams, SamplingParams
+from distgen.sampling_spec import SamplingSpec
 
 INVALID = [
     ("n", {"n": 0}),
@@ -166,12 +167,20 @@ def test_defaults_follow_vllm():
     assert p.seed is None and p.logprobs is None and not p.ignore_eos
 
 
-def test_all_stop_token_ids_respects_ignore_eos():
-    p = SamplingParams(stop_token_ids=[5])
-    p._eos_token_ids = [2]
-    assert p.all_stop_token_ids == {2, 5}
-    p.ignore_eos = True
-    assert p.all_stop_token_ids == {5}
+def test_the_spec_carries_the_checked_params_and_what_the_front_end_resolved():
+    p = SamplingParams(temperature=0.5, top_k=4, stop_token_ids=[5], seed=3, logit_bias={7: 1.0})
+    spec = SamplingSpec.from_params(p, eos_token_ids=[2], bad_words_token_ids=[[8]], grammar="g")
+    assert (spec.temperature, spec.top_k, spec.seed, spec.logit_bias) == (0.5, 4, 3, {7: 1.0})
+    assert (spec.eos_token_ids, spec.bad_words_token_ids, spec.grammar) == ([2], [[8]], "g")
+    assert spec.all_stop_token_ids == {2, 5} and not spec.is_greedy
+    ignoring = SamplingSpec.from_params(
+        SamplingParams(stop_token_ids=[5], ignore_eos=True), eos_token_ids=[2]
+    )
+    assert ignoring.all_stop_token_ids == {5}
+    assert SamplingSpec.from_params(SamplingParams(temperature=0)).is_greedy
+    # On the wire: decoding does not validate again, and the spec round-trips unchanged.
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(spec), type=SamplingSpec)
+    assert wire == spec
 
 
 def test_from_optional_drops_none_and_clone_is_deep():

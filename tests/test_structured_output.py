@@ -7,10 +7,12 @@ import json
 import logging
 import re
 
+import msgspec
 import pytest
 import torch
 
 from distgen.sampling_params import SamplingParams, StructuredOutputsParams
+from distgen.sampling_spec import SamplingSpec
 from distgen.structured_output import (
     GrammarError,
     allows_other_than,
@@ -37,9 +39,7 @@ def ll_tok(tok):
 def _row(
     tok, ll_tok, spec: StructuredOutputsParams, output: str = "", req_id: str = "r"
 ) -> CachedRequestState:
-    params = SamplingParams(structured_outputs=spec)
-    params._eos_token_ids = [EOS]
-    params._grammar = compile_grammar(spec, ll_tok)
+    params = SamplingSpec(eos_token_ids=[EOS], grammar=compile_grammar(spec, ll_tok))
     out = tok(output, add_special_tokens=False).input_ids if output else []
     return CachedRequestState(req_id, [1, 2, 3, *out], 3, params, [0], 3 + len(out))
 
@@ -126,7 +126,7 @@ def test_masks_follow_each_rows_tokens(tok, ll_tok):
     matchers = GrammarMatchers(lambda: tok, len(tok))
     choice = StructuredOutputsParams(choice=["positive", "negative"])
     digits = StructuredOutputsParams(regex=r"[0-9]{2}")
-    plain = CachedRequestState("p", [1, 2], 2, SamplingParams(), [0], 2)
+    plain = CachedRequestState("p", [1, 2], 2, SamplingSpec(), [0], 2)
     rows = [plain, _row(tok, ll_tok, choice, req_id="c"), _row(tok, ll_tok, digits, "7", req_id="d")]
     first, second = _allowed(tok, matchers, rows)
     assert all(
@@ -144,14 +144,14 @@ def test_masks_follow_each_rows_tokens(tok, ll_tok):
 def test_a_row_that_leaves_its_grammar_is_stopped_where_it_still_fits(tok, ll_tok, caplog):
     matchers = GrammarMatchers(lambda: tok, len(tok))
     row = _row(tok, ll_tok, StructuredOutputsParams(regex=r"[0-9]+"), "12ab")
-    row.sampling_params.stop_token_ids = [7]
+    row.sampling_params = msgspec.structs.replace(row.sampling_params, stop_token_ids=[7])
     with caplog.at_level(logging.WARNING, logger="distgen"):
         (allowed,) = _allowed(tok, matchers, [row])
         _allowed(tok, matchers, [row])
     assert allowed == {EOS, 7}  # only what ends it
     assert sum("left its grammar" in r.message for r in caplog.records) == 1  # warned once
     # With nothing that could end it (ignore_eos, no stop ids), it goes on unconstrained.
-    row.sampling_params.stop_token_ids, row.sampling_params.ignore_eos = [], True
+    row.sampling_params = msgspec.structs.replace(row.sampling_params, stop_token_ids=[], ignore_eos=True)
     assert len(_allowed(tok, matchers, [row])[0]) == len(tok)
 
 
@@ -187,13 +187,13 @@ def test_end_of():
 
 
 def test_a_grammar_after_thinking_waits_for_its_end(tok, ll_tok):
-    """With ``_grammar_after`` (a server's reasoning parser), tokens are free until the marker, which
+    """With ``grammar_after`` (a server's reasoning parser), tokens are free until the marker, which
     may arrive split over steps; the grammar then reads only what follows it."""
     matchers = GrammarMatchers(lambda: tok, len(tok))
     row = _row(tok, ll_tok, StructuredOutputsParams(regex=r"[0-9]{2}"))
     marker = tok("</think>", add_special_tokens=False).input_ids
     assert len(marker) > 1  # SmolLM2 spells it in pieces: the search must cope with a split
-    row.sampling_params._grammar_after = marker
+    row.sampling_params = msgspec.structs.replace(row.sampling_params, grammar_after=marker)
     thinking = tok("Let me see </ think", add_special_tokens=False).input_ids
     for t in thinking + marker[:-1]:
         row.output_token_ids.append(t)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import msgspec
 
-from distgen.sampling_params import SamplingParams
+from distgen.sampling_spec import SamplingSpec
 
 
 class EngineCoreRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True):
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingSpec  # resolved and checked by the front end
     arrival_time: float
     priority: int = 0  # lower first, under the priority scheduling policy
 

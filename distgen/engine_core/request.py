@@ -6,7 +6,7 @@ import enum
 import itertools
 import time
 
-from distgen.sampling_params import SamplingParams
+from distgen.sampling_spec import SamplingSpec
 
 
 class RequestStatus(enum.IntEnum):
@@ -37,7 +37,7 @@ class Request:
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        sampling_params: SamplingParams,
+        sampling_params: SamplingSpec,
         max_tokens: int,
         arrival_time: float | None = None,
         priority: int = 0,
@@ -78,8 +78,8 @@ class Request:
             p.presence_penalty != 0.0
             or p.frequency_penalty != 0.0
             or p.repetition_penalty != 1.0
-            or any(len(seq) > 1 for seq in p._bad_words_token_ids)
-            or p._grammar is not None
+            or any(len(seq) > 1 for seq in p.bad_words_token_ids)
+            or p.grammar is not None
         )
 
     @property
@@ -106,14 +106,14 @@ class Request:
         if n >= self.max_tokens:
             self.status = RequestStatus.FINISHED_LENGTH
             return True
-        if n < params.min_tokens and params._grammar is None:
+        if n < params.min_tokens and params.grammar is None:
             # (The sampler blocks stop tokens below min_tokens; one that comes anyway from a request
             # with structured outputs is its grammar's end, which wins.)
             return False
         last = self.output_token_ids[-1]
         if last in self.stop_token_ids:
             self.status = RequestStatus.FINISHED_STOPPED
-            is_eos = not params.ignore_eos and last in params._eos_token_ids
+            is_eos = not params.ignore_eos and last in params.eos_token_ids
             self.stop_reason = None if is_eos else last
             return True
         return False

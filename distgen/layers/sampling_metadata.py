@@ -1,4 +1,4 @@
-"""The per-step sampling state of a batch, built from each row's ``SamplingParams`` on rank 0.
+"""The per-step sampling state of a batch, built from each row's ``SamplingSpec`` on rank 0.
 
 Optional parts stay ``None`` (or empty) when no row in the batch uses them, so the sampler
 (:mod:`distgen.layers.sampler`) skips that work; per-row sparse settings (``allowed_token_ids``,
@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from distgen.host_to_device import to_device
-from distgen.sampling_params import SamplingParams
+from distgen.sampling_spec import SamplingSpec
 from distgen.structured_output import GrammarBitmask, allows_other_than, unpack_bitmask
 
 SAMPLING_EPS = 1e-5
@@ -81,7 +81,7 @@ def bad_word_ends(bad_words: list[list[int]], output: Sequence[int]) -> set[int]
 
 
 def build_sampling_metadata(
-    params: Sequence[SamplingParams],
+    params: Sequence[SamplingSpec],
     prompt_token_ids: Sequence[Sequence[int]],
     output_token_ids: list[list[int]],
     generators: dict[int, torch.Generator],
@@ -89,7 +89,7 @@ def build_sampling_metadata(
     device: torch.device | str = "cpu",
     grammar_bitmask: GrammarBitmask | None = None,
 ) -> SamplingMetadata:
-    """Build the step's metadata from each row's ``SamplingParams`` and token history.
+    """Build the step's metadata from each row's ``SamplingSpec`` and token history.
 
     ``generators`` maps a row to its request's persistent generator (requests with a seed);
     ``output_token_ids`` is kept by reference; ``grammar_bitmask`` holds the constrained rows and
@@ -152,7 +152,7 @@ def _padded_prompts(
 
 
 def _blocked_ids(
-    params: Sequence[SamplingParams], output_token_ids: list[list[int]], vocab_size: int
+    params: Sequence[SamplingSpec], output_token_ids: list[list[int]], vocab_size: int
 ) -> dict[int, set[int]]:
     """Row -> the ids it may not sample this step: its stop ids while it is below ``min_tokens``,
     and the tokens that would complete one of its bad words."""
@@ -161,15 +161,15 @@ def _blocked_ids(
         ids = set()
         if len(output_token_ids[row]) < p.min_tokens:
             ids.update(p.all_stop_token_ids)
-        if p._bad_words_token_ids:
-            ids.update(bad_word_ends(p._bad_words_token_ids, output_token_ids[row]))
+        if p.bad_words_token_ids:
+            ids.update(bad_word_ends(p.bad_words_token_ids, output_token_ids[row]))
         ids = {t for t in ids if t < vocab_size}
         if ids:
             blocked[row] = ids
     return blocked
 
 
-def _allowed_tokens(params: Sequence[SamplingParams], device: torch.device | str) -> AllowedTokens | None:
+def _allowed_tokens(params: Sequence[SamplingSpec], device: torch.device | str) -> AllowedTokens | None:
     restricted = [r for r, p in enumerate(params) if p.allowed_token_ids]
     if not restricted:
         return None
@@ -181,7 +181,7 @@ def _allowed_tokens(params: Sequence[SamplingParams], device: torch.device | str
     )
 
 
-def _logit_bias(params: Sequence[SamplingParams], device: torch.device | str) -> LogitBias | None:
+def _logit_bias(params: Sequence[SamplingSpec], device: torch.device | str) -> LogitBias | None:
     entries = [(r, t, b) for r, p in enumerate(params) if p.logit_bias for t, b in p.logit_bias.items()]
     if not entries:
         return None

@@ -31,12 +31,12 @@ class GrammarMatchers:
     def bitmask(self, rows: Sequence[CachedRequestState]) -> GrammarBitmask | None:
         """The constrained rows' indices and their ``[k, ceil(V / 32)]`` int32 bitmask (bit ``t`` of a
         row set: token ``t`` allowed); None when no row is constrained."""
-        constrained = [i for i, s in enumerate(rows) if s.sampling_params._grammar is not None]
+        constrained = [i for i, s in enumerate(rows) if s.sampling_params.grammar is not None]
         if not constrained:
             return None
         llg = llguidance_module()
         if self._ll_tokenizer is None:
-            eos = rows[constrained[0]].sampling_params._eos_token_ids
+            eos = rows[constrained[0]].sampling_params.eos_token_ids
             self._ll_tokenizer = grammar_tokenizer(self._load_tokenizer(), self.vocab_size, eos)
             self._executor = llg.LLExecutor()
         mask = torch.zeros((len(constrained), -(-self.vocab_size // 32)), dtype=torch.int32)
@@ -64,9 +64,9 @@ class GrammarMatchers:
     def _caught_up(self, s: CachedRequestState):
         """The row's matcher, fed the output tokens it has not seen; None once it has failed (a token it
         did not allow, or a limit of llguidance's reached), with a warning; ``_NOT_YET`` while the
-        grammar waits for the end of the model's thinking (``_grammar_after``)."""
+        grammar waits for the end of the model's thinking (``grammar_after``)."""
         if s.matcher is None:
-            after = s.sampling_params._grammar_after
+            after = s.sampling_params.grammar_after
             if after:
                 # Until the matcher exists, matcher_consumed is how far the search for the end of the
                 # thinking has got (a marker may straddle the last search's end).
@@ -75,7 +75,7 @@ class GrammarMatchers:
                     s.matcher_consumed = len(s.output_token_ids)
                     return _NOT_YET
                 s.matcher_consumed = end
-            s.matcher = llguidance_module().LLMatcher(self._ll_tokenizer, s.sampling_params._grammar)
+            s.matcher = llguidance_module().LLMatcher(self._ll_tokenizer, s.sampling_params.grammar)
         new = s.output_token_ids[s.matcher_consumed :]
         if new:
             s.matcher.consume_tokens(new)

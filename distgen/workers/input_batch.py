@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from distgen.sampling_params import SamplingParams
+from distgen.sampling_spec import SamplingSpec
 from distgen.workers.scheduler_output import SchedulerOutput
 
 PLACEHOLDER = -1  # a token id not known on the host yet
@@ -19,7 +19,7 @@ class CachedRequestState:
     req_id: str
     token_ids: list[int]  # prompt, then outputs
     num_prompt_tokens: int
-    sampling_params: SamplingParams
+    sampling_params: SamplingSpec
     block_ids: list[int]
     num_computed_tokens: int
     row: int = -1  # its row of RequestStates' block table

@@ -315,7 +315,7 @@ class ModelRunner:
             not meta.generators
             and not meta.blocked
             and meta.grammar is None
-            and not any(s.sampling_params._bad_words_token_ids for s in rows)
+            and not any(s.sampling_params.bad_words_token_ids for s in rows)
         )
         self._meta_cache = (key, meta) if reusable else None
         return meta

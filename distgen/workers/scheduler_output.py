@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import msgspec
 
-from distgen.sampling_params import SamplingParams
+from distgen.sampling_spec import SamplingSpec
 
 
 class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -16,7 +16,7 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
     req_id: str
     token_ids: list[int]  # every known token: prompt, then outputs so far
     num_prompt_tokens: int
-    sampling_params: SamplingParams
+    sampling_params: SamplingSpec
     block_ids: list[int]
     num_computed_tokens: int
 

@@ -17,6 +17,7 @@ from distgen import LLM, SamplingParams
 from distgen.engine_core.core import EngineCore
 from distgen.engine_core.messages import EngineCoreRequest
 from distgen.frontend.args import EngineArgs
+from distgen.sampling_spec import SamplingSpec
 from tests.conftest import random_prompts
 
 KV = 16 << 20
@@ -36,9 +37,9 @@ def _core(model_dir: str, **kwargs) -> EngineCore:
 
 
 def _add(core: EngineCore, rid: str, prompt: list[int], **params) -> None:
-    params.setdefault("temperature", 0)
+    params.setdefault("temperature", 0.0)
     params.setdefault("ignore_eos", True)
-    core.add_request(EngineCoreRequest(rid, prompt, SamplingParams(**params), time.time()))
+    core.add_request(EngineCoreRequest(rid, prompt, SamplingSpec(**params), time.time()))
 
 
 def _run(core: EngineCore, max_calls: int = 500) -> dict[str, list[int]]:

@@ -24,6 +24,7 @@ from distgen.engine_core.request import Request, RequestStatus
 from distgen.engine_core.request_queue import priority_key
 from distgen.engine_core.scheduler import Scheduler
 from distgen.sampling_params import SamplingParams
+from distgen.sampling_spec import SamplingSpec
 from distgen.workers.scheduler_output import SchedulerOutput
 
 EOS = 2
@@ -60,8 +61,7 @@ def make_request(
     arrival: float | None = None,
     **params,
 ) -> Request:
-    sp = SamplingParams(max_tokens=max_tokens, **params)
-    sp._eos_token_ids = list(eos)
+    sp = SamplingSpec.from_params(SamplingParams(max_tokens=max_tokens, **params), eos_token_ids=list(eos))
     return Request(rid, prompt, sp, max_tokens, arrival, priority)
 
 

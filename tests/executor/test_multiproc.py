@@ -24,6 +24,7 @@ from distgen.exceptions import EngineDeadError, WorkerStartupError
 from distgen.frontend.args import EngineArgs
 from distgen.kernels import dispatch
 from distgen.model_loader.loader import build_model, resolve_model
+from distgen.sampling_spec import SamplingSpec
 from distgen.workers.scheduler_output import NewRequestData, SchedulerOutput
 from tests.conftest import check_greedy_close, process_alive, random_prompts, wait_gone
 
@@ -299,7 +300,7 @@ def test_worker_raising_makes_engine_dead(tiny_model_dir):
     llm = _tp2(tiny_model_dir("llama"), max_worker_restarts=0)
     executor = llm.llm_engine.client.core.executor
     pids = executor.worker_pids
-    bad = NewRequestData("x", [5, 6, 7], 3, SamplingParams(temperature=0), [10**6], 0)
+    bad = NewRequestData("x", [5, 6, 7], 3, SamplingSpec(temperature=0.0), [10**6], 0)
     with pytest.raises(EngineDeadError, match=r"worker rank \d raised IndexError"):
         executor.execute_model(SchedulerOutput([bad], [], {"x": 3}, 3))
     assert wait_gone(pids, timeout=1) == []

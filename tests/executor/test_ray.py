@@ -22,6 +22,7 @@ from distgen import LLM, SamplingParams
 from distgen.exceptions import EngineDeadError, WorkerStartupError
 from distgen.executor.base import Executor
 from distgen.frontend.args import EngineArgs
+from distgen.sampling_spec import SamplingSpec
 from distgen.workers.scheduler_output import NewRequestData, SchedulerOutput
 from tests.conftest import check_greedy_close, process_alive, random_prompts
 
@@ -178,7 +179,7 @@ def test_default_model_at_tp2_on_ray_matches_tp1(cluster):
 
 
 def _step(req_id: str, prompt: list[int]) -> SchedulerOutput:
-    new = NewRequestData(req_id, prompt, len(prompt), SamplingParams(temperature=0), [0], 0)
+    new = NewRequestData(req_id, prompt, len(prompt), SamplingSpec(temperature=0.0), [0], 0)
     return SchedulerOutput([new], [], {req_id: len(prompt)}, len(prompt))
 
 
@@ -234,7 +235,7 @@ def test_worker_raising_in_forward_makes_engine_dead(cluster, tiny_model_dir):
     ).create_config()
     ex = Executor.create(config, source)
     ex.init_kv_cache(ex.determine_num_blocks())
-    bad = NewRequestData("x", [5, 6, 7], 3, SamplingParams(temperature=0), [10**6], 0)
+    bad = NewRequestData("x", [5, 6, 7], 3, SamplingSpec(temperature=0.0), [10**6], 0)
     with pytest.raises(EngineDeadError, match=r"worker rank \d raised IndexError"):
         ex.execute_model(SchedulerOutput([bad], [], {"x": 3}, 3))
     _wait_no_actors(timeout=5)

@@ -78,15 +78,15 @@ def test_a_setting_the_model_cannot_take_fails_with_its_message_and_no_stack(tp,
 
 def test_a_request_the_core_cannot_decode_ends_alone(tiny_model_dir):
     """Defence in depth behind the front end's checks: a request that fails the engine core's decoding
-    (here a seed beyond int64, forced past SamplingParams' own check) is ended as aborted and logged;
-    the engine keeps serving everyone else."""
+    (here a prompt with a string among its token ids, past the front end's input processor) is ended
+    as aborted and logged; the engine keeps serving everyone else."""
     from distgen.engine_core.messages import EngineCoreRequest
+    from distgen.sampling_spec import SamplingSpec
 
     llm = LLM(tiny_model_dir("llama"), kv_cache_memory=KV)
     client = llm.llm_engine.client
-    params = SamplingParams(max_tokens=2)
-    params.seed = 2**63 + 5  # encodes (uint64), fails validation when the core decodes it
-    client.add_request(EngineCoreRequest("bad", [5, 6, 7], params, time.time()))
+    # Encodes (msgpack takes any value), fails the engine core's typed decoding.
+    client.add_request(EngineCoreRequest("bad", [5, "six", 7], SamplingSpec(max_tokens=2), time.time()))
     ended = None
     deadline = time.monotonic() + 30
     while ended is None and time.monotonic() < deadline:

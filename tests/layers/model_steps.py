@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from distgen.frontend.args import EngineArgs
-from distgen.sampling_params import SamplingParams
+from distgen.sampling_spec import SamplingSpec
 from distgen.workers.model_runner import ModelRunner
 from distgen.workers.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from tests.conftest import _tiny_config
@@ -24,7 +24,7 @@ def save_tiny(tmp_path_factory, arch: str) -> str:
     return path
 
 
-GREEDY = SamplingParams(temperature=0, max_tokens=8, logprobs=3, ignore_eos=True)
+GREEDY = SamplingSpec(temperature=0.0, max_tokens=8, logprobs=3, ignore_eos=True)
 A = [11, 523, 97, 4410, 18, 2044, 305, 77, 6001, 12]  # 10 tokens, prefilled in chunks of 6 + 4
 B = [700, 31, 9]
 C = A[:8] + [40, 41]  # shares A's first two blocks (block size 4): a prefix-cache hit

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():  # on a GPU the kernels must compile and run t
 import pytest  # noqa: E402
 
 from distgen.kernels import dispatch  # noqa: E402
-from distgen.sampling_params import SamplingParams  # noqa: E402
+from distgen.sampling_spec import SamplingSpec  # noqa: E402
 from distgen.workers.cuda_graphs import DecodeGraphs, decode_buckets  # noqa: E402
 from distgen.workers.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
 from tests.layers.model_steps import A, B, make_runner, run_steps  # noqa: E402
@@ -130,7 +130,7 @@ def test_launching_a_step_never_waits_for_the_gpu(qwen3_dir):
     then decode steps through the CUDA graphs, greedy, no logprobs."""
     import warnings
 
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    params = SamplingSpec(temperature=0.0, max_tokens=8, ignore_eos=True)
     runner = make_runner(qwen3_dir, "cuda")
     assert runner.graphs is not None
     syncs_per_step = []
@@ -192,7 +192,7 @@ def test_a_decode_forward_launches_nine_kernels_per_layer(arch, tokenizerless_di
 
         monkeypatch.setattr(ops, name, entry)
 
-    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    params = SamplingSpec(temperature=0.0, max_tokens=4, ignore_eos=True)
     device = "cuda" if CUDA else "cpu"
     with dispatch.kernel_mode("auto" if CUDA else "triton"):
         runner = make_runner(tokenizerless_dir(arch), device)

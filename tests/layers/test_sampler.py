@@ -11,6 +11,7 @@ import torch
 from distgen.layers.sampler import Sampler, apply_min_p, apply_penalties, apply_top_k_top_p
 from distgen.layers.sampling_metadata import SamplingMetadata, build_sampling_metadata
 from distgen.sampling_params import SamplingParams
+from distgen.sampling_spec import SamplingSpec
 
 NEG_INF = float("-inf")
 
@@ -337,7 +338,8 @@ def test_min_tokens_blocks_eos():
 
 # -- allowed_token_ids and logit_bias --------------------------------------------------------------------
 def _metadata_for(params: list[SamplingParams], vocab: int) -> SamplingMetadata:
-    return build_sampling_metadata(params, [[1]] * len(params), [[] for _ in params], {}, vocab)
+    specs = [SamplingSpec.from_params(p) for p in params]
+    return build_sampling_metadata(specs, [[1]] * len(params), [[] for _ in params], {}, vocab)
 
 
 def test_logit_bias_moves_greedy_and_random_rows_and_leaves_logprobs_raw():

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from distgen.frontend.args import EngineArgs
-from distgen.sampling_params import SamplingParams
+from distgen.sampling_spec import SamplingSpec
 from distgen.workers.model_runner import ModelRunner
 from distgen.workers.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 
-GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+GREEDY = SamplingSpec(temperature=0.0, max_tokens=32, ignore_eos=True)
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ class Driver:
         self.next_block += n
         return list(range(self.next_block - n, self.next_block))
 
-    def step(self, new: dict[str, tuple[list[int], SamplingParams]] = (), finished: list[str] = ()) -> None:
+    def step(self, new: dict[str, tuple[list[int], SamplingSpec]] = (), finished: list[str] = ()) -> None:
         new = dict(new)
         new_data = []
         for rid, (prompt, params) in new.items():
@@ -86,14 +86,14 @@ def test_same_batch_reuses_new_or_finished_request_rebuilds(runner):
 
 def test_seeded_rows_and_min_tokens_rebuild_every_step(runner):
     d = Driver(runner)
-    seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=32)
+    seeded = SamplingSpec(temperature=0.8, seed=3, max_tokens=32)
     d.step({"a": ([5, 6, 7], GREEDY), "s": ([8, 9], seeded)})
     for _ in range(4):
         d.step()
     assert d.builds == 5  # a seeded row draws from a generator seeded per output position
 
     d = Driver(runner)
-    held = SamplingParams(temperature=0, max_tokens=32, min_tokens=4, stop_token_ids=[1])
+    held = SamplingSpec(temperature=0.0, max_tokens=32, min_tokens=4, stop_token_ids=[1])
     d.step({"m": ([20, 21, 22], held), "n": ([23, 24], GREEDY)})  # m's output 1 (of 4 held)
     for _ in range(6):
         d.step()
@@ -154,7 +154,7 @@ def test_plain_greedy_sampling_reads_the_logits_in_the_models_dtype(tiny_model_d
         greedy = runner.execute_model(step)
     assert widened == [] and len(greedy.sampled_token_ids) == 1
     # A step that needs float32 (logprobs) still widens them.
-    with_lp = SamplingParams(temperature=0, max_tokens=4, logprobs=1)
+    with_lp = SamplingSpec(temperature=0.0, max_tokens=4, logprobs=1)
     step = SchedulerOutput([NewRequestData("b", [5, 6, 7], 3, with_lp, [1], 0)], [], {"b": 3}, 3)
     with Casts():
         assert runner.execute_model(step).sampled_token_ids == greedy.sampled_token_ids
@@ -189,7 +189,7 @@ def test_a_block_is_zeroed_in_every_layer_when_first_handed_out(runner):
         for i, attn in enumerate(runner.model.attention_layers())
     )
     cache.fill_(float("nan"))
-    params = SamplingParams(temperature=0, max_tokens=4, logprobs=2)
+    params = SamplingSpec(temperature=0.0, max_tokens=4, logprobs=2)
     step = SchedulerOutput([NewRequestData("a", [5, 6, 7], 3, params, [5], 0)], [], {"a": 3}, 3)
     out = runner.execute_model(step)
     assert all(math.isfinite(lp) for lp in out.logprobs[0])

@@ -140,5 +140,5 @@ def constrain_after_thinking(params: SamplingParams, prompt_text: str, end_ids: 
 
 def end_token_ids(tokenizer) -> list[int]:
     """The tokens that end the model's thinking (``</think>``), after which a structured-output
-    constraint holds (``SamplingParams._grammar_after``), as vLLM does with a reasoning parser."""
+    constraint holds (``SamplingSpec.grammar_after``), as vLLM does with a reasoning parser."""
     return tokenizer(END, add_special_tokens=False).input_ids
