@@ -125,7 +125,7 @@ def main() -> int:
         del model
         sync(args.device)
         bw = copy_bandwidth(args.device, (1 << 30) if not args.tiny else (16 << 20))
-        config, source = EngineArgs(
+        config = EngineArgs(
             model=path,
             dtype=str(dtype).removeprefix("torch."),
             block_size=bs,
@@ -134,7 +134,7 @@ def main() -> int:
             num_gpu_blocks_override=num_blocks,
             device=args.device,
         ).create_config()
-        runner = ModelRunner(config, source)
+        runner = ModelRunner(config)
         runner.init_kv_cache(num_blocks)  # on CUDA: captures the batch-1 decode graph
         prompt = [(7 * i + 3) % shape["vocab_size"] for i in range(args.prompt_len)]
         drv = Driver(runner, prompt, bs)

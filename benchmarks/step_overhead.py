@@ -54,7 +54,7 @@ EQUAL_NICE = True  # --ray-niceness turns it off
 class NullWorker:
     """A rank with distgen's Worker interface that runs no model: rank 0 answers one token per request."""
 
-    def __init__(self, config, source, rank: int = 0, init_method=None, device_index=None) -> None:
+    def __init__(self, config, rank: int = 0, init_method=None, device_index=None) -> None:
         self.rank = rank
 
     def determine_num_blocks(self) -> int:
@@ -167,7 +167,7 @@ def control_plane(model: str, steps: int, repeats: int) -> dict[str, dict[str, f
     from distgen.executor.ray_executor import RayExecutor
     from distgen.frontend.args import EngineArgs
 
-    config, source = EngineArgs(model=model, tensor_parallel_size=2, kv_cache_memory=16 << 20).create_config()
+    config = EngineArgs(model=model, tensor_parallel_size=2, kv_cache_memory=16 << 20).create_config()
     # Two ray executors at once: 4 one-CPU bundles (logical CPUs; the ranks mostly wait).
     ray.init(
         address=os.environ["RAY_ADDRESS"],
@@ -176,16 +176,16 @@ def control_plane(model: str, steps: int, repeats: int) -> dict[str, dict[str, f
         include_dashboard=False,
         logging_level="WARNING",
     )
-    null = NullWorker(config, source)
+    null = NullWorker(config)
     runners = {"uni": lambda sched: null.submit(sched).get()}  # what UniProcExecutor.execute_model does
 
     class RayOverTcp(RayExecutor):
         local_ipc = False  # as between nodes
 
     executors = [
-        MultiprocExecutor(config, source, NullWorker),
-        RayExecutor(config, source, NullWorker),
-        RayOverTcp(config, source, NullWorker),
+        MultiprocExecutor(config, NullWorker),
+        RayExecutor(config, NullWorker),
+        RayOverTcp(config, NullWorker),
     ]
     for name, ex in zip(("mp", "ray", "ray-tcp"), executors):
         runners[name] = ex.execute_model

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from distgen.distributed.parallel_state import split_range
+
+if TYPE_CHECKING:
+    from distgen.model_loader.loader import ModelSource
 
 _DTYPES = {
     "float32": torch.float32,
@@ -107,8 +110,7 @@ def human_readable_bytes(value: int | str, what: str = "kv_cache_memory_bytes") 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str  # HF directory or .gguf file (resolved path)
-    hf_config: dict[str, Any]  # config.json contents (or the GGUF's equivalent)
+    source: ModelSource  # where the model comes from: its path, config.json (or the GGUF's), format
     dtype: torch.dtype
     max_model_len: int
     seed: int = 0
@@ -127,6 +129,16 @@ class ModelConfig:
             raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         if not -(2**63) <= self.seed < 2**63:  # what torch's generators (and SamplingParams.seed) take
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed!r}")
+
+    @property
+    def model(self) -> str:
+        """The resolved path: a Hugging Face directory or a .gguf file."""
+        return self.source.path
+
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        """config.json's contents (or the GGUF's equivalent), ``hf_overrides`` laid over them."""
+        return self.source.hf_config
 
     @property
     def runner_type(self) -> str:

@@ -19,7 +19,6 @@ from distgen.engine_core.request import FINISH_REASONS, Request, RequestStatus
 from distgen.engine_core.scheduler import Scheduler
 from distgen.exceptions import EngineDeadError
 from distgen.executor.base import Executor, PendingOutput
-from distgen.model_loader.loader import ModelSource
 from distgen.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("distgen")
@@ -43,14 +42,14 @@ class RestartBudget:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
-        self.config, self.source = config, source
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
         par = config.parallel
         self.restarts = RestartBudget(par.max_worker_restarts, par.worker_restart_window_s)
         self._restart_due = False  # a worker was lost: the next step first replaces the workers
         self.num_worker_restarts = self.num_recovered_requests = 0
         self.last_restart_s = 0.0  # how long the last restart took
-        self.executor = Executor.create(config, source)
+        self.executor = Executor.create(config)
         try:
             num_blocks = self.executor.determine_num_blocks()
             self.executor.init_kv_cache(num_blocks)
@@ -151,7 +150,7 @@ class EngineCore:
         self._in_flight.clear()  # launched steps of the lost workers: they never answer
         self.executor.shutdown()
         num_requests = self.scheduler.requeue_all()
-        self.executor = Executor.create(self.config, self.source)
+        self.executor = Executor.create(self.config)
         try:
             available = self.executor.determine_num_blocks()
             if available < self.num_blocks:

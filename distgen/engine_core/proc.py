@@ -32,7 +32,6 @@ from distgen.engine_core.messages import (
     EngineCoreShutdown,
 )
 from distgen.exceptions import SETTING_ERRORS
-from distgen.model_loader.loader import ModelSource
 from distgen.orphan_watch import start_orphan_watch
 
 logger = logging.getLogger("distgen")
@@ -43,7 +42,6 @@ IDLE_POLL_MS = 1000  # how long an idle core blocks on its input socket before l
 @dataclass(frozen=True)
 class EngineCoreProcArgs:
     config: EngineConfig
-    source: ModelSource
     input_addr: str  # the core PULLs EngineCoreInput from here
     output_addr: str  # and PUSHes EngineCoreReady / EngineCoreOutputs here
     parent_pid: int
@@ -71,7 +69,7 @@ def run_engine_core(args: EngineCoreProcArgs) -> None:
     try:
         from distgen.engine_core.core import EngineCore
 
-        core = EngineCore(args.config, args.source)
+        core = EngineCore(args.config)
         ready = EngineCoreReady(
             core.num_blocks, core.max_model_len, args.config.model.vocab_size, os.getpid(), core.worker_pids
         )

@@ -9,7 +9,6 @@ from abc import ABC, abstractmethod
 from typing import Protocol
 
 from distgen.config import EngineConfig
-from distgen.model_loader.loader import ModelSource
 from distgen.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 
@@ -22,9 +21,8 @@ class PendingOutput(Protocol):
 class Executor(ABC):
     restartable = False  # whether lost workers can be replaced (the in-process one cannot)
 
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.source = source
 
     @abstractmethod
     def determine_num_blocks(self) -> int:
@@ -57,7 +55,7 @@ class Executor(ABC):
         return "ray" if _ray_connected() else "mp"
 
     @staticmethod
-    def create(config: EngineConfig, source: ModelSource) -> Executor:
+    def create(config: EngineConfig) -> Executor:
         world = config.parallel.world_size
         backend = Executor.resolve_backend(config.parallel.distributed_executor_backend, world)
         if backend == "uni":
@@ -68,15 +66,15 @@ class Executor(ABC):
                 )
             from distgen.executor.uniproc import UniProcExecutor
 
-            return UniProcExecutor(config, source)
+            return UniProcExecutor(config)
         if backend == "mp":
             from distgen.executor.multiproc import MultiprocExecutor
 
-            return MultiprocExecutor(config, source)
+            return MultiprocExecutor(config)
         if backend == "ray":
             from distgen.executor.ray_executor import RayExecutor
 
-            return RayExecutor(config, source)
+            return RayExecutor(config)
         raise ValueError(f"unknown distributed_executor_backend {backend!r}: use 'uni', 'mp' or 'ray'")
 
 

@@ -35,7 +35,6 @@ from distgen.executor.messages import (
     WorkerReply,
     WorkerRequest,
 )
-from distgen.model_loader.loader import ModelSource
 from distgen.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("distgen")
@@ -147,10 +146,8 @@ class BroadcastExecutor(Executor):
     startup_hint = ""  # appended to "exited" lines while starting
     restartable = True  # the engine core may replace lost workers with new ones (EngineCore)
 
-    def __init__(
-        self, config: EngineConfig, source: ModelSource, channel: Channel, worker_cls: type | None = None
-    ) -> None:
-        super().__init__(config, source)
+    def __init__(self, config: EngineConfig, channel: Channel, worker_cls: type | None = None) -> None:
+        super().__init__(config)
         self.worker_cls = worker_cls  # what each rank runs: None = distgen's Worker
         self.world_size = config.parallel.world_size
         self.channel = channel

@@ -19,7 +19,6 @@ from distgen.exceptions import describe_exit
 from distgen.executor.broadcast import BroadcastExecutor, Channel, WorkerExit, WorkerHandles
 from distgen.executor.ports import free_port
 from distgen.executor.worker_loop import WorkerArgs, run_mp_worker
-from distgen.model_loader.loader import ModelSource
 from distgen.signals import held_signals
 
 logger = logging.getLogger("distgen")
@@ -65,14 +64,14 @@ class MultiprocExecutor(BroadcastExecutor):
     backend_name = "mp"
     startup_hint = _SPAWN_HINT
 
-    def __init__(self, config: EngineConfig, source: ModelSource, worker_cls: type | None = None) -> None:
+    def __init__(self, config: EngineConfig, worker_cls: type | None = None) -> None:
         ipc_dir = tempfile.mkdtemp(prefix="distgen-mp-")
         try:
             channel = Channel(config.parallel.world_size, [f"ipc://{ipc_dir}"])
         except BaseException:
             shutil.rmtree(ipc_dir, ignore_errors=True)
             raise
-        super().__init__(config, source, channel, worker_cls)
+        super().__init__(config, channel, worker_cls)
         self._procs = _Processes(ipc_dir)
         self._start(self._procs)
 
@@ -91,7 +90,6 @@ class MultiprocExecutor(BroadcastExecutor):
             args = WorkerArgs(
                 rank,
                 self.config,
-                self.source,
                 init_method,
                 *self.channel.endpoints(rank),
                 local_rank=rank,

@@ -29,7 +29,6 @@ from distgen.executor.broadcast import (
 )
 from distgen.executor.ray_worker import ActorInfo, DistgenWorker
 from distgen.executor.worker_loop import WorkerArgs
-from distgen.model_loader.loader import ModelSource
 
 logger = logging.getLogger("distgen")
 
@@ -154,7 +153,7 @@ class RayExecutor(BroadcastExecutor):
     backend_name = "ray"
     local_ipc = True  # ranks on the engine's node use ipc://; False sends every rank over tcp://
 
-    def __init__(self, config: EngineConfig, source: ModelSource, worker_cls: type | None = None) -> None:
+    def __init__(self, config: EngineConfig, worker_cls: type | None = None) -> None:
         ray = import_ray()
         world = config.parallel.world_size
         owns = connect_ray(max(os.cpu_count() or 1, world))
@@ -166,7 +165,7 @@ class RayExecutor(BroadcastExecutor):
             if owns:
                 ray.shutdown()
             raise
-        super().__init__(config, source, channel, worker_cls)
+        super().__init__(config, channel, worker_cls)
         self.worker_transports: list[str] = []  # per rank: "ipc" (this node) or "tcp"
         self._actors = _Actors(owns)
         self._start(self._actors)
@@ -205,7 +204,6 @@ class RayExecutor(BroadcastExecutor):
             args = WorkerArgs(
                 rank,
                 self.config,
-                self.source,
                 init_method,
                 *self.channel.endpoints(rank, 1 if self.worker_transports[rank] == "ipc" else 0),
                 local_rank=node_of[:rank].count(node_of[rank]),

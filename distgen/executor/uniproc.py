@@ -5,17 +5,16 @@ from __future__ import annotations
 from distgen.config import EngineConfig
 from distgen.executor.base import Executor
 from distgen.executor.worker_loop import setup_cpu_threads
-from distgen.model_loader.loader import ModelSource
 from distgen.workers.sampled_output import SampledOutput
 from distgen.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from distgen.workers.worker import Worker
 
 
 class UniProcExecutor(Executor):
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
-        super().__init__(config, source)
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
         setup_cpu_threads(config, 0, 1)
-        self.worker = Worker(config, source, rank=0)
+        self.worker = Worker(config, rank=0)
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()

@@ -33,7 +33,6 @@ from distgen.executor.messages import (
     StepResult,
     WorkerRequest,
 )
-from distgen.model_loader.loader import ModelSource
 from distgen.orphan_watch import start_orphan_watch
 from distgen.signals import ignore_ctrl_c
 from distgen.workers.cpu_threads import configure
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 class WorkerArgs:
     rank: int
     config: EngineConfig
-    source: ModelSource
     init_method: str  # torch.distributed rendezvous, tcp://HOST:PORT
     request_addr: str  # the executor's PUSH socket for this rank (we pull from it)
     reply_addr: str  # the executor's PULL socket (we push to it)
@@ -109,7 +107,6 @@ def serve(args: WorkerArgs) -> bool:
 
         worker = (args.worker_cls or Worker)(
             args.config,
-            args.source,
             rank=args.rank,
             init_method=args.init_method,
             device_index=args.device_index,

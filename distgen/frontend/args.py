@@ -173,7 +173,7 @@ class EngineArgs:
             )
         return given
 
-    def create_config(self) -> tuple[EngineConfig, ModelSource]:
+    def create_config(self) -> EngineConfig:
         self._check_vllm_only_args()
         source = self._model_source()
         world = self.tensor_parallel_size * self.pipeline_parallel_size
@@ -189,7 +189,7 @@ class EngineArgs:
             parallel=self._parallel_config(backend, model_cfg),
             device=device,
         )
-        return config, source
+        return config
 
     def _model_source(self) -> ModelSource:
         """The model found (and downloaded when it is a hub id), with ``hf_overrides`` laid over its
@@ -223,8 +223,7 @@ class EngineArgs:
         if self.dtype == "auto":
             logger.info("dtype auto: %s (checkpoint: %s, device: %s)", dtype, checkpoint_dtype, device)
         model_cfg = ModelConfig(
-            model=source.path,
-            hf_config=hf,
+            source=source,
             dtype=dtype,
             max_model_len=max_len,
             seed=self.seed,

@@ -24,7 +24,6 @@ from distgen.frontend.dp_client import AsyncDPClient
 from distgen.frontend.input_processor import InputProcessor, NewRequest, PromptType
 from distgen.frontend.output_processor import OutputProcessor
 from distgen.frontend.stats import IterationStats, StatLogger
-from distgen.model_loader.loader import ModelSource
 from distgen.outputs import RequestOutput
 from distgen.sampling_params import SamplingParams
 
@@ -32,15 +31,13 @@ logger = logging.getLogger("distgen")
 
 
 class AsyncLLM:
-    def __init__(
-        self, config: EngineConfig, source: ModelSource, stat_loggers: list[StatLogger] | None = None
-    ) -> None:
+    def __init__(self, config: EngineConfig, stat_loggers: list[StatLogger] | None = None) -> None:
         self.config = config
 
         def load_inputs() -> None:  # the tokenizer loads while the engine core loads the model
-            self.input_processor = InputProcessor(config, source)
+            self.input_processor = InputProcessor(config)
 
-        client = EngineCoreClient.make(config, source, asyncio_mode=True, while_starting=load_inputs)
+        client = EngineCoreClient.make(config, asyncio_mode=True, while_starting=load_inputs)
         assert isinstance(client, AsyncMPClient | AsyncDPClient)
         self.client = client
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -53,8 +50,8 @@ class AsyncLLM:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, stat_loggers: list[StatLogger] | None = None) -> AsyncLLM:
-        config, source = args.create_config()
-        return cls(config, source, stat_loggers)
+        config = args.create_config()
+        return cls(config, stat_loggers)
 
     @property
     def tokenizer(self):

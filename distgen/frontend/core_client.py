@@ -53,7 +53,6 @@ from distgen.exceptions import (
     WorkerStartupError,
     describe_exit,
 )
-from distgen.model_loader.loader import ModelSource
 from distgen.signals import held_signals
 
 logger = logging.getLogger("distgen")
@@ -106,7 +105,6 @@ class EngineCoreClient(ABC):
     @staticmethod
     def make(
         config: EngineConfig,
-        source: ModelSource,
         asyncio_mode: bool = False,
         while_starting: Callable[[], None] | None = None,
     ) -> EngineCoreClient:
@@ -117,30 +115,28 @@ class EngineCoreClient(ABC):
             from distgen.frontend.dp_client import AsyncDPClient, SyncDPClient
 
             if asyncio_mode:
-                return AsyncDPClient(config, source, while_starting)
+                return AsyncDPClient(config, while_starting)
             if not envs().enable_multiprocessing:
                 raise ValueError(
                     "data_parallel_size > 1 runs each replica in an engine-core process of its own; "
                     "DISTGEN_ENABLE_MULTIPROCESSING=0 (the engine core in-process, for debugging) "
                     f"takes data_parallel_size=1, got {config.parallel.data_parallel_size}"
                 )
-            return SyncDPClient(config, source, while_starting)
+            return SyncDPClient(config, while_starting)
         if asyncio_mode:
-            return AsyncMPClient(config, source, while_starting)
+            return AsyncMPClient(config, while_starting)
         if envs().enable_multiprocessing:
-            return SyncMPClient(config, source, while_starting)
-        return InprocClient(config, source, while_starting)
+            return SyncMPClient(config, while_starting)
+        return InprocClient(config, while_starting)
 
 
 class InprocClient(EngineCoreClient):
-    def __init__(
-        self, config: EngineConfig, source: ModelSource, while_starting: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, config: EngineConfig, while_starting: Callable[[], None] | None = None) -> None:
         from distgen.engine_core.core import EngineCore
 
         if while_starting is not None:
             while_starting()
-        self.core = EngineCore(config, source)
+        self.core = EngineCore(config)
         self.ready = EngineCoreReady(
             self.core.num_blocks,
             self.core.max_model_len,
@@ -179,9 +175,7 @@ class _CoreProcess:
     answered: bool = False
 
     @classmethod
-    def start(
-        cls, config: EngineConfig, source: ModelSource, env: dict[str, str] | None = None
-    ) -> _CoreProcess:
+    def start(cls, config: EngineConfig, env: dict[str, str] | None = None) -> _CoreProcess:
         """Spawn the engine core; ``env`` replaces the child's environment (default: this one's)."""
         ipc_dir = tempfile.mkdtemp(prefix="distgen-core-")
         ctx = zmq.Context()
@@ -194,7 +188,6 @@ class _CoreProcess:
         res = cls(ipc_dir, ctx, inp, out)
         args = EngineCoreProcArgs(
             config,
-            source,
             f"ipc://{ipc_dir}/input",
             f"ipc://{ipc_dir}/output",
             os.getpid(),
@@ -245,7 +238,6 @@ class _MPClientBase(EngineCoreClient):
     def __init__(
         self,
         config: EngineConfig,
-        source: ModelSource,
         while_starting: Callable[[], None] | None = None,
         proc: _CoreProcess | None = None,
     ) -> None:
@@ -255,7 +247,7 @@ class _MPClientBase(EngineCoreClient):
         self._decoder = msgspec.msgpack.Decoder(EngineCoreMessage)
         self._dead: str | None = None
         t0 = time.monotonic()
-        self._proc = proc if proc is not None else _CoreProcess.start(config, source)
+        self._proc = proc if proc is not None else _CoreProcess.start(config)
         self._finalizer = weakref.finalize(self, self._proc.close)
         try:
             if while_starting is not None:
@@ -355,11 +347,10 @@ class AsyncMPClient(_MPClientBase):
     def __init__(
         self,
         config: EngineConfig,
-        source: ModelSource,
         while_starting: Callable[[], None] | None = None,
         proc: _CoreProcess | None = None,
     ) -> None:
-        super().__init__(config, source, while_starting, proc)
+        super().__init__(config, while_starting, proc)
         # The same socket, awaited on the event loop (inputs stay synchronous: a PUSH send queues).
         self._output = zmq.asyncio.Socket.from_socket(self._proc.output)
 

@@ -48,7 +48,6 @@ from distgen.frontend.core_client import (
     _MPClientBase,
 )
 from distgen.frontend.dp_router import Router, sum_stats
-from distgen.model_loader.loader import ModelSource
 
 logger = logging.getLogger("distgen")
 
@@ -98,9 +97,7 @@ def _start_ray(config: EngineConfig) -> str | None:
 class _DPClientBase(EngineCoreClient):
     replica_cls: type[_MPClientBase]
 
-    def __init__(
-        self, config: EngineConfig, source: ModelSource, while_starting: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, config: EngineConfig, while_starting: Callable[[], None] | None = None) -> None:
         self.size = config.parallel.data_parallel_size
         self.router = Router(self.size, config.cache.block_size)
         self.replicas: list[_MPClientBase] = []
@@ -116,12 +113,12 @@ class _DPClientBase(EngineCoreClient):
         attached = 0
         try:
             for r, cfg in enumerate(configs):
-                procs.append(_CoreProcess.start(cfg, source, replica_env(cfg, r, self._ray_address)))
+                procs.append(_CoreProcess.start(cfg, replica_env(cfg, r, self._ray_address)))
             if while_starting is not None:
                 while_starting()
             for cfg, proc in zip(configs, procs):
                 attached += 1  # the replica's client owns its process from here, even if it raises
-                self.replicas.append(self.replica_cls(cfg, source, proc=proc))
+                self.replicas.append(self.replica_cls(cfg, proc=proc))
         except BaseException:
             for proc in procs[attached:]:
                 proc.close()
@@ -271,11 +268,9 @@ class _DPClientBase(EngineCoreClient):
 class SyncDPClient(_DPClientBase):
     replica_cls = SyncMPClient
 
-    def __init__(
-        self, config: EngineConfig, source: ModelSource, while_starting: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, config: EngineConfig, while_starting: Callable[[], None] | None = None) -> None:
         self._poller: zmq.Poller | None = None
-        super().__init__(config, source, while_starting)
+        super().__init__(config, while_starting)
 
     def _replicas_changed(self) -> None:
         self._poller = None
@@ -314,11 +309,9 @@ class SyncDPClient(_DPClientBase):
 class AsyncDPClient(_DPClientBase):
     replica_cls = AsyncMPClient
 
-    def __init__(
-        self, config: EngineConfig, source: ModelSource, while_starting: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, config: EngineConfig, while_starting: Callable[[], None] | None = None) -> None:
         self._poller: zmq.asyncio.Poller | None = None
-        super().__init__(config, source, while_starting)
+        super().__init__(config, while_starting)
 
     def _replicas_changed(self) -> None:
         self._poller = None

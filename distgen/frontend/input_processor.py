@@ -17,7 +17,7 @@ import msgspec
 from distgen.config import EngineConfig
 from distgen.engine_core.messages import EngineCoreRequest, validate_prompt
 from distgen.envs import envs
-from distgen.model_loader.loader import ModelSource, generation_eos_ids, load_generation_config
+from distgen.model_loader.loader import generation_eos_ids, load_generation_config
 from distgen.sampling_params import SamplingParams, StructuredOutputsParams
 from distgen.sampling_spec import SamplingSpec
 from distgen.structured_output import compile_grammar, grammar_tokenizer
@@ -85,14 +85,14 @@ def check_priority(priority: object, policy: str) -> None:
 
 
 class InputProcessor:
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.tokenizer = source.load_tokenizer(config.model.tokenizer)
+        self.tokenizer = config.model.source.load_tokenizer(config.model.tokenizer)
         model = config.model
         self.generation_defaults = load_generation_config(
-            source, model.generation_config, model.override_generation_config
+            model.source, model.generation_config, model.override_generation_config
         )
-        eos = set(generation_eos_ids(source, config.model.generation_config))
+        eos = set(generation_eos_ids(config.model.source, config.model.generation_config))
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)

@@ -13,7 +13,6 @@ from distgen.frontend.args import EngineArgs
 from distgen.frontend.core_client import EngineCoreClient
 from distgen.frontend.input_processor import InputProcessor, PromptType
 from distgen.frontend.output_processor import OutputProcessor
-from distgen.model_loader.loader import ModelSource
 from distgen.outputs import RequestOutput
 from distgen.sampling_params import SamplingParams
 
@@ -23,16 +22,15 @@ __all__ = ["LLMEngine", "PromptType"]
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_config = config.model  # vLLM's name for it (runner_type, architecture, dtype, ...)
-        self.source = source
         t0 = time.time()
 
         def load_inputs() -> None:  # the tokenizer loads while the engine core loads the model
-            self.input_processor = InputProcessor(config, source)
+            self.input_processor = InputProcessor(config)
 
-        self.client = EngineCoreClient.make(config, source, while_starting=load_inputs)
+        self.client = EngineCoreClient.make(config, while_starting=load_inputs)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.last_stats = None
@@ -47,8 +45,8 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
-        config, source = args.create_config()
-        return cls(config, source)
+        config = args.create_config()
+        return cls(config)
 
     @property
     def tokenizer(self):

@@ -28,7 +28,7 @@ from distgen.kernels.cpu_memory import advise_huge_pages
 from distgen.kernels.dispatch import attention_path, use_triton_on
 from distgen.layers.sampler import Sampler
 from distgen.layers.sampling_metadata import SamplingMetadata, build_sampling_metadata
-from distgen.model_loader.loader import ModelSource, build_model
+from distgen.model_loader.loader import build_model
 from distgen.workers.cuda_graphs import DecodeGraphs
 from distgen.workers.grammar_matchers import GrammarMatchers
 from distgen.workers.input_batch import CachedRequestState, RequestStates
@@ -49,12 +49,12 @@ def pack_weights(model: torch.nn.Module) -> None:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = config.model.dtype
         self.block_size = config.cache.block_size
-        self.model = build_model(source, self.dtype, config.device)
+        self.model = build_model(config.model.source, self.dtype, config.device)
         if attention_path(self.device, self.dtype) == "cpu":
             pack_weights(self.model)
         self.vocab_size = config.model.vocab_size
@@ -67,12 +67,12 @@ class ModelRunner:
             self.block_size, attn.num_kv_heads, attn.head_dim, self.dtype, self.device, self.long_rope
         )
         self.is_driver = ps.is_driver()
-        self.hidden_size = int(source.hf_config["hidden_size"])
+        self.hidden_size = int(config.model.hf_config["hidden_size"])
         self.graphs: DecodeGraphs | None = None
         self._meta_cache: tuple[tuple[int, list[str]], SamplingMetadata] | None = None
         # Structured outputs: rank 0 loads the tokenizer only when a request first asks for them.
         self.grammars = GrammarMatchers(
-            lambda: source.load_tokenizer(config.model.tokenizer), self.vocab_size
+            lambda: config.model.source.load_tokenizer(config.model.tokenizer), self.vocab_size
         )
         # Async scheduling: the last sampling step's tokens on the device, and each request's row.
         # Under pipeline parallelism no step reads a token still being sampled (the scheduler holds

@@ -8,7 +8,6 @@ import torch
 
 from distgen.config import EngineConfig
 from distgen.distributed import parallel_state as ps
-from distgen.model_loader.loader import ModelSource
 from distgen.workers.model_runner import ModelRunner
 from distgen.workers.sampled_output import SampledOutput
 from distgen.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -20,7 +19,6 @@ class Worker:
     def __init__(
         self,
         config: EngineConfig,
-        source: ModelSource,
         rank: int = 0,
         init_method: str | None = None,
         device_index: int | None = None,  # the CUDA device; None = the rank (Ray: 0, it hides the others)
@@ -35,7 +33,7 @@ class Worker:
         if config.device.startswith("cuda"):
             torch.cuda.set_device(rank if device_index is None else device_index)
         torch.manual_seed(config.model.seed)
-        self.runner = ModelRunner(config, source)
+        self.runner = ModelRunner(config)
 
     def determine_num_blocks(self) -> int:
         return self.runner.num_blocks_for()

@@ -30,10 +30,10 @@ def model_dir(tiny_model_dir):
 
 
 def _core(model_dir: str, **kwargs) -> EngineCore:
-    config, source = EngineArgs(
+    config = EngineArgs(
         model=model_dir, dtype="float32", kv_cache_memory=KV, async_scheduling=True, **kwargs
     ).create_config()
-    return EngineCore(config, source)
+    return EngineCore(config)
 
 
 def _add(core: EngineCore, rid: str, prompt: list[int], **params) -> None:

@@ -165,8 +165,8 @@ def test_a_worker_raising_in_the_forward_is_replaced(tiny_model_dir, tmp_path, m
     want = _tokens(llm.generate(prompts, params, use_tqdm=False))
     llm.shutdown()
 
-    def create(config, source):
-        return MultiprocExecutor(config, source, worker_cls=RaisesOnceWorker)
+    def create(config):
+        return MultiprocExecutor(config, worker_cls=RaisesOnceWorker)
 
     monkeypatch.setattr(base.Executor, "create", staticmethod(create))
     llm = LLM(tiny_model_dir("llama-gqa3"), tensor_parallel_size=3, dtype="float32", kv_cache_memory=KV)

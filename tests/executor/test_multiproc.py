@@ -317,7 +317,7 @@ class _ReadBackFails:
 class BrokenReadBackWorker:
     """A model-less rank whose launched steps fail when rank 0 reads their output back."""
 
-    def __init__(self, config, source, rank: int = 0, init_method=None, device_index=None) -> None:
+    def __init__(self, config, rank: int = 0, init_method=None, device_index=None) -> None:
         self.rank = rank
 
     def determine_num_blocks(self) -> int:
@@ -339,14 +339,14 @@ def test_a_read_back_failing_in_the_reply_thread_makes_engine_dead(tiny_model_di
     (a CUDA fault shows up at that point) reaches the executor, named, instead of a silent hang."""
     from distgen.executor.multiproc import MultiprocExecutor
 
-    config, source = EngineArgs(
+    config = EngineArgs(
         model=tiny_model_dir("llama"),
         tensor_parallel_size=2,
         distributed_executor_backend="mp",
         kv_cache_memory=KV,
         async_scheduling=True,
     ).create_config()
-    executor = MultiprocExecutor(config, source, worker_cls=BrokenReadBackWorker)
+    executor = MultiprocExecutor(config, worker_cls=BrokenReadBackWorker)
     try:
         pids = executor.worker_pids
         assert executor.determine_num_blocks() == 64

@@ -137,10 +137,10 @@ def test_stages_balance_the_lm_head(monkeypatch):
     8 of its layers, so at pp 2 the last stage takes 11 of the 30 layers; an override sets them."""
     monkeypatch.delenv("DISTGEN_PP_LAYER_PARTITION", raising=False)
     for pp, want in [(2, (19, 11)), (3, (13, 12, 5)), (30, (1,) * 30)]:
-        config, _ = EngineArgs(pipeline_parallel_size=pp).create_config()
+        config = EngineArgs(pipeline_parallel_size=pp).create_config()
         assert config.parallel.pipeline_layers == want
     monkeypatch.setenv("DISTGEN_PP_LAYER_PARTITION", "20, 10")
-    assert EngineArgs(pipeline_parallel_size=2).create_config()[0].parallel.pipeline_layers == (20, 10)
+    assert EngineArgs(pipeline_parallel_size=2).create_config().parallel.pipeline_layers == (20, 10)
     monkeypatch.setenv("DISTGEN_PP_LAYER_PARTITION", "20,11")
     with pytest.raises(ValueError, match=r"partition \[20, 11\] must give each of the 2 stages .* 30 layers"):
         EngineArgs(pipeline_parallel_size=2).create_config()
@@ -158,7 +158,7 @@ def test_pp_sizes_that_cannot_work_fail_before_any_process(tiny_model_dir):
         EngineArgs(pipeline_parallel_size=0).create_config()
     with pytest.raises(ValueError, match=r"'uni' executor runs one worker; 2 workers"):
         LLM(tiny_model_dir("llama"), pipeline_parallel_size=2, distributed_executor_backend="uni")
-    config, _ = EngineArgs(tensor_parallel_size=3, pipeline_parallel_size=2).create_config()
+    config = EngineArgs(tensor_parallel_size=3, pipeline_parallel_size=2).create_config()
     assert config.parallel.world_size == 6 and config.parallel.distributed_executor_backend == "mp"
 
 

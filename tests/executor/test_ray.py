@@ -188,17 +188,17 @@ def test_executor_one_rank_per_node_then_a_killed_actor(cluster, tiny_model_dir)
     """In this process: a step on two nodes samples what one worker samples; then SIGKILL of one actor
     turns the next step into EngineDeadError within a second, and nothing is left."""
     args = dict(model=tiny_model_dir("llama"), dtype="float32", kv_cache_memory=KV, block_size=16)
-    config, source = EngineArgs(**args).create_config()
-    uni = Executor.create(config, source)
+    config = EngineArgs(**args).create_config()
+    uni = Executor.create(config)
     uni.init_kv_cache(uni.determine_num_blocks())
     want = uni.execute_model(_step("a", PROMPTS[0][:10]))
     uni.shutdown()
 
-    config, source = EngineArgs(**args, tensor_parallel_size=2).create_config()
+    config = EngineArgs(**args, tensor_parallel_size=2).create_config()
     assert Executor.resolve_backend(None, 2) == "ray"  # this process is connected to Ray
     # Resolved in the user's process, before the engine-core process (which has no Ray of its own) starts.
     assert config.parallel.distributed_executor_backend == "ray"
-    ex = Executor.create(config, source)
+    ex = Executor.create(config)
     assert type(ex).__name__ == "RayExecutor"
     nodes = ex.worker_node_ids
     assert len(set(nodes)) == 2, f"both ranks on one node: {nodes}"
@@ -227,13 +227,13 @@ def test_executor_one_rank_per_node_then_a_killed_actor(cluster, tiny_model_dir)
 def test_worker_raising_in_forward_makes_engine_dead(cluster, tiny_model_dir):
     """A step the ranks cannot run (a block id past the cache) raises in every rank's forward: the
     traceback reaches the executor and the actors are removed."""
-    config, source = EngineArgs(
+    config = EngineArgs(
         model=tiny_model_dir("llama"),
         tensor_parallel_size=2,
         distributed_executor_backend="ray",
         kv_cache_memory=KV,
     ).create_config()
-    ex = Executor.create(config, source)
+    ex = Executor.create(config)
     ex.init_kv_cache(ex.determine_num_blocks())
     bad = NewRequestData("x", [5, 6, 7], 3, SamplingSpec(temperature=0.0), [10**6], 0)
     with pytest.raises(EngineDeadError, match=r"worker rank \d raised IndexError"):

@@ -34,7 +34,7 @@ def test_a_wrongly_typed_argument_is_named(kwargs, message):
 
 
 def test_the_types_a_user_may_pass(tiny_model_dir):
-    config, _ = EngineArgs(
+    config = EngineArgs(
         model=pathlib.Path(tiny_model_dir("llama")),
         dtype=torch.float32,
         gpu_memory_utilization=1,  # an int is a float
@@ -72,9 +72,9 @@ def test_vllm_arguments_distgen_cannot_honour_are_refused(kwargs, message, tiny_
 
 def test_vllm_arguments_without_a_counterpart_change_nothing(tiny_model_dir, caplog):
     model = tiny_model_dir("llama")
-    plain, _ = EngineArgs(model=model).create_config()
+    plain = EngineArgs(model=model).create_config()
     with caplog.at_level("INFO", logger="distgen"):
-        given, _ = EngineArgs(
+        given = EngineArgs(
             model=model,
             trust_remote_code=True,
             download_dir="/nowhere",  # for hub models only: a local path is read where it is
@@ -96,7 +96,7 @@ def test_vllm_arguments_without_a_counterpart_change_nothing(tiny_model_dir, cap
 @pytest.mark.parametrize("runner, convert", [("auto", "auto"), ("generate", "none"), ("generate", "auto")])
 def test_the_runner_resolves_to_generate(runner, convert, caplog):
     with caplog.at_level(logging.INFO, logger="distgen"):
-        config, _ = EngineArgs(runner=runner, convert=convert, max_model_len=256).create_config()
+        config = EngineArgs(runner=runner, convert=convert, max_model_len=256).create_config()
     assert config.model.runner_type == "generate"
     assert "runner: generate" in caplog.text and "LlamaForCausalLM" in caplog.text
 
@@ -135,7 +135,7 @@ def test_pooling_and_draft_runners_are_refused_before_loading(kwargs, message, m
     ],
 )
 def test_kv_cache_memory_bytes_takes_vllms_units(given, want, tiny_model_dir):
-    config, _ = EngineArgs(model=tiny_model_dir("llama"), kv_cache_memory_bytes=given).create_config()
+    config = EngineArgs(model=tiny_model_dir("llama"), kv_cache_memory_bytes=given).create_config()
     assert config.cache.kv_cache_memory == want
 
 
@@ -145,7 +145,7 @@ def test_kv_cache_memory_bytes_refuses_nonsense_and_a_disagreement(tiny_model_di
         EngineArgs(model=path, kv_cache_memory_bytes="lots").create_config()
     with pytest.raises(ValueError, match="disagree: give one of them"):
         EngineArgs(model=path, kv_cache_memory=1 << 20, kv_cache_memory_bytes="2M").create_config()
-    config, _ = EngineArgs(model=path, kv_cache_memory=2 << 20, kv_cache_memory_bytes="2M").create_config()
+    config = EngineArgs(model=path, kv_cache_memory=2 << 20, kv_cache_memory_bytes="2M").create_config()
     assert config.cache.kv_cache_memory == 2 << 20
 
 
@@ -186,8 +186,10 @@ def test_hf_overrides_change_the_config_the_workers_build(tiny_model_dir):
         "b": 2,
     }
     path = tiny_model_dir("llama")
-    config, source = EngineArgs(model=path, hf_overrides={"max_position_embeddings": 256}).create_config()
-    assert config.model.max_model_len == 256 and source.hf_config["max_position_embeddings"] == 256
+    config = EngineArgs(model=path, hf_overrides={"max_position_embeddings": 256}).create_config()
+    assert (
+        config.model.max_model_len == 256 and config.model.source.hf_config["max_position_embeddings"] == 256
+    )
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompt = {"prompt_token_ids": [5, 6, 7, 8, 9]}
     outs = []

@@ -52,7 +52,7 @@ def test_start_up_work_runs_while_the_core_boots_and_a_failure_stops_the_core(ti
     from distgen.frontend.args import EngineArgs
     from distgen.frontend.core_client import EngineCoreClient
 
-    config, source = EngineArgs(model=tiny_model_dir("llama"), kv_cache_memory=KV).create_config()
+    config = EngineArgs(model=tiny_model_dir("llama"), kv_cache_memory=KV).create_config()
     before = _children()
     started: list[set[int]] = []
 
@@ -61,7 +61,7 @@ def test_start_up_work_runs_while_the_core_boots_and_a_failure_stops_the_core(ti
         raise RuntimeError("tokenizer broke")
 
     with pytest.raises(RuntimeError, match="tokenizer broke"):
-        EngineCoreClient.make(config, source, while_starting=fail)
+        EngineCoreClient.make(config, while_starting=fail)
     assert len(started) == 1 and len(started[0]) == 1, started
     assert wait_gone(list(started[0])) == []
 

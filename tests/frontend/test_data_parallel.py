@@ -64,11 +64,11 @@ def test_stats_are_summed_and_kv_usage_is_weighted_by_blocks():
 def test_data_parallel_size_is_checked_and_the_in_process_client_refuses_it(tiny_model_dir, monkeypatch):
     with pytest.raises(ValueError, match="data_parallel_size must be >= 1, got 0"):
         ParallelConfig(data_parallel_size=0)
-    config, source = EngineArgs(model=tiny_model_dir("llama"), data_parallel_size=2).create_config()
+    config = EngineArgs(model=tiny_model_dir("llama"), data_parallel_size=2).create_config()
     assert config.parallel.data_parallel_size == 2
     monkeypatch.setenv("DISTGEN_ENABLE_MULTIPROCESSING", "0")
     with pytest.raises(ValueError, match="DISTGEN_ENABLE_MULTIPROCESSING=0"):
-        EngineCoreClient.make(config, source)
+        EngineCoreClient.make(config)
 
 
 def test_cpu_workers_of_every_replica_split_the_hosts_cores(tiny_model_dir, monkeypatch):
@@ -79,7 +79,7 @@ def test_cpu_workers_of_every_replica_split_the_hosts_cores(tiny_model_dir, monk
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(worker_loop, "configure", lambda spec, rank, size: calls.append((rank, size)))
-    config, _ = EngineArgs(
+    config = EngineArgs(
         model=tiny_model_dir("llama"), data_parallel_size=2, tensor_parallel_size=2, device="cpu"
     ).create_config()
     for dp_rank in (0, 1):
@@ -97,7 +97,7 @@ def test_each_replica_sees_its_own_gpus(tiny_model_dir, monkeypatch):
     from distgen.frontend.dp_client import replica_config, replica_env
 
     args = dict(data_parallel_size=2, tensor_parallel_size=2, pipeline_parallel_size=2, device="cpu")
-    config, _ = EngineArgs(model=tiny_model_dir("llama"), **args).create_config()
+    config = EngineArgs(model=tiny_model_dir("llama"), **args).create_config()
     config = replace(config, device="cuda")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
     seen = [replica_env(replica_config(config, r), r, None)["CUDA_VISIBLE_DEVICES"] for r in (0, 1)]

@@ -90,9 +90,9 @@ def run_steps(runner: ModelRunner, ahead: bool = False) -> list[tuple[list[int],
 
 
 def make_runner(path: str, device: str, dtype: str = "float32", **engine_args) -> ModelRunner:
-    config, source = EngineArgs(
+    config = EngineArgs(
         model=path, dtype=dtype, block_size=4, num_gpu_blocks_override=16, device=device, **engine_args
     ).create_config()
-    runner = ModelRunner(config, source)
+    runner = ModelRunner(config)
     runner.init_kv_cache(16)
     return runner

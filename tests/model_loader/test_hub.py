@@ -26,10 +26,11 @@ RESOLVE = textwrap.dedent(
     from distgen.frontend.args import EngineArgs
     kwargs = json.loads(sys.argv[1])
     try:
-        config, source = EngineArgs(**kwargs).create_config()
+        config = EngineArgs(**kwargs).create_config()
     except Exception as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
     else:
+        source = config.model.source
         files = sorted(os.listdir(source.path)) if os.path.isdir(source.path) else [source.path]
         print(json.dumps({"path": source.path, "files": files, "gguf": source.is_gguf,
                           "max_model_len": config.model.max_model_len}))

@@ -43,7 +43,7 @@ def test_a_hub_id_resolves_to_its_cached_snapshot(hub_cache, tiny_model_dir):
     source = resolve_model("acme/tiny-llama")
     assert Path(source.path) == snapshot and not source.is_gguf
     assert source.hf_config["architectures"] == ["LlamaForCausalLM"]
-    config, _ = EngineArgs(model="acme/tiny-llama", tokenizer="acme/tiny-llama").create_config()
+    config = EngineArgs(model="acme/tiny-llama", tokenizer="acme/tiny-llama").create_config()
     assert config.model.served_model_name == "acme/tiny-llama"  # as vLLM names it
     assert Path(config.model.tokenizer) == snapshot
 

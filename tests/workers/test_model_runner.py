@@ -15,10 +15,10 @@ GREEDY = SamplingSpec(temperature=0.0, max_tokens=32, ignore_eos=True)
 
 @pytest.fixture
 def runner(tiny_model_dir) -> ModelRunner:
-    config, source = EngineArgs(
+    config = EngineArgs(
         model=tiny_model_dir("llama"), dtype="float32", block_size=4, num_gpu_blocks_override=64, device="cpu"
     ).create_config()
-    r = ModelRunner(config, source)
+    r = ModelRunner(config)
     r.init_kv_cache(64)
     return r
 
@@ -130,14 +130,14 @@ def test_plain_greedy_sampling_reads_the_logits_in_the_models_dtype(tiny_model_d
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    config, source = EngineArgs(
+    config = EngineArgs(
         model=tiny_model_dir("llama"),
         dtype="bfloat16",
         block_size=4,
         num_gpu_blocks_override=16,
         device="cpu",
     ).create_config()
-    runner = ModelRunner(config, source)
+    runner = ModelRunner(config)
     runner.init_kv_cache(16)
     vocab = config.model.vocab_size
     widened = []
