@@ -46,12 +46,21 @@ def parse_dtype(
 
 # The architectures whose models can be cut into pipeline stages (models/llama.py and its subclasses).
 PIPELINE_ARCHITECTURES = frozenset(
-    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"}
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+    }
 )
 
 # Architectures whose ``sliding_window`` distgen honours by keeping every sequence inside the window
 # (its attention has no window): max_model_len defaults to the window and may not exceed it.
-WINDOWED_ARCHITECTURES = frozenset({"Phi3ForCausalLM"})
+WINDOWED_ARCHITECTURES = frozenset({"Phi3ForCausalLM", "MixtralForCausalLM"})
 
 
 def resolve_max_model_len(hf_config: dict[str, Any], max_pos: int, requested: int | None) -> int:
