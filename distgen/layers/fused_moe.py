@@ -94,21 +94,33 @@ class FusedMoE(nn.Module):
         dst, lead = (param.data, 1) if expert is None else (param.data[expert], 0)
         start, n = self.inter_start, self.inter_per_rank
         if param is self.w2_weight and part == "down":
+            self._check_inter(loaded, lead + 1, self.intermediate, part)
             copy_into(dst, narrow(loaded, lead + 1, start, n), f"FusedMoE.down ({what})")
             self._loaded.update(("down", e) for e in experts)
             return
         if param is not self.w13_weight or part not in (*GATE_UP_PARTS, "gate_up"):
             raise ValueError(f"FusedMoE weight part {part!r} does not fit this parameter")
         if part == "gate_up":
-            if expert is not None or shape_of(loaded)[1] != 2 * self.intermediate:
-                raise ValueError(f"a fused gate_up weight is [E, {2 * self.intermediate}, H] for all experts")
+            if expert is not None:
+                raise ValueError(
+                    "a fused gate_up weight holds all experts: its shard id is ('gate_up', None)"
+                )
+            self._check_inter(loaded, lead, 2 * self.intermediate, part)
             pieces = [("gate", start), ("up", self.intermediate + start)]
         else:
+            self._check_inter(loaded, lead, self.intermediate, part)
             pieces = [(part, start)]
         for name, row in pieces:
             offset = 0 if name == "gate" else n
             copy_into(dst.narrow(lead, offset, n), narrow(loaded, lead, row, n), f"FusedMoE.{name} ({what})")
             self._loaded.update((name, e) for e in experts)
+
+    @staticmethod
+    def _check_inter(loaded: LoadedWeight, dim: int, want: int, part: str) -> None:
+        """The checkpoint tensor's intermediate dim must be the whole (unsharded) size."""
+        shape = shape_of(loaded)
+        if len(shape) <= dim or shape[dim] != want:
+            raise ValueError(f"expert weight {part}: checkpoint shape {shape} has not {want} in dim {dim}")
 
     def loaded_params(self) -> set[str]:
         """The names of the parameters every expert's parts have been loaded into."""

@@ -122,7 +122,9 @@ class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):
 
     def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
         if not cfg.get("qkv_bias", True):
-            raise ValueError("qkv_bias false is not supported for Qwen2MoeForCausalLM (its q/k/v have biases)")
+            raise ValueError(
+                "qkv_bias false is not supported for Qwen2MoeForCausalLM (its q/k/v have biases)"
+            )
         super().__init__(cfg, dtype)
 
     @staticmethod

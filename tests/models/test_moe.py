@@ -18,7 +18,11 @@ from tests.conftest import VOCAB, assert_engine_idle_and_empty, check_greedy_clo
 
 MAX_NEW = 10
 PROMPTS = random_prompts(5, seed=11, hi=40)
-ARCHS = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+ARCHS = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+}
 
 
 def moe_config(arch: str):
@@ -105,13 +109,8 @@ def test_expert_weights_load_into_each_ranks_slices(arch, tp, moe_model, monkeyp
     for rank in range(tp):
         model = _build(path, arch, rank, tp, monkeypatch)
         taken: list[str] = []
-
-        def counted():
-            for name, w in iter_safetensors(path):
-                taken.append(name)
-                yield name, w
-
-        assert model.load_weights(counted()) == {n for n, _ in model.named_parameters()}
+        counted = ((taken.append(name) or name, w) for name, w in iter_safetensors(path))
+        assert model.load_weights(counted) == {n for n, _ in model.named_parameters()}
         assert sorted(taken) == sorted(full)
         sparse = 0
         for i, layer in enumerate(model.layers):
@@ -137,7 +136,9 @@ def test_fused_expert_layout_loads_like_per_expert_tensors(moe_model, monkeypatc
     fused = {k: v for k, v in full.items() if ".experts." not in k}
     for i in range(2):
         pre = f"model.layers.{i}.mlp.experts"
-        per = [[full[f"{pre}.{e}.{p}.weight"] for e in range(4)] for p in ("gate_proj", "up_proj", "down_proj")]
+        per = [
+            [full[f"{pre}.{e}.{p}.weight"] for e in range(4)] for p in ("gate_proj", "up_proj", "down_proj")
+        ]
         fused[f"{pre}.gate_up_proj"] = torch.cat((torch.stack(per[0]), torch.stack(per[1])), dim=1)
         fused[f"{pre}.down_proj"] = torch.stack(per[2])
     save_file(fused, str(tmp_path / "model.safetensors"))
