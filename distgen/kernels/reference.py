@@ -5,6 +5,8 @@ kernels compute."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -54,18 +56,25 @@ def moe_route_ref(
 
 
 def fused_moe_ref(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_mlp: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The routed experts' weighted sum for each token of ``x`` [T, H], not reduced across ranks.
 
     ``w13`` [E, 2 * I, H] holds each expert's gate rows then its up rows, ``w2`` [E, H, I] its down
     projection; ``topk_weights``/``topk_ids`` [T, k] the routing. The (token, k) pairs are sorted by
     expert and each expert runs one gate/up GEMM, SiLU-and-mul and one down GEMM over its group; each
-    result is scaled by its routing weight and added to its token's float32 sum, rounded once."""
+    result is scaled by its routing weight and added to its token's float32 sum, rounded once.
+    ``expert_mlp(e, rows)``, where given, computes expert ``e``'s MLP on its rows in place of the
+    GEMMs on ``w13``/``w2`` (the CPU path passes its packed GEMMs)."""
     t, k = topk_ids.shape
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat).tolist()
     out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
     start = 0
     for e, n in enumerate(counts):
@@ -74,7 +83,10 @@ def fused_moe_ref(
         pairs = order[start : start + n]
         start += n
         tokens = pairs // k
-        h = silu_and_mul_ref(F.linear(x[tokens], w13[e]))
-        y = F.linear(h, w2[e]).float() * topk_weights.reshape(-1)[pairs, None].float()
+        if expert_mlp is None:
+            y = F.linear(silu_and_mul_ref(F.linear(x[tokens], w13[e])), w2[e])
+        else:
+            y = expert_mlp(e, x[tokens])
+        y = y.float() * topk_weights.reshape(-1)[pairs, None].float()
         out.index_add_(0, tokens, y)
     return out.to(x.dtype)

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from distgen.distributed import parallel_state as ps
-from distgen.kernels.dispatch import triton_ops, use_triton
+from distgen.kernels.cpu_gemm import PackedWeight
+from distgen.kernels.dispatch import cpu_kernels, triton_ops, use_triton
 from distgen.kernels.reference import fused_moe_ref, moe_route_ref
 from distgen.layers.activation import SiluAndMul
 from distgen.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -66,6 +67,7 @@ class FusedMoE(nn.Module):
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
         self._loaded: set[tuple[str, int]] = set()
+        self.packed: list[tuple[PackedWeight, PackedWeight]] | None = None  # the CPU GEMM's, per expert
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         y = self.experts(x, router_logits)
@@ -78,7 +80,26 @@ class FusedMoE(nn.Module):
         weights, ids = moe_route_ref(router_logits, self.top_k, self.renormalize)
         if use_triton(x):
             return triton_ops().fused_moe(x, self.w13_weight, self.w2_weight, weights, ids)
-        return fused_moe_ref(x, self.w13_weight, self.w2_weight, weights, ids)
+        mlp = self._packed_expert if self.packed is not None else None
+        return fused_moe_ref(x, self.w13_weight, self.w2_weight, weights, ids, mlp)
+
+    def pack_weights(self) -> None:
+        """Pack each expert's gate/up and down weights for the CPU GEMM (:mod:`distgen.kernels.cpu_gemm`)
+        and release the plain ones; a no-op where they cannot be packed."""
+        cpu = cpu_kernels()
+        packed = [
+            (cpu.pack_linear(w13), cpu.pack_linear(w2)) for w13, w2 in zip(self.w13_weight, self.w2_weight)
+        ]
+        if any(p is None for pair in packed for p in pair):
+            return
+        self.packed = packed
+        self.w13_weight.data = self.w13_weight.data.new_empty(0)
+        self.w2_weight.data = self.w2_weight.data.new_empty(0)
+
+    def _packed_expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        cpu = cpu_kernels()
+        w13, w2 = self.packed[e]
+        return cpu.packed_linear(cpu.silu_and_mul(cpu.packed_linear(rows, w13, None)), w2, None)
 
     # -- weights ------------------------------------------------------------------------------
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from distgen.distributed import parallel_state as ps
+from distgen.kernels import dispatch
 from distgen.kernels.reference import moe_route_ref
 from distgen.layers.fused_moe import FusedMoE, SparseMoeBlock
 
@@ -188,3 +189,20 @@ def test_bad_configurations_are_refused(tp_group):
     with pytest.raises(ValueError, match="checkpoint shape"):  # the hidden size
         layer.weight_loader(layer.w2_weight, torch.zeros(H + 1, 8), ("down", 0))
     assert layer.loaded_params() == set()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_experts_match_the_plain_path(dtype):
+    """The CPU path packs each expert for its GEMM (and drops the plain weights); same outputs."""
+    if not dispatch.use_cpu_kernels_for(torch.device("cpu"), dtype):
+        pytest.skip("the CPU kernels do not build here")
+    experts = [tuple(w.to(dtype) for w in ws) for ws in expert_weights(4, 40, seed=5)]
+    x, logits = torch.randn(9, H).to(dtype), torch.randn(9, 4)
+    plain = load(FusedMoE(4, 2, H, 40, True, dtype), experts)
+    packed = load(FusedMoE(4, 2, H, 40, True, dtype), experts)
+    packed.pack_weights()
+    assert packed.packed is not None and packed.w13_weight.numel() == packed.w2_weight.numel() == 0
+    got, want = packed(x, logits).float(), plain(x, logits).float()
+    # bfloat16: the two paths round their gate/up products apart; allow 2% of the output's scale.
+    atol = 1e-5 if dtype == torch.float32 else 2e-2 * want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=atol)
