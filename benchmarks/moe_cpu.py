@@ -3,7 +3,7 @@ the same layer on its plain torch path (``F.linear`` per expert), and transforme
 (its eager per-expert loop) on the same weights and routing, in one run.
 
 Each engine runs ``--layers`` distinct layers (so the weights stream from memory as in a real step)
-for each token count; the best of 5 repeats is reported in ms per layer, with the ratio to
+for each token count; the best of 10 repeats is reported in ms per layer, with the ratio to
 transformers.
 
     .venv/bin/python benchmarks/moe_cpu.py [--dtype bfloat16] [--tokens 1 8 64 256]
@@ -22,7 +22,7 @@ from distgen.kernels.reference import moe_route_ref
 from distgen.layers.fused_moe import FusedMoE
 
 
-def best_of(fn, repeats: int = 5) -> float:
+def best_of(fn, repeats: int = 10) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
