@@ -79,6 +79,18 @@ def resolve_max_model_len(hf_config: dict[str, Any], max_pos: int, requested: in
     )
 
 
+def active_mlp_width(cfg: dict[str, Any]) -> int:
+    """The MLP features a token runs through: a mixture of experts' ``top_k`` experts (plus a shared
+    expert), or the dense intermediate size."""
+    dense = int(cfg.get("intermediate_size") or 4 * int(cfg["hidden_size"]))
+    if not (cfg.get("num_local_experts") or cfg.get("num_experts")):
+        return dense
+    expert = int(cfg.get("moe_intermediate_size") or dense)
+    return int(cfg.get("num_experts_per_tok") or 1) * expert + int(
+        cfg.get("shared_expert_intermediate_size") or 0
+    )
+
+
 def check_partition(layers: tuple[int, ...], pp: int, num_layers: int) -> None:
     if len(layers) != pp or sum(layers) != num_layers or min(layers) < 1:
         raise ValueError(
@@ -202,7 +214,7 @@ class ModelConfig:
         cfg = self.hf_config
         hidden = int(cfg["hidden_size"])
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        layer = hidden * (2 * q + 2 * kv) + 3 * hidden * int(cfg.get("intermediate_size") or 4 * hidden)
+        layer = hidden * (2 * q + 2 * kv) + 3 * hidden * active_mlp_width(cfg)
         head = self.vocab_size / layer * hidden
         last = min(max(1, round((n + head) / pp - head)), n - (pp - 1))
         return tuple(split_range(n - last, pp - 1, i)[1] for i in range(pp - 1)) + (last,)

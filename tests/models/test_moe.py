@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from distgen import LLM, SamplingParams
-from distgen.config import resolve_max_model_len
+from distgen.config import active_mlp_width, resolve_max_model_len
 from distgen.distributed import parallel_state as ps
 from distgen.distributed.parallel_state import split_range
 from distgen.layers.fused_moe import SparseMoeBlock
@@ -204,3 +204,11 @@ def test_sliding_window_settings():
     qwen = {**moe_config("qwen3_moe").to_dict(), "use_sliding_window": True, "sliding_window": 64}
     with pytest.raises(ValueError, match="use_sliding_window"):
         resolve_model_class(["Qwen3MoeForCausalLM"])(qwen, torch.float32)
+
+
+def test_pipeline_balance_counts_the_experts_a_token_runs():
+    """Stage balancing weighs a layer's MLP by the experts a token passes through."""
+    assert active_mlp_width(moe_config("mixtral").to_dict()) == 2 * 45
+    assert active_mlp_width(moe_config("qwen3_moe").to_dict()) == 2 * 37
+    assert active_mlp_width(moe_config("qwen2_moe").to_dict()) == 2 * 32 + 40
+    assert active_mlp_width({"hidden_size": 64, "intermediate_size": 96}) == 96
