@@ -212,3 +212,21 @@ def test_pipeline_balance_counts_the_experts_a_token_runs():
     assert active_mlp_width(moe_config("qwen3_moe").to_dict()) == 2 * 37
     assert active_mlp_width(moe_config("qwen2_moe").to_dict()) == 2 * 32 + 40
     assert active_mlp_width({"hidden_size": 64, "intermediate_size": 96}) == 96
+
+
+def test_sparse_and_dense_layers_follow_transformers_rule():
+    """Qwen-MoE: experts in every ``decoder_sparse_step``-th layer not in ``mlp_only_layers``, as
+    transformers builds its layers."""
+    import transformers as tf
+
+    kw = dict(
+        vocab_size=128, hidden_size=32, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+        decoder_sparse_step=2, mlp_only_layers=[3],
+    )  # fmt: skip
+    hf_cfg = tf.Qwen3MoeConfig(**kw)
+    hf = tf.AutoModelForCausalLM.from_config(hf_cfg)
+    want = [type(layer.mlp).__name__.endswith("SparseMoeBlock") for layer in hf.model.layers]
+    assert want == [False, True, False, False, False, True]
+    ours = resolve_model_class(["Qwen3MoeForCausalLM"])(hf_cfg.to_dict(), torch.float32)
+    assert [isinstance(layer.mlp, SparseMoeBlock) for layer in ours.layers] == want
