@@ -49,12 +49,21 @@ def parse_dtype(
 
 # The architectures whose models can be cut into pipeline stages (models/llama.py and its subclasses).
 PIPELINE_ARCHITECTURES = frozenset(
-    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"}
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+    }
 )
 
 # Architectures whose ``sliding_window`` distgen honours by keeping every sequence inside the window
 # (its attention has no window): max_model_len defaults to the window and may not exceed it.
-WINDOWED_ARCHITECTURES = frozenset({"Phi3ForCausalLM"})
+WINDOWED_ARCHITECTURES = frozenset({"Phi3ForCausalLM", "MixtralForCausalLM"})
 
 
 def resolve_max_model_len(hf_config: dict[str, Any], max_pos: int, requested: int | None) -> int:
@@ -70,6 +79,18 @@ def resolve_max_model_len(hf_config: dict[str, Any], max_pos: int, requested: in
     raise ValueError(
         f"max_model_len {requested} exceeds the model's sliding_window ({window}): distgen does not "
         f"implement sliding-window attention, so a sequence must fit in it: use max_model_len <= {window}"
+    )
+
+
+def active_mlp_width(cfg: dict[str, Any]) -> int:
+    """The MLP features a token runs through: a mixture of experts' ``top_k`` experts (plus a shared
+    expert), or the dense intermediate size."""
+    dense = int(cfg.get("intermediate_size") or 4 * int(cfg["hidden_size"]))
+    if not (cfg.get("num_local_experts") or cfg.get("num_experts")):
+        return dense
+    expert = int(cfg.get("moe_intermediate_size") or dense)
+    return int(cfg.get("num_experts_per_tok") or 1) * expert + int(
+        cfg.get("shared_expert_intermediate_size") or 0
     )
 
 
@@ -205,7 +226,7 @@ class ModelConfig:
         cfg = self.hf_config
         hidden = int(cfg["hidden_size"])
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        layer = hidden * (2 * q + 2 * kv) + 3 * hidden * int(cfg.get("intermediate_size") or 4 * hidden)
+        layer = hidden * (2 * q + 2 * kv) + 3 * hidden * active_mlp_width(cfg)
         head = self.vocab_size / layer * hidden
         last = min(max(1, round((n + head) / pp - head)), n - (pp - 1))
         return tuple(split_range(n - last, pp - 1, i)[1] for i in range(pp - 1)) + (last,)

@@ -112,6 +112,7 @@ def cpu_kernels() -> SimpleNamespace:
 def triton_ops() -> SimpleNamespace:
     """The Triton entry points, imported on first use."""
     from distgen.kernels.activation import silu_and_mul
+    from distgen.kernels.fused_moe import fused_moe
     from distgen.kernels.kv_store import store_kv
     from distgen.kernels.paged_attention import paged_attention_decode
     from distgen.kernels.paged_prefill import paged_attention_prefill
@@ -124,6 +125,7 @@ def triton_ops() -> SimpleNamespace:
         silu_and_mul=silu_and_mul,
         rotary_store_kv=rotary_store_kv,
         store_kv=store_kv,
+        fused_moe=fused_moe,
         paged_attention_decode=paged_attention_decode,
         paged_attention_prefill=paged_attention_prefill,
     )

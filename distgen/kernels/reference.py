@@ -5,6 +5,8 @@ kernels compute."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -39,3 +41,52 @@ def rotate_ref(
     s = sin[positions].float().unsqueeze(1)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def moe_route_ref(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] float32, expert ids [T, k] int64): the softmax over the experts in float32, its
+    ``top_k`` largest, renormalised to sum to one where the model asks for it."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_mlp: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The routed experts' weighted sum for each token of ``x`` [T, H], not reduced across ranks.
+
+    ``w13`` [E, 2 * I, H] holds each expert's gate rows then its up rows, ``w2`` [E, H, I] its down
+    projection; ``topk_weights``/``topk_ids`` [T, k] the routing. The (token, k) pairs are sorted by
+    expert and each expert runs one gate/up GEMM, SiLU-and-mul and one down GEMM over its group; each
+    result is scaled by its routing weight and added to its token's float32 sum, rounded once.
+    ``expert_mlp(e, rows)``, where given, computes expert ``e``'s MLP on its rows in place of the
+    GEMMs on ``w13``/``w2`` (the CPU path passes its packed GEMMs)."""
+    t, k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat).tolist()
+    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start : start + n]
+        start += n
+        tokens = pairs // k
+        if expert_mlp is None:
+            y = F.linear(silu_and_mul_ref(F.linear(x[tokens], w13[e])), w2[e])
+        else:
+            y = expert_mlp(e, x[tokens])
+        y = y.float() * topk_weights.reshape(-1)[pairs, None].float()
+        out.index_add_(0, tokens, y)
+    return out.to(x.dtype)

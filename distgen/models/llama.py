@@ -96,12 +96,19 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, cfg: dict[str, Any], dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding
+        self,
+        cfg: dict[str, Any],
+        dtype: torch.dtype,
+        qkv_bias: bool,
+        qk_norm: bool,
+        rotary: RotaryEmbedding,
+        mlp: nn.Module | None = None,
     ) -> None:
+        """``mlp``: the layer's MLP where it is not Llama's dense one (a mixture of experts)."""
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.self_attn = LlamaAttention(cfg, dtype, qkv_bias, qk_norm, rotary)
-        self.mlp = LlamaMLP(cfg, dtype)
+        self.mlp = mlp if mlp is not None else LlamaMLP(cfg, dtype)
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype)
 
@@ -130,7 +137,10 @@ class LlamaForCausalLM(nn.Module):
         self.start_layer, count = ps.stage_layers(cfg["num_hidden_layers"])
         rotary = self.rotary_of(cfg)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, dtype, qkv_bias, self.qk_norm, rotary) for _ in range(count)
+            LlamaDecoderLayer(
+                cfg, dtype, qkv_bias, self.qk_norm, rotary, self.mlp_of(cfg, dtype, self.start_layer + i)
+            )
+            for i in range(count)
         )
         if self.first:
             self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], dtype)
@@ -144,6 +154,11 @@ class LlamaForCausalLM(nn.Module):
     def rotary_of(cfg: dict[str, Any]) -> RotaryEmbedding:
         """The rotary embedding the layers share (a subclass with its own rope variant overrides it)."""
         return rotary_of(cfg)
+
+    def mlp_of(self, cfg: dict[str, Any], dtype: torch.dtype, layer: int) -> nn.Module:
+        """The MLP of layer ``layer`` (numbered over the whole model); a mixture-of-experts subclass
+        overrides it."""
+        return LlamaMLP(cfg, dtype)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]

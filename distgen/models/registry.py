@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from distgen.models.llama import LlamaForCausalLM
+from distgen.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from distgen.models.opt import OPTForCausalLM
 from distgen.models.phi3 import Phi3ForCausalLM
 from distgen.models.qwen2 import Qwen2ForCausalLM
@@ -17,6 +18,9 @@ MODELS: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

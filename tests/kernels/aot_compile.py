@@ -26,12 +26,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from distgen.kernels import activation, kv_store, paged_attention, paged_prefill, rmsnorm, rotary
+from distgen.kernels import activation, fused_moe, kv_store, paged_attention, paged_prefill, rmsnorm, rotary
 
 FLOAT_ARGS = {"eps", "scale", "qk_scale"}
 INDEX_PTRS = {"bt_ptr": "*i32", "qs_ptr": "*i32", "lens_ptr": "*i32", "pos_ptr": "*i64"}
 INDEX_PTRS.update(blk_ptr="*i64", off_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32")
 INDEX_PTRS.update(acc_part_ptr="*fp32", m_part_ptr="*fp32", l_part_ptr="*fp32")
+INDEX_PTRS.update(weights_ptr="*fp32", sorted_ptr="*i32", expert_ptr="*i32")
 
 
 def compile_kernel(fn, dtype: str, consts: dict, arch: int):
@@ -102,6 +103,11 @@ def variants():
             name = "rotary + store_kv 32/8 heads D64" + (" + q/k norm" if norm else "")
             yield name, rotary._rotary_store_kernel, dtype, consts
         yield "store_kv 8 heads D64", kv_store._store_kv_kernel, dtype, dict(BLOCK_H=8, BLOCK_D=64)
+        for block_m, weighted in ((16, False), (64, True)):
+            cfg = {**fused_moe.launch_config(block_m * 8, 8), "BLOCK_M": block_m}
+            consts = dict(ROWS_PER_A=2, MUL_WEIGHT=weighted, IEEE_DOT=dtype == "fp32", UPCAST=False, **cfg)
+            name = f"moe grouped GEMM M{block_m}" + (" weighted" if weighted else "")
+            yield name, fused_moe._kernel(), dtype, consts
 
 
 def main() -> int:
