@@ -46,7 +46,15 @@ def parse_dtype(
 
 # The architectures whose models can be cut into pipeline stages (models/llama.py and its subclasses).
 PIPELINE_ARCHITECTURES = frozenset(
-    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"}
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+    }
 )
 
 # Architectures whose ``sliding_window`` distgen honours by keeping every sequence inside the window

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from distgen.models.gemma2 import Gemma2ForCausalLM
+from distgen.models.gemma3 import Gemma3ForCausalLM
 from distgen.models.llama import LlamaForCausalLM
 from distgen.models.opt import OPTForCausalLM
 from distgen.models.phi3 import Phi3ForCausalLM
@@ -17,6 +19,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 
 
