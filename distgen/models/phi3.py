@@ -8,6 +8,7 @@ LongRoPE and an optional partial rotary.
 - LongRoPE: :class:`~distgen.layers.rotary.RotaryEmbedding` holds the short and the long tables;
   :class:`~distgen.layers.rotary.LongRopeSwitch` says which one a token reads, as transformers decides
   it while generating (the model runner applies it; the scheduler caches long prompts' blocks apart).
+- A sliding window (``sliding_window``) applies to every layer, as transformers' mask does.
 - A partial rotary (``partial_rotary_factor``, 0.75 in Phi-4-mini) turns the first ``rotary_dim`` dims
   of each head (pairs ``i, i + rotary_dim/2``), while distgen's rotary and its kernels pair ``i`` with
   ``i + head_dim/2``. The q and k rows of each head are permuted at load so that the turning pairs
@@ -92,6 +93,12 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         self.intermediate = cfg["intermediate_size"]
         _, _, rotary_dim = phi3_rope(cfg)
         self.perm = None if rotary_dim == self.head_dim else partial_rotary_perm(self.head_dim, rotary_dim)
+        window = cfg.get("sliding_window")
+        if window is not None:
+            if int(window) < 1:
+                raise ValueError(f"sliding_window must be a positive number of keys, got {window}")
+            for attn in self.attention_layers():
+                attn.sliding_window = int(window)
 
     @staticmethod
     def rotary_of(cfg: dict[str, Any]) -> RotaryEmbedding:
