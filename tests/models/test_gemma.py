@@ -13,6 +13,7 @@ from distgen.kernels import dispatch
 from distgen.models.gemma2 import FULL, SLIDING, Gemma2ForCausalLM, layer_types
 from distgen.models.gemma3 import Gemma3ForCausalLM, gemma3_rope
 from tests.conftest import VOCAB, assert_engine_idle_and_empty, check_greedy_close, hf_greedy, random_prompts
+from tests.layers.model_steps import make_runner, run_steps
 
 WINDOW = 16
 MAX_NEW = 12
@@ -21,7 +22,7 @@ PREFIX = PROMPTS[-1][:40]  # run first: its blocks serve the last prompt (a pref
 ATTN_CAP, FINAL_CAP = 1.0, 2.0  # small enough to change the tiny models' scores and logits
 
 
-def _config(arch: str, caps: bool = True):
+def _config(arch: str, caps: bool = True, window: int = WINDOW):
     import transformers as tf
 
     common = dict(
@@ -33,7 +34,7 @@ def _config(arch: str, caps: bool = True):
         intermediate_size=128,
         max_position_embeddings=1024,
         initializer_range=0.1,
-        sliding_window=WINDOW,
+        sliding_window=window,
         query_pre_attn_scalar=24,  # not head_dim: the scale must come from it
         bos_token_id=1,
         eos_token_id=2,
@@ -63,21 +64,21 @@ def gemma_dir(tmp_path_factory, smollm2_tokenizer):
     initialises them to 0, which would leave the ``1 + w`` untested)."""
     import transformers as tf
 
-    cache: dict[str, str] = {}
+    cache: dict[tuple[str, int], str] = {}
 
-    def make(arch: str) -> str:
-        if arch not in cache:
+    def make(arch: str, window: int = WINDOW) -> str:
+        if (arch, window) not in cache:
             torch.manual_seed(0)
-            model = tf.AutoModelForCausalLM.from_config(_config(arch), dtype=torch.float32)
+            model = tf.AutoModelForCausalLM.from_config(_config(arch, window=window), dtype=torch.float32)
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     if "norm" in name:
                         p.copy_(0.3 * torch.randn_like(p))
-            path = str(tmp_path_factory.mktemp(f"tiny-{arch}"))
+            path = str(tmp_path_factory.mktemp(f"tiny-{arch}-w{window}"))
             model.save_pretrained(path)
             smollm2_tokenizer.save_pretrained(path)
-            cache[arch] = path
-        return cache[arch]
+            cache[arch, window] = path
+        return cache[arch, window]
 
     return make
 
@@ -145,6 +146,38 @@ def test_greedy_matches_transformers_tp2(arch, gemma_dir, references):
         max_num_batched_tokens=24,
     )
     _run(llm, f"{arch}/tp2", references(arch))
+
+
+@pytest.mark.slow
+def test_triton_path_matches_the_torch_path_with_a_short_window(gemma_dir):
+    """Hand-scheduled runner steps (chunked prefill, a prefix-cache hit, mixed decodes; contexts up to
+    12 tokens) on Gemma 2 with a window of 4 and both soft-caps: the Triton kernels (in the interpreter
+    on a CPU-only machine, hence slow) give the torch path's tokens and logprobs."""
+    path = gemma_dir("gemma2", window=4)
+    with dispatch.kernel_mode("torch"):
+        ref = run_steps(make_runner(path, "cpu"))
+    with dispatch.kernel_mode("auto" if torch.cuda.is_available() else "triton"):
+        got = run_steps(make_runner(path, "cuda" if torch.cuda.is_available() else "cpu"))
+    assert len(got) == len(ref) == 5
+    for i, ((tok, lp), (ref_tok, ref_lp)) in enumerate(zip(got, ref)):
+        assert tok == ref_tok, f"step {i}: sampled {tok}, torch path {ref_tok}"
+        torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_pipeline_stages_match_transformers(gemma_dir, references):
+    """Two stages of Gemma 3's layers [sliding, sliding | full, sliding]: each stage takes its layers'
+    types and rotaries by their global index; the tied head sits on the last stage."""
+    llm = LLM(
+        gemma_dir("gemma3"),
+        dtype="float32",
+        seed=0,
+        pipeline_parallel_size=2,
+        distributed_executor_backend="mp",
+        kv_cache_memory=16 << 20,
+        block_size=8,
+    )
+    _run(llm, "gemma3/pp2", references("gemma3"))
 
 
 def test_softcaps_change_the_logits_and_distgen_applies_them(gemma_dir):
