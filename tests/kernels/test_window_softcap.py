@@ -104,11 +104,12 @@ needs_cpu = pytest.mark.skipif(cpu_build.try_load() is None, reason="the CPU ker
     [
         (9, 3, 64, 16),  # the tiled path: spans of four blocks
         (8, 2, 128, 32),  # the tiled path: spans of two blocks
+        (8, 2, 256, 16),  # the tiled path at Gemma's head size
         (4, 4, 32, 5),  # the general path
         (8, 1, 16, 1),
     ],
 )
-@pytest.mark.parametrize("window,softcap", CASES[1:])
+@pytest.mark.parametrize("window,softcap", CASES)
 def test_cpu_kernel_window_and_softcap(dtype, shape, window, softcap):
     h, hkv, d, bs = shape
     q, kc, vc, tables, lens, starts, _ = paged(ROWS, h, hkv, d, bs, dtype, seed=1)

@@ -99,7 +99,7 @@ inline void score_block(const float* q, int64_t rows, const T* kb, int64_t d, in
   }
 }
 
-// ---- The tiled path: head size 64 or 128, blocks a multiple of 16 tokens (the engine's shapes) ------
+// ---- The tiled path: head size 64, 128 or 256 (Gemma's), blocks a multiple of 16 tokens (the engine's shapes) ------
 // s[r * ps + t0 .. + 16) = q_r . k_t for kR rows of q [kR, kD] against a transposed K block [kD, bs]. Two
 // accumulators per row (even and odd dimensions) give 2 * kR independent FMA chains.
 template <int kR, int64_t kD, typename T>
@@ -268,7 +268,7 @@ inline void span_all_rows(Scratch& w, const AttnArgs& a, int64_t rows, int64_t b
     w.corr[r] = softmax_span_row(&w.s[r * w.keys], width, static_cast<int32_t>(first),
                                  static_cast<int32_t>(visible), a.softcap, w.m[r], w.l[r]);
   }
-  constexpr int kMax = kD <= 64 ? 4 : 2;  // the accumulators of kMax rows fill the registers
+  constexpr int kMax = kD <= 64 ? 4 : kD <= 128 ? 2 : 1;  // the accumulators of kMax rows fill the registers
   const int64_t ps = w.keys;
   for (r = 0; r + kMax <= rows; r += kMax)
     pv_rows<kMax, kD>(&w.acc[r * kD], &w.corr[r], &w.s[r * ps], ps, bs, sp);
@@ -341,7 +341,7 @@ void general_blocks(const AttnArgs& a, const Item& it, const T* k_cache, const T
   }
 }
 
-// The head size is a compile-time constant where it is a common one (kD = 64, 128; 0 = any). Those two,
+// The head size is a compile-time constant where it is a common one (kD = 64, 128, 256; 0 = any). Those,
 // with blocks a multiple of 16 tokens (the engine's), take the tiled path above; any other shape the
 // general per-row code below.
 template <typename T, int64_t kD>
@@ -412,6 +412,8 @@ void paged_attention(const AttnArgs& a, const T* q, const T* k_cache, const T* v
         attend_item<T, 64>(a, items[i], q, k_cache, v_cache, out, w);
       else if (a.head_dim == 128)
         attend_item<T, 128>(a, items[i], q, k_cache, v_cache, out, w);
+      else if (a.head_dim == 256)
+        attend_item<T, 256>(a, items[i], q, k_cache, v_cache, out, w);
       else
         attend_item<T, 0>(a, items[i], q, k_cache, v_cache, out, w);
     }
