@@ -58,28 +58,10 @@ PIPELINE_ARCHITECTURES = frozenset(
         "MixtralForCausalLM",
         "Qwen2MoeForCausalLM",
         "Qwen3MoeForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
     }
 )
-
-# Architectures whose ``sliding_window`` distgen honours by keeping every sequence inside the window
-# (its attention has no window): max_model_len defaults to the window and may not exceed it.
-WINDOWED_ARCHITECTURES = frozenset({"Phi3ForCausalLM", "MixtralForCausalLM"})
-
-
-def resolve_max_model_len(hf_config: dict[str, Any], max_pos: int, requested: int | None) -> int:
-    """``requested``, or the model's ``max_pos`` when None; for a windowed architecture with a
-    ``sliding_window`` no longer than that, the window (when not requested) or a ValueError."""
-    max_len = max_pos if requested is None else requested
-    window = hf_config.get("sliding_window")
-    archs = hf_config.get("architectures") or []
-    if window is None or not set(archs[:1]) & WINDOWED_ARCHITECTURES or max_len <= int(window):
-        return max_len
-    if requested is None:
-        return int(window)
-    raise ValueError(
-        f"max_model_len {requested} exceeds the model's sliding_window ({window}): distgen does not "
-        f"implement sliding-window attention, so a sequence must fit in it: use max_model_len <= {window}"
-    )
 
 
 def active_mlp_width(cfg: dict[str, Any]) -> int:

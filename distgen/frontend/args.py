@@ -21,7 +21,6 @@ from distgen.config import (
     SchedulerConfig,
     human_readable_bytes,
     parse_dtype,
-    resolve_max_model_len,
 )
 from distgen.cpu_info import native_bf16
 from distgen.envs import envs
@@ -212,9 +211,7 @@ class EngineArgs:
     def _model_config(self, source: ModelSource, device: str) -> ModelConfig:
         hf = source.hf_config
         max_pos = int(hf.get("max_position_embeddings") or 2048)
-        max_len = resolve_max_model_len(hf, max_pos, self.max_model_len)
-        if max_len < max_pos and self.max_model_len is None:
-            logger.info("max_model_len %d: the model's sliding_window (no windowed attention here)", max_len)
+        max_len = max_pos if self.max_model_len is None else self.max_model_len
         gen = self.generation_config
         if gen == "vllm":
             gen = "distgen"

@@ -29,7 +29,7 @@ _SIGNATURES = {
     "dg_add_rms_norm": [_P, _P, _P, _I, _I, _F],
     "dg_silu_and_mul": [_P, _P, _I, _I],
     "dg_rotary_store_kv": [_P] * 12 + [_I] * 8 + [_F],
-    "dg_paged_attention": [_P] * 7 + [_I] * 9 + [_F],
+    "dg_paged_attention": [_P] * 7 + [_I] * 9 + [_F, _I, _F],
     "dg_argmax_rows": [_P, _P, _I, _I],
     "dg_pack_linear": [_P, _P, _I, _I],
     "dg_linear": [_P] * 4 + [_I] * 3,
@@ -207,6 +207,8 @@ def paged_attention(
     out: torch.Tensor | None = None,
     group: int | None = None,
     head_offset: int = 0,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of every row's queries over its cached context, read in place through its block
     table. q [T, H, D] (row i's queries are q[query_start[i]:query_start[i+1]], the last ones of
@@ -214,7 +216,12 @@ def paged_attention(
     blocks transposed; int32 tables, lengths and starts. Returns (or fills) a contiguous [T, H, D].
 
     Query head j reads KV head ``(j + head_offset) // group`` (``group`` defaults to H / Hkv): a
-    tensor-parallel rank whose heads start inside a KV group passes its offset."""
+    tensor-parallel rank whose heads start inside a KV group passes its offset.
+
+    ``window``: a sliding window of that many keys (a query sees itself and the ``window - 1`` keys
+    before it); ``softcap``: scores become ``softcap * tanh(score / softcap)`` before the softmax."""
+    assert window is None or window > 0, f"sliding window {window} must be positive"
+    assert softcap is None or softcap > 0, f"softcap {softcap} must be positive"
     t, h, d = q.shape
     hkv, bs = _check_caches(k_cache, v_cache, q)
     group = check_head_map(h, hkv, group, head_offset)
@@ -241,5 +248,7 @@ def paged_attention(
         _token_stride(q),
         block_tables.stride(0),
         scale,
+        window or 0,
+        softcap or 0.0,
     )
     return out

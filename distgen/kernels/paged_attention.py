@@ -13,6 +13,8 @@ several (small batches, where ``B * Hkv`` programs would leave most of the GPU i
 a long context alone) every split covers a contiguous range of the blocks and leaves its unnormalised
 partial result, and a second kernel combines the splits per (sequence, head). The split count depends
 only on ``B`` and ``Hkv``, so a captured CUDA graph stays valid for any context length.
+With a sliding window the splits share only the blocks that hold the window's keys, and the scores may
+be soft-capped (``softcap * tanh(score / softcap)``) before the softmax.
 Scores and the weighted sum use broadcast-and-reduce rather than ``tl.dot``
 so any group size, block size and head dim work, on the GPU and in the interpreter alike.
 
@@ -63,12 +65,15 @@ def paged_attention_decode_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain-torch reference of :func:`paged_attention_decode`, one sequence at a time.
 
     For each sequence, gathers its blocks into dense ``[Hkv, L, D]`` K/V, keeps the first
     ``seq_lens[b]`` tokens, repeats each KV head for its ``H // Hkv`` query heads and computes
-    ``softmax(q k^T * scale) v`` in float32. Returns ``[B, H, D]`` in ``q.dtype``.
+    ``softmax(q k^T * scale) v`` in float32 over the last ``window`` tokens (all without one), the
+    scores soft-capped first when ``softcap`` is given. Returns ``[B, H, D]`` in ``q.dtype``.
     """
     b, h, hkv, bs, d = _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     group = h // hkv
@@ -82,7 +87,11 @@ def paged_attention_decode_ref(
         v = v_cache[blocks].transpose(0, 1).reshape(hkv, nb * bs, d)[:, :n].float()
         k = k.repeat_interleave(group, dim=0)  # [H, n, D]: query head j uses KV head j // group
         v = v.repeat_interleave(group, dim=0)
+        lo = max(0, n - window) if window else 0
+        k, v = k[:, lo:], v[:, lo:]
         scores = torch.einsum("hd,hnd->hn", q[i].float(), k) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         probs = torch.softmax(scores, dim=-1)
         out[i] = torch.einsum("hn,hnd->hd", probs, v).to(q.dtype)
     return out
@@ -106,6 +115,8 @@ def _kernel() -> Any:
         m_part_ptr,
         l_part_ptr,
         scale,
+        window,
+        softcap,
         stride_qb,
         stride_qh,
         stride_qd,
@@ -129,6 +140,7 @@ def _kernel() -> Any:
         BLOCK_T: tl.constexpr,
         HEAD_DIM_P2: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -146,8 +158,10 @@ def _kernel() -> Any:
 
         seq_len = tl.load(lens_ptr + seq)
         num_blocks = tl.cdiv(seq_len, block_size)
-        per_split = tl.cdiv(num_blocks, NUM_SPLITS)
-        first = split * per_split
+        lo = tl.maximum(seq_len - window, 0)  # the window's first key
+        first_block = lo // block_size
+        per_split = tl.cdiv(num_blocks - first_block, NUM_SPLITS)
+        first = first_block + split * per_split
         last = tl.minimum(first + per_split, num_blocks)
 
         m_i = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
@@ -156,7 +170,8 @@ def _kernel() -> Any:
 
         for i in range(first, last):
             block = tl.load(bt_ptr + seq * stride_btb + i * stride_btn).to(tl.int64)
-            tok_ok = (offs_t < block_size) & (i * block_size + offs_t < seq_len)  # [T]
+            pos = i * block_size + offs_t
+            tok_ok = (offs_t < block_size) & (pos < seq_len) & (pos >= lo)  # [T]
             kv_mask = tok_ok[:, None] & d_ok[None, :]
             k_ptrs = (
                 k_ptr
@@ -176,6 +191,8 @@ def _kernel() -> Any:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [T, D]
 
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, T]
+            if SOFTCAP:  # softcap * tanh(s / softcap); tanh(x) = 1 - 2 / (exp(2x) + 1), exact at both ends
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
             s = tl.where(tok_ok[None, :], s, float("-inf"))
             # Every visited block holds at least one valid token, so m_new is finite from block 0 on.
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -241,6 +258,9 @@ def _combine_kernel() -> Any:
     return _combine_splits_kernel
 
 
+NO_WINDOW = 1 << 30  # the window passed for "none": longer than any context
+
+
 def next_power_of_2(n: int) -> int:
     """Without importing triton (launch configs are computed on CPU-only machines too)."""
     return 1 << max(n - 1, 0).bit_length()
@@ -274,6 +294,8 @@ def paged_attention_decode(
     scale: float,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache, in Triton.
 
@@ -288,6 +310,8 @@ def paged_attention_decode(
         out: optional ``[B, H, D]`` destination (e.g. a slice of a larger buffer).
         num_splits: context splits per sequence, a power of two; ``None`` picks
             :func:`num_splits_for` of ``B`` and ``Hkv``.
+        window: attend only to the last ``window`` tokens (a sliding window); None for all.
+        softcap: scores become ``softcap * tanh(score / softcap)`` before the softmax; None for none.
 
     Returns:
         ``[B, H, D]`` in ``q.dtype``; accumulation is float32.
@@ -323,6 +347,8 @@ def paged_attention_decode(
         m_part,
         l_part,
         float(scale),
+        window or NO_WINDOW,
+        float(softcap or 1.0),
         *q.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
@@ -332,6 +358,7 @@ def paged_attention_decode(
         d,
         GROUP=group,
         NUM_SPLITS=splits,
+        SOFTCAP=softcap is not None,
         **cfg,
     )
     if splits > 1:

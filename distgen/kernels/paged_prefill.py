@@ -13,7 +13,9 @@ the tile's queries of the ``H // Hkv`` heads sharing the KV head into ``BLOCK_M 
 each K/V tile is loaded once for the whole group, and walks the context in tiles of ``BLOCK_N``
 positions with an online softmax (float32 accumulators, ``tl.dot`` for both products). The positions
 of a K/V tile are looked up one by one in the block table, so any block size works, and tiles past
-the tile's last query position are never visited. Float32 inputs use IEEE float32 dots (no tf32).
+the tile's last query position are never visited, nor, with a sliding window, tiles wholly before the
+tile's first query's window. Scores may be soft-capped (``softcap * tanh(score / softcap)``) before
+the softmax. Float32 inputs use IEEE float32 dots (no tf32).
 
 Triton is imported lazily, as in :mod:`distgen.kernels.paged_attention`.
 """
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 
-from distgen.kernels.paged_attention import check_cache_shapes, next_power_of_2
+from distgen.kernels.paged_attention import NO_WINDOW, check_cache_shapes, next_power_of_2
 
 
 def _check_inputs(
@@ -53,11 +55,14 @@ def paged_attention_prefill_ref(
     query_start: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain-torch reference of :func:`paged_attention_prefill`, one sequence at a time, in float32.
 
     Gathers each sequence's first ``seq_lens[b]`` cached tokens into dense K/V, repeats each KV head
-    for its query heads and applies the causal mask shifted by the cached prefix length.
+    for its query heads and applies the causal mask shifted by the cached prefix length (narrowed to
+    the last ``window`` positions when given; scores soft-capped first when ``softcap`` is).
     Returns ``[T, H, D]`` in ``q.dtype``.
     """
     b, h, hkv, bs, d = _check_inputs(q, k_cache, v_cache, block_tables, query_start, seq_lens)
@@ -76,7 +81,11 @@ def paged_attention_prefill_ref(
         qi = q[lo:hi].float().transpose(0, 1)  # [H, q_len, D]
         q_pos = torch.arange(hi - lo) + (n - (hi - lo))
         visible = torch.arange(n)[None, :] <= q_pos[:, None]  # [q_len, n]
+        if window:
+            visible &= torch.arange(n)[None, :] > q_pos[:, None] - window
         scores = (qi @ k.transpose(1, 2)) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         out[lo:hi] = (probs @ v).transpose(0, 1).to(q.dtype)
     return out
@@ -98,6 +107,8 @@ def _kernel() -> Any:
         lens_ptr,
         out_ptr,
         qk_scale,
+        softcap,
+        window,
         stride_qt,
         stride_qh,
         stride_qd,
@@ -123,6 +134,7 @@ def _kernel() -> Any:
         HEAD_DIM_P2: tl.constexpr,
         IEEE_DOT: tl.constexpr,
         UPCAST: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -153,7 +165,9 @@ def _kernel() -> Any:
             acc = tl.zeros([BLOCK_M * GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
             # Keys past the tile's last query position are masked for every row: stop before them.
             kv_end = tl.minimum(cached + (tile + 1) * BLOCK_M, seq_len)
-            for start in range(0, kv_end, BLOCK_N):
+            # Keys before the tile's first query's window are masked for every row: start after them.
+            kv_lo = tl.maximum(cached + tile * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+            for start in range(kv_lo, kv_end, BLOCK_N):
                 n = start + tl.arange(0, BLOCK_N)
                 n_ok = n < kv_end
                 blk = tl.load(bt_ptr + seq * stride_btb + (n // block_size) * stride_btn, mask=n_ok, other=0)
@@ -183,13 +197,18 @@ def _kernel() -> Any:
                     s = tl.dot(q, tl.trans(k), input_precision="ieee")
                 else:
                     s = tl.dot(q, tl.trans(k))
-                # Position 0 is visible to every row (padded rows included), so the running max is
-                # finite after the first tile and no row ever divides by zero.
-                visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
-                s = tl.where(visible, s * qk_scale, float("-inf"))
+                visible = (n[None, :] <= q_pos[:, None]) & (n[None, :] > q_pos[:, None] - window)
+                visible = visible & n_ok[None, :]
+                s = s * qk_scale
+                if SOFTCAP:  # in log2 units (softcap too); tanh(x) = 1 - 2 / (exp(2x) + 1)
+                    s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+                s = tl.where(visible, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
+                # A row may see none of a tile's keys (outside its window) before it has seen any:
+                # its max is still -inf, and 0 stands in for it so that nothing turns NaN.
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_use)
+                p = tl.exp2(s - m_use[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 if IEEE_DOT:
                     pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -198,7 +217,7 @@ def _kernel() -> Any:
                 acc = acc * alpha[:, None] + pv
                 m_i = m_new
 
-            o = acc / l_i[:, None]
+            o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # padded rows may have seen nothing
             o_ptrs = (
                 out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
             )
@@ -243,6 +262,8 @@ def paged_attention_prefill(
     scale: float,
     max_query_len: int,
     out: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query chunks over a paged KV cache, in Triton.
 
@@ -256,6 +277,8 @@ def paged_attention_prefill(
         scale: softmax scale applied to ``q . k``.
         max_query_len: the longest chunk (a host int: it sizes the launch grid without a device sync).
         out: optional ``[T, H, D]`` destination (e.g. a slice of a larger buffer).
+        window: each query attends only to the last ``window`` positions up to its own; None for all.
+        softcap: scores become ``softcap * tanh(score / softcap)`` before the softmax; None for none.
 
     Returns:
         ``[T, H, D]`` in ``q.dtype``; accumulation is float32.
@@ -278,6 +301,8 @@ def paged_attention_prefill(
         seq_lens,
         out,
         float(scale) * _LOG2E,
+        float(softcap or 1.0) * _LOG2E,
+        window or NO_WINDOW,
         *q.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
@@ -288,6 +313,7 @@ def paged_attention_prefill(
         GROUP=group,
         IEEE_DOT=q.dtype == torch.float32,
         UPCAST=_interpreting(),
+        SOFTCAP=softcap is not None,
         **cfg,
     )
     return out

@@ -8,6 +8,12 @@ The cache of one layer is ``[2, num_blocks, Hkv, block_size, D]`` (head-major in
 reading a sequence's blocks back for one KV head is a gather of contiguous ``[block_size, D]`` tiles
 and lands as a contiguous ``[B, Hkv, L, D]`` tensor, ready for SDPA without a transpose copy.
 
+A layer may have a sliding window (a query sees itself and the ``window - 1`` keys before it, as
+transformers' sliding-window mask says) and a logit soft-cap (``softcap * tanh(score / softcap)`` before
+the softmax, Gemma 2). Every path honours both: the kernels take them as arguments and skip the blocks
+wholly before a window; the torch path narrows the step's masks per window (each window's masks built
+once per step, on the metadata) and computes soft-capped scores itself, as SDPA has no cap.
+
 Every step the model runner lays the batch out as decode tokens first (one query each, shortest
 context first), then the prefill chunks. :class:`AttentionMetadata` is built once per step and
 shared by all layers. Gathered K/V land in a workspace kept across steps and layers:
@@ -58,6 +64,20 @@ class AttentionMetadata:
     seq_lens: torch.Tensor | None = None  # [B] context length per row, this step's tokens included
     prefill_query_start: torch.Tensor | None = None  # [Bp + 1] prefill rows' offsets from the first one
     query_start: torch.Tensor | None = None  # "cpu": [B + 1] every row's offsets (decodes included)
+    # The torch path: the masks above narrowed to a sliding window, by (id of the mask, window).
+    window_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def windowed(self, mask: torch.Tensor, window: int | None) -> torch.Tensor:
+        """``mask`` keeping, of each query's visible keys, only the last ``window``: every mask here
+        lets a query see a prefix of the keys, so those are the keys with at most ``window`` visible
+        keys at or after them."""
+        if window is None:
+            return mask
+        key = (id(mask), window)
+        if key not in self.window_masks:
+            after = mask.flip(-1).cumsum(-1).flip(-1)
+            self.window_masks[key] = mask & (after <= window)
+        return self.window_masks[key]
 
 
 class Attention(nn.Module):
@@ -73,11 +93,19 @@ class Attention(nn.Module):
         rotary: RotaryEmbedding | None = None,
         group: int | None = None,
         head_offset: int = 0,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         """Query head j reads KV head ``(j + head_offset) // group``; ``group`` defaults to
         ``num_heads // num_kv_heads``. A tensor-parallel rank whose query heads start or end inside a
-        KV group (an uneven split, :class:`~distgen.layers.linear.HeadShard`) passes both."""
+        KV group (an uneven split, :class:`~distgen.layers.linear.HeadShard`) passes both.
+        ``sliding_window`` (keys, the query's own included) and ``softcap``: None for none."""
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive number of keys, got {sliding_window}")
+        if softcap is not None and softcap <= 0:
+            raise ValueError(f"attention logit softcapping must be positive, got {softcap}")
+        self.sliding_window, self.softcap = sliding_window, softcap
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group = check_head_map(num_heads, num_kv_heads, group, head_offset)
         self.head_offset = head_offset
@@ -153,7 +181,9 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         if nd:
             tables, lens = meta.block_tables[:nd], meta.seq_lens[:nd]
-            ops.paged_attention_decode(q[:nd], k_cache, v_cache, tables, lens, self.scale, out=out[:nd])
+            ops.paged_attention_decode(
+                q[:nd], k_cache, v_cache, tables, lens, self.scale, out=out[:nd], **self._extras()
+            )
         if meta.num_prefill:
             ops.paged_attention_prefill(
                 q[nd:],
@@ -165,8 +195,12 @@ class Attention(nn.Module):
                 self.scale,
                 meta.prefill_max_q,
                 out=out[nd:],
+                **self._extras(),
             )
         return out
+
+    def _extras(self) -> dict:
+        return dict(window=self.sliding_window, softcap=self.softcap)
 
     def _forward_cpu(self, q, k, v, positions, qk_norm, k_cache, v_cache, meta: AttentionMetadata):
         """The CPU kernels: q/k norms and rotary fused with the KV store (q rotated in place), then
@@ -191,6 +225,7 @@ class Attention(nn.Module):
             self.scale,
             group=self.group,
             head_offset=self.head_offset,
+            **self._extras(),
         )
 
     def _read(self, k_cache, v_cache, ctx: ContextRead, meta: AttentionMetadata):
@@ -205,13 +240,13 @@ class Attention(nn.Module):
             k, v = self._read(k_cache, v_cache, ctx, meta)  # [b, Hkv, L, D]
             # Queries sharing a KV head ride in the "length" dim: [b, Hkv, group, D] against [b, Hkv, L, D].
             qg = q[start:end].view(b, self.num_kv_heads, self.group, self.head_dim)
-            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=ctx.mask, scale=self.scale)
+            o = self._attend(qg, k, v, meta.windowed(ctx.mask, self.sliding_window))
             out[start:end] = o.view(b, self.num_kv_heads * self.group, self.head_dim)
 
     def _prefill(self, q, k_new, v_new, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         bp, mq, h, d = meta.num_prefill, meta.prefill_max_q, q.shape[1], self.head_dim
         ctx = meta.prefill_context
-        if bp == 1 and ctx is None:
+        if bp == 1 and ctx is None and self.sliding_window is None and self.softcap is None:
             # One fresh prompt chunk: plain causal attention on the new K/V, nothing to read back.
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1).unsqueeze(0),
@@ -230,8 +265,27 @@ class Attention(nn.Module):
         else:
             k, v = self._read(k_cache, v_cache, ctx, meta)
             mask = ctx.mask
-        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        o = self._attend(qp, k, v, meta.windowed(mask, self.sliding_window))
         return o.transpose(1, 2).reshape(bp * mq, h, d)[meta.prefill_q_index]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [b, H, n, D] over k/v [b, Hkv, L, D] with a boolean mask (True = attend)."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+
+
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float
+) -> torch.Tensor:
+    """Attention whose scores are soft-capped before the mask and the float32 softmax, as transformers'
+    eager attention computes it: q [b, H, n, D] over k/v [b, Hkv, L, D]."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 def pad_heads(q: torch.Tensor, heads: int, offset: int) -> torch.Tensor:

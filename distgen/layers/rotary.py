@@ -103,8 +103,10 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / (base**shape)
             if rope_type == "llama3":
                 inv_freq = _llama3_inv_freq(inv_freq, scaling or {})
+            elif rope_type == "linear":  # positions divided by the factor (Gemma 3's global layers)
+                inv_freq = inv_freq / float((scaling or {})["factor"])
             elif rope_type != "default":
-                msg = f"rope scaling type {rope_type!r} is not supported (default, llama3, longrope)"
+                msg = f"rope scaling type {rope_type!r} is not supported (default, linear, llama3, longrope)"
                 raise ValueError(msg)
             freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
             cos, sin = freqs.cos(), freqs.sin()

@@ -8,7 +8,8 @@ time, dequantized to float32 and renamed/reshaped exactly as ``transformers`` lo
 model code can treat a GGUF file like any safetensors checkpoint.
 
 Supported GGUF architectures: ``llama`` (also Mistral and SmolLM2, which llama.cpp files as llama),
-``qwen2`` and ``qwen3``.
+``qwen2``, ``qwen3``, ``gemma2`` and ``gemma3`` (text; llama.cpp stores Gemma's norm weights with the 1
+added, and names the pre-MLP norm ``ffn_norm``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
 
 # llama.cpp's converter permutes the q/k rows of these architectures (HF's rotate-half layout ->
@@ -72,6 +75,17 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+
+# Gemma's four norms per layer (by HF model_type): llama.cpp's ffn_norm is the norm before the MLP.
+_GEMMA_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_ARCH_BLOCK_NAMES = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3_text": _GEMMA_BLOCK_NAMES}
+# llama.cpp's converter adds 1 to these architectures' RMSNorm weights (HF stores the offset from 1).
+_NORM_PLUS_ONE_ARCHITECTURES = frozenset({"gemma2", "gemma3_text"})
 
 # Tensors that exist in some GGUF files but are not parameters of the HF model.
 _SKIPPED_TENSORS = frozenset({"rope_freqs.weight"})
@@ -101,15 +115,16 @@ def default_model_path() -> str:
     return path
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, model_type: str = "llama") -> str | None:
     """Hugging Face parameter name of a GGUF tensor name (``None`` for tensors HF has no parameter for)."""
+    block_names = _ARCH_BLOCK_NAMES.get(model_type, _BLOCK_NAMES)
     if gguf_name in _SKIPPED_TENSORS:
         return None
     m = _BLOCK_RE.match(gguf_name)
     if m is not None:
         layer, part, kind = m.groups()
-        if part in _BLOCK_NAMES:
-            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+        if part in block_names:
+            return f"model.layers.{layer}.{block_names[part]}.{kind}"
     else:
         m = _GLOBAL_RE.match(gguf_name)
         if m is not None and m.group(1) in _GLOBAL_NAMES:
@@ -190,7 +205,33 @@ def _build_hf_config(reader: GGUFFile, arch: str) -> dict:
         logger.warning("GGUF rope scaling %r is not mapped; it is ignored.", scaling)
     if "rope_freqs.weight" in tensor_names:
         logger.warning("GGUF file has a rope_freqs tensor (llama3-style rope scaling); it is ignored.")
+    if arch in ("gemma2", "gemma3"):
+        config.update(_gemma_config(get, arch, config))
     return config
+
+
+def _gemma_config(get: Any, arch: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma's keys beyond Llama's. The file does not hold ``query_pre_attn_scalar``: llama.cpp scales
+    by head_dim ** -0.5, but by (hidden / heads) ** -0.5 in the 27B models (46 layers in Gemma 2, 62 in
+    Gemma 3), as their configs say; Gemma 3's local rotary base is 10000 unless the file gives one."""
+    big = config["num_hidden_layers"] == (46 if arch == "gemma2" else 62)
+    out: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": get("attention.sliding_window"),
+        "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"]
+        if big
+        else config["head_dim"],
+        "attn_logit_softcapping": get("attn_logit_softcapping"),
+        "final_logit_softcapping": get("final_logit_softcapping"),
+    }
+    pattern = get("attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # per layer: True for a sliding layer
+        out["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+    elif pattern is not None:
+        out["sliding_window_pattern"] = int(pattern)
+    if arch == "gemma3":
+        out["rope_local_base_freq"] = float(get("rope.freq_base_swa", 10000.0))
+    return out
 
 
 @dataclass
@@ -224,7 +265,8 @@ class GGUFCheckpoint:
 
     def weight_names(self) -> list[str]:
         """The Hugging Face names :meth:`iter_weights` yields, in file order, without reading any data."""
-        return [n for n in (_hf_name(t.name) for t in self._get_reader().tensors) if n is not None]
+        names = (_hf_name(t.name, self._arch()) for t in self._get_reader().tensors)
+        return [n for n in names if n is not None]
 
     def _convert(self, tensor: GGUFTensor, hf_name: str) -> torch.Tensor:
         w = dequantize(tensor)  # numpy order == torch order: [out, in]
@@ -233,6 +275,8 @@ class GGUFCheckpoint:
                 w = _unpermute_qk(w, self.hf_config["num_attention_heads"])
             elif ".self_attn.k_proj." in hf_name:
                 w = _unpermute_qk(w, self.hf_config["num_key_value_heads"])
+        if self._arch() in _NORM_PLUS_ONE_ARCHITECTURES and hf_name.endswith("norm.weight"):
+            w = w - 1.0
         return w
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -243,7 +287,7 @@ class GGUFCheckpoint:
         matrix; otherwise ``hf_config["tie_word_embeddings"]`` is ``True``.
         """
         for tensor in self._get_reader().tensors:
-            hf_name = _hf_name(tensor.name)
+            hf_name = _hf_name(tensor.name, self._arch())
             if hf_name is not None:
                 yield hf_name, self._convert(tensor, hf_name)
 

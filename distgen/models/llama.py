@@ -29,6 +29,26 @@ def rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:
     return float(cfg.get("rope_theta") or 10000.0), cfg.get("rope_scaling")
 
 
+# Model types whose ``sliding_window`` transformers applies to every layer (Mistral v0.1's 4096, Mixtral's,
+# Phi-3's); others (Llama, Qwen2/3 without ``use_sliding_window``) carry the key but attend to everything.
+_WINDOWED_MODEL_TYPES = frozenset({"mistral", "mixtral", "phi3"})
+
+
+def sliding_window_of(cfg: dict[str, Any]) -> int | None:
+    """The window every layer attends through, or None; ValueError for ``use_sliding_window`` (Qwen's
+    per-layer windows past ``max_window_layers``, which distgen does not run)."""
+    if cfg.get("use_sliding_window"):
+        raise ValueError(
+            f"use_sliding_window is not supported for {(cfg.get('architectures') or ['this model'])[0]}"
+        )
+    window = cfg.get("sliding_window")
+    if window is None or cfg.get("model_type") not in _WINDOWED_MODEL_TYPES:
+        return None
+    if int(window) < 1:
+        raise ValueError(f"sliding_window must be a positive number of keys, got {window}")
+    return int(window)
+
+
 def head_dim_of(cfg: dict[str, Any]) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
@@ -149,6 +169,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], dtype=dtype)
             if self.tied and self.first:
                 self.lm_head.tie(self.embed_tokens)
+        window = sliding_window_of(cfg)
+        for attn in self.attention_layers() if window is not None else ():
+            attn.sliding_window = window
 
     @staticmethod
     def rotary_of(cfg: dict[str, Any]) -> RotaryEmbedding:

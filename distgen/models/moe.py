@@ -87,11 +87,6 @@ class Qwen3MoeForCausalLM(MoeForCausalLM):
 
     qk_norm = True
 
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
-        if cfg.get("use_sliding_window"):
-            raise ValueError(f"use_sliding_window is not supported for {type(self).__name__}")
-        super().__init__(cfg, dtype)
-
     @staticmethod
     def shared_intermediate(cfg: dict[str, Any]) -> int:
         return 0

@@ -8,6 +8,7 @@ LongRoPE and an optional partial rotary.
 - LongRoPE: :class:`~distgen.layers.rotary.RotaryEmbedding` holds the short and the long tables;
   :class:`~distgen.layers.rotary.LongRopeSwitch` says which one a token reads, as transformers decides
   it while generating (the model runner applies it; the scheduler caches long prompts' blocks apart).
+- A sliding window (``sliding_window``) applies to every layer, as transformers' mask does.
 - A partial rotary (``partial_rotary_factor``, 0.75 in Phi-4-mini) turns the first ``rotary_dim`` dims
   of each head (pairs ``i, i + rotary_dim/2``), while distgen's rotary and its kernels pair ``i`` with
   ``i + head_dim/2``. The q and k rows of each head are permuted at load so that the turning pairs

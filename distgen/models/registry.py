@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from distgen.models.gemma2 import Gemma2ForCausalLM
+from distgen.models.gemma3 import Gemma3ForCausalLM
 from distgen.models.llama import LlamaForCausalLM
 from distgen.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from distgen.models.opt import OPTForCausalLM
@@ -21,6 +23,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 
 

@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 
 from distgen.kernels import activation, fused_moe, kv_store, paged_attention, paged_prefill, rmsnorm, rotary
 
-FLOAT_ARGS = {"eps", "scale", "qk_scale"}
+FLOAT_ARGS = {"eps", "scale", "qk_scale", "softcap"}
 INDEX_PTRS = {"bt_ptr": "*i32", "qs_ptr": "*i32", "lens_ptr": "*i32", "pos_ptr": "*i64"}
 INDEX_PTRS.update(blk_ptr="*i64", off_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32")
 INDEX_PTRS.update(acc_part_ptr="*fp32", m_part_ptr="*fp32", l_part_ptr="*fp32")
@@ -71,23 +71,26 @@ def variants():
     """(name, kernel, pointer dtype, constexprs and warps) as the wrappers launch them."""
     for dtype in ("bf16", "fp32"):
         for d in (64, 128):
-            yield (
-                f"paged_prefill D{d} group 4",
-                paged_prefill._kernel(),
-                dtype,
-                dict(
-                    GROUP=4,
-                    IEEE_DOT=dtype == "fp32",
-                    UPCAST=False,
-                    **paged_prefill.launch_config(4, d, 128, True),
-                ),
-            )
-            for splits in (1, 16):
+            # Soft-capped scores (Gemma 2) at head size 128 only: one more variant of each kernel.
+            for cap in (False, True) if d == 128 else (False,):
                 yield (
-                    f"paged_decode D{d} group 4 splits {splits}",
+                    f"paged_prefill D{d} group 4" + (" softcap" if cap else ""),
+                    paged_prefill._kernel(),
+                    dtype,
+                    dict(
+                        GROUP=4,
+                        IEEE_DOT=dtype == "fp32",
+                        UPCAST=False,
+                        SOFTCAP=cap,
+                        **paged_prefill.launch_config(4, d, 128, True),
+                    ),
+                )
+            for splits, cap in ((1, False), (16, False)) + (((16, True),) if d == 128 else ()):
+                yield (
+                    f"paged_decode D{d} group 4 splits {splits}" + (" softcap" if cap else ""),
                     paged_attention._kernel(),
                     dtype,
-                    dict(GROUP=4, NUM_SPLITS=splits, **paged_attention.launch_config(4, 16, d)),
+                    dict(GROUP=4, NUM_SPLITS=splits, SOFTCAP=cap, **paged_attention.launch_config(4, 16, d)),
                 )
             yield (
                 f"decode split combine D{d}",

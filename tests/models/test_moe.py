@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from distgen import LLM, SamplingParams
-from distgen.config import active_mlp_width, resolve_max_model_len
+from distgen.config import active_mlp_width
 from distgen.distributed import parallel_state as ps
 from distgen.distributed.parallel_state import split_range
 from distgen.layers.fused_moe import SparseMoeBlock
@@ -196,11 +196,21 @@ def test_greedy_matches_transformers(arch, tp, pp, moe_model):
 
 
 def test_sliding_window_settings():
-    """Mixtral keeps sequences inside its window (no windowed attention); Qwen-MoE's is refused."""
-    cfg = {"architectures": ["MixtralForCausalLM"], "sliding_window": 4096}
-    assert resolve_max_model_len(cfg, 32768, None) == 4096
-    with pytest.raises(ValueError, match="sliding_window"):
-        resolve_max_model_len(cfg, 32768, 8192)
+    """Mixtral attends through its window on every layer (as transformers does); Qwen-MoE's
+    per-layer windows (``use_sliding_window``) are refused."""
+    mixtral = {
+        **moe_config("mixtral").to_dict(),
+        "sliding_window": 24,
+        "architectures": ["MixtralForCausalLM"],
+    }
+    model = resolve_model_class(["MixtralForCausalLM"])(mixtral, torch.float32)
+    assert [a.sliding_window for a in model.attention_layers()] == [24] * len(model.layers)
+    assert all(
+        a.sliding_window is None
+        for a in resolve_model_class(["MixtralForCausalLM"])(
+            {**mixtral, "sliding_window": None}, torch.float32
+        ).attention_layers()
+    )
     qwen = {**moe_config("qwen3_moe").to_dict(), "use_sliding_window": True, "sliding_window": 64}
     with pytest.raises(ValueError, match="use_sliding_window"):
         resolve_model_class(["Qwen3MoeForCausalLM"])(qwen, torch.float32)

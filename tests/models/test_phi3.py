@@ -1,5 +1,6 @@
 """Phi-3: fused qkv/gate_up weights split per TP rank, LongRoPE with a partial rotary as transformers
-computes it, greedy outputs equal to transformers' at tp 1 and 2, and the sliding-window limit."""
+computes it, greedy outputs equal to transformers' at tp 1 and 2, and with a sliding window shorter
+than the sequences."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 from distgen import LLM, SamplingParams
-from distgen.config import resolve_max_model_len
 from distgen.distributed import parallel_state as ps
 from distgen.distributed.parallel_state import split_range
 from distgen.layers.linear import HeadShard
@@ -20,6 +20,7 @@ from tests.conftest import (
     _tiny_config,
     assert_engine_idle_and_empty,
     check_greedy_close,
+    hf_greedy,
     random_prompts,
 )
 
@@ -162,18 +163,53 @@ def test_greedy_matches_transformers(tp, kwargs, tiny_model_dir, references):
     llm.shutdown()
 
 
-def test_sliding_window_caps_max_model_len_or_is_refused():
-    """No windowed attention: a sequence must fit in the window, so max_model_len defaults to it and a
-    longer one asked for is refused, naming the setting; other architectures keep theirs."""
-    cfg = {"architectures": ["Phi3ForCausalLM"], "sliding_window": 2047}
-    assert resolve_max_model_len(cfg, 4096, None) == 2047
-    assert resolve_max_model_len(cfg, 4096, 1000) == 1000
-    assert resolve_max_model_len(cfg, 4096, 2047) == 2047
-    with pytest.raises(ValueError, match="sliding_window"):
-        resolve_max_model_len(cfg, 4096, 2048)
-    assert resolve_max_model_len({**cfg, "sliding_window": None}, 4096, None) == 4096
-    assert resolve_max_model_len({**cfg, "sliding_window": 262144}, 131072, None) == 131072
-    assert resolve_max_model_len({**cfg, "architectures": ["MistralForCausalLM"]}, 4096, None) == 4096
+WINDOW = 16
+
+
+@pytest.fixture(scope="module")
+def windowed_phi3(tmp_path_factory, smollm2_tokenizer) -> str:
+    """The tiny phi3 with a sliding window of 16 tokens, which every prompt and most decodes cross."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = _tiny_config("phi3")
+    cfg.sliding_window = WINDOW
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    path = str(tmp_path_factory.mktemp("tiny-phi3-window"))
+    model.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_sequences_longer_than_the_sliding_window_match_transformers(windowed_phi3):
+    """Windowed attention on every layer, as transformers masks it: sequences up to 92 tokens with a
+    16-token window, prefilled in chunks of 16 after a prefix-cache hit; the window changes the
+    reference (so it is honoured, not ignored)."""
+    import transformers as tf
+
+    prompts = SHORT[:3] + LONG
+    hf = tf.AutoModelForCausalLM.from_pretrained(windowed_phi3, dtype=torch.float32).eval()
+    refs = hf_greedy(hf, prompts, MAX_NEW)
+    hf.config.sliding_window = None
+    assert hf_greedy(hf, prompts, MAX_NEW) != refs
+    llm = LLM(
+        windowed_phi3,
+        dtype="float32",
+        seed=0,
+        kv_cache_memory=16 << 20,
+        block_size=4,
+        max_num_batched_tokens=16,
+        max_model_len=256,  # past the window: no longer capped by it
+    )
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    # Long (past LongRoPE's original length) like the prompt whose first blocks it caches.
+    llm.generate([{"prompt_token_ids": LONG[0][:40]}], params, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert llm.llm_engine.get_stats().prefix_cache_hits > 0
+    rate = check_greedy_close(refs, [o.outputs[0].token_ids for o in outs], "phi3/window")
+    assert rate >= 0.5, f"phi3/window: only {rate:.0%} of sequences match exactly"
+    assert_engine_idle_and_empty(llm)
+    llm.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -214,4 +250,3 @@ def test_checkpoint_style_configs_read_as_transformers_reads_them(style):
     for p in (0, 4095, 4096, 16383):
         for row, inv in ((p, short), (16384 + p, long)):
             torch.testing.assert_close(rotary.cos[row, :half], (p * inv).cos() * scale, rtol=0, atol=0)
-    assert resolve_max_model_len(cfg, 16384, None) == 16384

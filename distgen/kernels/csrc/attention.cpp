@@ -13,7 +13,8 @@ using namespace dg;
 // the products) and no copy. rotary_store_kv (elementwise.cpp) writes K that way.
 //
 // One call serves a whole step: decode rows (one query each) and prefill chunks (many), each row's
-// queries being the last ones of its context (query i of n attends keys [0, ctx - n + i]).
+// queries being the last ones of its context (query i of n attends keys [0, ctx - n + i]; with a
+// sliding window of w keys, only the last w of them: [ctx - n + i - w + 1, ctx - n + i]).
 // A work item is (sequence, KV head, tile of up to kQueryTile queries); its rows are every query of
 // the tile times the query heads that share the KV head (GQA), so each key is read once per item.
 // Keys are visited a block at a time with an online softmax.
@@ -31,6 +32,8 @@ struct AttnArgs {
   const int32_t* seq_lens;     // [B] context length, this step's tokens included
   const int32_t* query_start;  // [B + 1] offsets of each row's queries
   float scale;
+  int64_t window;  // sliding window in keys (a query sees itself and the window - 1 keys before it); 0: none
+  float softcap;   // scores become softcap * tanh(score / softcap) before the softmax; 0: none
 };
 
 // Query heads h0 .. h0 + heads - 1 share the item's KV head: the whole group, or its part on this rank.
@@ -96,7 +99,7 @@ inline void score_block(const float* q, int64_t rows, const T* kb, int64_t d, in
   }
 }
 
-// ---- The tiled path: head size 64 or 128, blocks a multiple of 16 tokens (the engine's shapes) ------
+// ---- The tiled path: head size 64, 128 or 256 (Gemma's), blocks a multiple of 16 tokens (the engine's shapes) ------
 // s[r * ps + t0 .. + 16) = q_r . k_t for kR rows of q [kR, kD] against a transposed K block [kD, bs]. Two
 // accumulators per row (even and odd dimensions) give 2 * kR independent FMA chains.
 template <int kR, int64_t kD, typename T>
@@ -192,33 +195,41 @@ inline void score_span(const float* q, const Span<T>& sp, int64_t bs, float* s, 
   if (c < chunks) score_tile<kR, kD>(q, chunk(c), bs, 0, s + c * 16, ps);
 }
 
-// The online-softmax update of one row for a span: p = exp(s - max) in place for its visible keys and
-// 0 past them (so every row can take the span's keys alike); returns the factor that rescales the
-// row's accumulator. Masking is by selects, so whatever the cache holds past a row's last visible key
-// or the span's end (even NaN) never reaches the row.
-inline float softmax_span_row(float* sr, int32_t width, int32_t visible, float& m, float& l) {
+// Logit soft-capping (Gemma 2): softcap * tanh(s / softcap) for keys [lo, hi) of a score row.
+inline void cap_scores(float* s, int64_t lo, int64_t hi, float softcap) {
+  if (softcap <= 0.0f) return;
+  const float inv = 1.0f / softcap;
+  for (int64_t t = lo; t < hi; ++t) s[t] = softcap * std::tanh(s[t] * inv);
+}
+
+// The online-softmax update of one row for a span: p = exp(s - max) in place for its visible keys
+// [first, visible) and 0 elsewhere (so every row can take the span's keys alike); returns the factor
+// that rescales the row's accumulator. Masking is by selects, so whatever the cache holds outside a
+// row's visible keys or past the span's end (even NaN) never reaches the row.
+inline float softmax_span_row(float* sr, int32_t width, int32_t first, int32_t visible, float softcap, float& m,
+                              float& l) {
   const vi16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const int32_t whole = visible / 16 * 16;  // 16-key chunks visible in full take no masks
+  cap_scores(sr, first, visible, softcap);
+  // 16-key chunks visible in full take no masks.
+  auto whole = [&](int32_t t0) { return t0 >= first && t0 + 16 <= visible; };
   vf16 mv = splat16(-INFINITY);
-  for (int32_t t0 = 0; t0 < whole; t0 += 16) {
+  for (int32_t t0 = 0; t0 < width; t0 += 16) {
     const vf16 x = load16(sr + t0);
-    mv = x > mv ? x : mv;
-  }
-  for (int32_t t0 = whole; t0 < width; t0 += 16) {
-    const vf16 x = load16(sr + t0);
-    mv = ((lanes + t0 < visible) & (x > mv)) ? x : mv;
+    if (whole(t0))
+      mv = x > mv ? x : mv;
+    else
+      mv = ((lanes + t0 >= first) & (lanes + t0 < visible) & (x > mv)) ? x : mv;
   }
   const float mx = max_f(m, hmax16(mv));
-  const float corr = visible > 0 ? exp_f(m - mx) : 1.0f;
+  const float corr = visible > first ? exp_f(m - mx) : 1.0f;
   const vf16 mxv = splat16(mx);
   vf16 sum = {};
-  for (int32_t t0 = 0; t0 < whole; t0 += 16) {
-    const vf16 e = exp16(load16(sr + t0) - mxv);
-    store16(sr + t0, e);
-    sum += e;
-  }
-  for (int32_t t0 = whole; t0 < width; t0 += 16) {
-    const vf16 e = (lanes + t0 < visible) ? exp16(load16(sr + t0) - mxv) : vf16{};
+  for (int32_t t0 = 0; t0 < width; t0 += 16) {
+    vf16 e;
+    if (whole(t0))
+      e = exp16(load16(sr + t0) - mxv);
+    else
+      e = ((lanes + t0 >= first) & (lanes + t0 < visible)) ? exp16(load16(sr + t0) - mxv) : vf16{};
     store16(sr + t0, e);
     sum += e;
   }
@@ -237,7 +248,7 @@ inline void score_rows_of(Scratch& w, int64_t r, const Span<T>& sp, int64_t bs) 
 // One span for every row of an item: scores (six rows per register tile), the softmax update row by
 // row, then the weighted sum of V (as many rows per pass as their accumulators fit in registers).
 template <int64_t kD, typename T>
-inline void span_all_rows(Scratch& w, int64_t rows, int64_t bs, const Span<T>& sp, int64_t j0,
+inline void span_all_rows(Scratch& w, const AttnArgs& a, int64_t rows, int64_t bs, const Span<T>& sp, int64_t j0,
                           int64_t first_limit, int64_t group) {
   int64_t r = 0;
   for (; r + 6 <= rows; r += 6) score_rows_of<6, kD>(w, r, sp, bs);
@@ -251,10 +262,13 @@ inline void span_all_rows(Scratch& w, int64_t rows, int64_t bs, const Span<T>& s
   }
   const int32_t width = static_cast<int32_t>(sp.blocks * bs);
   for (r = 0; r < rows; ++r) {
-    const int64_t visible = std::max<int64_t>(0, std::min(sp.n, first_limit + r / group - j0 + 1));
-    w.corr[r] = softmax_span_row(&w.s[r * w.keys], width, static_cast<int32_t>(visible), w.m[r], w.l[r]);
+    const int64_t limit = first_limit + r / group;  // the row's last visible key
+    const int64_t visible = std::max<int64_t>(0, std::min(sp.n, limit - j0 + 1));
+    const int64_t first = a.window > 0 ? std::clamp<int64_t>(limit - a.window + 1 - j0, 0, visible) : 0;
+    w.corr[r] = softmax_span_row(&w.s[r * w.keys], width, static_cast<int32_t>(first),
+                                 static_cast<int32_t>(visible), a.softcap, w.m[r], w.l[r]);
   }
-  constexpr int kMax = kD <= 64 ? 4 : 2;  // the accumulators of kMax rows fill the registers
+  constexpr int kMax = kD <= 64 ? 4 : kD <= 128 ? 2 : 1;  // the accumulators of kMax rows fill the registers
   const int64_t ps = w.keys;
   for (r = 0; r + kMax <= rows; r += kMax)
     pv_rows<kMax, kD>(&w.acc[r * kD], &w.corr[r], &w.s[r * ps], ps, bs, sp);
@@ -284,12 +298,12 @@ inline void prefetch_block(const T* k_cache, const T* v_cache, int64_t block, in
 // The general path (any head size, any block size): a block at a time, row by row.
 template <int64_t kD, typename T>
 void general_blocks(const AttnArgs& a, const Item& it, const T* k_cache, const T* v_cache, Scratch& w,
-                    int64_t rows, int64_t first_limit, int64_t num_keys) {
+                    int64_t rows, int64_t first_limit, int64_t key0, int64_t num_keys) {
   const int64_t d = kD > 0 ? kD : a.head_dim, group = it.heads;
   const int64_t bs = a.block_size, head_stride = bs * d;
   const int32_t* table = a.block_tables + it.seq * a.block_table_stride;
   const int64_t ps = w.keys;
-  for (int64_t j0 = 0; j0 < num_keys; j0 += bs) {
+  for (int64_t j0 = key0; j0 < num_keys; j0 += bs) {
     const int64_t block = table[j0 / bs];
     const T* kb = k_cache + (block * a.num_kv_heads + it.kv_head) * head_stride;  // [d, bs]
     const T* vb = v_cache + (block * a.num_kv_heads + it.kv_head) * head_stride;  // [bs, d]
@@ -299,15 +313,17 @@ void general_blocks(const AttnArgs& a, const Item& it, const T* k_cache, const T
     score_block(w.q.data(), rows, kb, d, bs, n, w.s.data(), ps);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t limit = first_limit + r / group;
-      if (j0 > limit) continue;  // the whole block is in this row's future
+      const int64_t lo = a.window > 0 ? limit - a.window + 1 : 0;  // the row's first visible key
+      if (j0 > limit || j0 + n <= lo) continue;  // the whole block is in this row's future or past
       float* s = &w.s[r * ps];
-      const int64_t visible = std::min(n, limit - j0 + 1);
+      const int64_t visible = std::min(n, limit - j0 + 1), first = std::max<int64_t>(0, lo - j0);
+      cap_scores(s, first, visible, a.softcap);
       float mx = w.m[r];
-      for (int64_t t = 0; t < visible; ++t) mx = max_f(mx, s[t]);
+      for (int64_t t = first; t < visible; ++t) mx = max_f(mx, s[t]);
       const float corr = exp_f(w.m[r] - mx);
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < visible; ++t) {
+      for (int64_t t = first; t < visible; ++t) {
         s[t] = exp_f(s[t] - mx);
         sum += s[t];
       }
@@ -315,7 +331,7 @@ void general_blocks(const AttnArgs& a, const Item& it, const T* k_cache, const T
       w.m[r] = mx;
       float* ar = &w.acc[r * d];
       for (int64_t i = 0; i < d; ++i) ar[i] *= corr;
-      for (int64_t t = 0; t < visible; ++t) {
+      for (int64_t t = first; t < visible; ++t) {
         const float p = s[t];
         const T* vr = vb + t * d;
 #pragma omp simd
@@ -325,7 +341,7 @@ void general_blocks(const AttnArgs& a, const Item& it, const T* k_cache, const T
   }
 }
 
-// The head size is a compile-time constant where it is a common one (kD = 64, 128; 0 = any). Those two,
+// The head size is a compile-time constant where it is a common one (kD = 64, 128, 256; 0 = any). Those,
 // with blocks a multiple of 16 tokens (the engine's), take the tiled path above; any other shape the
 // general per-row code below.
 template <typename T, int64_t kD>
@@ -347,9 +363,11 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
   std::fill(w.acc.begin(), w.acc.begin() + rows * d, 0.0f);
   const int64_t first_limit = ctx - nq + it.q0;
   const int64_t num_keys = ctx - nq + it.q1;
+  // Blocks wholly before the first row's window (and so before every row's) are never read.
+  const int64_t key0 = a.window > 0 ? std::max<int64_t>(0, first_limit - a.window + 1) / bs * bs : 0;
   if (kD > 0 && bs % 16 == 0) {
     const int64_t per = std::max<int64_t>(1, kSpanKeys / bs);  // blocks per span
-    for (int64_t j0 = 0; j0 < num_keys; j0 += per * bs) {
+    for (int64_t j0 = key0; j0 < num_keys; j0 += per * bs) {
       Span<T> sp{};
       for (; sp.blocks < per && j0 + sp.blocks * bs < num_keys; ++sp.blocks) {
         const int64_t at = (table[j0 / bs + sp.blocks] * a.num_kv_heads + it.kv_head) * head_stride;
@@ -359,10 +377,10 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
       sp.n = std::min(per * bs, num_keys - j0);
       for (int64_t b = 0, next = j0 / bs + per; b < per && (next + b) * bs < num_keys; ++b)
         prefetch_block(k_cache, v_cache, table[next + b], a.num_kv_heads, it.kv_head, head_stride);
-      span_all_rows<kD>(w, rows, bs, sp, j0, first_limit, group);
+      span_all_rows<kD>(w, a, rows, bs, sp, j0, first_limit, group);
     }
   } else {
-    general_blocks<kD>(a, it, k_cache, v_cache, w, rows, first_limit, num_keys);
+    general_blocks<kD>(a, it, k_cache, v_cache, w, rows, first_limit, key0, num_keys);
   }
   for (int64_t r = 0; r < rows; ++r) {
     T* dst = out + ((q_begin + it.q0 + r / group) * a.num_heads + it.h0 + r % group) * d;
@@ -394,6 +412,8 @@ void paged_attention(const AttnArgs& a, const T* q, const T* k_cache, const T* v
         attend_item<T, 64>(a, items[i], q, k_cache, v_cache, out, w);
       else if (a.head_dim == 128)
         attend_item<T, 128>(a, items[i], q, k_cache, v_cache, out, w);
+      else if (a.head_dim == 256)
+        attend_item<T, 256>(a, items[i], q, k_cache, v_cache, out, w);
       else
         attend_item<T, 0>(a, items[i], q, k_cache, v_cache, out, w);
     }
@@ -409,9 +429,9 @@ void paged_attention(const AttnArgs& a, const T* q, const T* k_cache, const T* v
       void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_tables,  \
       const int32_t* seq_lens, const int32_t* query_start, int64_t num_seqs, int64_t num_heads,         \
       int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t group, int64_t head_offset,   \
-      int64_t q_stride, int64_t block_table_stride, float scale) {                                      \
-    AttnArgs a{num_seqs,    num_heads, num_kv_heads,       head_dim,     block_size, group,             \
-               head_offset, q_stride,  block_table_stride, block_tables, seq_lens,   query_start, scale}; \
+      int64_t q_stride, int64_t block_table_stride, float scale, int64_t window, float softcap) {       \
+    AttnArgs a{num_seqs,    num_heads,    num_kv_heads, head_dim,    block_size, group,  head_offset,     \
+               q_stride,    block_table_stride, block_tables, seq_lens, query_start, scale, window, softcap}; \
     paged_attention(a, static_cast<const T*>(q), static_cast<const T*>(k_cache),                        \
                     static_cast<const T*>(v_cache), static_cast<T*>(out));                              \
   }
