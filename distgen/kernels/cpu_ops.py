@@ -33,6 +33,7 @@ _SIGNATURES = {
     "dg_argmax_rows": [_P, _P, _I, _I],
     "dg_pack_linear": [_P, _P, _I, _I],
     "dg_linear": [_P] * 4 + [_I] * 3,
+    "dg_qlinear": [_P] * 6 + [_I] * 4,
 }
 
 
@@ -98,6 +99,36 @@ def linear(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, bias: torch
     assert out.is_contiguous() and out.dtype == x.dtype == packed.dtype
     assert bias is None or (bias.is_contiguous() and bias.dtype == x.dtype and bias.numel() == n)
     _fn("dg_linear", x)(out.data_ptr(), x.data_ptr(), packed.data_ptr(), _ptr(bias), rows, n, k)
+
+
+def qlinear(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fmt_id: int,
+) -> None:
+    """``out = x @ W.T + bias`` with W quantized (``distgen.kernels.quant``; ``fmt_id`` its
+    ``FORMAT_ID``), dequantized inside the product; contiguous x [..., k] and out [..., n]."""
+    rows, k = _rows(x)
+    n = out.shape[-1]
+    assert out.is_contiguous() and out.dtype == x.dtype
+    assert codes.is_contiguous() and scales.is_contiguous() and (mins is None or mins.is_contiguous())
+    assert codes.shape[0] == n and (bias is None or (bias.is_contiguous() and bias.dtype == x.dtype))
+    _fn("dg_qlinear", x)(
+        out.data_ptr(),
+        x.data_ptr(),
+        codes.data_ptr(),
+        scales.data_ptr(),
+        _ptr(mins),
+        _ptr(bias),
+        rows,
+        n,
+        k,
+        fmt_id,
+    )
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

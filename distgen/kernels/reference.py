@@ -39,3 +39,13 @@ def rotate_ref(
     s = sin[positions].float().unsqueeze(1)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def quant_linear_ref(x: torch.Tensor, qw, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a quantized weight (:class:`distgen.kernels.quant.QuantizedWeight`):
+    dequantized to float32, then an ordinary product, rounded once to ``x``'s dtype."""
+    from distgen.kernels.quant import dequantize
+
+    w = dequantize(qw).to(x.device)
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), w, b).to(x.dtype)

@@ -3,9 +3,11 @@
 A GGUF file holds the model's metadata (architecture hyper-parameters, tokenizer, chat template) and
 its tensors, most of them quantized (Q4_1, Q8_0, ...). :func:`read_gguf` turns the metadata into a
 ``config.json``-equivalent dict and :meth:`GGUFCheckpoint.iter_weights` yields the tensors one at a
-time, dequantized to float32 and renamed/reshaped exactly as ``transformers`` loads them
-(``model.layers.{i}.self_attn.q_proj.weight``, ``[out, in]``, llama's q/k rows un-permuted), so the
-model code can treat a GGUF file like any safetensors checkpoint.
+time, renamed/reshaped exactly as ``transformers`` loads them (``model.layers.{i}.self_attn.q_proj.weight``,
+``[out, in]``, llama's q/k rows un-permuted), so the model code can treat a GGUF file like any
+safetensors checkpoint: the linear layers' Q8_0/Q4_0/Q4_1 matrices kept in their blocks
+(:class:`~distgen.kernels.quant.QuantizedWeight`) when the engine runs the file quantized (its
+default), everything else dequantized to float32.
 
 Supported GGUF architectures: ``llama`` (also Mistral and SmolLM2, which llama.cpp files as llama),
 ``qwen2`` and ``qwen3``.
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from distgen.envs import envs
+from distgen.kernels.quant import GGUF_FORMATS, QuantizedWeight, from_ggml_blocks
 from distgen.model_loader.gguf_file import GGUFFile, GGUFTensor, dequantize
 
 if TYPE_CHECKING:
@@ -125,6 +128,22 @@ def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """
     head_dim = w.shape[0] // n_head
     return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _is_linear(hf_name: str) -> bool:
+    """A decoder layer's projection weight (the layers that run quantized)."""
+    return hf_name.startswith("model.layers.") and hf_name.endswith("_proj.weight")
+
+
+def _unpermute_rows(w: torch.Tensor | QuantizedWeight, n_head: int) -> torch.Tensor | QuantizedWeight:
+    """:func:`_unpermute_qk` of a float tensor, or the same row order for a quantized weight (whose
+    rows move whole, blocks and scales with them)."""
+    if isinstance(w, torch.Tensor):
+        return _unpermute_qk(w, n_head)
+    order = _unpermute_qk(torch.arange(w.out_features), n_head)
+    parts = [t[order].contiguous() for t in w.tensors()]
+    mins = parts[2] if w.mins is not None else None
+    return QuantizedWeight(w.fmt, parts[0], parts[1], mins, w.out_features, w.in_features)
 
 
 def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
@@ -226,17 +245,27 @@ class GGUFCheckpoint:
         """The Hugging Face names :meth:`iter_weights` yields, in file order, without reading any data."""
         return [n for n in (_hf_name(t.name) for t in self._get_reader().tensors) if n is not None]
 
-    def _convert(self, tensor: GGUFTensor, hf_name: str) -> torch.Tensor:
-        w = dequantize(tensor)  # numpy order == torch order: [out, in]
+    def _convert(self, tensor: GGUFTensor, hf_name: str, quantized: bool) -> torch.Tensor | QuantizedWeight:
+        from gguf.constants import GGMLQuantizationType
+
+        qtype = GGMLQuantizationType(tensor.tensor_type).name
+        if quantized and qtype in GGUF_FORMATS and _is_linear(hf_name) and len(tensor.shape) == 2:
+            w: torch.Tensor | QuantizedWeight = from_ggml_blocks(
+                GGUF_FORMATS[qtype], tensor.data, tensor.shape
+            )
+        else:
+            w = dequantize(tensor)  # numpy order == torch order: [out, in]
         if self._arch() in _PERMUTED_QK_ARCHITECTURES:
             if ".self_attn.q_proj." in hf_name:
-                w = _unpermute_qk(w, self.hf_config["num_attention_heads"])
+                w = _unpermute_rows(w, self.hf_config["num_attention_heads"])
             elif ".self_attn.k_proj." in hf_name:
-                w = _unpermute_qk(w, self.hf_config["num_key_value_heads"])
+                w = _unpermute_rows(w, self.hf_config["num_key_value_heads"])
         return w
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(hf_parameter_name, float32 tensor)`` for every parameter, dequantizing one at a time.
+    def iter_weights(self, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """Yield ``(hf_parameter_name, weight)`` for every parameter, one at a time: a float32 tensor,
+        or with ``quantized`` a :class:`QuantizedWeight` for the linear layers' Q8_0, Q4_0 and Q4_1
+        matrices (the embedding, the LM head, the norms and other types are dequantized).
 
         Names and layouts are those of the Hugging Face model (``[out, in]`` linear weights, q/k rows
         un-permuted for llama). ``lm_head.weight`` is yielded only when the file has its own output
@@ -245,7 +274,7 @@ class GGUFCheckpoint:
         for tensor in self._get_reader().tensors:
             hf_name = _hf_name(tensor.name)
             if hf_name is not None:
-                yield hf_name, self._convert(tensor, hf_name)
+                yield hf_name, self._convert(tensor, hf_name, quantized)
 
     def load_tokenizer(self) -> PreTrainedTokenizerFast:
         """A fast ``transformers`` tokenizer built from the file's vocabulary, with its chat template.
