@@ -137,7 +137,8 @@ def from_ggml_blocks(fmt: str, raw: np.ndarray, shape: tuple[int, int]) -> Quant
     split into its float16 scale (and minimum) and its codes, bits unchanged."""
     n, k = shape
     type_size = {"q8_0": 34, "q4_0": 18, "q4_1": 20}[fmt]
-    blocks = torch.from_numpy(np.array(raw))  # a writable copy of the mapped bytes.reshape(n, k // BLOCK, type_size)
+    raw_rows = torch.from_numpy(np.array(raw))  # a writable copy of the mapped bytes
+    blocks = raw_rows.reshape(n, k // BLOCK, type_size)
     scales = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, k // BLOCK)
     mins = None
     if fmt == "q8_0":
