@@ -181,9 +181,16 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     return (d * q + qw.mins.float().unsqueeze(-1)).reshape(n, k)
 
 
-def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+def quant_linear(
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, int8_activations: bool = False
+) -> torch.Tensor:
     """``x @ W.T + bias`` with W dequantized inside the product: the Triton kernel on the GPU, the
-    C++ kernel on the CPU, and the torch reference (dequantize, then multiply) where neither runs."""
+    C++ kernel on the CPU, and the torch reference (dequantize, then multiply) where neither runs.
+
+    ``int8_activations`` takes, on a CPU with AVX-512 VNNI, the kernel that quantizes x to int8 per
+    block of 32 and multiplies in int8 (llama.cpp's way; reference ``quant_linear_int8_ref``). The
+    layers keep the default float kernel: measured on the default model it is as fast or faster at
+    1 and 256 rows (benchmarks/NOTES.md), exact to the float reference and batch-invariant."""
     from distgen.kernels.dispatch import use_cpu_kernels, use_triton
 
     if x.shape[-1] != qw.in_features:
@@ -195,11 +202,12 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     if use_cpu_kernels(x):
         from distgen.kernels import cpu_ops
 
-        x = x.contiguous()
-        out = x.new_empty(*x.shape[:-1], qw.out_features)
-        b = None if bias is None else bias.contiguous()
-        cpu_ops.qlinear(out, x, qw.codes, qw.scales, qw.mins, b, FORMAT_ID[qw.fmt])
-        return out
-    from distgen.kernels.reference import quant_linear_ref
+        if not int8_activations or cpu_ops.int8_activations_available():
+            x = x.contiguous()
+            out = x.new_empty(*x.shape[:-1], qw.out_features)
+            b = None if bias is None else bias.contiguous()
+            cpu_ops.qlinear(out, x, qw.codes, qw.scales, qw.mins, b, FORMAT_ID[qw.fmt], int8_activations)
+            return out
+    from distgen.kernels.reference import quant_linear_int8_ref, quant_linear_ref
 
-    return quant_linear_ref(x, qw, bias)
+    return (quant_linear_int8_ref if int8_activations else quant_linear_ref)(x, qw, bias)

@@ -14,10 +14,10 @@ if not torch.cuda.is_available():  # on a GPU the kernels must compile and run t
 
 import pytest  # noqa: E402
 
-from distgen.kernels import cpu_build, quant  # noqa: E402
+from distgen.kernels import cpu_build, cpu_ops, quant  # noqa: E402
 from distgen.kernels.dispatch import kernel_mode  # noqa: E402
 from distgen.kernels.quant import FORMATS, QuantizedWeight, dequantize, quant_linear  # noqa: E402
-from distgen.kernels.reference import quant_linear_ref  # noqa: E402
+from distgen.kernels.reference import quant_linear_int8_ref, quant_linear_ref  # noqa: E402
 
 try:
     import triton  # noqa: F401
@@ -74,19 +74,47 @@ def test_cpu_kernel_matches_the_reference(fmt, dtype, m, n, k):
     _check(quant_linear(x, qw, None), x, qw, None)
 
 
+needs_vnni = pytest.mark.skipif(
+    cpu_build.try_load() is None or not cpu_ops.int8_activations_available(), reason="no AVX-512 VNNI build"
+)
+
+
+@needs_vnni
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m, n, k", [(1, 5, 64), (5, 33, 576), (13, 7, 608), (3, 9, 50), (4, 16, 577)])
+def test_int8_activation_kernel_matches_its_reference(fmt, dtype, m, n, k):
+    """The VNNI kernel against the product of the int8-quantized activations and the dequantized
+    weights: equal up to float32 rounding (19 blocks: a pair with one real block; int8: K tails)."""
+    if fmt != "int8" and k % quant.BLOCK:
+        pytest.skip("GGUF block formats hold whole blocks of 32 inputs")
+    qw = random_weight(fmt, n, k, seed=m + n + k)
+    x, b = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
+    got, want = quant_linear(x, qw, b, int8_activations=True), quant_linear_int8_ref(x, qw, b)
+    scale = float(want.float().abs().max()) + 1.0
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=2e-6 * scale * k**0.5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2 * scale, rtol=1e-2)
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_rows_result_does_not_depend_on_its_batch(fmt):
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_rows_result_does_not_depend_on_its_batch(fmt, int8):
+    if int8 and not cpu_ops.int8_activations_available():
+        pytest.skip("no AVX-512 VNNI build")
     qw, x = random_weight(fmt, 70, 192), torch.randn(11, 192)
-    batched = quant_linear(x, qw, None)
+    batched = quant_linear(x, qw, None, int8)
     for i in (0, 3, 4, 10):
-        assert torch.equal(quant_linear(x[i : i + 1], qw, None)[0], batched[i])
+        assert torch.equal(quant_linear(x[i : i + 1], qw, None, int8)[0], batched[i])
 
 
 def test_torch_fallback_is_the_reference():
     qw, x = random_weight("q4_1", 9, 64), torch.randn(3, 64)
     with kernel_mode("torch"):
         assert torch.equal(quant_linear(x, qw, None), quant_linear_ref(x, qw, None))
+        assert torch.equal(quant_linear(x, qw, None, True), quant_linear_int8_ref(x, qw, None))
 
 
 @needs_cpu_kernels
