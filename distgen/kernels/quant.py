@@ -181,6 +181,17 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     return (d * q + qw.mins.float().unsqueeze(-1)).reshape(n, k)
 
 
+def int8_activations_default(device: torch.device) -> bool:
+    """Whether a quantized layer on ``device`` multiplies with int8 activations: on the CPU with
+    ``DISTGEN_QUANT_ACTIVATIONS=int8``. The default, ``float``, is the float-dequantize kernel: the
+    int8 one is about 1.2x faster on the default model's layers on a quiet machine, but its rounding
+    of the activations turns the all-reduce's float rounding into different tokens at tp 2 than at
+    tp 1, and its greedy agreement with the float path drops (benchmarks/NOTES.md)."""
+    from distgen.envs import envs
+
+    return device.type == "cpu" and envs().quant_activations == "int8"
+
+
 def quant_linear(
     x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, int8_activations: bool = False
 ) -> torch.Tensor:
@@ -188,9 +199,9 @@ def quant_linear(
     C++ kernel on the CPU, and the torch reference (dequantize, then multiply) where neither runs.
 
     ``int8_activations`` takes, on a CPU with AVX-512 VNNI, the kernel that quantizes x to int8 per
-    block of 32 and multiplies in int8 (llama.cpp's way; reference ``quant_linear_int8_ref``). The
-    layers keep the default float kernel: measured on the default model it is as fast or faster at
-    1 and 256 rows (benchmarks/NOTES.md), exact to the float reference and batch-invariant."""
+    block of 32 and multiplies in int8 (llama.cpp's way; reference ``quant_linear_int8_ref``); the
+    layers choose with :func:`int8_activations_default`. Both kernels give a row the same result
+    whatever its batch."""
     from distgen.kernels.dispatch import use_cpu_kernels, use_triton
 
     if x.shape[-1] != qw.in_features:

@@ -26,7 +26,7 @@ from torch import nn
 from distgen.distributed import parallel_state as ps
 from distgen.kernels.cpu_gemm import PackedWeight
 from distgen.kernels.dispatch import cpu_kernels
-from distgen.kernels.quant import QuantizedWeight, dequantize, quant_linear
+from distgen.kernels.quant import QuantizedWeight, dequantize, int8_activations_default, quant_linear
 from distgen.layers.weights import LoadedWeight, copy_into, narrow, shape_of
 
 
@@ -70,6 +70,7 @@ class PackedMatmul:
     weight: nn.Parameter
     packed: PackedWeight | None  # the weight in the CPU GEMM's layout, once packed
     quant: QuantizedWeight | None = None  # the weight kept quantized (then ``weight`` is empty)
+    quant_int8: bool = False  # multiply ``quant`` with int8 activations (kernels/quant.py)
 
     def weight_is_shared(self) -> bool:
         """Whether another module reads the plain weight too (then packing keeps it)."""
@@ -87,7 +88,7 @@ class PackedMatmul:
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quant is not None:
-            return quant_linear(x, self.quant, bias)
+            return quant_linear(x, self.quant, bias, self.quant_int8)
         if self.packed is not None:
             return cpu_kernels().packed_linear(x, self.packed, bias)
         return F.linear(x, self.weight, bias)
@@ -135,6 +136,7 @@ class LinearBase(PackedMatmul, nn.Module):
         if in_features != k:
             raise ValueError(f"{type(self).__name__}: a quantized part of width {in_features} for {k} inputs")
         self.quant = QuantizedWeight.empty(fmt, n, k, self.weight.device)
+        self.quant_int8 = int8_activations_default(self.weight.device)
         for name, t in zip(("qweight_codes", "qweight_scales", "qweight_mins"), self.quant.tensors()):
             self.register_buffer(name, t, persistent=False)
         self.weight.data = self.weight.data.new_empty(0)

@@ -63,6 +63,17 @@ def test_default_model_quantized_agrees_with_the_float_path(float_refs, quantize
     assert rate >= 0.5
 
 
+def test_int8_activations_agree_with_the_float_path_by_the_top5_rule(float_refs, monkeypatch):
+    """DISTGEN_QUANT_ACTIVATIONS=int8 (the VNNI kernel): a coarser path, held to the same rule."""
+    monkeypatch.setenv("DISTGEN_QUANT_ACTIVATIONS", "int8")
+    llm = LLM(dtype="float32", kv_cache_memory=64 << 20)
+    got = [list(o.token_ids) for o in _greedy(llm, TEXTS)]
+    llm.shutdown()
+    rate = check_greedy_close(float_refs, got, "smollm2/q4_1-int8-activations-vs-float32")
+    print(f"Q4_1 with int8 activations vs float32 greedy: {rate:.0%} of {len(TEXTS)} sequences identical")
+    assert rate >= 0.5
+
+
 @pytest.mark.slow
 def test_tp2_quantized_gives_tp1_quantized_tokens(quantized_tokens):
     llm = LLM(
