@@ -26,6 +26,9 @@ class Envs:
     cpu_omp_threads_bind: str
     # Layers per pipeline stage, "19,11" (vLLM's VLLM_PP_LAYER_PARTITION); None: balanced by cost.
     pp_layer_partition: tuple[int, ...] | None
+    # Activations of the quantized CPU GEMM: float (each weight block dequantized inside the GEMM) or
+    # int8 (quantized per block of 32, AVX-512 VNNI). See kernels/quant.py.
+    quant_activations: str = "float"
 
 
 _FALSE = ("0", "false", "no", "off")
@@ -42,7 +45,15 @@ def envs() -> Envs:
         max_n_sequences=_positive_int(env, "DISTGEN_MAX_N_SEQUENCES", 16384),
         cpu_omp_threads_bind=env.get("DISTGEN_CPU_OMP_THREADS_BIND", "auto").strip(),
         pp_layer_partition=_int_list(env, "DISTGEN_PP_LAYER_PARTITION"),
+        quant_activations=_choice(env, "DISTGEN_QUANT_ACTIVATIONS", ("float", "int8")),
     )
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    text = env.get(name, choices[0]).strip().lower()
+    if text not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {text!r}")
+    return text
 
 
 def _int_list(env: Mapping[str, str], name: str) -> tuple[int, ...] | None:

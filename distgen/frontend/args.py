@@ -26,6 +26,8 @@ from distgen.cpu_info import native_bf16
 from distgen.envs import envs
 from distgen.executor.base import Executor
 from distgen.model_loader.loader import ModelSource, local_path, resolve_model
+from distgen.model_loader.quantization import METHODS as QUANTIZATION_METHODS
+from distgen.model_loader.quantization import resolve_quantization
 
 logger = logging.getLogger("distgen")
 
@@ -76,7 +78,9 @@ class EngineArgs:
     download_dir: str | None = None  # where hub models are downloaded (default: the Hugging Face cache)
     load_format: str = "auto"  # auto | safetensors | gguf: must match what the model path holds
     tokenizer_mode: str = "auto"  # auto | hf: the model's own tokenizer
-    quantization: str | None = None  # refused: weights load in dtype (a GGUF file is dequantized)
+    # None: the checkpoint's own (a GGUF file runs quantized); "gguf" | "compressed-tensors": the same,
+    # checked; "none": dequantized to dtype at load (distgen.model_loader.quantization)
+    quantization: str | None = None
     kv_cache_dtype: str = "auto"  # auto: the KV cache holds the model's dtype
     pipeline_parallel_size: int = 1
     swap_space: float = 4.0  # no effect: a preempted request is recomputed, never swapped
@@ -121,9 +125,9 @@ class EngineArgs:
                 "run: use convert='auto' or 'none'",
             ),
             (
-                self.quantization is not None,
-                f"quantization={self.quantization!r} is not supported: weights "
-                "load in dtype (a GGUF file is dequantized at load)",
+                self.quantization not in (None, *QUANTIZATION_METHODS),
+                f"quantization={self.quantization!r} is not supported: None (the checkpoint's own), "
+                + ", ".join(repr(m) for m in QUANTIZATION_METHODS),
             ),
             (
                 self.kv_cache_dtype != "auto",
@@ -201,6 +205,9 @@ class EngineArgs:
         if self.load_format != "auto" and (self.load_format == "gguf") != source.is_gguf:
             held = "a GGUF file" if source.is_gguf else "a Hugging Face directory (safetensors)"
             raise ValueError(f"load_format={self.load_format!r}, but the model path holds {held}")
+        quant = resolve_quantization(self.quantization, source.hf_config, source.is_gguf)
+        source = dataclasses.replace(source, quantization=quant)
+        logger.info("weights: %s", f"quantized ({quant})" if quant else "float")
         logger.info(
             "runner: generate (%s%s)",
             "resolved from 'auto': " if self.runner == "auto" else "",

@@ -33,6 +33,8 @@ _SIGNATURES = {
     "dg_argmax_rows": [_P, _P, _I, _I],
     "dg_pack_linear": [_P, _P, _I, _I],
     "dg_linear": [_P] * 4 + [_I] * 3,
+    "dg_qlinear": [_P] * 6 + [_I] * 4,
+    "dg_qlinear_int8": [_P] * 6 + [_I] * 4,
 }
 
 
@@ -45,7 +47,17 @@ def _functions() -> dict[tuple[str, torch.dtype], ctypes._CFuncPtr]:
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, None
             table[(name, dtype)] = fn
+    for dtype in _SUFFIX:  # returns 0 where the build has no AVX-512 VNNI
+        table[("dg_qlinear_int8", dtype)].restype = ctypes.c_int64
     return table
+
+
+@functools.cache
+def int8_activations_available() -> bool:
+    """Whether this build has the int8-activation (AVX-512 VNNI) quantized GEMM."""
+    fn = cpu_build.load().dg_qlinear_int8_available
+    fn.argtypes, fn.restype = [], ctypes.c_int64
+    return bool(fn())
 
 
 def _fn(name: str, x: torch.Tensor) -> ctypes._CFuncPtr:
@@ -98,6 +110,41 @@ def linear(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, bias: torch
     assert out.is_contiguous() and out.dtype == x.dtype == packed.dtype
     assert bias is None or (bias.is_contiguous() and bias.dtype == x.dtype and bias.numel() == n)
     _fn("dg_linear", x)(out.data_ptr(), x.data_ptr(), packed.data_ptr(), _ptr(bias), rows, n, k)
+
+
+def qlinear(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fmt_id: int,
+    int8_activations: bool = False,
+) -> None:
+    """``out = x @ W.T + bias`` with W quantized (``distgen.kernels.quant``; ``fmt_id`` its
+    ``FORMAT_ID``), dequantized inside the product; contiguous x [..., k] and out [..., n]. With
+    ``int8_activations`` x is quantized per block of 32 and multiplied in int8 (AVX-512 VNNI; see
+    :func:`int8_activations_available`)."""
+    rows, k = _rows(x)
+    n = out.shape[-1]
+    assert out.is_contiguous() and out.dtype == x.dtype
+    assert codes.is_contiguous() and scales.is_contiguous() and (mins is None or mins.is_contiguous())
+    assert codes.shape[0] == n and (bias is None or (bias.is_contiguous() and bias.dtype == x.dtype))
+    name = "dg_qlinear_int8" if int8_activations else "dg_qlinear"
+    ran = _fn(name, x)(
+        out.data_ptr(),
+        x.data_ptr(),
+        codes.data_ptr(),
+        scales.data_ptr(),
+        _ptr(mins),
+        _ptr(bias),
+        rows,
+        n,
+        k,
+        fmt_id,
+    )
+    assert not int8_activations or ran == 1, "this build has no int8-activation kernel"
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

@@ -90,3 +90,29 @@ def fused_moe_ref(
         y = y.float() * topk_weights.reshape(-1)[pairs, None].float()
         out.index_add_(0, tokens, y)
     return out.to(x.dtype)
+
+
+def quant_linear_ref(x: torch.Tensor, qw, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a quantized weight (:class:`distgen.kernels.quant.QuantizedWeight`):
+    dequantized to float32, then an ordinary product, rounded once to ``x``'s dtype."""
+    from distgen.kernels.quant import dequantize
+
+    w = dequantize(qw).to(x.device)
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), w, b).to(x.dtype)
+
+
+def quantize_activations_ref(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., K] quantized to int8 per block of 32 (scale max|x| / 127, round half to even) and
+    back to float32: the activations the int8-activation kernel multiplies."""
+    k = x.shape[-1]
+    kp = -(-k // 32) * 32
+    blocks = F.pad(x.float(), (0, kp - k)).reshape(*x.shape[:-1], kp // 32, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inv) * d).reshape(*x.shape[:-1], kp)[..., :k]
+
+
+def quant_linear_int8_ref(x: torch.Tensor, qw, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`quant_linear_ref` on the int8-quantized activations (:func:`quantize_activations_ref`)."""
+    return quant_linear_ref(quantize_activations_ref(x), qw, bias).to(x.dtype)

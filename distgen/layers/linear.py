@@ -7,6 +7,12 @@ layers split the input features and all-reduce their output.
 On the CPU the model runner packs every weight once after loading (:class:`PackedMatmul`, which
 the LM head shares; :mod:`distgen.kernels.cpu_gemm`): the plain weight is then released, and
 ``forward`` multiplies by the packed copy.
+
+A checkpoint weight that arrives quantized (a :class:`~distgen.kernels.quant.QuantizedWeight`: GGUF
+Q8_0/Q4_0/Q4_1, safetensors int8) stays quantized: the layer keeps it, releases its float weight and
+multiplies with the dequantize-in-GEMM kernels (:func:`~distgen.kernels.quant.quant_linear`). Column
+shards cut output rows; row shards cut input columns only between quantization blocks. A fused layer
+whose parts arrive in different formats (or some float) runs in float.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import nn
 from distgen.distributed import parallel_state as ps
 from distgen.kernels.cpu_gemm import PackedWeight
 from distgen.kernels.dispatch import cpu_kernels
+from distgen.kernels.quant import QuantizedWeight, dequantize, int8_activations_default, quant_linear
 from distgen.layers.weights import LoadedWeight, copy_into, narrow, shape_of
 
 
@@ -62,6 +69,8 @@ class PackedMatmul:
 
     weight: nn.Parameter
     packed: PackedWeight | None  # the weight in the CPU GEMM's layout, once packed
+    quant: QuantizedWeight | None = None  # the weight kept quantized (then ``weight`` is empty)
+    quant_int8: bool = False  # multiply ``quant`` with int8 activations (kernels/quant.py)
 
     def weight_is_shared(self) -> bool:
         """Whether another module reads the plain weight too (then packing keeps it)."""
@@ -69,6 +78,8 @@ class PackedMatmul:
 
     def pack_weights(self) -> None:
         """Pack the loaded weight and release the plain one (a no-op where it cannot be packed)."""
+        if self.quant is not None:  # the quantized kernels read the weight as it is stored
+            return
         packed = cpu_kernels().pack_linear(self.weight)
         if packed is not None:
             self.packed = packed
@@ -76,6 +87,8 @@ class PackedMatmul:
                 self.weight.data = self.weight.data.new_empty(0)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is not None:
+            return quant_linear(x, self.quant, bias, self.quant_int8)
         if self.packed is not None:
             return cpu_kernels().packed_linear(x, self.packed, bias)
         return F.linear(x, self.weight, bias)
@@ -92,9 +105,50 @@ class LinearBase(PackedMatmul, nn.Module):
         else:
             self.register_parameter("bias", None)
         self.packed = None
+        self.quant = None
+        self.weight_shape = (out_features, in_features)  # ``weight`` is emptied when kept quantized
+        self._float_loaded = False
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
-        copy_into(param.data, loaded, type(self).__name__)
+        if param is self.weight:
+            self.load_rows(0, loaded, type(self).__name__)
+        else:
+            copy_into(param.data, loaded, type(self).__name__)
+
+    def load_rows(self, offset: int, part: LoadedWeight, what: str) -> None:
+        """Load ``part`` (float, lazy or quantized) into the weight's rows ``offset ..``."""
+        rows = shape_of(part)[0]
+        if isinstance(part, QuantizedWeight):
+            if self.quant is None and not self._float_loaded:
+                self._start_quantized(part.fmt, part.in_features)
+            if self.quant is not None and self.quant.fmt == part.fmt:
+                self.quant.copy_rows_(offset, part, what)
+                return
+            self._to_float()  # parts in different formats
+            part = dequantize(part)
+        elif self.quant is not None:
+            self._to_float()  # a float part after quantized ones
+        self._float_loaded = True
+        copy_into(self.weight.data.narrow(0, offset, rows), part, what)
+
+    def _start_quantized(self, fmt: str, in_features: int) -> None:
+        n, k = self.weight_shape
+        if in_features != k:
+            raise ValueError(f"{type(self).__name__}: a quantized part of width {in_features} for {k} inputs")
+        self.quant = QuantizedWeight.empty(fmt, n, k, self.weight.device)
+        self.quant_int8 = int8_activations_default(self.weight.device)
+        for name, t in zip(("qweight_codes", "qweight_scales", "qweight_mins"), self.quant.tensors()):
+            self.register_buffer(name, t, persistent=False)
+        self.weight.data = self.weight.data.new_empty(0)
+
+    def _to_float(self) -> None:
+        if self.quant is None:
+            return
+        w = dequantize(self.quant)
+        self.weight.data = w.to(device=self.weight.device, dtype=self.weight.dtype)
+        for name in ("qweight_codes", "qweight_scales", "qweight_mins"):
+            self._buffers.pop(name, None)
+        self.quant = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -116,8 +170,11 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(in_features, self.out_per_rank, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
-        n = param.shape[0]
-        copy_into(param.data, narrow(loaded, 0, self.out_start, n), type(self).__name__)
+        part = narrow(loaded, 0, self.out_start, self.out_per_rank)
+        if param is self.weight:
+            self.load_rows(0, part, type(self).__name__)
+        else:
+            copy_into(param.data, part, type(self).__name__)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -138,7 +195,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         start, size = self.parts[shard_id]
         offset = sum(n for _, n in self.parts[:shard_id])
         part = narrow(loaded, 0, start, size)
-        copy_into(param.data.narrow(0, offset, size), part, f"{type(self).__name__}[{shard_id}]")
+        what = f"{type(self).__name__}[{shard_id}]"
+        if param is self.weight:
+            self.load_rows(offset, part, what)
+        else:
+            copy_into(param.data.narrow(0, offset, size), part, what)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -175,11 +236,11 @@ class QKVParallelLinear(ColumnParallelLinear):
             raise ValueError(
                 f"{shard_id}_proj has {shape_of(loaded)[0]} rows, too few for rank {self.tp_rank}"
             )
-        copy_into(
-            param.data.narrow(0, offset, size),
-            narrow(loaded, 0, start, size),
-            f"QKVParallelLinear[{shard_id}]",
-        )
+        part, what = narrow(loaded, 0, start, size), f"QKVParallelLinear[{shard_id}]"
+        if param is self.weight:
+            self.load_rows(offset, part, what)
+        else:
+            copy_into(param.data.narrow(0, offset, size), part, what)
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -205,15 +266,14 @@ class RowParallelLinear(LinearBase):
         if in_features % unit:
             raise ValueError(f"{in_features} input features are not whole units of {unit}")
         start, n = ps.split_range(in_features // unit, self.tp_size, self.tp_rank)
-        self.in_start = start * unit
+        self.in_start, self.in_per_rank = start * unit, n * unit
         super().__init__(n * unit, out_features, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
-        if param.dim() == 1:  # bias: replicated
+        if param is not self.weight:  # bias: replicated
             copy_into(param.data, loaded, "RowParallelLinear.bias")
             return
-        n = param.shape[1]
-        copy_into(param.data, narrow(loaded, 1, self.in_start, n), type(self).__name__)
+        self.load_rows(0, narrow(loaded, 1, self.in_start, self.in_per_rank), type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x, None)

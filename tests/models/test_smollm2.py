@@ -56,7 +56,7 @@ def test_smollm2_greedy_matches_transformers(smol, scenario):
         "chunked-prefill+prefix-cache": dict(max_num_batched_tokens=32, block_size=8),
         "preemption": dict(num_gpu_blocks_override=16, block_size=16),
     }[scenario]
-    llm = LLM(dtype="float32", **kwargs)
+    llm = LLM(dtype="float32", quantization="none", **kwargs)  # the float path, dequantized at load
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     reqs = [{"prompt_token_ids": p} for p in prompts]
     if scenario == "chunked-prefill+prefix-cache":
