@@ -6,13 +6,13 @@ import pytest
 
 from distgen.engine_core.kv_cache_manager import KVCacheManager, cdiv
 from distgen.engine_core.request import Request
-from distgen.sampling_params import SamplingParams
+from distgen.sampling_spec import SamplingSpec
 
 BS = 4
 
 
 def req(rid: str, tokens: list[int], **params) -> Request:
-    return Request(rid, tokens, SamplingParams(max_tokens=8, **params), max_tokens=8)
+    return Request(rid, tokens, SamplingSpec(max_tokens=8, **params), max_tokens=8)
 
 
 def admit(kv: KVCacheManager, r: Request, num_new: int | None = None):
