@@ -67,17 +67,17 @@ def library_path(cxx: str) -> Path:
     return Path(envs().cache_dir) / "kernels" / f"cpu_kernels-{h.hexdigest()[:16]}.so"
 
 
-def build(cxx: str, out: Path, extra_flags: tuple[str, ...] = ()) -> None:
-    """Compile the library to ``out`` (atomically), with ``extra_flags`` after the usual ones (tests
-    build the paths another CPU would take, e.g. ``-mno-avx512bf16``). Raises CpuKernelsUnavailable on
-    failure."""
+def build(cxx: str, out: Path, extra_flags: tuple[str, ...] = (), files: list[Path] | None = None) -> None:
+    """Compile the library (or only ``files`` of its sources) to ``out`` (atomically), with
+    ``extra_flags`` after the usual ones (tests build the paths another CPU would take, e.g.
+    ``-mno-avx512bf16``). Raises CpuKernelsUnavailable on failure."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
         logger.info("building the CPU kernels with %s (once per machine)", cxx)
         proc = subprocess.run(
-            [cxx, *FLAGS, *extra_flags, *map(str, sources()), "-o", tmp],
+            [cxx, *FLAGS, *extra_flags, *map(str, files or sources()), "-o", tmp],
             capture_output=True,
             text=True,
             timeout=600,

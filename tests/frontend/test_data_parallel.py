@@ -133,7 +133,7 @@ def test_a_killed_front_end_leaves_no_replica_behind(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_replica_that_cannot_start_fails_the_start_and_stops_the_others(tiny_model_dir):
-    from tests.engine.test_core_client import _children
+    from tests.frontend.test_core_client import _children
 
     before = _children()
     with pytest.raises(ValueError, match="does not fit one block"):
