@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 
+from distgen import LLM, SamplingParams
 from distgen.model_loader.gguf import read_gguf
 from distgen.models.registry import resolve_model_class
-from tests.conftest import _tiny_config, random_prompts
+from tests.conftest import _tiny_config, check_greedy_close, hf_greedy, random_prompts
 from tests.models.test_moe import moe_config
 
 gguf = pytest.importorskip("gguf")
 
 MAX_NEW = 8
-PROMPTS = random_prompts(3, seed=21, hi=40)  # some past phi3's original length (32): long factors
+PROMPTS = random_prompts(3, seed=21, hi=40)  # 13, 3, 30 tokens: the last decodes past phi3's original 32
 FAMILIES = {"phi3": "phi3", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
 
 _NAMES = {
@@ -197,3 +198,20 @@ def test_gguf_family_reads_as_the_transformers_checkpoint(family, tmp_path):
     _check_weights(ckpt, state)
     dist = resolve_model_class(ckpt.hf_config["architectures"])(ckpt.hf_config, torch.float32)
     assert dist.load_weights(ckpt.iter_weights()) == {n for n, _ in dist.named_parameters()}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gguf_family_generates_as_transformers(family, tmp_path, smollm2_tokenizer):
+    """``LLM`` on the GGUF file, float32, gives transformers' greedy tokens on the original model."""
+    _, model, _, path = _tiny(family, tmp_path)
+    refs = hf_greedy(model, PROMPTS, MAX_NEW)
+    tok_dir = str(tmp_path / "tokenizer")
+    smollm2_tokenizer.save_pretrained(tok_dir)
+    llm = LLM(path, tokenizer=tok_dir, quantization="none", dtype="float32", seed=0, kv_cache_memory=8 << 20)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        rate = check_greedy_close(refs, [o.outputs[0].token_ids for o in outs], f"gguf-{family}")
+        assert rate >= 2 / 3, f"{family}: only {rate:.0%} of sequences match exactly"
+    finally:
+        llm.shutdown()
