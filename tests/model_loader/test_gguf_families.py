@@ -215,3 +215,23 @@ def test_gguf_family_generates_as_transformers(family, tmp_path, smollm2_tokeniz
         assert rate >= 2 / 3, f"{family}: only {rate:.0%} of sequences match exactly"
     finally:
         llm.shutdown()
+
+
+def test_quantized_phi3_rows_follow_the_partial_rotary_permutation():
+    """A Q8_0 q/k matrix (a quantized GGUF phi3) is permuted for the partial rotary as its float
+    equivalent is: whole rows move, blocks and scales with them."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from distgen.kernels.quant import GGUF_FORMATS, dequantize, from_ggml_blocks
+    from distgen.models.phi3 import partial_rotary_perm, permute_heads
+
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((4 * 16, 64)).astype(np.float32)
+    raw = quantize(data, GGMLQuantizationType.Q8_0)
+    qw = from_ggml_blocks(GGUF_FORMATS["Q8_0"], raw, data.shape)
+    perm = partial_rotary_perm(16, 12)
+    assert not torch.equal(perm, torch.arange(16))
+    torch.testing.assert_close(
+        dequantize(permute_heads(qw, perm)), permute_heads(dequantize(qw), perm), rtol=0, atol=0
+    )
