@@ -97,7 +97,9 @@ def differences(ref, got) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("seed", [1, 5])
+# One mix per CI run (each costs ~45 s of the 30-minute budget); pass other seeds by hand when changing
+# the scheduler or the sampler: `-k` on a copy of this parametrization, e.g. [1, 5, 9].
+@pytest.mark.parametrize("seed", [5])
 def test_random_mixes_agree_across_engine_configurations(tiny_model_dir, seed):
     model = tiny_model_dir("llama")
     prompts, params = random_requests(seed)
