@@ -97,8 +97,8 @@ def differences(ref, got) -> list[str]:
     return out
 
 
-# One mix per CI run (each costs ~45 s of the 30-minute budget); pass other seeds by hand when changing
-# the scheduler or the sampler: `-k` on a copy of this parametrization, e.g. [1, 5, 9].
+# One mix per CI run: each costs ~45 s of the 30-minute CI budget. When changing the scheduler or the
+# sampler, run more seeds here by hand (seed 1 passes too).
 @pytest.mark.parametrize("seed", [5])
 def test_random_mixes_agree_across_engine_configurations(tiny_model_dir, seed):
     model = tiny_model_dir("llama")
