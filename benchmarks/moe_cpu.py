@@ -13,23 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
+from cpu_gemm import best_of  # benchmarks/ is on the path when this runs as a script
 
 from distgen.kernels import cpu_build
 from distgen.kernels.reference import moe_route_ref
 from distgen.layers.fused_moe import FusedMoE
-
-
-def best_of(fn, repeats: int = 10) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def build(args, dtype: torch.dtype):
@@ -92,7 +82,7 @@ def main() -> int:
                 lambda layers=plain, x=x, logits=logits: [m(x, logits) for m in layers],
                 lambda x=x, ids=ids, weights=weights: [m(x, ids, weights) for m in hf],
             ]
-            times = [best_of(run) / args.layers * 1e3 for run in runs]
+            times = [best_of(run, repeats=10) / args.layers * 1e3 for run in runs]
             p, f, h = times
             print(f"{t:>6} | {p:>8.3f} | {f:>8.3f} | {h:>12.3f} | {h / p:.2f}x")
     return 0

@@ -197,23 +197,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         theta, scaling = rope_settings(cfg)
         return RotaryEmbedding(head_dim_of(cfg), cfg.get("max_position_embeddings", 8192), theta, scaling)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if intermediate is None:
-            x, residual = self.embed_tokens(input_ids) * self.embed_scale, None
-        else:
-            x, residual = intermediate
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
-        if not self.last:
-            return x, residual
-        x, _ = self.norm(x, residual)
-        return x
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.embed_scale
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.lm_head(hidden)

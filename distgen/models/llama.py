@@ -196,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
         """The final hidden states; on a stage before the last, (hidden, residual) for the next
         stage, which passes them back in as ``intermediate``."""
         if intermediate is None:
-            x, residual = self.embed_tokens(input_ids), None
+            x, residual = self.embed(input_ids), None
         else:
             x, residual = intermediate
         for layer in self.layers:
@@ -205,6 +205,10 @@ class LlamaForCausalLM(nn.Module):
             return x, residual
         x, _ = self.norm(x, residual)
         return x
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The first stage's input embeddings (a family that scales them overrides this)."""
+        return self.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head(hidden)
