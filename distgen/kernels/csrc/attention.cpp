@@ -1,5 +1,6 @@
 // Paged attention on the CPU: one call per step, reading K/V in place through the block tables.
 #include <algorithm>
+#include <type_traits>
 
 #include "common.h"
 
@@ -41,12 +42,16 @@ struct Item {
   int64_t seq, kv_head, h0, heads, q0, q1;
 };
 
-// Per-thread scratch, sized once per call.
+// Per-thread scratch, sized once per call. The bf16 dot-product path (attention_dpbf16.h) also keeps the
+// queries as bf16 pairs (qh), the span's K and V repacked in pairs (kp, vp) and the probabilities in bf16
+// (ph), each as 32-bit words holding one pair.
 struct Scratch {
   std::vector<float> q, acc, m, l, corr, s;
+  std::vector<uint32_t> qh, kp, vp, ph;
   int64_t keys;  // score row stride: a block or a span (kSpanKeys), whichever is longer
   Scratch(int64_t rows, int64_t d, int64_t keys)
-      : q(rows * d), acc(rows * d), m(rows), l(rows), corr(rows), s(rows * keys), keys(keys) {}
+      : q(rows * d), acc(rows * d), m(rows), l(rows), corr(rows), s(rows * keys), qh(rows * d / 2 + 1),
+        kp(d * keys / 2 + 8), vp(d * keys / 2 + 8), ph(rows * keys / 2 + 8), keys(keys) {}
 };
 
 // s[r][t] = q_r . k_t for kRows query rows (q and s rows kStride apart) and the n first keys of a
@@ -280,6 +285,19 @@ inline void span_all_rows(Scratch& w, const AttnArgs& a, int64_t rows, int64_t b
   }
 }
 
+}  // namespace
+
+#include "attention_dpbf16.h"
+
+namespace {
+
+#if defined(DG_ATTN_DPBF16)
+constexpr bool kDpAvailable = true;
+#else
+constexpr bool kDpAvailable = false;
+#endif
+constexpr int64_t kDpMinQueries = 4;
+
 // Blocks are scattered through the cache, each one or two pages of its own, so the hardware prefetcher
 // (which stops at page boundaries) finds every block cold. The next block's K and V are requested while
 // this one is scored: the loads then overlap the arithmetic instead of stalling it.
@@ -353,10 +371,15 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
   const int64_t ctx = a.seq_lens[it.seq];
   const int32_t* table = a.block_tables + it.seq * a.block_table_stride;
   const int64_t rows = (it.q1 - it.q0) * group;
+  // bf16 items of several queries (prefill chunks) take vdpbf16ps, whose repacking of each span pays off
+  // over their rows; decode rows, too few to amortize it, stay on fp32 FMAs. The choice depends on the
+  // queries only, so a tensor-parallel rank's heads get exactly their part of the whole result.
+  const bool use_dp = std::is_same_v<T, bf16> && kDpAvailable && it.q1 - it.q0 >= kDpMinQueries;
   // Row r = (query q0 + r / group, head h0 + r % group): its last visible key is first_limit + r / group.
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = q + (q_begin + it.q0 + r / group) * a.q_stride + (it.h0 + r % group) * d;
     for (int64_t i = 0; i < d; ++i) w.q[r * d + i] = to_f(src[i]) * a.scale;
+    if (use_dp) std::memcpy(&w.qh[r * d / 2], src, d * sizeof(bf16));
     w.m[r] = -INFINITY;
     w.l[r] = 0.0f;
   }
@@ -377,6 +400,14 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
       sp.n = std::min(per * bs, num_keys - j0);
       for (int64_t b = 0, next = j0 / bs + per; b < per && (next + b) * bs < num_keys; ++b)
         prefetch_block(k_cache, v_cache, table[next + b], a.num_kv_heads, it.kv_head, head_stride);
+#if defined(DG_ATTN_DPBF16)
+      if constexpr (std::is_same_v<T, bf16>) {
+        if (use_dp) {
+          span_all_rows_dp<kD>(w, a, rows, bs, sp, j0, first_limit, group);
+          continue;
+        }
+      }
+#endif
       span_all_rows<kD>(w, a, rows, bs, sp, j0, first_limit, group);
     }
   } else {
