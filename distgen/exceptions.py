@@ -1,5 +1,6 @@
-"""Errors the engine raises when its processes fail. A module below every layer: the executors raise
-them, the engine core and the front end catch them."""
+"""Errors the engine raises when its processes fail, and for a prompt it can never run. A module below
+every layer: the executors and the front end's input processor raise them, the engine core, the front
+end and the OpenAI server catch them (the server translates the prompt errors into its 400s)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,46 @@ class ReplicaDeadError(EngineDeadError):
     def __init__(self, message: str, request_ids: list[str]) -> None:
         super().__init__(message)
         self.request_ids = request_ids
+
+
+class InvalidPromptError(ValueError):
+    """A prompt the engine can never run: empty, too long, out of the vocabulary, or text that is not
+    Unicode. ``param`` is the request field the prompt came from (a chat request's text is its
+    ``messages``); the OpenAI server answers 400 naming it."""
+
+    def __init__(self, message: str, param: str = "prompt") -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class PromptTooLongError(InvalidPromptError):
+    """A prompt that leaves no room for one generated token in ``max_model_len``. ``num_tokens`` is its
+    length; when only its text was measured (before tokenizing a very long text), ``chars`` is its
+    characters and ``num_tokens`` the fewest tokens they can be (no token is longer than
+    ``token_chars`` characters)."""
+
+    def __init__(
+        self,
+        num_tokens: int,
+        max_model_len: int,
+        chars: int | None = None,
+        token_chars: int | None = None,
+        param: str = "prompt",
+    ) -> None:
+        self.num_tokens, self.max_model_len = num_tokens, max_model_len
+        self.chars, self.token_chars = chars, token_chars
+        if chars is None:
+            what = f"{num_tokens} tokens"
+        else:
+            what = (
+                f"{chars} characters, at least {num_tokens} tokens (no token of this model is longer "
+                f"than {token_chars} characters)"
+            )
+        super().__init__(
+            f"the prompt has {what}, but the maximum model length is {max_model_len} "
+            "(the prompt plus at least one generated token must fit)",
+            param,
+        )
 
 
 class WorkerStartupError(RuntimeError):

@@ -13,12 +13,12 @@ from distgen.engine_core.messages import (
     EngineCoreRequest,
     Logprobs,
     SchedulerStatsMsg,
-    validate_prompt,
 )
 from distgen.engine_core.request import FINISH_REASONS, Request, RequestStatus
 from distgen.engine_core.scheduler import Scheduler
 from distgen.exceptions import EngineDeadError
 from distgen.executor.base import Executor, PendingOutput
+from distgen.prompt_checks import validate_prompt
 from distgen.workers.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("distgen")
@@ -84,6 +84,11 @@ class EngineCore:
 
     # -- requests in ------------------------------------------------------------------------
     def validate_request(self, req: EngineCoreRequest) -> None:
+        # The last-line guard, not a second front-end check: the front end's input processor has
+        # checked the prompt, but a request that reaches the core unchecked (another client of its
+        # socket, a hand-made prompt the front end trusted) would index the embedding out of its range
+        # on the workers, or be scheduled with no room to generate, and take the engine down for every
+        # client; refused here, it ends alone (its output says "abort").
         validate_prompt(req.prompt_token_ids, self.max_model_len, self.config.model.vocab_size)
 
     def add_request(self, req: EngineCoreRequest) -> None:

@@ -84,19 +84,3 @@ class EngineCoreOutputs(msgspec.Struct, tag="outputs", array_like=True, omit_def
 
 
 EngineCoreMessage = EngineCoreReady | EngineCoreOutputs
-
-
-def validate_prompt(token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
-    """Raise ValueError for a prompt that can never run: empty, too long, or out of the vocabulary. The
-    front end checks before it sends a request, and the engine core checks what it receives."""
-    n = len(token_ids)
-    if n == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    if n >= max_model_len:
-        raise ValueError(
-            f"the prompt has {n} tokens, but the maximum model length is {max_model_len} "
-            "(the prompt plus at least one generated token must fit)"
-        )
-    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"prompt token id {bad} is out of the vocabulary range [0, {vocab_size})")

@@ -13,7 +13,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from distgen.engine_core.messages import validate_prompt
 from distgen.outputs import BeamSearchOutput, BeamSearchSequence
 from distgen.sampling_params import BeamSearchParams, SamplingParams
 
@@ -44,8 +43,7 @@ def beam_search(
     for p in prompts:
         if isinstance(p, dict) and "prompt" in p and "prompt_token_ids" not in p:
             p = p["prompt"]
-        prompt_ids.append(engine.tokenize_prompt(p)[1])
-        validate_prompt(prompt_ids[-1], engine.max_model_len, engine.config.model.vocab_size)
+        prompt_ids.append(engine.prepare_prompt(p).token_ids)
     live = [[BeamSearchSequence(tokens=list(ids))] for ids in prompt_ids]
     done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
     limit = engine.max_model_len

@@ -17,7 +17,6 @@ from distgen.entrypoints.openai.reasoning_parsers import (
     end_token_ids,
 )
 from distgen.frontend.args import EngineArgs
-from distgen.frontend.input_processor import encode_text
 from distgen.frontend.llm_engine import LLMEngine, PromptType
 from distgen.outputs import BeamSearchOutput, RequestOutput
 from distgen.sampling_params import BeamSearchParams, SamplingParams
@@ -144,9 +143,8 @@ class LLM:
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conv in conversations:
-            tokenizer = self.get_tokenizer()
             text = render_chat_text(
-                tokenizer,
+                self.get_tokenizer(),
                 validate_conversation(conv),
                 chat_template,
                 add_generation_prompt,
@@ -154,7 +152,8 @@ class LLM:
                 chat_template_kwargs,
                 tools,
             )
-            ids = encode_text(tokenizer, text, add_special_tokens=False)
+            # Tokenized by the input processor's rule; cut and checked with the request's params.
+            ids = self.llm_engine.encode(text, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

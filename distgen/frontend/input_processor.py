@@ -1,6 +1,10 @@
-"""Front-end side of a request before the engine core sees it: tokenize, apply defaults, fan out, validate.
+"""Front-end side of a request before the engine core sees it: tokenize, truncate, validate, apply the
+generation-config defaults, fan out.
 
-Shared by the synchronous ``LLMEngine`` (``LLM``) and ``AsyncLLM`` (the server).
+Shared by the synchronous ``LLMEngine`` (``LLM``) and ``AsyncLLM`` (the server). The one owner of
+those steps: the OpenAI server renders a chat template and reads its request fields, then hands the
+text to ``PromptRules.prepare`` and its fields to ``sampling_params_with_defaults``, and translates the
+typed errors they raise (``distgen.exceptions.InvalidPromptError``) into its 400s.
 """
 
 from __future__ import annotations
@@ -15,26 +19,28 @@ from typing import Any
 import msgspec
 
 from distgen.config import EngineConfig
-from distgen.engine_core.messages import EngineCoreRequest, validate_prompt
+from distgen.engine_core.messages import EngineCoreRequest
 from distgen.envs import envs
+from distgen.exceptions import InvalidPromptError, PromptTooLongError
 from distgen.model_loader.loader import generation_eos_ids, load_generation_config
-from distgen.sampling_params import SamplingParams, StructuredOutputsParams
+from distgen.prompt_checks import validate_prompt
+from distgen.sampling_params import SamplingParams, StructuredOutputsParams, prompt_limit
 from distgen.sampling_spec import SamplingSpec
 from distgen.structured_output import compile_grammar, grammar_tokenizer
 
 PromptType = str | dict[str, Any] | list[int]
 
 
-def encode_text(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+def encode_text(tokenizer, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
     """``text``'s token ids. Text that is not valid Unicode (a lone surrogate, which JSON's
-    ``\\ud800`` escape can carry) is a ValueError that says so; the tokenizer would raise a TypeError
-    about its input's type."""
+    ``\\ud800`` escape can carry) is an ``InvalidPromptError`` that says so, naming ``param``; the
+    tokenizer would raise a TypeError about its input's type."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         bad = e.object[e.start : e.end]
-        raise ValueError(
-            f"the prompt is not valid Unicode text: {bad!r} at character {e.start} ({e.reason})"
+        raise InvalidPromptError(
+            f"the prompt is not valid Unicode text: {bad!r} at character {e.start} ({e.reason})", param
         ) from None
     return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
@@ -60,6 +66,93 @@ def keep_last_tokens(
         return text, ids
     ids = ids[-keep_last:]
     return (None if text is None else tokenizer.decode(ids)), ids
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters of text one token can stand for: the longest vocabulary string. Byte-level
+    vocabularies spell each byte as one character, and a character is at least one byte."""
+    return max(1, max(map(len, tokenizer.get_vocab()), default=1))
+
+
+@dataclass(frozen=True)
+class PromptRules:
+    """What a prompt is checked against: the tokenizer, the engine's ``max_model_len`` and vocabulary,
+    and (``token_chars``, the longest token's characters) whether a text is first measured by its
+    length, so that text too long whatever its tokens is refused before the tokenizer spends time on it
+    (the server's choice: its requests can carry megabytes)."""
+
+    tokenizer: Any
+    max_model_len: int
+    vocab_size: int
+    token_chars: int | None = None
+
+    def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        """``text``'s token ids, measured first (with ``token_chars``); ``param`` names the request
+        field the text came from in the errors about the text itself."""
+        if self.token_chars is not None and len(text) // self.token_chars >= self.max_model_len:
+            n = len(text) // self.token_chars
+            raise PromptTooLongError(n, self.max_model_len, len(text), self.token_chars, param)
+        return encode_text(self.tokenizer, text, add_special_tokens, param)
+
+    def prepare(
+        self,
+        prompt: PromptType,
+        truncate_prompt_tokens: int | None = None,
+        add_special_tokens: bool = True,
+        param: str = "prompt",
+    ) -> CheckedPrompt:
+        """``prompt`` tokenized, cut to its last ``truncate_prompt_tokens`` tokens (-1: as many as fit)
+        and checked: ``InvalidPromptError`` (``PromptTooLongError``) for one the engine can never run.
+        A text to be truncated is not measured first: its length says nothing about what is kept."""
+        if isinstance(prompt, CheckedPrompt):
+            return prompt
+        keep_last = prompt_limit(truncate_prompt_tokens, self.max_model_len)
+        rules = self if keep_last is None else dataclasses.replace(self, token_chars=None)
+        text, ids = _tokenize(rules, prompt, add_special_tokens, param)
+        text, ids = keep_last_tokens(self.tokenizer, text, ids, keep_last)
+        validate_prompt(ids, self.max_model_len, self.vocab_size)
+        return CheckedPrompt(prompt=text, prompt_token_ids=ids)
+
+
+class CheckedPrompt(dict):
+    """A prompt ``PromptRules.prepare`` tokenized, cut and checked (``{"prompt": text or None,
+    "prompt_token_ids": ids}``, a prompt dict like any other): the input processor takes it as it is,
+    its ``truncate_prompt_tokens`` already applied. The engine core still guards what it receives."""
+
+    @property
+    def text(self) -> str | None:
+        return self["prompt"]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self["prompt_token_ids"]
+
+
+def _tokenize(
+    rules: PromptRules, prompt: PromptType, add_special_tokens: bool, param: str
+) -> tuple[str | None, list[int]]:
+    if isinstance(prompt, str):
+        return prompt, rules.encode(prompt, add_special_tokens, param)
+    if isinstance(prompt, dict):
+        text = prompt.get("prompt")
+        has_ids = "prompt_token_ids" in prompt
+        if "prompt" in prompt and not isinstance(text, str) and not (text is None and has_ids):
+            raise TypeError(f"a prompt dict's 'prompt' must be a string, got {type(text).__name__}")
+        if has_ids:
+            return text, token_id_list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return text, rules.encode(text, add_special_tokens, param)
+        raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, (list, tuple)):
+        return None, token_id_list(prompt)
+    raise TypeError(f"a prompt must be a string, a token-id list or a dict, got {type(prompt).__name__}")
+
+
+def sampling_params_with_defaults(defaults: dict[str, Any], **given: Any) -> SamplingParams:
+    """SamplingParams from ``given`` (None: the request is silent), the model's generation-config
+    ``defaults`` (``InputProcessor.generation_defaults``) filling the fields it is silent on. The one
+    place those defaults are applied: ``LLM.get_default_sampling_params`` and every server request."""
+    return SamplingParams(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
 
 @dataclass
@@ -99,33 +192,11 @@ class InputProcessor:
         self._grammar_tokenizer = None  # llguidance's, built on the first structured request
 
     def default_sampling_params(self) -> SamplingParams:
-        return SamplingParams(**self.generation_defaults) if self.generation_defaults else SamplingParams()
+        return sampling_params_with_defaults(self.generation_defaults)
 
-    def tokenize_prompt(
-        self, prompt: PromptType, keep_last: int | None = None
-    ) -> tuple[str | None, list[int]]:
-        """The prompt's text (None when given as token ids only) and token ids. With ``keep_last``
-        (``SamplingParams.truncate_prompt_tokens``), a longer prompt keeps only its last
-        ``keep_last`` tokens, and its text becomes theirs."""
-        text, ids = self._tokenize(prompt)
-        return keep_last_tokens(self.tokenizer, text, ids, keep_last)
-
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, encode_text(self.tokenizer, prompt)
-        if isinstance(prompt, dict):
-            text = prompt.get("prompt")
-            has_ids = "prompt_token_ids" in prompt
-            if "prompt" in prompt and not isinstance(text, str) and not (text is None and has_ids):
-                raise TypeError(f"a prompt dict's 'prompt' must be a string, got {type(text).__name__}")
-            if has_ids:
-                return text, token_id_list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return text, encode_text(self.tokenizer, text)
-            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, (list, tuple)):
-            return None, token_id_list(prompt)
-        raise TypeError(f"a prompt must be a string, a token-id list or a dict, got {type(prompt).__name__}")
+    def rules(self, max_model_len: int, token_chars: int | None = None) -> PromptRules:
+        """How this engine's prompts are tokenized and checked (``max_model_len``: the engine core's)."""
+        return PromptRules(self.tokenizer, max_model_len, self.config.model.vocab_size, token_chars)
 
     def compile_grammar(self, spec: StructuredOutputsParams) -> str:
         """``spec`` compiled for llguidance; ValueError (nothing queued) for one that does not compile.
@@ -162,7 +233,8 @@ class InputProcessor:
         max_logprobs: int | None = None,
         priority: int = 0,
     ) -> NewRequest:
-        """Tokenize ``prompt`` (cut to ``truncate_prompt_tokens``), check it and ``params``, and split
+        """Tokenize ``prompt`` (cut to ``truncate_prompt_tokens``; a ``CheckedPrompt`` is taken as it
+        is), check it and ``params``, and split
         the request into its children: a request with ``n > 1`` becomes n children
         ``"{i}_{request_id}"``, seeded ``seed + i``. Raises ValueError (nothing queued) for a prompt
         that can never run, or for more logprobs than ``max_logprobs`` (default: the engine's; an
@@ -172,8 +244,8 @@ class InputProcessor:
         # A checked copy: fields set after construction (the server's constraint for a tool_choice,
         # a user's own edits) are checked here, not found bad by the engine core's decoder.
         params = dataclasses.replace(params)
-        text, prompt_ids = self.tokenize_prompt(prompt, params.prompt_limit(max_model_len))
-        validate_prompt(prompt_ids, max_model_len, self.config.model.vocab_size)
+        checked = self.rules(max_model_len).prepare(prompt, params.truncate_prompt_tokens)
+        text, prompt_ids = checked.text, checked.token_ids
         params.verify_token_ids(self.config.model.vocab_size)
         most_n = envs().max_n_sequences
         if params.n > most_n:

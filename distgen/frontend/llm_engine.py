@@ -11,7 +11,7 @@ from distgen.config import EngineConfig
 from distgen.exceptions import ReplicaDeadError
 from distgen.frontend.args import EngineArgs
 from distgen.frontend.core_client import EngineCoreClient
-from distgen.frontend.input_processor import InputProcessor, PromptType
+from distgen.frontend.input_processor import CheckedPrompt, InputProcessor, PromptType
 from distgen.frontend.output_processor import OutputProcessor
 from distgen.outputs import RequestOutput
 from distgen.sampling_params import SamplingParams
@@ -64,8 +64,14 @@ class LLMEngine:
     def default_sampling_params(self) -> SamplingParams:
         return self.input_processor.default_sampling_params()
 
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        return self.input_processor.tokenize_prompt(prompt)
+    def prepare_prompt(self, prompt: PromptType, add_special_tokens: bool = True) -> CheckedPrompt:
+        """``prompt`` tokenized and checked as a request's is (no truncation): InvalidPromptError for
+        one the engine can never run."""
+        return self.input_processor.rules(self.max_model_len).prepare(prompt, None, add_special_tokens)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``text``'s token ids, as the input processor tokenizes a prompt (unchecked)."""
+        return self.input_processor.rules(self.max_model_len).encode(text, add_special_tokens)
 
     def add_request(
         self,

@@ -229,7 +229,8 @@ def _add_token_routes(app: FastAPI, engine: AsyncLLM, ctx: ServingContext) -> No
             chat = ChatCompletionRequest(
                 messages=req.messages, add_generation_prompt=req.add_generation_prompt
             )
-            _, ids = await render_request(ctx, chat)
+            text = await render_request(ctx, chat)
+            ids = await ctx.encode(text, add_special_tokens=False, param="messages")
         else:
             ids = await ctx.encode(req.prompt, req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}

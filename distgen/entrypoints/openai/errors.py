@@ -7,6 +7,8 @@ from http import HTTPStatus
 
 from fastapi.responses import JSONResponse
 
+from distgen.exceptions import InvalidPromptError, PromptTooLongError
+
 _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
@@ -24,7 +26,29 @@ class OpenAIError(Exception):
         self.message, self.status, self.param = message, status, param
 
     @classmethod
+    def from_prompt_error(cls, e: InvalidPromptError) -> OpenAIError:
+        """The input processor's prompt error as OpenAI words it: a prompt too long says the model's
+        context, in tokens or (measured before tokenizing) characters; the others keep their message."""
+        if not isinstance(e, PromptTooLongError):
+            return cls(str(e), 400, e.param)
+        if e.chars is None:
+            has = f"{e.num_tokens} tokens, which leaves no room for the completion"
+        else:
+            has = (
+                f"{e.chars} characters, at least {e.num_tokens} tokens (no token of this model is longer "
+                f"than {e.token_chars} characters)"
+            )
+        return cls(
+            f"This model's maximum context length is {e.max_model_len} tokens. However, your prompt has "
+            f"{has}. Please reduce the length of the prompt.",
+            400,
+            e.param,
+        )
+
+    @classmethod
     def from_value_error(cls, e: ValueError) -> OpenAIError:
+        if isinstance(e, InvalidPromptError):
+            return cls.from_prompt_error(e)
         # The message names the field: "SamplingParams.temperature must be >= 0, got -1.", or a
         # request's own field (input_processor.check_priority: "priority=1 needs ...").
         m = re.match(r"SamplingParams\.(\w+)|(priority)\b", str(e))

@@ -12,10 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distgen.entrypoints.openai.errors import OpenAIError
-from distgen.frontend.input_processor import keep_last_tokens
-from distgen.sampling_params import SamplingParams, StructuredOutputsParams, prompt_limit
-
-_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+from distgen.frontend.input_processor import sampling_params_with_defaults
+from distgen.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class StreamOptions(BaseModel):
@@ -112,12 +110,6 @@ class _SamplingFields(BaseModel):
             raise OpenAIError(f"give one structured-output constraint, not {names}", param=next(iter(specs)))
         return next(iter(specs.items()), None)
 
-    def truncate(
-        self, tokenizer, text: str | None, ids: list[int], limit: int
-    ) -> tuple[str | None, list[int]]:
-        """The prompt cut to its last ``truncate_prompt_tokens`` tokens, before the length checks."""
-        return keep_last_tokens(tokenizer, text, ids, prompt_limit(self.truncate_prompt_tokens, limit))
-
     def _sampling_params(
         self,
         max_tokens: int | None,
@@ -143,11 +135,10 @@ class _SamplingFields(BaseModel):
             )
         if max_tokens is None:
             max_tokens = max(limit - prompt_len, 1)
-        # Sampling defaults come from the model's generation_config.json where the request is silent.
-        knobs = {k: getattr(self, k) for k in _DEFAULTED}
-        knobs = {k: (defaults.get(k) if v is None else v) for k, v in knobs.items()}
+        # The model's generation_config.json fills what the request is silent on (None), as for LLM.
         try:
-            return SamplingParams.from_optional(
+            return sampling_params_with_defaults(
+                defaults,
                 n=self.n,
                 max_tokens=max_tokens,
                 logprobs=logprobs,
@@ -165,7 +156,11 @@ class _SamplingFields(BaseModel):
                 bad_words=self.bad_words,
                 truncate_prompt_tokens=self.truncate_prompt_tokens,
                 structured_outputs=self.structured(),
-                **knobs,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty,
             )
         except ValueError as e:
             raise OpenAIError.from_value_error(e) from e

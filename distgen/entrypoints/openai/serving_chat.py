@@ -22,7 +22,6 @@ from distgen.entrypoints.openai.reasoning_parsers import (
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
     TokenNamer,
-    check_prompt,
     now,
     sse,
     sse_response,
@@ -38,6 +37,7 @@ from distgen.entrypoints.openai.tool_parsers import (
     ToolParser,
     required_calls_schema,
 )
+from distgen.frontend.input_processor import CheckedPrompt
 from distgen.outputs import CompletionOutput, RequestOutput
 from distgen.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -136,9 +136,10 @@ def tool_mode(
 
 async def render_request(
     ctx: ServingContext, req: ChatCompletionRequest, tools: list[dict] | None = None
-) -> tuple[str, list[int]]:
+) -> str:
     """The conversation rendered by its template (on a worker thread: a long conversation renders
-    for a while), then tokenized as :meth:`ServingContext.encode` does."""
+    for a while). Its tokens are the input processor's to make (``ServingContext.prepare``), without
+    special tokens: the template wrote those."""
     try:
         render = functools.partial(
             render_chat_text,
@@ -150,19 +151,16 @@ async def render_request(
             req.chat_template_kwargs,
             tools,
         )
-        text = await asyncio.to_thread(render)
+        return await asyncio.to_thread(render)
     except ValueError as e:
         raise OpenAIError(str(e), param="messages") from e
-    truncating = req.truncate_prompt_tokens is not None
-    return text, await ctx.encode(text, add_special_tokens=False, truncating=truncating, param="messages")
 
 
 @dataclass
 class _ChatPrompt:
     """The rendered conversation, ready for the engine, and how its reply is read."""
 
-    text: str
-    ids: list[int]
+    prompt: CheckedPrompt  # its text and token ids, as the input processor made them
     params: SamplingParams
     parser: Callable[[], ToolParser] | None  # with tools: makes each choice's tool-call parser
     thinking: bool  # with a reasoning parser: the reply opens with its thinking
@@ -181,7 +179,7 @@ class _Chat:
     ) -> None:
         self.ctx, self.req = ctx, req
         self.k = prompt.params.logprobs
-        self.num_prompt_tokens = len(prompt.ids)
+        self.num_prompt_tokens = len(prompt.prompt.token_ids)
         self.base = {"id": request_id, "created": now(), "model": model}
         reasoning = REASONING_PARSERS[ctx.reasoning_parser] if ctx.reasoning_parser else None
         self.choices = [
@@ -225,7 +223,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     model = ctx.check_model(req.model)
     prompt = await _prepare(ctx, req)
     request_id = ctx.new_request_id("chatcmpl")
-    gen = start(ctx, req, {"prompt": prompt.text, "prompt_token_ids": prompt.ids}, prompt.params, request_id)
+    gen = start(ctx, req, prompt.prompt, prompt.params, request_id)
     chat = _Chat(ctx, req, model, request_id, prompt)
     if req.stream:
         return sse_response(_stream(chat, gen))
@@ -234,15 +232,15 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
 
 async def _prepare(ctx: ServingContext, req: ChatCompletionRequest) -> _ChatPrompt:
-    """The conversation rendered, tokenized, truncated and checked, with its sampling params and the
-    constraint its tool_choice asks for."""
+    """The conversation rendered, then tokenized, truncated and checked by the input processor, with
+    its sampling params and the constraint its tool_choice asks for."""
     engine = ctx.engine
-    limit = engine.max_model_len
     tools_mode = tool_mode(ctx, req)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if tools_mode and req.tools else None
-    text, ids = req.truncate(engine.tokenizer, *await render_request(ctx, req, tools), limit)
-    check_prompt(ids, limit, engine.config.model.vocab_size)
-    params = req.to_sampling_params(engine.generation_defaults, len(ids), limit)
+    text = await render_request(ctx, req, tools)
+    prompt = await ctx.prepare(text, req.truncate_prompt_tokens, add_special_tokens=False, param="messages")
+    text = prompt.text
+    params = req.to_sampling_params(engine.generation_defaults, len(prompt.token_ids), engine.max_model_len)
     parser, constraint = tools_mode or (None, None)
     if constraint is not None:
         params.structured_outputs = constraint
@@ -250,7 +248,7 @@ async def _prepare(ctx: ServingContext, req: ChatCompletionRequest) -> _ChatProm
     thinking = ctx.reasoning_parser is not None and thinks_first(text)
     if thinking:
         params = constrain_after_thinking(params, text, ctx.reasoning_end_ids)
-    return _ChatPrompt(text, ids, params, parser, thinking)
+    return _ChatPrompt(prompt, params, parser, thinking)
 
 
 async def _stream(chat: _Chat, gen: AsyncIterator[RequestOutput]) -> AsyncGenerator[str, None]:

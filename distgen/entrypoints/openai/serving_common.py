@@ -16,12 +16,11 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from distgen.engine_core.messages import validate_prompt
 from distgen.entrypoints.openai.errors import OpenAIError, error_body
 from distgen.entrypoints.openai.reasoning_parsers import end_token_ids
-from distgen.exceptions import EngineDeadError
+from distgen.exceptions import EngineDeadError, InvalidPromptError
 from distgen.frontend.async_llm import AsyncLLM
-from distgen.frontend.input_processor import encode_text
+from distgen.frontend.input_processor import CheckedPrompt, PromptRules, max_token_chars
 from distgen.outputs import Logprob
 from distgen.sampling_params import SamplingParams
 from distgen.structured_output import GrammarError
@@ -73,34 +72,41 @@ class ServingContext:
         return f"{prefix}-{uuid.uuid4().hex}"
 
     @functools.cached_property
-    def max_token_chars(self) -> int:
-        """The most characters of text one token can stand for: the longest vocabulary string. Byte-
-        level vocabularies spell each byte as one character, and a character is at least one byte."""
-        return max(1, max(map(len, self.engine.tokenizer.get_vocab()), default=1))
+    def prompt_rules(self) -> PromptRules:
+        """The input processor's rules for this engine's prompts, text measured before it is
+        tokenized: a request can carry megabytes, refused before the tokenizer spends time on them."""
+        tokenizer = self.engine.tokenizer
+        vocab = self.engine.config.model.vocab_size
+        return PromptRules(tokenizer, self.engine.max_model_len, vocab, max_token_chars(tokenizer))
 
-    def check_prompt_chars(self, chars: int, param: str = "prompt") -> None:
-        """400, before any tokenizing, for text too long to fit the context whatever its tokens:
-        ``chars`` characters are at least ``chars // max_token_chars`` tokens."""
-        limit, longest = self.engine.max_model_len, self.max_token_chars
-        if chars // longest >= limit:
-            raise OpenAIError(
-                f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                f"{chars} characters, at least {chars // longest} tokens (no token of this model is "
-                f"longer than {longest} characters). Please reduce the length of the prompt.",
-                param=param,
-            )
+    async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        """A text's token ids (``/tokenize``), unchecked but for its length in characters."""
+        rules = self.prompt_rules
+        return await _off_loop(len(text), rules.encode, text, add_special_tokens, param)
 
-    async def encode(
-        self, text: str, add_special_tokens: bool = True, truncating: bool = False, param: str = "prompt"
-    ) -> list[int]:
-        """A text prompt's token ids: checked against the context by its length first (unless it is
-        to be truncated to its last tokens), and tokenized off the event loop when it is long."""
-        if not truncating:
-            self.check_prompt_chars(len(text), param)
-        args = (self.engine.tokenizer, text, add_special_tokens, param)
-        if len(text) < OFFLOAD_CHARS:
-            return encode_prompt(*args)
-        return await asyncio.to_thread(encode_prompt, *args)
+    async def prepare(
+        self,
+        prompt: str | list[int],
+        truncate_prompt_tokens: int | None,
+        add_special_tokens: bool = True,
+        param: str = "prompt",
+    ) -> CheckedPrompt:
+        """A request's prompt tokenized, cut and checked by the input processor's rules; a text prompt
+        names ``param`` (a chat's ``messages``) in the errors about its text."""
+        chars = len(prompt) if isinstance(prompt, str) else 0
+        rules = self.prompt_rules
+        return await _off_loop(
+            chars, rules.prepare, prompt, truncate_prompt_tokens, add_special_tokens, param
+        )
+
+
+async def _off_loop(chars: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, on a worker thread when it tokenizes ``chars`` characters or more (the event
+    loop serves others meanwhile); the input processor's prompt error as a 400."""
+    try:
+        return fn(*args) if chars < OFFLOAD_CHARS else await asyncio.to_thread(fn, *args)
+    except InvalidPromptError as e:
+        raise OpenAIError.from_prompt_error(e) from e
 
 
 def now() -> int:
@@ -198,14 +204,6 @@ async def until_disconnected(coro, request: Request):
         await asyncio.gather(work, watcher, return_exceptions=True)
 
 
-def encode_prompt(tokenizer, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
-    """A text prompt's token ids; 400 for text that is not valid Unicode."""
-    try:
-        return encode_text(tokenizer, text, add_special_tokens)
-    except ValueError as e:
-        raise OpenAIError(str(e), param=param) from e
-
-
 def start(ctx: ServingContext, req, prompt: dict, params: SamplingParams, request_id: str):
     """``engine.generate`` for one prompt of ``req``; a constraint that does not compile is a 400
     naming the request field that gave it (a chat request's ``tools``, when its tool_choice did)."""
@@ -219,22 +217,6 @@ def start(ctx: ServingContext, req, prompt: dict, params: SamplingParams, reques
     except GrammarError as e:
         given = req.structured_spec()
         raise OpenAIError(str(e), param=given[0] if given else "tools") from e
-
-
-def check_prompt(ids: list[int], limit: int, vocab: int) -> None:
-    """400 for a prompt the engine could never run (no room for output, bad ids). Its shape was
-    checked with the request (``CompletionRequest._prompt_shape``)."""
-    if len(ids) >= limit:
-        raise OpenAIError(
-            f"This model's maximum context length is {limit} tokens. However, your prompt has "
-            f"{len(ids)} tokens, which leaves no room for the completion. Please reduce the length "
-            "of the prompt.",
-            param="prompt",
-        )
-    try:
-        validate_prompt(ids, limit, vocab)
-    except ValueError as e:
-        raise OpenAIError(str(e), param="prompt") from e
 
 
 def top_entries(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:

@@ -12,7 +12,6 @@ from distgen.entrypoints.openai.protocol import CompletionRequest
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
     TokenNamer,
-    check_prompt,
     merge_async_iterators,
     now,
     sse,
@@ -21,6 +20,7 @@ from distgen.entrypoints.openai.serving_common import (
     top_entries,
     until_disconnected,
 )
+from distgen.frontend.input_processor import CheckedPrompt
 from distgen.outputs import CompletionOutput, Logprob, RequestOutput
 from distgen.sampling_params import SamplingParams
 
@@ -74,9 +74,16 @@ class _Choice:
 class _Prompt:
     """One prompt of the request, ready for the engine."""
 
-    text: str | None  # None: given as token ids
-    ids: list[int]
+    prompt: CheckedPrompt  # its text (None: given as token ids) and ids, as the input processor made them
     params: SamplingParams
+
+    @property
+    def text(self) -> str | None:
+        return self.prompt.text
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt.token_ids
 
 
 class _Completion:
@@ -136,10 +143,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     model = ctx.check_model(req.model)
     prompts = await _prepare(ctx, req)
     request_id = ctx.new_request_id("cmpl")
-    gens = [
-        start(ctx, req, {"prompt": p.text, "prompt_token_ids": p.ids}, p.params, f"{request_id}-{i}")
-        for i, p in enumerate(prompts)
-    ]
+    gens = [start(ctx, req, p.prompt, p.params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
     run = _Completion(ctx, req, model, request_id, prompts)
     merged = merge_async_iterators(*gens)
     if req.stream:
@@ -149,16 +153,16 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
 
 
 async def _prepare(ctx: ServingContext, req: CompletionRequest) -> list[_Prompt]:
-    """Each prompt tokenized (unless given as ids), truncated, checked, with its sampling params."""
+    """Each prompt tokenized (unless given as ids), truncated and checked by the input processor, with
+    its sampling params."""
     engine = ctx.engine
     prompts = []
-    truncating = req.truncate_prompt_tokens is not None
     for p in req.prompts():
-        text, ids = (p, await ctx.encode(p, truncating=truncating)) if isinstance(p, str) else (None, p)
-        text, ids = req.truncate(engine.tokenizer, text, ids, engine.max_model_len)
-        check_prompt(ids, engine.max_model_len, engine.config.model.vocab_size)
-        params = req.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len)
-        prompts.append(_Prompt(text, ids, params))
+        prompt = await ctx.prepare(p, req.truncate_prompt_tokens)
+        params = req.to_sampling_params(
+            engine.generation_defaults, len(prompt.token_ids), engine.max_model_len
+        )
+        prompts.append(_Prompt(prompt, params))
     return prompts
 
 

@@ -21,7 +21,6 @@ from distgen.entrypoints.openai.protocol import ChatCompletionRequest
 from distgen.entrypoints.openai.serving_chat import render_request
 from distgen.entrypoints.openai.serving_common import (
     ServingContext,
-    check_prompt,
     now,
     start,
     until_disconnected,
@@ -103,12 +102,13 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
         temperature=req.temperature,
         top_p=req.top_p,
     )
-    text, ids = await render_request(ctx, chat)
-    check_prompt(ids, engine.max_model_len, engine.config.model.vocab_size)
-    params = chat.to_sampling_params(engine.generation_defaults, len(ids), engine.max_model_len)
+    text = await render_request(ctx, chat)
+    prompt = await ctx.prepare(text, None, add_special_tokens=False, param="messages")
+    n = len(prompt.token_ids)
+    params = chat.to_sampling_params(engine.generation_defaults, n, engine.max_model_len)
     rid = f"resp_{uuid.uuid4().hex}"
-    gen = start(ctx, chat, {"prompt": text, "prompt_token_ids": ids}, params, rid)
-    state = _Reply(rid, f"msg_{uuid.uuid4().hex}", model, req, len(ids))
+    gen = start(ctx, chat, prompt, params, rid)
+    state = _Reply(rid, f"msg_{uuid.uuid4().hex}", model, req, n)
 
     def finish() -> dict:
         if req.store:
