@@ -179,7 +179,7 @@ class ArchConfig:
     norm_topk_prob: bool
     decoder_sparse_step: int
     mlp_only_layers: tuple[int, ...]
-    # OPT
+    # OPT (other families carry OPT's defaults here, unread)
     ffn_dim: int | None
     enable_bias: bool
     activation_function: str
@@ -194,6 +194,7 @@ class ArchConfig:
         ``architectures`` name. ValueError naming the field for a missing or inconsistent value."""
         family = family or family_of(cfg.get("architectures"))
         hidden = _required_int(cfg, "hidden_size")
+        num_layers = _required_int(cfg, "num_hidden_layers")
         heads = _required_int(cfg, "num_attention_heads")
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         if heads % kv_heads:
@@ -210,9 +211,8 @@ class ArchConfig:
         if gemma:
             act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
             window = _opt_int(cfg.get("sliding_window"))
-            n = _required_int(cfg, "num_hidden_layers")
             pattern = int(cfg.get("sliding_window_pattern") or _DEFAULT_SLIDING_PATTERN[family])
-            types: tuple[str, ...] | None = layer_types(n, cfg.get("layer_types"), pattern)
+            types: tuple[str, ...] | None = layer_types(num_layers, cfg.get("layer_types"), pattern)
         else:
             act = cfg.get("hidden_act", "silu")
             window = None if family == "opt" else uniform_sliding_window(cfg)
@@ -222,7 +222,7 @@ class ArchConfig:
             family=family,
             model_type=cfg.get("model_type"),
             hidden_size=hidden,
-            num_layers=_required_int(cfg, "num_hidden_layers"),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,

@@ -204,10 +204,9 @@ class ModelConfig:
 
     def verify_tensor_parallel(self, tp: int) -> None:
         """Any TP size up to the number of attention heads: heads are split as evenly as the ranks
-        allow, and a KV head is held by every rank whose query heads read it."""
-        heads, kv = self.num_heads, self.num_kv_heads
-        if heads % kv:
-            raise ValueError(f"the model's {heads} attention heads are not a multiple of its {kv} KV heads")
+        allow, and a KV head is held by every rank whose query heads read it (the typed config has
+        checked that the heads are a multiple of the KV heads)."""
+        heads = self.num_heads
         if not 1 <= tp <= heads:
             raise ValueError(
                 f"tensor_parallel_size={tp} does not fit the model: it has {heads} attention heads, and "
