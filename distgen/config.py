@@ -11,6 +11,7 @@ import torch
 from distgen.distributed.parallel_state import split_range
 
 if TYPE_CHECKING:
+    from distgen.arch_config import ArchConfig
     from distgen.model_loader.loader import ModelSource
 
 _DTYPES = {
@@ -62,18 +63,6 @@ PIPELINE_ARCHITECTURES = frozenset(
         "Gemma3ForCausalLM",
     }
 )
-
-
-def active_mlp_width(cfg: dict[str, Any]) -> int:
-    """The MLP features a token runs through: a mixture of experts' ``top_k`` experts (plus a shared
-    expert), or the dense intermediate size."""
-    dense = int(cfg.get("intermediate_size") or 4 * int(cfg["hidden_size"]))
-    if not (cfg.get("num_local_experts") or cfg.get("num_experts")):
-        return dense
-    expert = int(cfg.get("moe_intermediate_size") or dense)
-    return int(cfg.get("num_experts_per_tok") or 1) * expert + int(
-        cfg.get("shared_expert_intermediate_size") or 0
-    )
 
 
 def check_partition(layers: tuple[int, ...], pp: int, num_layers: int) -> None:
@@ -140,8 +129,14 @@ class ModelConfig:
 
     @property
     def hf_config(self) -> dict[str, Any]:
-        """config.json's contents (or the GGUF's equivalent), ``hf_overrides`` laid over them."""
+        """config.json's contents (or the GGUF's equivalent), ``hf_overrides`` laid over them: the raw
+        dict, for what is no architecture fact (dtype, quantization) or goes to transformers."""
         return self.source.hf_config
+
+    @property
+    def arch(self) -> ArchConfig:
+        """The typed architecture the models read, resolved once from ``hf_config``."""
+        return self.source.arch
 
     @property
     def runner_type(self) -> str:
@@ -150,38 +145,29 @@ class ModelConfig:
 
     @property
     def architecture(self) -> str:
-        archs = self.hf_config.get("architectures") or ["?"]
-        return archs[0]
+        return self.arch.architecture
 
     @property
     def long_rope_original(self) -> int | None:
         """LongRoPE's original length (Phi-3), past which a prompt is rotated with the long factors
         from its first token on (see :class:`distgen.layers.rotary.LongRopeSwitch`); else None."""
-        if self.architecture != "Phi3ForCausalLM":
-            return None
-        from distgen.models.phi3 import phi3_rope  # the model code, only for this architecture
-
-        _, scaling, _ = phi3_rope(self.hf_config)
-        if not scaling or scaling.get("rope_type") != "longrope":
-            return None
-        return int(scaling["original_max_position_embeddings"])
+        return self.arch.long_rope_original
 
     @property
     def num_layers(self) -> int:
-        return int(self.hf_config["num_hidden_layers"])
+        return self.arch.num_layers
 
     @property
     def num_heads(self) -> int:
-        return int(self.hf_config["num_attention_heads"])
+        return self.arch.num_heads
 
     @property
     def num_kv_heads(self) -> int:
-        return int(self.hf_config.get("num_key_value_heads") or self.num_heads)
+        return self.arch.num_kv_heads
 
     @property
     def head_dim(self) -> int:
-        hd = self.hf_config.get("head_dim")
-        return int(hd) if hd else int(self.hf_config["hidden_size"]) // self.num_heads
+        return self.arch.head_dim
 
     def verify_pipeline_parallel(self, pp: int) -> None:
         """Every stage holds at least one layer, of a model that can be cut into stages."""
@@ -205,24 +191,22 @@ class ModelConfig:
         n = self.num_layers
         if pp == 1:
             return (n,)
-        cfg = self.hf_config
-        hidden = int(cfg["hidden_size"])
+        hidden = self.arch.hidden_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        layer = hidden * (2 * q + 2 * kv) + 3 * hidden * active_mlp_width(cfg)
+        layer = hidden * (2 * q + 2 * kv) + 3 * hidden * self.arch.active_mlp_width
         head = self.vocab_size / layer * hidden
         last = min(max(1, round((n + head) / pp - head)), n - (pp - 1))
         return tuple(split_range(n - last, pp - 1, i)[1] for i in range(pp - 1)) + (last,)
 
     @property
     def vocab_size(self) -> int:
-        return int(self.hf_config["vocab_size"])
+        return self.arch.vocab_size
 
     def verify_tensor_parallel(self, tp: int) -> None:
         """Any TP size up to the number of attention heads: heads are split as evenly as the ranks
-        allow, and a KV head is held by every rank whose query heads read it."""
-        heads, kv = self.num_heads, self.num_kv_heads
-        if heads % kv:
-            raise ValueError(f"the model's {heads} attention heads are not a multiple of its {kv} KV heads")
+        allow, and a KV head is held by every rank whose query heads read it (the typed config has
+        checked that the heads are a multiple of the KV heads)."""
+        heads = self.num_heads
         if not 1 <= tp <= heads:
             raise ValueError(
                 f"tensor_parallel_size={tp} does not fit the model: it has {heads} attention heads, and "

@@ -217,7 +217,7 @@ class EngineArgs:
 
     def _model_config(self, source: ModelSource, device: str) -> ModelConfig:
         hf = source.hf_config
-        max_pos = int(hf.get("max_position_embeddings") or 2048)
+        max_pos = source.arch.max_position_embeddings or 2048
         max_len = max_pos if self.max_model_len is None else self.max_model_len
         gen = self.generation_config
         if gen == "vllm":

@@ -6,11 +6,13 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import nn
 
+from distgen.arch_config import ArchConfig
 from distgen.model_loader import hub
 from distgen.model_loader.safetensors import iter_safetensors
 from distgen.models.registry import resolve_model_class
@@ -30,6 +32,12 @@ class ModelSource:
     # How the weights run (distgen.model_loader.quantization): "gguf", "compressed-tensors" or None
     # (float). resolve_model leaves None; the engine arguments resolve it.
     quantization: str | None = None
+
+    @cached_property
+    def arch(self) -> ArchConfig:
+        """``hf_config`` resolved into the typed architecture the models read (once per source: a
+        changed config, as ``hf_overrides`` give, comes as a new source)."""
+        return ArchConfig.from_hf(self.hf_config)
 
     def iter_weights(self):
         if self.is_gguf:
@@ -185,7 +193,7 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: str) -> nn.Modu
     """Construct the model (sharded for this rank) and fill every parameter from the checkpoint."""
     cls = resolve_model_class(source.hf_config.get("architectures"))
     with torch.device(device):
-        model = cls(source.hf_config, dtype)
+        model = cls(source.arch, dtype)
     loaded = model.load_weights(source.iter_weights())
     expected = {n for n, _ in model.named_parameters()}
     missing = expected - loaded

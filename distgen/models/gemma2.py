@@ -15,11 +15,13 @@ What sets them apart from Llama, as transformers computes it:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from distgen.arch_config import SLIDING, ArchConfig, arch_of
 from distgen.distributed import parallel_state as ps
 from distgen.layers.activation import GeluTanhAndMul
 from distgen.layers.attention import Attention, AttentionMetadata
@@ -28,9 +30,7 @@ from distgen.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from distgen.layers.norm import RMSNorm
 from distgen.layers.rotary import RotaryEmbedding
 from distgen.layers.weights import LoadedWeight, materialize
-from distgen.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of, rope_settings
-
-SLIDING, FULL = "sliding_attention", "full_attention"
+from distgen.models.llama import LlamaAttention, LlamaForCausalLM
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -66,33 +66,20 @@ class GemmaRMSNorm(RMSNorm):
         return out if residual is None else (out, residual)
 
 
-def layer_types(cfg: dict[str, Any], default_pattern: int) -> list[str]:
-    """Each layer's attention, ``sliding_attention`` or ``full_attention``: the config's ``layer_types``
-    (transformers 5), else every ``sliding_window_pattern``-th layer full and the others sliding."""
-    n = cfg["num_hidden_layers"]
-    types = cfg.get("layer_types")
-    if types is None:
-        pattern = int(cfg.get("sliding_window_pattern") or default_pattern)
-        types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
-    if len(types) != n or set(types) - {SLIDING, FULL}:
-        raise ValueError(f"layer_types must name {SLIDING!r} or {FULL!r} for each of {n} layers: {types}")
-    return list(types)
-
-
-def check_gemma_config(cfg: dict[str, Any]) -> None:
-    if cfg.get("use_bidirectional_attention"):
+def check_gemma_config(arch: ArchConfig) -> None:
+    if arch.use_bidirectional_attention:
         raise ValueError("use_bidirectional_attention (an embedding model's attention) is not supported")
-    if cfg.get("attention_bias"):
+    if arch.attention_bias:
         raise ValueError("Gemma checkpoints have no attention bias; this config asks for one")
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    act = arch.hidden_act
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ValueError(f"hidden_activation {act!r} is not supported for Gemma (gelu_pytorch_tanh)")
 
 
 class GemmaMLP(nn.Module):
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+        hidden, inter = arch.hidden_size, arch.require("intermediate_size")
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=False, dtype=dtype)
         self.down_proj = RowParallelLinear(inter, hidden, bias=False, dtype=dtype)
         self.act = GeluTanhAndMul()
@@ -106,14 +93,14 @@ class GemmaAttention(LlamaAttention):
 
     def __init__(
         self,
-        cfg: dict[str, Any],
+        arch: ArchConfig,
         dtype: torch.dtype,
         rotary: RotaryEmbedding,
         qk_norm: bool,
         window: int | None,
     ) -> None:
-        super().__init__(cfg, dtype, False, False, rotary)
-        eps = cfg.get("rms_norm_eps", 1e-6)
+        super().__init__(arch, dtype, False, False, rotary)
+        eps = arch.rms_norm_eps
         if qk_norm:
             self.q_norm = GemmaRMSNorm(self.head_dim, eps, dtype)
             self.k_norm = GemmaRMSNorm(self.head_dim, eps, dtype)
@@ -122,28 +109,28 @@ class GemmaAttention(LlamaAttention):
             self.num_heads,
             self.num_kv_heads,
             self.head_dim,
-            float(cfg.get("query_pre_attn_scalar") or self.head_dim) ** -0.5,
+            float(arch.query_pre_attn_scalar or self.head_dim) ** -0.5,
             rotary,
             group=shard.group,
             head_offset=shard.head_offset,
             sliding_window=window,
-            softcap=cfg.get("attn_logit_softcapping"),
+            softcap=arch.attn_logit_softcapping,
         )
 
 
 class GemmaDecoderLayer(nn.Module):
     def __init__(
         self,
-        cfg: dict[str, Any],
+        arch: ArchConfig,
         dtype: torch.dtype,
         rotary: RotaryEmbedding,
         qk_norm: bool,
         window: int | None,
     ) -> None:
         super().__init__()
-        eps, hidden = cfg.get("rms_norm_eps", 1e-6), cfg["hidden_size"]
-        self.self_attn = GemmaAttention(cfg, dtype, rotary, qk_norm, window)
-        self.mlp = GemmaMLP(cfg, dtype)
+        eps, hidden = arch.rms_norm_eps, arch.hidden_size
+        self.self_attn = GemmaAttention(arch, dtype, rotary, qk_norm, window)
+        self.mlp = GemmaMLP(arch, dtype)
         self.input_layernorm = GemmaRMSNorm(hidden, eps, dtype)
         self.post_attention_layernorm = GemmaRMSNorm(hidden, eps, dtype)
         self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps, dtype)
@@ -164,38 +151,40 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
     """Llama's stage split, weight loading and forward loop over Gemma's layers."""
 
     qk_norm = False
-    default_pattern = 2  # Gemma 2 alternates: sliding, full, sliding, ...
+    family = "gemma2"
 
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ArchConfig | Mapping[str, Any], dtype: torch.dtype) -> None:
         nn.Module.__init__(self)
-        check_gemma_config(cfg)
-        hidden = cfg["hidden_size"]
-        self.tied = bool(cfg.get("tie_word_embeddings", True))
+        arch = arch_of(cfg, self.family)
+        check_gemma_config(arch)
+        hidden = arch.hidden_size
+        self.tied = arch.tie_word_embeddings
         self.first, self.last = ps.is_first_stage(), ps.is_last_stage()
-        self.start_layer, count = ps.stage_layers(cfg["num_hidden_layers"])
-        types = layer_types(cfg, self.default_pattern)[self.start_layer : self.start_layer + count]
-        window = cfg.get("sliding_window")
-        rotaries = {t: self.rotary_for(cfg, t) for t in set(types)}
+        self.start_layer, count = ps.stage_layers(arch.num_layers)
+        types = arch.require("layer_types")[self.start_layer : self.start_layer + count]
+        window = arch.sliding_window
+        rotaries = {t: self.rotary_for(arch, t) for t in set(types)}
         self.layers = nn.ModuleList(
-            GemmaDecoderLayer(cfg, dtype, rotaries[t], self.qk_norm, window if t == SLIDING else None)
+            GemmaDecoderLayer(arch, dtype, rotaries[t], self.qk_norm, window if t == SLIDING else None)
             for t in types
         )
         # sqrt(hidden) as transformers holds it: a float32 tensor, cast to the model's dtype.
         self.register_buffer("embed_scale", torch.tensor(hidden**0.5).to(dtype), persistent=False)
-        self.final_softcap = cfg.get("final_logit_softcapping")
+        self.final_softcap = arch.final_logit_softcapping
         if self.first:
-            self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], hidden, dtype)
+            self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, hidden, dtype)
         if self.last:
-            self.norm = GemmaRMSNorm(hidden, cfg.get("rms_norm_eps", 1e-6), dtype)
-            self.lm_head = ParallelLMHead(cfg["vocab_size"], hidden, dtype=dtype)
+            self.norm = GemmaRMSNorm(hidden, arch.rms_norm_eps, dtype)
+            self.lm_head = ParallelLMHead(arch.vocab_size, hidden, dtype=dtype)
             if self.tied and self.first:
                 self.lm_head.tie(self.embed_tokens)
 
-    @staticmethod
-    def rotary_for(cfg: dict[str, Any], layer_type: str) -> RotaryEmbedding:
-        """Gemma 2's one rotary embedding serves both kinds of layer."""
-        theta, scaling = rope_settings(cfg)
-        return RotaryEmbedding(head_dim_of(cfg), cfg.get("max_position_embeddings", 8192), theta, scaling)
+    @classmethod
+    def rotary_for(cls, cfg: ArchConfig | Mapping[str, Any], layer_type: str) -> RotaryEmbedding:
+        """The rotary embedding of a layer type's layers (one serves both in Gemma 2)."""
+        arch = arch_of(cfg, cls.family)
+        theta, scaling = arch.rope_of(layer_type)
+        return RotaryEmbedding(arch.head_dim, arch.rotary_positions, theta, scaling)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids) * self.embed_scale

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from distgen.arch_config import ArchConfig, arch_of
 from distgen.distributed import parallel_state as ps
 from distgen.layers.activation import SiluAndMul
 from distgen.layers.attention import Attention, AttentionMetadata
@@ -20,61 +21,26 @@ from distgen.layers.weights import LoadedWeight
 from distgen.models.weight_mapping import load_hf_weights
 
 
-def rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:
-    """(theta, scaling) from either generation of config.json: ``rope_theta`` and ``rope_scaling``
-    (written by transformers 4), or one ``rope_parameters`` dict holding both (transformers 5)."""
-    params = cfg.get("rope_parameters")
-    if params:
-        return float(params.get("rope_theta") or cfg.get("rope_theta") or 10000.0), params
-    return float(cfg.get("rope_theta") or 10000.0), cfg.get("rope_scaling")
-
-
-# Model types whose ``sliding_window`` transformers applies to every layer (Mistral v0.1's 4096, Mixtral's,
-# Phi-3's); others (Llama, Qwen2/3 without ``use_sliding_window``) carry the key but attend to everything.
-_WINDOWED_MODEL_TYPES = frozenset({"mistral", "mixtral", "phi3"})
-
-
-def sliding_window_of(cfg: dict[str, Any]) -> int | None:
-    """The window every layer attends through, or None; ValueError for ``use_sliding_window`` (Qwen's
-    per-layer windows past ``max_window_layers``, which distgen does not run)."""
-    if cfg.get("use_sliding_window"):
-        raise ValueError(
-            f"use_sliding_window is not supported for {(cfg.get('architectures') or ['this model'])[0]}"
-        )
-    window = cfg.get("sliding_window")
-    if window is None or cfg.get("model_type") not in _WINDOWED_MODEL_TYPES:
-        return None
-    if int(window) < 1:
-        raise ValueError(f"sliding_window must be a positive number of keys, got {window}")
-    return int(window)
-
-
-def head_dim_of(cfg: dict[str, Any]) -> int:
-    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-
-
-def rotary_of(cfg: dict[str, Any]) -> RotaryEmbedding:
+def rotary_of(arch: ArchConfig) -> RotaryEmbedding:
     """The model's one rotary embedding, shared by its layers: its cos/sin caches are
     ``max_position_embeddings x head_dim`` floats (33 MB at Llama-3.2-1B's 131072 positions)."""
-    theta, scaling = rope_settings(cfg)
-    return RotaryEmbedding(head_dim_of(cfg), cfg.get("max_position_embeddings", 4096), theta, scaling)
+    return RotaryEmbedding(arch.head_dim, arch.rotary_positions, arch.rope_theta, arch.rope_scaling)
 
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, cfg: dict[str, Any], dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding
+        self, arch: ArchConfig, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding
     ) -> None:
         super().__init__()
-        hidden = cfg["hidden_size"]
-        heads = cfg["num_attention_heads"]
-        kv_heads = cfg.get("num_key_value_heads") or heads
-        self.head_dim = head_dim_of(cfg)
-        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, kv_heads, bias=qkv_bias, dtype=dtype)
-        o_bias = bool(cfg.get("o_bias", False))
+        hidden, heads = arch.hidden_size, arch.num_heads
+        self.head_dim = arch.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            hidden, self.head_dim, heads, arch.num_kv_heads, bias=qkv_bias, dtype=dtype
+        )
         # Split by heads, so that each rank's input features are its own heads' outputs.
-        self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, o_bias, dtype, unit=self.head_dim)
+        self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, arch.o_bias, dtype, unit=self.head_dim)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        eps = cfg.get("rms_norm_eps", 1e-6)
+        eps = arch.rms_norm_eps
         self.q_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps, dtype) if qk_norm else None
         shard = self.qkv_proj.shard
@@ -99,13 +65,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act {act!r} is not supported for this architecture (silu)")
-        bias = bool(cfg.get("mlp_bias", False))
+        hidden, inter = arch.hidden_size, arch.require("intermediate_size")
+        if arch.hidden_act != "silu":
+            raise ValueError(f"hidden_act {arch.hidden_act!r} is not supported for this architecture (silu)")
+        bias = arch.mlp_bias
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias, dtype=dtype)
         self.down_proj = RowParallelLinear(inter, hidden, bias=bias, dtype=dtype)
         self.act = SiluAndMul()
@@ -117,7 +82,7 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(
         self,
-        cfg: dict[str, Any],
+        arch: ArchConfig,
         dtype: torch.dtype,
         qkv_bias: bool,
         qk_norm: bool,
@@ -126,11 +91,11 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:
         """``mlp``: the layer's MLP where it is not Llama's dense one (a mixture of experts)."""
         super().__init__()
-        eps = cfg.get("rms_norm_eps", 1e-6)
-        self.self_attn = LlamaAttention(cfg, dtype, qkv_bias, qk_norm, rotary)
-        self.mlp = mlp if mlp is not None else LlamaMLP(cfg, dtype)
-        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype)
+        eps = arch.rms_norm_eps
+        self.self_attn = LlamaAttention(arch, dtype, qkv_bias, qk_norm, rotary)
+        self.mlp = mlp if mlp is not None else LlamaMLP(arch, dtype)
+        self.input_layernorm = RMSNorm(arch.hidden_size, eps, dtype)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, eps, dtype)
 
     def forward(self, positions, x, residual, meta):
         if residual is None:
@@ -148,40 +113,42 @@ class LlamaForCausalLM(nn.Module):
 
     qkv_bias = False
     qk_norm = False
+    family = "llama"  # whose defaults a config.json dict handed to the constructor takes
 
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ArchConfig | Mapping[str, Any], dtype: torch.dtype) -> None:
         super().__init__()
-        qkv_bias = self.qkv_bias or bool(cfg.get("attention_bias", False))
-        self.tied = bool(cfg.get("tie_word_embeddings", False))
+        arch = arch_of(cfg, self.family)
+        qkv_bias = self.qkv_bias or arch.attention_bias
+        self.tied = arch.tie_word_embeddings
         self.first, self.last = ps.is_first_stage(), ps.is_last_stage()
-        self.start_layer, count = ps.stage_layers(cfg["num_hidden_layers"])
-        rotary = self.rotary_of(cfg)
+        self.start_layer, count = ps.stage_layers(arch.num_layers)
+        rotary = self.rotary_of(arch)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(
-                cfg, dtype, qkv_bias, self.qk_norm, rotary, self.mlp_of(cfg, dtype, self.start_layer + i)
+                arch, dtype, qkv_bias, self.qk_norm, rotary, self.mlp_of(arch, dtype, self.start_layer + i)
             )
             for i in range(count)
         )
         if self.first:
-            self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], dtype)
+            self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, dtype)
         if self.last:
-            self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), dtype)
-            self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], dtype=dtype)
+            self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+            self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, dtype=dtype)
             if self.tied and self.first:
                 self.lm_head.tie(self.embed_tokens)
-        window = sliding_window_of(cfg)
+        window = arch.sliding_window
         for attn in self.attention_layers() if window is not None else ():
             attn.sliding_window = window
 
-    @staticmethod
-    def rotary_of(cfg: dict[str, Any]) -> RotaryEmbedding:
+    @classmethod
+    def rotary_of(cls, cfg: ArchConfig | Mapping[str, Any]) -> RotaryEmbedding:
         """The rotary embedding the layers share (a subclass with its own rope variant overrides it)."""
-        return rotary_of(cfg)
+        return rotary_of(arch_of(cfg, cls.family))
 
-    def mlp_of(self, cfg: dict[str, Any], dtype: torch.dtype, layer: int) -> nn.Module:
+    def mlp_of(self, arch: ArchConfig, dtype: torch.dtype, layer: int) -> nn.Module:
         """The MLP of layer ``layer`` (numbered over the whole model); a mixture-of-experts subclass
         overrides it."""
-        return LlamaMLP(cfg, dtype)
+        return LlamaMLP(arch, dtype)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]

@@ -14,12 +14,13 @@ stacked per-rank tensors. The fused layout of transformers' in-memory modules (`
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from distgen.arch_config import ArchConfig, arch_of
 from distgen.layers.fused_moe import SparseMoeBlock
 from distgen.layers.weights import LoadedWeight
 from distgen.models.llama import LlamaForCausalLM, LlamaMLP
@@ -68,15 +69,17 @@ class MoeForCausalLM(LlamaForCausalLM):
 class MixtralForCausalLM(MoeForCausalLM):
     """Mixtral: every layer a mixture of ``num_local_experts``, the top-k weights renormalised."""
 
-    def mlp_of(self, cfg: dict[str, Any], dtype: torch.dtype, layer: int) -> nn.Module:
+    def mlp_of(self, arch: ArchConfig, dtype: torch.dtype, layer: int) -> nn.Module:
+        if not arch.num_experts:
+            raise ValueError("the model's config lacks num_local_experts, which MixtralForCausalLM needs")
         return SparseMoeBlock(
-            cfg["hidden_size"],
-            cfg["num_local_experts"],
-            cfg["num_experts_per_tok"],
-            cfg["intermediate_size"],
+            arch.hidden_size,
+            arch.num_experts,
+            arch.require("num_experts_per_tok"),
+            arch.require("intermediate_size"),
             renormalize=True,
             dtype=dtype,
-            hidden_act=cfg.get("hidden_act", "silu"),
+            hidden_act=arch.hidden_act,
         )
 
 
@@ -88,23 +91,22 @@ class Qwen3MoeForCausalLM(MoeForCausalLM):
     qk_norm = True
 
     @staticmethod
-    def shared_intermediate(cfg: dict[str, Any]) -> int:
+    def shared_intermediate(arch: ArchConfig) -> int:
         return 0
 
-    def mlp_of(self, cfg: dict[str, Any], dtype: torch.dtype, layer: int) -> nn.Module:
-        num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
-        step = cfg.get("decoder_sparse_step") or 1
-        if layer in (cfg.get("mlp_only_layers") or []) or num_experts == 0 or (layer + 1) % step:
-            return LlamaMLP(cfg, dtype)
+    def mlp_of(self, arch: ArchConfig, dtype: torch.dtype, layer: int) -> nn.Module:
+        num_experts = arch.num_experts
+        if layer in arch.mlp_only_layers or num_experts == 0 or (layer + 1) % arch.decoder_sparse_step:
+            return LlamaMLP(arch, dtype)
         return SparseMoeBlock(
-            cfg["hidden_size"],
+            arch.hidden_size,
             num_experts,
-            cfg["num_experts_per_tok"],
-            cfg["moe_intermediate_size"],
-            renormalize=bool(cfg.get("norm_topk_prob", False)),
+            arch.require("num_experts_per_tok"),
+            arch.require("moe_intermediate_size"),
+            renormalize=arch.norm_topk_prob,
             dtype=dtype,
-            shared_intermediate=self.shared_intermediate(cfg),
-            hidden_act=cfg.get("hidden_act", "silu"),
+            shared_intermediate=self.shared_intermediate(arch),
+            hidden_act=arch.hidden_act,
         )
 
 
@@ -115,13 +117,14 @@ class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):
     qk_norm = False
     qkv_bias = True
 
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
-        if not cfg.get("qkv_bias", True):
+    def __init__(self, cfg: ArchConfig | Mapping[str, Any], dtype: torch.dtype) -> None:
+        arch = arch_of(cfg, self.family)
+        if not arch.qkv_bias:
             raise ValueError(
                 "qkv_bias false is not supported for Qwen2MoeForCausalLM (its q/k/v have biases)"
             )
-        super().__init__(cfg, dtype)
+        super().__init__(arch, dtype)
 
     @staticmethod
-    def shared_intermediate(cfg: dict[str, Any]) -> int:
-        return int(cfg["shared_expert_intermediate_size"])
+    def shared_intermediate(arch: ArchConfig) -> int:
+        return int(arch.require("shared_expert_intermediate_size"))

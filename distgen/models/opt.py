@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distgen.arch_config import ArchConfig, arch_of
 from distgen.layers.attention import Attention, AttentionMetadata
 from distgen.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distgen.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -19,11 +20,11 @@ _POS_OFFSET = 2  # OPT's position table starts two rows in
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        hidden, heads = arch.hidden_size, arch.num_heads
         self.head_dim = hidden // heads
-        bias = cfg.get("enable_bias", True)
+        bias = arch.enable_bias
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=bias, dtype=dtype)
         self.out_proj = RowParallelLinear(hidden, hidden, bias=bias, dtype=dtype, unit=self.head_dim)
         self.num_heads = self.qkv_proj.num_heads
@@ -37,16 +38,16 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        hidden, ffn = cfg["hidden_size"], cfg["ffn_dim"]
-        bias = cfg.get("enable_bias", True)
-        act = cfg.get("activation_function", "relu")
+        hidden, ffn = arch.hidden_size, arch.require("ffn_dim")
+        bias = arch.enable_bias
+        act = arch.activation_function
         if act != "relu":
             raise ValueError(f"OPT activation_function {act!r} is not supported (relu)")
-        self.pre_ln = cfg.get("do_layer_norm_before", True)
-        affine = cfg.get("layer_norm_elementwise_affine", True)
-        self.self_attn = OPTAttention(cfg, dtype)
+        self.pre_ln = arch.do_layer_norm_before
+        affine = arch.layer_norm_elementwise_affine
+        self.self_attn = OPTAttention(arch, dtype)
         self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine, dtype=dtype)
         self.fc1 = ColumnParallelLinear(hidden, ffn, bias=bias, dtype=dtype)
         self.fc2 = RowParallelLinear(ffn, hidden, bias=bias, dtype=dtype)
@@ -69,19 +70,23 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTForCausalLM(nn.Module):
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+    family = "opt"  # whose defaults a config.json dict handed to the constructor takes
+
+    def __init__(self, cfg: ArchConfig | Mapping[str, Any], dtype: torch.dtype) -> None:
         super().__init__()
-        hidden = cfg["hidden_size"]
-        proj = cfg.get("word_embed_proj_dim") or hidden
-        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], proj, dtype)
-        self.embed_positions = nn.Embedding(cfg["max_position_embeddings"] + _POS_OFFSET, hidden, dtype=dtype)
+        arch = arch_of(cfg, self.family)
+        hidden = arch.hidden_size
+        proj = arch.word_embed_proj_dim
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, proj, dtype)
+        positions = arch.require("max_position_embeddings") + _POS_OFFSET
+        self.embed_positions = nn.Embedding(positions, hidden, dtype=dtype)
         self.project_in = ReplicatedLinear(proj, hidden, bias=False, dtype=dtype) if proj != hidden else None
         self.project_out = ReplicatedLinear(hidden, proj, bias=False, dtype=dtype) if proj != hidden else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(cfg, dtype) for _ in range(cfg["num_hidden_layers"]))
-        final_ln = cfg.get("do_layer_norm_before", True) and not cfg.get("_remove_final_layer_norm", False)
+        self.layers = nn.ModuleList(OPTDecoderLayer(arch, dtype) for _ in range(arch.num_layers))
+        final_ln = arch.do_layer_norm_before and not arch.remove_final_layer_norm
         self.final_layer_norm = nn.LayerNorm(hidden, dtype=dtype) if final_ln else None
-        self.lm_head = ParallelLMHead(cfg["vocab_size"], proj, dtype=dtype)
-        self.tied = bool(cfg.get("tie_word_embeddings", True))
+        self.lm_head = ParallelLMHead(arch.vocab_size, proj, dtype=dtype)
+        self.tied = arch.tie_word_embeddings
         if self.tied:
             self.lm_head.tie(self.embed_tokens)
 

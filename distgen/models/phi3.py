@@ -18,34 +18,16 @@ LongRoPE and an optional partial rotary.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
+from distgen.arch_config import ArchConfig, arch_of
 from distgen.kernels.quant import QuantizedWeight
 from distgen.layers.rotary import RotaryEmbedding
 from distgen.layers.weights import LoadedWeight, row_part, shape_of
-from distgen.models.llama import LlamaForCausalLM, head_dim_of, rope_settings
-
-
-def phi3_rope(cfg: dict[str, Any]) -> tuple[float, dict | None, int]:
-    """(theta, scaling, rotary_dim) as transformers' Phi3Config reads them: ``su`` and ``yarn`` mean
-    longrope, ``original_max_position_embeddings`` may sit beside ``rope_scaling``, and
-    ``partial_rotary_factor`` inside ``rope_parameters`` or at the top level."""
-    theta, scaling = rope_settings(cfg)
-    scaling = dict(scaling) if scaling else {}
-    head_dim = head_dim_of(cfg)
-    partial = float(scaling.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0)
-    rotary_dim = int(head_dim * partial)
-    if rotary_dim % 2 or (head_dim - rotary_dim) % 2 or not 0 < rotary_dim <= head_dim:
-        raise ValueError(f"partial_rotary_factor {partial} gives an odd rotary dim of head_dim {head_dim}")
-    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type in ("su", "yarn", "longrope"):
-        scaling["rope_type"] = "longrope"
-        original = cfg.get("original_max_position_embeddings") or cfg.get("max_position_embeddings", 4096)
-        scaling.setdefault("original_max_position_embeddings", original)
-    return theta, (scaling or None), rotary_dim
+from distgen.models.llama import LlamaForCausalLM
 
 
 def partial_rotary_perm(head_dim: int, rotary_dim: int) -> torch.Tensor:
@@ -88,23 +70,26 @@ def permute_heads(w: LoadedWeight, perm: torch.Tensor) -> LoadedWeight:
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+    family = "phi3"
+
+    def __init__(self, cfg: ArchConfig | Mapping[str, Any], dtype: torch.dtype) -> None:
+        arch = arch_of(cfg, self.family)
+        if arch.attention_bias or arch.mlp_bias:
             raise ValueError("Phi-3 checkpoints have no attention or MLP bias; this config asks for one")
-        super().__init__(cfg, dtype)
-        heads = cfg["num_attention_heads"]
-        self.head_dim = head_dim_of(cfg)
-        self.q_size = heads * self.head_dim
-        self.kv_size = (cfg.get("num_key_value_heads") or heads) * self.head_dim
-        self.intermediate = cfg["intermediate_size"]
-        _, _, rotary_dim = phi3_rope(cfg)
+        super().__init__(arch, dtype)
+        self.head_dim = arch.head_dim
+        self.q_size = arch.num_heads * self.head_dim
+        self.kv_size = arch.num_kv_heads * self.head_dim
+        self.intermediate = arch.require("intermediate_size")
+        rotary_dim = arch.rotary_dim
         self.perm = None if rotary_dim == self.head_dim else partial_rotary_perm(self.head_dim, rotary_dim)
 
-    @staticmethod
-    def rotary_of(cfg: dict[str, Any]) -> RotaryEmbedding:
-        theta, scaling, rotary_dim = phi3_rope(cfg)
-        max_pos = cfg.get("max_position_embeddings", 4096)
-        return RotaryEmbedding(head_dim_of(cfg), max_pos, theta, scaling, rotary_dim)
+    @classmethod
+    def rotary_of(cls, cfg: ArchConfig | Mapping[str, Any]) -> RotaryEmbedding:
+        arch = arch_of(cfg, cls.family)
+        return RotaryEmbedding(
+            arch.head_dim, arch.rotary_positions, arch.rope_theta, arch.rope_scaling, arch.rotary_dim
+        )
 
     def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> set[str]:
         return super().load_weights(self._unfused(weights))

@@ -67,7 +67,7 @@ class ModelRunner:
             self.block_size, attn.num_kv_heads, attn.head_dim, self.dtype, self.device, self.long_rope
         )
         self.is_driver = ps.is_driver()
-        self.hidden_size = int(config.model.hf_config["hidden_size"])
+        self.hidden_size = config.model.arch.hidden_size
         self.graphs: DecodeGraphs | None = None
         self._meta_cache: tuple[tuple[int, list[str]], SamplingMetadata] | None = None
         # Structured outputs: rank 0 loads the tokenizer only when a request first asks for them.

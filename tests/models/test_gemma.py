@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from distgen import LLM, SamplingParams
+from distgen.arch_config import FULL, SLIDING, gemma3_rope, layer_types
 from distgen.kernels import dispatch
-from distgen.models.gemma2 import FULL, SLIDING, Gemma2ForCausalLM, layer_types
-from distgen.models.gemma3 import Gemma3ForCausalLM, gemma3_rope
+from distgen.models.gemma2 import Gemma2ForCausalLM
+from distgen.models.gemma3 import Gemma3ForCausalLM
 from tests.conftest import VOCAB, assert_engine_idle_and_empty, check_greedy_close, hf_greedy, random_prompts
 from tests.layers.model_steps import make_runner, run_steps
 
@@ -208,11 +209,11 @@ def test_softcaps_change_the_logits_and_distgen_applies_them(gemma_dir):
 
 
 def test_layer_types_and_rope_settings_from_either_config_generation():
-    assert layer_types({"num_hidden_layers": 4}, 2) == [SLIDING, FULL, SLIDING, FULL]
-    assert layer_types({"num_hidden_layers": 7}, 6) == [SLIDING] * 5 + [FULL, SLIDING]
-    assert layer_types({"num_hidden_layers": 3, "sliding_window_pattern": 3}, 6) == [SLIDING, SLIDING, FULL]
+    assert layer_types(4, None, 2) == (SLIDING, FULL, SLIDING, FULL)
+    assert layer_types(7, None, 6) == (SLIDING,) * 5 + (FULL, SLIDING)
+    assert layer_types(3, None, 3) == (SLIDING, SLIDING, FULL)
     with pytest.raises(ValueError, match="layer_types"):
-        layer_types({"num_hidden_layers": 2, "layer_types": [SLIDING, "chunked_attention"]}, 2)
+        layer_types(2, [SLIDING, "chunked_attention"], 2)
     v5 = _config("gemma3").to_dict()
     assert gemma3_rope(v5, FULL) == (1e6, v5["rope_parameters"][FULL])
     assert gemma3_rope(v5, SLIDING)[0] == 10000.0

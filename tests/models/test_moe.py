@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from distgen import LLM, SamplingParams
-from distgen.config import active_mlp_width
+from distgen.arch_config import ArchConfig
 from distgen.distributed import parallel_state as ps
 from distgen.distributed.parallel_state import split_range
 from distgen.layers.fused_moe import SparseMoeBlock
@@ -218,10 +218,16 @@ def test_sliding_window_settings():
 
 def test_pipeline_balance_counts_the_experts_a_token_runs():
     """Stage balancing weighs a layer's MLP by the experts a token passes through."""
-    assert active_mlp_width(moe_config("mixtral").to_dict()) == 2 * 45
-    assert active_mlp_width(moe_config("qwen3_moe").to_dict()) == 2 * 37
-    assert active_mlp_width(moe_config("qwen2_moe").to_dict()) == 2 * 32 + 40
-    assert active_mlp_width({"hidden_size": 64, "intermediate_size": 96}) == 96
+
+    def width(cfg: dict) -> int:
+        return ArchConfig.from_hf(cfg).active_mlp_width
+
+    assert width(moe_config("mixtral").to_dict()) == 2 * 45
+    assert width(moe_config("qwen3_moe").to_dict()) == 2 * 37
+    assert width(moe_config("qwen2_moe").to_dict()) == 2 * 32 + 40
+    dense = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=128)
+    assert width({**dense, "intermediate_size": 96}) == 96
+    assert width(dense) == 4 * 64
 
 
 def test_sparse_and_dense_layers_follow_transformers_rule():

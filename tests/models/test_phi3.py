@@ -229,6 +229,8 @@ def test_checkpoint_style_configs_read_as_transformers_reads_them(style):
     cfg = {
         "architectures": ["Phi3ForCausalLM"],
         "hidden_size": 3072,
+        "num_hidden_layers": 32,
+        "vocab_size": 200064 if phi4 else 32064,
         "num_attention_heads": heads,
         "num_key_value_heads": 8 if phi4 else 32,
         "max_position_embeddings": 16384,

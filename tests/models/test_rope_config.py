@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distgen.arch_config import rope_settings
 from distgen.layers.rotary import RotaryEmbedding
-from distgen.models.llama import rope_settings
 
 LLAMA3 = dict(
     rope_type="llama3",
