@@ -24,7 +24,6 @@ import torch
 from distgen.config import EngineConfig
 from distgen.distributed import parallel_state as ps
 from distgen.host_to_device import to_device
-from distgen.kernels.cpu_memory import advise_huge_pages
 from distgen.kernels.dispatch import attention_path, use_triton_on
 from distgen.layers.sampler import Sampler
 from distgen.layers.sampling_metadata import SamplingMetadata, build_sampling_metadata
@@ -120,7 +119,6 @@ class ModelRunner:
         # One tensor for every layer's cache, so one launch zeroes a block in all of them.
         shape = (len(layers), 2, allocated, a.num_kv_heads, self.block_size, a.head_dim)
         self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        advise_huge_pages(self.kv_cache)
         self.kv_cache[:, :, num_blocks:].zero_()
         for attn, cache in zip(layers, self.kv_cache):
             attn.kv_cache = cache
