@@ -3,7 +3,7 @@
 // - float32: [ceil(N / 16)][K][16], so a step along k reads 16 consecutive weights;
 // - bfloat16: [ceil(N / 16)][ceil(K / 2)][16][2], pairs of consecutive k per feature, the operand of
 //   AVX-512-BF16's vdpbf16ps (two products summed into each float32 lane per instruction).
-// A tile of up to 6 rows x 2 panels keeps its 12 accumulators in registers for the whole of K; x is
+// A tile of up to 8 rows x 2 panels keeps its accumulators in registers for the whole of K; x is
 // broadcast from its rows as they are, unpacked. One rows x 32-feature tile per work item, items split
 // over the threads panel-major, so each thread streams its own contiguous share of the weights: at one
 // row (decode of a single stream) that is a read of the weights at memory bandwidth, at 64 and more the
@@ -25,7 +25,13 @@ namespace {
 using namespace dg;
 
 constexpr int64_t kPanel = 16;  // output features per panel: one vector of accumulators
-constexpr int kRowsMax = 6;     // rows per tile
+// Rows per tile: 8 x 2 panels of accumulators (16) plus the weights fit AVX-512's 32 registers, and 64
+// rows (a full decode batch) split into whole tiles; AVX2's 16 registers hold 6 x 2 half-width ones.
+#if defined(__AVX512F__)
+constexpr int kRowsMax = 8;
+#else
+constexpr int kRowsMax = 6;
+#endif
 constexpr int kPanelsMax = 2;   // panels per tile
 
 inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
@@ -160,6 +166,10 @@ template <int kC, typename T>
 inline void tile_rows(int64_t rows, const T* x, int64_t k, const T* wp, const T* bias, T* out, int64_t ldo,
                       int64_t cols) {
   switch (rows) {
+#if defined(__AVX512F__)
+    case 8: return tile<8, kC>(x, k, wp, bias, out, ldo, cols);
+    case 7: return tile<7, kC>(x, k, wp, bias, out, ldo, cols);
+#endif
     case 6: return tile<6, kC>(x, k, wp, bias, out, ldo, cols);
     case 5: return tile<5, kC>(x, k, wp, bias, out, ldo, cols);
     case 4: return tile<4, kC>(x, k, wp, bias, out, ldo, cols);
