@@ -9,6 +9,7 @@ False after a failure, which it has already reported to the executor as :class:`
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import threading
@@ -129,6 +130,7 @@ def serve(args: WorkerArgs) -> bool:
             pass  # nobody listens any more
         return False
     finally:
+        gc.unfreeze()  # collectable again at exit (see EngineCore.shutdown)
         if worker is not None:
             worker.shutdown()
         else:
@@ -162,6 +164,7 @@ def _loop(rank: int, worker: Worker, requests: zmq.Socket, reply: Callable[[obje
             reply(NumBlocks(rank, worker.determine_num_blocks()))
         elif isinstance(msg, InitKVCache):
             worker.init_kv_cache(msg.num_blocks)
+            gc.freeze()  # start-up is over: later collections scan only what the steps allocate
             reply(Ack(rank))
         elif isinstance(msg, Shutdown):
             return
