@@ -70,25 +70,44 @@ def library_path(cxx: str) -> Path:
 def build(cxx: str, out: Path, extra_flags: tuple[str, ...] = (), files: list[Path] | None = None) -> None:
     """Compile the library (or only ``files`` of its sources) to ``out`` (atomically), with
     ``extra_flags`` after the usual ones (tests build the paths another CPU would take, e.g.
-    ``-mno-avx512bf16``). Raises CpuKernelsUnavailable on failure."""
+    ``-mno-avx512bf16``). Each source compiles in a process of its own, all at once (the templated
+    kernels take several seconds each, and a first start waits for the slowest), then one link.
+    Raises CpuKernelsUnavailable on failure."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
         logger.info("building the CPU kernels with %s (once per machine)", cxx)
-        proc = subprocess.run(
-            [cxx, *FLAGS, *extra_flags, *map(str, files or sources()), "-o", tmp],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-            raise CpuKernelsUnavailable(f"{cxx} failed to build the CPU kernels ({SOURCE_DIR}):\n{tail}")
+        with tempfile.TemporaryDirectory(dir=out.parent) as objects:
+            compile_flags = [f for f in FLAGS if f != "-shared"]
+            jobs = []
+            for i, src in enumerate(files or sources()):
+                obj = os.path.join(objects, f"{i}.o")
+                cmd = [cxx, *compile_flags, *extra_flags, "-c", str(src), "-o", obj]
+                jobs.append(
+                    (obj, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                )
+            try:
+                for _, job in jobs:
+                    _check(job, job.communicate(timeout=600)[1])
+            finally:  # one failed or hung: the others are stopped, not left running
+                for _, job in jobs:
+                    if job.poll() is None:
+                        job.kill()
+                        job.wait()
+            link = [cxx, *FLAGS, *extra_flags, *(obj for obj, _ in jobs), "-o", tmp]
+            proc = subprocess.run(link, capture_output=True, text=True, timeout=600)
+            _check(proc, proc.stderr)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _check(proc: subprocess.Popen | subprocess.CompletedProcess, stderr: str) -> None:
+    if proc.returncode != 0:
+        tail = "\n".join(stderr.strip().splitlines()[-20:])
+        raise CpuKernelsUnavailable(f"{proc.args[0]} failed to build the CPU kernels ({SOURCE_DIR}):\n{tail}")
 
 
 def load() -> ctypes.CDLL:
