@@ -45,12 +45,13 @@ struct Item {
 // Per-thread scratch, sized once per call. The bf16 dot-product path (attention_dpbf16.h) also keeps the
 // queries as bf16 pairs (qh), the span's K and V repacked in pairs (kp, vp) and the probabilities in bf16
 // (ph), each as 32-bit words holding one pair.
+// The tiled path keeps each row's softmax denominator as sixteen lane sums (lv), added up once per item.
 struct Scratch {
-  std::vector<float> q, acc, m, l, corr, s;
+  std::vector<float> q, acc, m, l, lv, corr, s;
   std::vector<uint32_t> qh, kp, vp, ph;
   int64_t keys;  // score row stride: a block or a span (kSpanKeys), whichever is longer
   Scratch(int64_t rows, int64_t d, int64_t keys)
-      : q(rows * d), acc(rows * d), m(rows), l(rows), corr(rows), s(rows * keys), qh(rows * d / 2 + 1),
+      : q(rows * d), acc(rows * d), m(rows), l(rows), lv(rows * 16), corr(rows), s(rows * keys), qh(rows * d / 2 + 1),
         kp(d * keys / 2 + 8), vp(d * keys / 2 + 8), ph(rows * keys / 2 + 8), keys(keys) {}
 };
 
@@ -151,10 +152,10 @@ inline void pv_rows(float* acc, const float* corr, const float* p, int64_t ps, i
     for (int64_t t = 0; t < n; ++t) {
       vf16 v[kV];
 #pragma GCC unroll 16
-      for (int j = 0; j < kV; ++j) v[j] = load16(sp.v[b] + t * kD + 16 * j);
+      for (int j = 0; j < kV; ++j) v[j] = load16_reg(sp.v[b] + t * kD + 16 * j);
 #pragma GCC unroll 16
       for (int r = 0; r < kR; ++r) {
-        const vf16 pr = splat16(p[r * ps + b * bs + t]);
+        const vf16 pr = bcast16(&p[r * ps + b * bs + t]);
 #pragma GCC unroll 16
         for (int j = 0; j < kV; ++j) a[r][j] = fma16(pr, v[j], a[r][j]);
       }
@@ -175,10 +176,10 @@ inline void score_pair(const float* q, const T* k0, const T* k1, int64_t bs, flo
   for (int r = 0; r < kR; ++r) a0[r] = a1[r] = vf16{};
 #pragma GCC unroll 4
   for (int64_t i = 0; i < kD; ++i) {
-    const vf16 x0 = load16(k0 + i * bs), x1 = load16(k1 + i * bs);
+    const vf16 x0 = load16_reg(k0 + i * bs), x1 = load16_reg(k1 + i * bs);
 #pragma GCC unroll 16
     for (int r = 0; r < kR; ++r) {
-      const vf16 qv = splat16(q[r * kD + i]);
+      const vf16 qv = bcast16(&q[r * kD + i]);
       a0[r] = fma16(qv, x0, a0[r]);
       a1[r] = fma16(qv, x1, a1[r]);
     }
@@ -210,9 +211,10 @@ inline void cap_scores(float* s, int64_t lo, int64_t hi, float softcap) {
 // The online-softmax update of one row for a span: p = exp(s - max) in place for its visible keys
 // [first, visible) and 0 elsewhere (so every row can take the span's keys alike); returns the factor
 // that rescales the row's accumulator. Masking is by selects, so whatever the cache holds outside a
-// row's visible keys or past the span's end (even NaN) never reaches the row.
+// row's visible keys or past the span's end (even NaN) never reaches the row. The row's denominator
+// stays sixteen lane sums (lsum), so no span pays a horizontal add.
 inline float softmax_span_row(float* sr, int32_t width, int32_t first, int32_t visible, float softcap, float& m,
-                              float& l) {
+                              float* lsum) {
   const vi16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   cap_scores(sr, first, visible, softcap);
   // 16-key chunks visible in full take no masks.
@@ -238,9 +240,7 @@ inline float softmax_span_row(float* sr, int32_t width, int32_t first, int32_t v
     store16(sr + t0, e);
     sum += e;
   }
-  float total = 0.0f;
-  for (int l16 = 0; l16 < 16; ++l16) total += sum[l16];
-  l = l * corr + total;
+  store16(lsum, load16(lsum) * corr + sum);
   m = mx;
   return corr;
 }
@@ -271,7 +271,7 @@ inline void span_all_rows(Scratch& w, const AttnArgs& a, int64_t rows, int64_t b
     const int64_t visible = std::max<int64_t>(0, std::min(sp.n, limit - j0 + 1));
     const int64_t first = a.window > 0 ? std::clamp<int64_t>(limit - a.window + 1 - j0, 0, visible) : 0;
     w.corr[r] = softmax_span_row(&w.s[r * w.keys], width, static_cast<int32_t>(first),
-                                 static_cast<int32_t>(visible), a.softcap, w.m[r], w.l[r]);
+                                 static_cast<int32_t>(visible), a.softcap, w.m[r], &w.lv[r * 16]);
   }
   constexpr int kMax = kD <= 64 ? 4 : kD <= 128 ? 2 : 1;  // the accumulators of kMax rows fill the registers
   const int64_t ps = w.keys;
@@ -384,6 +384,7 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
     w.l[r] = 0.0f;
   }
   std::fill(w.acc.begin(), w.acc.begin() + rows * d, 0.0f);
+  std::fill(w.lv.begin(), w.lv.begin() + rows * 16, 0.0f);
   const int64_t first_limit = ctx - nq + it.q0;
   const int64_t num_keys = ctx - nq + it.q1;
   // Blocks wholly before the first row's window (and so before every row's) are never read.
@@ -409,6 +410,11 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
       }
 #endif
       span_all_rows<kD>(w, a, rows, bs, sp, j0, first_limit, group);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float l = 0.0f;
+      for (int l16 = 0; l16 < 16; ++l16) l += w.lv[r * 16 + l16];
+      w.l[r] = l;
     }
   } else {
     general_blocks<kD>(a, it, k_cache, v_cache, w, rows, first_limit, key0, num_keys);

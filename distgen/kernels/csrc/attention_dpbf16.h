@@ -163,7 +163,7 @@ inline void span_all_rows_dp(Scratch& w, const AttnArgs& a, int64_t rows, int64_
     const int64_t first = a.window > 0 ? std::clamp<int64_t>(limit - a.window + 1 - j0, 0, visible) : 0;
     float* sr = &w.s[r * ps];
     w.corr[r] = softmax_span_row(sr, static_cast<int32_t>(width), static_cast<int32_t>(first),
-                                 static_cast<int32_t>(visible), a.softcap, w.m[r], w.l[r]);
+                                 static_cast<int32_t>(visible), a.softcap, w.m[r], &w.lv[r * 16]);
     for (int64_t t0 = 0; t0 < width; t0 += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + r * pstride + t0 / 2),
                           (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sr + t0)));

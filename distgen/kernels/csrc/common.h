@@ -120,6 +120,27 @@ inline vf16 splat16(float x) {
   return r;
 }
 
+// A vector loaded into a register, and one float broadcast to sixteen lanes straight from memory. With
+// AVX-512, GCC otherwise folds a vector that several FMAs use into each of them as a memory operand
+// (sixteen loads per key in place of four turn an FMA-bound loop into a load-bound one), and broadcasts
+// by loading a whole vector and shuffling it (an FP-pipe op the broadcast load does not need).
+#if defined(__AVX512F__)
+inline vf16 load16_reg(const float* p) {
+  vf16 r;
+  asm("vmovups %1, %0" : "=v"(r) : "m"(*reinterpret_cast<const vf16*>(p)));
+  return r;
+}
+inline vf16 bcast16(const float* p) {
+  vf16 r;
+  asm("vbroadcastss %1, %0" : "=v"(r) : "m"(*p));
+  return r;
+}
+#else
+inline vf16 load16_reg(const float* p) { return load16(p); }
+inline vf16 bcast16(const float* p) { return splat16(*p); }
+#endif
+inline vf16 load16_reg(const bf16* p) { return load16(p); }  // a widening load is in a register anyway
+
 typedef int32_t vi16 __attribute__((vector_size(64)));
 
 // exp_f on sixteen lanes at once, with the same steps (so the same result in every lane). Loops over
@@ -170,10 +191,15 @@ __attribute__((always_inline)) inline vf16 exp16(vf16 x) {
 }
 #endif
 
+// The largest lane (max is exact in any order, so a shuffle tree gives what the loop gives).
 inline float hmax16(vf16 v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps((__m512)v);
+#else
   float m = v[0];
   for (int l = 1; l < 16; ++l) m = max_f(m, v[l]);
   return m;
+#endif
 }
 
 }  // namespace dg
