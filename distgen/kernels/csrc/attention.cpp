@@ -374,12 +374,16 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
   // bf16 items of several queries (prefill chunks) take vdpbf16ps, whose repacking of each span pays off
   // over their rows; decode rows, too few to amortize it, stay on fp32 FMAs. The choice depends on the
   // queries only, so a tensor-parallel rank's heads get exactly their part of the whole result.
-  const bool use_dp = std::is_same_v<T, bf16> && kDpAvailable && it.q1 - it.q0 >= kDpMinQueries;
+  // Only the tiled path has a vdpbf16ps span; each path reads its own copy of the queries (qh or q).
+  const bool tiled = kD > 0 && bs % 16 == 0;
+  const bool use_dp = std::is_same_v<T, bf16> && kDpAvailable && tiled && it.q1 - it.q0 >= kDpMinQueries;
   // Row r = (query q0 + r / group, head h0 + r % group): its last visible key is first_limit + r / group.
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = q + (q_begin + it.q0 + r / group) * a.q_stride + (it.h0 + r % group) * d;
-    for (int64_t i = 0; i < d; ++i) w.q[r * d + i] = to_f(src[i]) * a.scale;
-    if (use_dp) std::memcpy(&w.qh[r * d / 2], src, d * sizeof(bf16));
+    if (use_dp)
+      std::memcpy(&w.qh[r * d / 2], src, d * sizeof(bf16));
+    else
+      for (int64_t i = 0; i < d; ++i) w.q[r * d + i] = to_f(src[i]) * a.scale;
     w.m[r] = -INFINITY;
     w.l[r] = 0.0f;
   }
@@ -389,7 +393,7 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
   const int64_t num_keys = ctx - nq + it.q1;
   // Blocks wholly before the first row's window (and so before every row's) are never read.
   const int64_t key0 = a.window > 0 ? std::max<int64_t>(0, first_limit - a.window + 1) / bs * bs : 0;
-  if (kD > 0 && bs % 16 == 0) {
+  if (tiled) {
     const int64_t per = std::max<int64_t>(1, kSpanKeys / bs);  // blocks per span
     for (int64_t j0 = key0; j0 < num_keys; j0 += per * bs) {
       Span<T> sp{};
