@@ -179,35 +179,50 @@ inline void tile_rows(int64_t rows, const T* x, int64_t k, const T* wp, const T*
   }
 }
 
-// Rows are taken kBlockRows at a time, every panel of the weights for one block before the next block:
-// the block's rows of x (at most 64 x K floats) then stay in L2 while the weights stream past them, where
-// a panel-major order over all rows would stream the whole of x from memory once per pair of panels (a
-// 2048-row prefill chunk's x is several MB).
-constexpr int64_t kBlockRows = 64;
+// Rows are taken kBlockRows at a time (whole tiles), every panel of the weights for one block before the
+// next block: the block's rows of x then stay in L2 while the weights stream past them, where a
+// panel-major order over all rows would stream the whole of x from memory once per pair of panels (a
+// 2048-row prefill chunk's x is several MB). Up to kBlockRows rows (a decode batch) this is the
+// panel-major order itself.
+constexpr int64_t kBlockRows = 8 * kRowsMax;
+
+// Work item i of a product: the row tile and panel group it computes. Items run block by block, panel
+// group by panel group, row tile by row tile; a last, shorter block has fewer row tiles, so items are
+// counted rather than laid on a grid, and an even static split of them gives each thread equal work.
+struct TileGrid {
+  int64_t m, groups, full_blocks, tiles_per_block, last_tiles;
+  TileGrid(int64_t m, int64_t groups)
+      : m(m), groups(groups), full_blocks(m / kBlockRows), tiles_per_block(kBlockRows / kRowsMax),
+        last_tiles((m % kBlockRows + kRowsMax - 1) / kRowsMax) {}
+  int64_t items() const { return (full_blocks * tiles_per_block + last_tiles) * groups; }
+  // First row and panel group of item i.
+  void at(int64_t i, int64_t& r0, int64_t& g) const {
+    const int64_t per_block = tiles_per_block * groups, b = i / per_block;
+    const int64_t tiles = b < full_blocks ? tiles_per_block : last_tiles, j = i - b * per_block;
+    g = j / tiles;
+    r0 = b * kBlockRows + (j % tiles) * kRowsMax;
+  }
+};
 
 template <typename T>
 void linear(T* out, const T* x, const T* wp, const T* bias, int64_t m, int64_t n, int64_t k) {
-  const int64_t np = panels(n), groups = (np + kPanelsMax - 1) / kPanelsMax;
-  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
-  const int64_t block_rows = std::min(m, kBlockRows);
-  const int64_t row_tiles = (block_rows + kRowsMax - 1) / kRowsMax;  // per block
-  const int64_t stride = panel_stride<T>(k);
-#pragma omp parallel for schedule(static) collapse(3) if (blocks * groups * row_tiles > 1)
-  for (int64_t rb = 0; rb < blocks; ++rb)
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t t = 0; t < row_tiles; ++t) {
-        const int64_t r0 = rb * kBlockRows + t * kRowsMax;
-        if (r0 >= m) continue;
-        const int64_t rows = std::min<int64_t>(kRowsMax, m - r0);
-        const int64_t p0 = g * kPanelsMax, col0 = p0 * kPanel;
-        const int64_t cols = std::min<int64_t>(kPanelsMax * kPanel, n - col0);
-        const T* w = wp + p0 * stride;
-        const T* b = bias ? bias + col0 : nullptr;
-        if (np - p0 >= 2)
-          tile_rows<2>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
-        else
-          tile_rows<1>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
-      }
+  const int64_t np = panels(n);
+  const TileGrid grid(m, (np + kPanelsMax - 1) / kPanelsMax);
+  const int64_t stride = panel_stride<T>(k), items = grid.items();
+#pragma omp parallel for schedule(static) if (items > 1)
+  for (int64_t i = 0; i < items; ++i) {
+    int64_t r0, g;
+    grid.at(i, r0, g);
+    const int64_t rows = std::min<int64_t>(kRowsMax, m - r0);
+    const int64_t p0 = g * kPanelsMax, col0 = p0 * kPanel;
+    const int64_t cols = std::min<int64_t>(kPanelsMax * kPanel, n - col0);
+    const T* w = wp + p0 * stride;
+    const T* b = bias ? bias + col0 : nullptr;
+    if (np - p0 >= 2)
+      tile_rows<2>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
+    else
+      tile_rows<1>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
+  }
 }
 
 }  // namespace
