@@ -51,8 +51,8 @@ struct Scratch {
   std::vector<uint32_t> qh, kp, vp, ph;
   int64_t keys;  // score row stride: a block or a span (kSpanKeys), whichever is longer
   Scratch(int64_t rows, int64_t d, int64_t keys)
-      : q(rows * d), acc(rows * d), m(rows), l(rows), lv(rows * 16), corr(rows), s(rows * keys), qh(rows * d / 2 + 1),
-        kp(d * keys / 2 + 8), vp(d * keys / 2 + 8), ph(rows * keys / 2 + 8), keys(keys) {}
+      : q(rows * d), acc(rows * d), m(rows), l(rows), lv(rows * 16), corr(rows), s(rows * keys),
+        qh(rows * d / 2 + 1), kp(d * keys / 2 + 8), vp(d * keys / 2 + 8), ph(rows * keys / 2 + 8), keys(keys) {}
 };
 
 // s[r][t] = q_r . k_t for kRows query rows (q and s rows kStride apart) and the n first keys of a
