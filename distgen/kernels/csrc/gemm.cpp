@@ -189,10 +189,10 @@ constexpr int64_t kBlockRows = 8 * kRowsMax;
 // Work item i of a product: the row tile and panel group it computes. Items run block by block, panel
 // group by panel group, row tile by row tile; a last, shorter block has fewer row tiles, so items are
 // counted rather than laid on a grid, and an even static split of them gives each thread equal work.
-struct TileGrid {
-  int64_t m, groups, full_blocks, tiles_per_block, last_tiles;
-  TileGrid(int64_t m, int64_t groups)
-      : m(m), groups(groups), full_blocks(m / kBlockRows), tiles_per_block(kBlockRows / kRowsMax),
+struct TileItems {
+  int64_t groups, full_blocks, tiles_per_block, last_tiles;
+  TileItems(int64_t m, int64_t groups)
+      : groups(groups), full_blocks(m / kBlockRows), tiles_per_block(kBlockRows / kRowsMax),
         last_tiles((m % kBlockRows + kRowsMax - 1) / kRowsMax) {}
   int64_t items() const { return (full_blocks * tiles_per_block + last_tiles) * groups; }
   // First row and panel group of item i.
@@ -207,12 +207,12 @@ struct TileGrid {
 template <typename T>
 void linear(T* out, const T* x, const T* wp, const T* bias, int64_t m, int64_t n, int64_t k) {
   const int64_t np = panels(n);
-  const TileGrid grid(m, (np + kPanelsMax - 1) / kPanelsMax);
-  const int64_t stride = panel_stride<T>(k), items = grid.items();
+  const TileItems work(m, (np + kPanelsMax - 1) / kPanelsMax);
+  const int64_t stride = panel_stride<T>(k), items = work.items();
 #pragma omp parallel for schedule(static) if (items > 1)
   for (int64_t i = 0; i < items; ++i) {
     int64_t r0, g;
-    grid.at(i, r0, g);
+    work.at(i, r0, g);
     const int64_t rows = std::min<int64_t>(kRowsMax, m - r0);
     const int64_t p0 = g * kPanelsMax, col0 = p0 * kPanel;
     const int64_t cols = std::min<int64_t>(kPanelsMax * kPanel, n - col0);
