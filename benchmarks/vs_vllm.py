@@ -81,9 +81,10 @@ def run_child(engine: str, model_dir: str, dtype: str, workloads: list[str], rep
     generate(requests_for("mixed")[:4])  # warm-up: every path the workloads take
     results = {"load_s": load_s}
     for w in workloads:
-        runs = [generate(requests_for(w, r)) for r in range(repeats)]
+        batches = [requests_for(w, r) for r in range(repeats)]
+        runs = [generate(reqs) for reqs in batches]
         seconds, tokens = min(s for s, _ in runs), runs[0][1]
-        reqs = requests_for(w)
+        reqs = batches[0]  # every repeat has the same shapes, so the same token counts
         counted = sum(len(ids) for ids, _ in reqs) if w == "prefill" else sum(n for _, n in reqs)
         results[w] = {"seconds": seconds, "tok_per_s": counted / seconds, "tokens": tokens}
     print(MARK + json.dumps(results), flush=True)
