@@ -385,10 +385,13 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
     else
       for (int64_t i = 0; i < d; ++i) w.q[r * d + i] = to_f(src[i]) * a.scale;
     w.m[r] = -INFINITY;
-    w.l[r] = 0.0f;
   }
   std::fill(w.acc.begin(), w.acc.begin() + rows * d, 0.0f);
-  std::fill(w.lv.begin(), w.lv.begin() + rows * 16, 0.0f);
+  // Each path keeps the softmax denominators its own way: sixteen lane sums (tiled) or one sum a row.
+  if (tiled)
+    std::fill(w.lv.begin(), w.lv.begin() + rows * 16, 0.0f);
+  else
+    std::fill(w.l.begin(), w.l.begin() + rows, 0.0f);
   const int64_t first_limit = ctx - nq + it.q0;
   const int64_t num_keys = ctx - nq + it.q1;
   // Blocks wholly before the first row's window (and so before every row's) are never read.
