@@ -184,7 +184,11 @@ class Engine:
             text=True,
             env=child_env(name),
         )
-        self.load_s = self._answer()["load_s"]
+        try:
+            self.load_s = self._answer()["load_s"]
+        except BaseException:  # failed or interrupted while loading: the child goes too
+            self.close()
+            raise
 
     def _answer(self) -> dict:
         assert self.proc.stdout is not None
@@ -234,7 +238,9 @@ def compare(engines: list[Engine], workloads: list[str], repeats: int) -> dict:
     return res
 
 
-def run_dtype(engine_pythons: list[tuple[str, str]], model_dir: Path, dtype: str, workloads, repeats) -> dict:
+def run_dtype(
+    engine_pythons: list[tuple[str, str]], model_dir: Path, dtype: str, workloads: list[str], repeats: int
+) -> dict:
     """Both engines loaded (one after the other), then compared; their processes stopped whatever happens."""
     engines: list[Engine] = []
     try:
