@@ -33,6 +33,7 @@ _SIGNATURES = {
     "dg_argmax_rows": [_P, _P, _I, _I],
     "dg_pack_linear": [_P, _P, _I, _I],
     "dg_linear": [_P] * 4 + [_I] * 3,
+    "dg_linear_silu": [_P] * 3 + [_I] * 3,
     "dg_qlinear": [_P] * 6 + [_I] * 4,
     "dg_qlinear_int8": [_P] * 6 + [_I] * 4,
 }
@@ -110,6 +111,15 @@ def linear(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, bias: torch
     assert out.is_contiguous() and out.dtype == x.dtype == packed.dtype
     assert bias is None or (bias.is_contiguous() and bias.dtype == x.dtype and bias.numel() == n)
     _fn("dg_linear", x)(out.data_ptr(), x.data_ptr(), packed.data_ptr(), _ptr(bias), rows, n, k)
+
+
+def linear_silu(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor) -> None:
+    """``out = silu(x @ G.T) * (x @ U.T)`` for contiguous x [..., k] and out [..., inter], with the gate
+    G and up U weights packed by pack_linear from their 16-row panels in turns (cpu_gemm.pack_gate_up)."""
+    rows, k = _rows(x)
+    inter = out.shape[-1]
+    assert out.is_contiguous() and out.dtype == x.dtype == packed.dtype
+    _fn("dg_linear_silu", x)(out.data_ptr(), x.data_ptr(), packed.data_ptr(), rows, inter, k)
 
 
 def qlinear(

@@ -105,6 +105,8 @@ def cpu_kernels() -> SimpleNamespace:
         argmax_rows=cpu_ops.argmax_rows,
         pack_linear=cpu_gemm.pack,
         packed_linear=cpu_gemm.linear,
+        pack_gate_up=cpu_gemm.pack_gate_up,
+        packed_linear_silu=cpu_gemm.linear_silu,
     )
 
 

@@ -189,6 +189,25 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.parts = [ps.split_range(n, self.tp_size, self.tp_rank) for n in out_sizes]
         self.out_per_rank = sum(n for _, n in self.parts)
         LinearBase.__init__(self, in_features, self.out_per_rank, bias, dtype)
+        # Set by an MLP that applies SiLU-and-mul to this output: the CPU path then packs the gate and
+        # up halves for the GEMM that applies it in its epilogue (see :meth:`silu_and_mul`).
+        self.feeds_silu_and_mul = False
+
+    def pack_weights(self) -> None:
+        fusable = len(self.parts) == 2 and self.parts[0][1] == self.parts[1][1] and self.bias is None
+        if not (self.feeds_silu_and_mul and fusable and self.quant is None):
+            return super().pack_weights()
+        packed = cpu_kernels().pack_gate_up(self.weight)
+        if packed is not None:
+            self.packed = packed
+            self.weight.data = self.weight.data.new_empty(0)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(gate) * up`` of this projection of x in one GEMM where its weight is packed for it;
+        None otherwise (the caller then applies its activation to ``self(x)``)."""
+        if self.packed is None or not self.packed.gate_up:
+            return None
+        return cpu_kernels().packed_linear_silu(x, self.packed)
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
         assert isinstance(shard_id, int)

@@ -74,9 +74,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias, dtype=dtype)
         self.down_proj = RowParallelLinear(inter, hidden, bias=bias, dtype=dtype)
         self.act = SiluAndMul()
+        self.gate_up_proj.feeds_silu_and_mul = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        h = self.gate_up_proj.silu_and_mul(x)  # the CPU GEMM's fused epilogue, where it applies
+        return self.down_proj(h if h is not None else self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

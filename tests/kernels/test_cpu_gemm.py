@@ -1,6 +1,7 @@
 """distgen's CPU GEMM (weights packed once into panels) against a float64 product: every tile shape,
-ragged edges, bias, both dtypes, the same answer for a row whatever its batch, and the bfloat16 path
-of CPUs without AVX-512-BF16 built and checked here too."""
+ragged edges, bias, both dtypes, the same answer for a row whatever its batch, the gate/up product with
+SiLU-and-mul in its epilogue bit for bit the unfused pair, and the bfloat16 path of CPUs without
+AVX-512-BF16 built and checked here too."""
 
 from __future__ import annotations
 
@@ -59,6 +60,39 @@ def test_leading_dims_and_a_wrong_width():
     assert cpu_gemm.pack(torch.randn(4, 4, dtype=torch.float16)) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inter, k", [(1, 1), (17, 7), (40, 33), (64, 64), (1536, 576)])
+def test_the_fused_gate_up_silu_is_the_unfused_pair_bit_for_bit(dtype, inter, k):
+    torch.manual_seed(inter + k)
+    w = torch.randn(2 * inter, k).to(dtype)
+    plain, turns = cpu_gemm.pack(w), cpu_gemm.pack_gate_up(w)
+    assert turns is not None and turns.gate_up and not plain.gate_up
+    for m in (1, 7, 8, 9, 64, 130):
+        x = torch.randn(m, k).to(dtype)
+        y = cpu_gemm.linear(x, plain, None)
+        # Through the plain GEMM the panels in turns come back in gate-then-up order.
+        assert torch.equal(cpu_gemm.linear(x, turns, None), y)
+        fused = cpu_gemm.linear_silu(x, turns)
+        assert fused.shape == (m, inter)
+        assert torch.equal(fused, cpu_ops.silu_and_mul(y)), (m, (fused - cpu_ops.silu_and_mul(y)).abs().max())
+    if inter > 1:  # and the unfused pair is right: against torch's silu(gate) * up of a float64 product
+        x = torch.randn(5, k).to(dtype)
+        want = _reference(x, w, None)
+        want = (torch.nn.functional.silu(want[:, :inter]) * want[:, inter:]).to(dtype)
+        torch.testing.assert_close(cpu_gemm.linear_silu(x, turns), want, atol=5e-2, rtol=2e-2)
+
+
+def test_the_gate_up_packing_refuses_what_it_cannot_take():
+    turns = cpu_gemm.pack_gate_up(torch.randn(32, 24))
+    with pytest.raises(ValueError, match="without a bias"):
+        cpu_gemm.linear(torch.randn(2, 24), turns, torch.randn(32))
+    with pytest.raises(ValueError, match="packed by pack_gate_up"):
+        cpu_gemm.linear_silu(torch.randn(2, 24), cpu_gemm.pack(torch.randn(32, 24)))
+    with pytest.raises(ValueError, match="input has 25 features"):
+        cpu_gemm.linear_silu(torch.randn(2, 25), turns)
+    assert cpu_gemm.pack_gate_up(torch.randn(33, 24)) is None  # no even split into gate and up
+
+
 @pytest.mark.skipif(cpu_build.compiler() is None, reason="no C++ compiler here")
 def test_the_bfloat16_path_without_avx512_bf16(tmp_path):
     """A CPU without vdpbf16ps runs each pair as two float32 FMAs; built here with the instruction off."""
@@ -75,6 +109,16 @@ def test_the_bfloat16_path_without_avx512_bf16(tmp_path):
         fn(got.data_ptr(), x.data_ptr(), packed.data.data_ptr(), b.data_ptr(), m, n, k)
         _check(got, x, w, b)
         torch.testing.assert_close(got, cpu_ops_linear(x, packed, b), atol=2e-2, rtol=1e-2)
+    silu = ctypes.CDLL(str(out)).dg_linear_silu_bf16  # the fused epilogue on the same path
+    silu.argtypes, silu.restype = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3, None
+    for m, inter, k in [(1, 20, 33), (9, 48, 64)]:
+        w, x = torch.randn(2 * inter, k).to(torch.bfloat16), torch.randn(m, k).to(torch.bfloat16)
+        plain, turns = cpu_gemm.pack(w), cpu_gemm.pack_gate_up(w)
+        unfused = torch.empty(m, 2 * inter, dtype=torch.bfloat16)
+        fn(unfused.data_ptr(), x.data_ptr(), plain.data.data_ptr(), None, m, 2 * inter, k)
+        got = torch.empty(m, inter, dtype=torch.bfloat16)
+        silu(got.data_ptr(), x.data_ptr(), turns.data.data_ptr(), m, inter, k)
+        assert torch.equal(got, cpu_ops.silu_and_mul(unfused))
 
 
 def cpu_ops_linear(x, packed, b):

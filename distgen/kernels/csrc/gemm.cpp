@@ -9,6 +9,9 @@
 // row (decode of a single stream) that is a read of the weights at memory bandwidth, at 64 and more the
 // tiles reuse each panel from cache and the FMA units set the pace.
 //
+// A gate/up projection that feeds SiLU-and-mul is packed with its gate and up panels in turns, and its
+// tiles store silu(gate) * up (linear<true>): the [M, 2I] product then never reaches memory.
+//
 // Every output is one accumulator summed in k order whatever the number of rows, so a request's
 // result does not depend on what else is in its batch.
 #include <algorithm>
@@ -64,9 +67,24 @@ void pack(bf16* dst, const bf16* w, int64_t n, int64_t k) {
         }
 }
 
-// Rounds the accumulators of one tile (plus the bias) into the output, the last panel cut at n.
-template <int kR, int kC, typename T>
+// Rounds the accumulators of one tile (plus the bias) into the output, the last panel cut at n. With
+// kSilu the tile's two panels are a gate panel and its up panel, and it stores silu(gate) * up: each
+// value rounded as the unfused GEMM and SiLU-and-mul kernels round it, so the result is theirs bit
+// for bit.
+template <int kR, int kC, bool kSilu, typename T>
 inline void store_tile(const float (&acc)[kR][kC][16], const T* bias, T* out, int64_t ldo, int64_t cols) {
+  if constexpr (kSilu) {
+    static_assert(kC == 2, "a SiLU tile holds one gate panel and its up panel");
+    for (int r = 0; r < kR; ++r) {
+      const int64_t lim = std::min<int64_t>(kPanel, cols);
+#pragma omp simd
+      for (int64_t l = 0; l < lim; ++l) {
+        const float g = round_to<T>(acc[r][0][l] + 0.0f), u = round_to<T>(acc[r][1][l] + 0.0f);
+        out[r * ldo + l] = from_f<T>(round_to<T>(g / (1.0f + exp_f(-g))) * u);
+      }
+    }
+    return;
+  }
   for (int r = 0; r < kR; ++r)
     for (int c = 0; c < kC; ++c) {
       const int64_t lim = std::min<int64_t>(kPanel, cols - c * kPanel);
@@ -78,7 +96,7 @@ inline void store_tile(const float (&acc)[kR][kC][16], const T* bias, T* out, in
 }
 
 // float32, and bfloat16 where the CPU lacks vdpbf16ps (each pair then becomes two float32 FMAs).
-template <int kR, int kC, typename T>
+template <int kR, int kC, bool kSilu, typename T>
 inline void tile_fma(const T* x, int64_t k, const T* wp, const T* bias, T* out, int64_t ldo, int64_t cols) {
   constexpr bool kPairs = std::is_same_v<T, bf16>;
   const int64_t stride = panel_stride<T>(k);
@@ -115,12 +133,12 @@ inline void tile_fma(const T* x, int64_t k, const T* wp, const T* bias, T* out, 
   }
   float res[kR][kC][16];
   std::memcpy(res, acc, sizeof res);
-  store_tile<kR, kC>(res, bias, out, ldo, cols);
+  store_tile<kR, kC, kSilu>(res, bias, out, ldo, cols);
 }
 
 #if defined(__AVX512BF16__)
 // bfloat16 with vdpbf16ps: each instruction adds x[k] w[k] + x[k+1] w[k+1] into 16 float32 lanes.
-template <int kR, int kC>
+template <int kR, int kC, bool kSilu>
 inline void tile_dpbf16(const bf16* x, int64_t k, const bf16* wp, const bf16* bias, bf16* out, int64_t ldo,
                         int64_t cols) {
   const int64_t stride = panel_stride<bf16>(k);
@@ -150,32 +168,32 @@ inline void tile_dpbf16(const bf16* x, int64_t k, const bf16* wp, const bf16* bi
   if (k % 2) step(k / 2, [](const bf16* p) { return static_cast<int32_t>(*p); });
   float res[kR][kC][16];
   std::memcpy(res, acc, sizeof res);
-  store_tile<kR, kC>(res, bias, out, ldo, cols);
+  store_tile<kR, kC, kSilu>(res, bias, out, ldo, cols);
 }
 #endif
 
-template <int kR, int kC, typename T>
+template <int kR, int kC, bool kSilu, typename T>
 inline void tile(const T* x, int64_t k, const T* wp, const T* bias, T* out, int64_t ldo, int64_t cols) {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, bf16>) return tile_dpbf16<kR, kC>(x, k, wp, bias, out, ldo, cols);
+  if constexpr (std::is_same_v<T, bf16>) return tile_dpbf16<kR, kC, kSilu>(x, k, wp, bias, out, ldo, cols);
 #endif
-  tile_fma<kR, kC>(x, k, wp, bias, out, ldo, cols);
+  tile_fma<kR, kC, kSilu>(x, k, wp, bias, out, ldo, cols);
 }
 
-template <int kC, typename T>
+template <int kC, bool kSilu, typename T>
 inline void tile_rows(int64_t rows, const T* x, int64_t k, const T* wp, const T* bias, T* out, int64_t ldo,
                       int64_t cols) {
   switch (rows) {
 #if defined(__AVX512F__)
-    case 8: return tile<8, kC>(x, k, wp, bias, out, ldo, cols);
-    case 7: return tile<7, kC>(x, k, wp, bias, out, ldo, cols);
+    case 8: return tile<8, kC, kSilu>(x, k, wp, bias, out, ldo, cols);
+    case 7: return tile<7, kC, kSilu>(x, k, wp, bias, out, ldo, cols);
 #endif
-    case 6: return tile<6, kC>(x, k, wp, bias, out, ldo, cols);
-    case 5: return tile<5, kC>(x, k, wp, bias, out, ldo, cols);
-    case 4: return tile<4, kC>(x, k, wp, bias, out, ldo, cols);
-    case 3: return tile<3, kC>(x, k, wp, bias, out, ldo, cols);
-    case 2: return tile<2, kC>(x, k, wp, bias, out, ldo, cols);
-    default: return tile<1, kC>(x, k, wp, bias, out, ldo, cols);
+    case 6: return tile<6, kC, kSilu>(x, k, wp, bias, out, ldo, cols);
+    case 5: return tile<5, kC, kSilu>(x, k, wp, bias, out, ldo, cols);
+    case 4: return tile<4, kC, kSilu>(x, k, wp, bias, out, ldo, cols);
+    case 3: return tile<3, kC, kSilu>(x, k, wp, bias, out, ldo, cols);
+    case 2: return tile<2, kC, kSilu>(x, k, wp, bias, out, ldo, cols);
+    default: return tile<1, kC, kSilu>(x, k, wp, bias, out, ldo, cols);
   }
 }
 
@@ -204,9 +222,11 @@ struct TileItems {
   }
 };
 
-template <typename T>
+// kSilu: wp holds gate and up panels in turns (gate panel p, then up panel p) and n is the width of
+// one half; out [m, n] = silu(x W_gate^T) * (x W_up^T), each panel group one 16-feature output slice.
+template <bool kSilu, typename T>
 void linear(T* out, const T* x, const T* wp, const T* bias, int64_t m, int64_t n, int64_t k) {
-  const int64_t np = panels(n);
+  const int64_t np = kSilu ? 2 * panels(n) : panels(n);
   const TileItems work(m, (np + kPanelsMax - 1) / kPanelsMax);
   const int64_t stride = panel_stride<T>(k), items = work.items();
 #pragma omp parallel for schedule(static) if (items > 1)
@@ -214,14 +234,14 @@ void linear(T* out, const T* x, const T* wp, const T* bias, int64_t m, int64_t n
     int64_t r0, g;
     work.at(i, r0, g);
     const int64_t rows = std::min<int64_t>(kRowsMax, m - r0);
-    const int64_t p0 = g * kPanelsMax, col0 = p0 * kPanel;
-    const int64_t cols = std::min<int64_t>(kPanelsMax * kPanel, n - col0);
+    const int64_t p0 = g * kPanelsMax, col0 = (kSilu ? g : p0) * kPanel;
+    const int64_t cols = std::min<int64_t>((kSilu ? 1 : kPanelsMax) * kPanel, n - col0);
     const T* w = wp + p0 * stride;
     const T* b = bias ? bias + col0 : nullptr;
-    if (np - p0 >= 2)
-      tile_rows<2>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
+    if (kSilu || np - p0 >= 2)
+      tile_rows<2, kSilu>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
     else
-      tile_rows<1>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
+      tile_rows<1, false>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
   }
 }
 
@@ -233,9 +253,14 @@ void linear(T* out, const T* x, const T* wp, const T* bias, int64_t m, int64_t n
   DG_EXPORT void dg_pack_linear_##SUF(void* dst, const void* w, int64_t n, int64_t k) {                 \
     pack(static_cast<T*>(dst), static_cast<const T*>(w), n, k);                                         \
   }                                                                                                     \
-  DG_EXPORT void dg_linear_##SUF(void* out, const void* x, const void* wp, const void* bias, int64_t m,  \
+  DG_EXPORT void dg_linear_##SUF(void* out, const void* x, const void* wp, const void* bias, int64_t m, \
                                  int64_t n, int64_t k) {                                                \
-    linear(static_cast<T*>(out), static_cast<const T*>(x), static_cast<const T*>(wp),                   \
-           static_cast<const T*>(bias), m, n, k);                                                       \
+    linear<false>(static_cast<T*>(out), static_cast<const T*>(x), static_cast<const T*>(wp),            \
+                  static_cast<const T*>(bias), m, n, k);                                                \
+  }                                                                                                     \
+  DG_EXPORT void dg_linear_silu_##SUF(void* out, const void* x, const void* wp, int64_t m,              \
+                                      int64_t inter, int64_t k) {                                       \
+    linear<true, T>(static_cast<T*>(out), static_cast<const T*>(x), static_cast<const T*>(wp), nullptr, \
+                    m, inter, k);                                                                       \
   }
 DG_BOTH(DG_GEMM)
