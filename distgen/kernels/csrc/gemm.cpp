@@ -67,6 +67,35 @@ void pack(bf16* dst, const bf16* w, int64_t n, int64_t k) {
         }
 }
 
+// Each lane rounded as a tensor of type T stores it (from_f's rounding, on sixteen lanes at once).
+template <typename T>
+inline vf16 round16(vf16 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    vu16 u;
+    std::memcpy(&u, &v, sizeof u);
+    const vu16 nearest = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    const vu16 quiet = (u & 0xffff0000u) | 0x400000u;  // a NaN stays a NaN
+    const vu16 r = (u & 0x7fffffffu) > 0x7f800000u ? quiet : nearest;
+    std::memcpy(&v, &r, sizeof v);
+    return v;
+  }
+}
+
+// Stores sixteen lanes that round16<T> rounded (so the narrowing is exact).
+template <typename T>
+inline void store_rounded16(T* out, vf16 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    store16(out, v);
+  } else {
+    vu16 u;
+    std::memcpy(&u, &v, sizeof u);
+    const vh16 h = __builtin_convertvector(u >> 16, vh16);
+    std::memcpy(out, &h, sizeof h);
+  }
+}
+
 // Rounds the accumulators of one tile (plus the bias) into the output, the last panel cut at n. With
 // kSilu the tile's two panels are a gate panel and its up panel, and it stores silu(gate) * up: each
 // value rounded as the unfused GEMM and SiLU-and-mul kernels round it, so the result is theirs bit
@@ -75,12 +104,19 @@ template <int kR, int kC, bool kSilu, typename T>
 inline void store_tile(const float (&acc)[kR][kC][16], const T* bias, T* out, int64_t ldo, int64_t cols) {
   if constexpr (kSilu) {
     static_assert(kC == 2, "a SiLU tile holds one gate panel and its up panel");
+    const int64_t lim = std::min<int64_t>(kPanel, cols);
     for (int r = 0; r < kR; ++r) {
-      const int64_t lim = std::min<int64_t>(kPanel, cols);
-#pragma omp simd
-      for (int64_t l = 0; l < lim; ++l) {
-        const float g = round_to<T>(acc[r][0][l] + 0.0f), u = round_to<T>(acc[r][1][l] + 0.0f);
-        out[r * ldo + l] = from_f<T>(round_to<T>(g / (1.0f + exp_f(-g))) * u);
+      // + 0: a -0 sum stored as +0, as the unfused GEMM's bias-less store gives it.
+      const vf16 g = round16<T>(load16(acc[r][0]) + 0.0f), u = round16<T>(load16(acc[r][1]) + 0.0f);
+      // exp16: exp_f's steps in every lane.
+      const vf16 v = round16<T>(round16<T>(g / (splat16(1.0f) + exp16(-g))) * u);
+      T* o = out + r * ldo;
+      if (lim == kPanel) {
+        store_rounded16(o, v);
+      } else {
+        T t[16];
+        store_rounded16(t, v);
+        std::memcpy(o, t, lim * sizeof(T));
       }
     }
     return;
