@@ -136,13 +136,16 @@ class GemmaDecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps, dtype)
         self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps, dtype)
 
-    def forward(self, positions, x, residual, meta: AttentionMetadata):
-        """(x, residual) in and out, their sum the hidden state, as in Llama's layers."""
+    def forward(self, positions, x, residual, meta: AttentionMetadata, keep=None):
+        """(x, residual) in and out, their sum the hidden state, as in Llama's layers; ``keep`` as
+        there."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.post_attention_layernorm(self.self_attn(positions, x, meta))
+        x = self.post_attention_layernorm(self.self_attn(positions, x, meta, keep))
+        if keep is not None:
+            residual = residual[keep]
         x, residual = self.pre_feedforward_layernorm(x, residual)
         return self.post_feedforward_layernorm(self.mlp(x)), residual
 

@@ -54,14 +54,22 @@ class LlamaAttention(nn.Module):
             head_offset=shard.head_offset,
         )
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        meta: AttentionMetadata,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``keep``: the rows whose output is wanted (all of them write K/V; see LlamaForCausalLM)."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         t = x.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         qk_norm = None if self.q_norm is None else (self.q_norm, self.k_norm)
-        return self.o_proj(self.attn(q, k, v, meta, positions, qk_norm))
+        out = self.attn(q, k, v, meta, positions, qk_norm)
+        return self.o_proj(out if keep is None else out[keep])
 
 
 class LlamaMLP(nn.Module):
@@ -99,12 +107,14 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, eps, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, eps, dtype)
 
-    def forward(self, positions, x, residual, meta):
+    def forward(self, positions, x, residual, meta, keep=None):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
+        x = self.self_attn(positions, x, meta, keep)
+        if keep is not None:
+            residual = residual[keep]
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -116,6 +126,7 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
     family = "llama"  # whose defaults a config.json dict handed to the constructor takes
+    keeps_rows = True  # forward takes ``keep`` (the model runner asks)
 
     def __init__(self, cfg: ArchConfig | Mapping[str, Any], dtype: torch.dtype) -> None:
         super().__init__()
@@ -161,15 +172,23 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         meta: AttentionMetadata,
         intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The final hidden states; on a stage before the last, (hidden, residual) for the next
-        stage, which passes them back in as ``intermediate``."""
+        stage, which passes them back in as ``intermediate``.
+
+        ``keep``: on the last stage, the only rows whose hidden states are wanted (the rows that
+        sample), in the order wanted. The last layer still writes every row's K/V, then carries only
+        those rows through its output projection and MLP: a prefill chunk's other rows would only be
+        thrown away. Each kept row's result is the one the whole batch gives it, as each row of a
+        GEMM is its own sum."""
         if intermediate is None:
             x, residual = self.embed(input_ids), None
         else:
             x, residual = intermediate
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+        final = len(self.layers) - 1 if self.last and keep is not None else -1
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(positions, x, residual, meta, keep if i == final else None)
         if not self.last:
             return x, residual
         x, _ = self.norm(x, residual)

@@ -157,6 +157,13 @@ class ModelRunner:
         order = sorted(range(len(rows)), key=lambda i: (counts[i] != 1, rows[i].num_computed_tokens))
         rows = [rows[i] for i in order]
         counts = [counts[i] for i in order]
+        sample_rows = [i for i, s in enumerate(rows) if s.num_computed_tokens + counts[i] == len(s.token_ids)]
+        lp_rows = [
+            i
+            for i, s in enumerate(rows)
+            if s.sampling_params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens
+        ]
+        keep = None
         if self.graphs is not None and counts[-1] == 1 and len(rows) <= self.graphs.max_batch:
             hidden, cu = self._replay_decode(rows)
         else:
@@ -165,22 +172,34 @@ class ModelRunner:
             fill = self._placeholder_fill(rows, step.cu)
             if fill is not None:
                 step.input_ids[fill[0]] = fill[1]
-            hidden, cu = self._forward(step), step.cu
+            keep = self._kept_rows(sample_rows, lp_rows, step.cu)
+            hidden, cu = self._forward(step, keep), step.cu
             if hidden is None:  # a stage before the last: its output went on to the next stage
                 return None
-        return self._sample(rows, counts, hidden, cu)
+        return self._sample(rows, counts, hidden, cu, sample_rows, lp_rows, keep is not None)
 
-    def _forward(self, step: StepInputs) -> torch.Tensor | None:
+    def _kept_rows(self, sample_rows: list[int], lp_rows: list[int], cu: np.ndarray) -> torch.Tensor | None:
+        """The rows the model's last layer carries past its attention (``keep`` of
+        LlamaForCausalLM.forward): each sampling row's last position, where those are fewer than the
+        step's tokens and no prompt logprobs need the rest; None for all of them."""
+        if not getattr(self.model, "keeps_rows", False) or not ps.is_last_stage():
+            return None
+        if lp_rows or not sample_rows or len(sample_rows) == int(cu[-1]):
+            return None
+        return to_device(cu[np.asarray(sample_rows) + 1] - 1, self.device)
+
+    def _forward(self, step: StepInputs, keep: torch.Tensor | None = None) -> torch.Tensor | None:
         """The model on this step's inputs: the whole model, or this rank's pipeline stage, which takes
         its input from the previous stage and sends its output to the next."""
+        kept = {} if keep is None else {"keep": keep}
         if ps.pp_size() == 1:
-            return self.model(step.input_ids, step.positions, step.meta)
+            return self.model(step.input_ids, step.positions, step.meta, **kept)
         intermediate = None
         if not ps.is_first_stage():
             shape = (len(step.input_ids), self.hidden_size)
             x, residual = ps.recv_from_prev([shape, shape], self.dtype, self.device)
             intermediate = (x, residual)
-        out = self.model(step.input_ids, step.positions, step.meta, intermediate)
+        out = self.model(step.input_ids, step.positions, step.meta, intermediate, **kept)
         if ps.is_last_stage():
             return out
         ps.send_to_next(list(out))
@@ -239,21 +258,16 @@ class ModelRunner:
             self.kv_cache.index_fill_(2, to_device(fresh, self.device), 0)
 
     # -- sampling --------------------------------------------------------------------------
-    def _sample(self, rows, counts, hidden: torch.Tensor, cu: np.ndarray) -> SampledOutput | None:
-        sample_rows = [i for i, s in enumerate(rows) if s.num_computed_tokens + counts[i] == len(s.token_ids)]
-        prompt_lp_rows = [
-            i
-            for i, s in enumerate(rows)
-            if s.sampling_params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens
-        ]
+    def _sample(self, rows, counts, hidden, cu, sample_rows, lp_rows, kept: bool) -> SampledOutput | None:
+        """``kept``: hidden holds only the sampling rows' last positions (see :meth:`_kept_rows`)."""
         logits = None
         if sample_rows:
             last = cu[np.asarray(sample_rows) + 1] - 1  # each sampling row's last position
-            if len(last) == len(hidden):  # decode-only: every position samples, in order
+            if kept or len(last) == len(hidden):  # or decode-only: every position samples, in order
                 logits = self.model.compute_logits(hidden)
             else:
                 logits = self.model.compute_logits(hidden[to_device(last, hidden.device)])
-        prompt_lp = self._prompt_logprobs(rows, counts, hidden, cu, prompt_lp_rows)
+        prompt_lp = self._prompt_logprobs(rows, counts, hidden, cu, lp_rows)
         srows = [rows[i] for i in sample_rows]
         if not self.is_driver:
             if self.async_scheduling and srows:  # rank 0's samples, for the next step's inputs

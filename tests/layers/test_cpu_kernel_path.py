@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distgen.kernels import cpu_build, dispatch
-from distgen.layers.linear import LinearBase
+from distgen.layers.linear import LinearBase, MergedColumnParallelLinear
 from tests.layers.model_steps import make_runner, run_steps
 
 pytestmark = pytest.mark.skipif(cpu_build.try_load() is None, reason="no C++ compiler to build the kernels")
@@ -24,6 +24,9 @@ def test_cpu_kernels_match_the_torch_path(arch, tokenizerless_dir):
     packed = [m for m in runner.model.modules() if isinstance(m, LinearBase)]
     assert packed and all(m.packed is not None and m.weight.numel() == 0 for m in packed)
     assert all(m.packed is None for m in ref_runner.model.modules() if isinstance(m, LinearBase))
+    # The gated MLPs' gate/up projections take the GEMM with SiLU-and-mul in its epilogue.
+    gate_ups = [m for m in packed if isinstance(m, MergedColumnParallelLinear)]
+    assert len(gate_ups) == (0 if arch == "opt" else 2) and all(m.packed.gate_up for m in gate_ups)
     got = run_steps(runner)
     assert len(got) == len(ref) == 5
     for i, ((tok, lp), (ref_tok, ref_lp)) in enumerate(zip(got, ref)):
@@ -64,3 +67,32 @@ def test_forced_cpu_mode_fails_clearly_without_a_compiler(monkeypatch):
     with dispatch.kernel_mode("cpu"), pytest.raises(cpu_build.CpuKernelsUnavailable, match="no C"):
         dispatch.use_cpu_kernels_for(torch.device("cpu"), torch.float32)
     assert dispatch.attention_path(torch.device("cpu"), torch.float32) == "torch"  # auto falls back
+
+
+@pytest.mark.parametrize("arch, mode", [("llama", "cpu"), ("qwen3", "cpu"), ("llama", "torch")])
+def test_the_last_layer_carries_only_the_sampling_rows(arch, mode, tokenizerless_dir):
+    """run_steps' prefill chunks have rows that do not sample: the last layer carries only the rows
+    that do past its attention, and the tokens and logprobs are those of a forward over every row (bit
+    for bit on the CPU kernels, whose GEMM rows are sums of their own)."""
+    with dispatch.kernel_mode(mode):
+        full = make_runner(tokenizerless_dir(arch), "cpu")
+        full.model.keeps_rows = False
+        want = run_steps(full)
+        runner = make_runner(tokenizerless_dir(arch), "cpu")
+        kept: list[int | None] = []
+        forward = runner.model.forward
+
+        def recording(*args, keep=None):
+            kept.append(None if keep is None else len(keep))
+            return forward(*args, keep=keep)
+
+        runner.model.forward = recording
+        got = run_steps(runner)
+    # Steps 1-3 hold prefill rows (1 of 9, 2 of 5 and 3 of 4 rows sample); steps 4-5 are decodes.
+    assert kept == [1, 2, 3, None, None]
+    for (tok, lp), (want_tok, want_lp) in zip(got, want, strict=True):
+        assert tok == want_tok
+        if mode == "cpu":
+            assert lp == want_lp
+        else:  # the BLAS may block a GEMM of fewer rows differently
+            torch.testing.assert_close(torch.tensor(lp), torch.tensor(want_lp), atol=1e-5, rtol=1e-5)
