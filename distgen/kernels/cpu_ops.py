@@ -61,6 +61,15 @@ def int8_activations_available() -> bool:
     return bool(fn())
 
 
+@functools.cache
+def linear_bf16_on_amx() -> bool:
+    """Whether the bfloat16 GEMM runs on AMX tiles here (csrc/gemm_amx.h): a CPU with AMX whose kernel
+    grants the tile state."""
+    fn = cpu_build.load().dg_linear_bf16_amx
+    fn.argtypes, fn.restype = [], ctypes.c_int64
+    return bool(fn())
+
+
 def _fn(name: str, x: torch.Tensor) -> ctypes._CFuncPtr:
     return _functions()[(name, x.dtype)]
 

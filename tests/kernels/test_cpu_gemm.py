@@ -29,8 +29,8 @@ def _check(got, x, w, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13, 64])
-@pytest.mark.parametrize("n, k", [(1, 1), (16, 8), (17, 33), (48, 64), (100, 577), (960, 576)])
+@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13, 45, 64, 300])
+@pytest.mark.parametrize("n, k", [(1, 1), (16, 8), (17, 33), (48, 64), (100, 577), (960, 576), (33, 1536)])
 def test_packed_linear_matches_the_product(dtype, m, n, k):
     torch.manual_seed(m * 1000 + n + k)
     w, x, b = torch.randn(n, k).to(dtype), torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
@@ -97,8 +97,11 @@ def test_the_gate_up_packing_refuses_what_it_cannot_take():
 def test_the_bfloat16_path_without_avx512_bf16(tmp_path):
     """A CPU without vdpbf16ps runs each pair as two float32 FMAs; built here with the instruction off."""
     out = tmp_path / "no_bf16.so"
-    # The GEMM's own source only: the rest of the library does not change the path under test.
-    cpu_build.build(cpu_build.compiler(), out, ("-mno-avx512bf16",), [cpu_build.SOURCE_DIR / "gemm.cpp"])
+    # The GEMM's own source only: the rest of the library does not change the path under test. Without
+    # AMX either (an AMX CPU would take its tiles for K a multiple of 32).
+    flags = ("-mno-avx512bf16", "-mno-amx-tile")
+    cpu_build.build(cpu_build.compiler(), out, flags, [cpu_build.SOURCE_DIR / "gemm.cpp"])
+    assert not ctypes.CDLL(str(out)).dg_linear_bf16_amx()
     fn = ctypes.CDLL(str(out)).dg_linear_bf16
     fn.argtypes, fn.restype = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3, None
     torch.manual_seed(1)
@@ -119,6 +122,26 @@ def test_the_bfloat16_path_without_avx512_bf16(tmp_path):
         got = torch.empty(m, inter, dtype=torch.bfloat16)
         silu(got.data_ptr(), x.data_ptr(), turns.data.data_ptr(), m, inter, k)
         assert torch.equal(got, cpu_ops.silu_and_mul(unfused))
+
+
+@pytest.mark.skipif(cpu_build.compiler() is None, reason="no C++ compiler here")
+@pytest.mark.skipif(not cpu_ops.linear_bf16_on_amx(), reason="this CPU has no AMX (or Linux withholds it)")
+def test_amx_tiles_and_vdpbf16ps_give_the_same_products(tmp_path):
+    """On an AMX CPU the bfloat16 GEMM takes AMX tiles; the vdpbf16ps build of the same weights agrees
+    (float32 sums of the same exact products in another order, one bf16 rounding)."""
+    out = tmp_path / "no_amx.so"
+    cpu_build.build(cpu_build.compiler(), out, ("-mno-amx-tile",), [cpu_build.SOURCE_DIR / "gemm.cpp"])
+    fn = ctypes.CDLL(str(out)).dg_linear_bf16
+    fn.argtypes, fn.restype = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3, None
+    torch.manual_seed(2)
+    for m, n, k in [(1, 48, 64), (17, 100, 576), (300, 64, 1536)]:
+        w, x = torch.randn(n, k).to(torch.bfloat16), torch.randn(m, k).to(torch.bfloat16)
+        packed = cpu_gemm.pack(w)
+        want = torch.empty(m, n, dtype=torch.bfloat16)
+        fn(want.data_ptr(), x.data_ptr(), packed.data.data_ptr(), None, m, n, k)
+        got = cpu_gemm.linear(x, packed, None)
+        torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=1.6e-2)
+        assert (got != want).float().mean() < 0.1  # mostly the same rounding
 
 
 def cpu_ops_linear(x, packed, b):

@@ -9,6 +9,9 @@
 // row (decode of a single stream) that is a read of the weights at memory bandwidth, at 64 and more the
 // tiles reuse each panel from cache and the FMA units set the pace.
 //
+// On CPUs with AMX, bfloat16 products whose K is a multiple of 32 run on AMX tiles instead, from the same
+// packed weights (gemm_amx.h).
+//
 // A gate/up projection that feeds SiLU-and-mul is packed with its gate and up panels in turns, and its
 // tiles store silu(gate) * up (linear<true>): the [M, 2I] product then never reaches memory.
 //
@@ -21,6 +24,10 @@
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>  // for gemm_amx.h, which this file includes inside its namespace
+#include <unistd.h>
 #endif
 
 namespace {
@@ -244,24 +251,30 @@ constexpr int64_t kBlockRows = 8 * kRowsMax;
 // group by panel group, row tile by row tile; a last, shorter block has fewer row tiles, so items are
 // counted rather than laid on a grid, and an even static split of them gives each thread equal work.
 struct TileItems {
-  int64_t groups, full_blocks, tiles_per_block, last_tiles;
-  TileItems(int64_t m, int64_t groups)
-      : groups(groups), full_blocks(m / kBlockRows), tiles_per_block(kBlockRows / kRowsMax),
-        last_tiles((m % kBlockRows + kRowsMax - 1) / kRowsMax) {}
+  int64_t groups, tile_rows, block_rows, full_blocks, tiles_per_block, last_tiles;
+  TileItems(int64_t m, int64_t groups, int64_t tile_rows = kRowsMax, int64_t block_rows = kBlockRows)
+      : groups(groups), tile_rows(tile_rows), block_rows(block_rows), full_blocks(m / block_rows),
+        tiles_per_block(block_rows / tile_rows), last_tiles((m % block_rows + tile_rows - 1) / tile_rows) {}
   int64_t items() const { return (full_blocks * tiles_per_block + last_tiles) * groups; }
   // First row and panel group of item i.
   void at(int64_t i, int64_t& r0, int64_t& g) const {
     const int64_t per_block = tiles_per_block * groups, b = i / per_block;
     const int64_t tiles = b < full_blocks ? tiles_per_block : last_tiles, j = i - b * per_block;
     g = j / tiles;
-    r0 = b * kBlockRows + (j % tiles) * kRowsMax;
+    r0 = b * block_rows + (j % tiles) * tile_rows;
   }
 };
+
+#include "gemm_amx.h"
 
 // kSilu: wp holds gate and up panels in turns (gate panel p, then up panel p) and n is the width of
 // one half; out [m, n] = silu(x W_gate^T) * (x W_up^T), each panel group one 16-feature output slice.
 template <bool kSilu, typename T>
 void linear(T* out, const T* x, const T* wp, const T* bias, int64_t m, int64_t n, int64_t k) {
+#if defined(DG_GEMM_AMX)
+  if constexpr (std::is_same_v<T, bf16>)
+    if (amx_takes(k)) return linear_amx<kSilu>(out, x, wp, bias, m, n, k);
+#endif
   const int64_t np = kSilu ? 2 * panels(n) : panels(n);
   const TileItems work(m, (np + kPanelsMax - 1) / kPanelsMax);
   const int64_t stride = panel_stride<T>(k), items = work.items();
@@ -300,3 +313,12 @@ void linear(T* out, const T* x, const T* wp, const T* bias, int64_t m, int64_t n
                     m, inter, k);                                                                       \
   }
 DG_BOTH(DG_GEMM)
+
+// Whether the bfloat16 GEMM runs on AMX tiles here (built for a CPU with AMX, and Linux grants them).
+DG_EXPORT int64_t dg_linear_bf16_amx() {
+#if defined(DG_GEMM_AMX)
+  return amx_permitted();
+#else
+  return 0;
+#endif
+}
