@@ -46,9 +46,9 @@ template <>
 inline bf16 from_f<bf16>(float f) {  // round to nearest even, as torch does
   uint32_t u;
   std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<bf16>(u >> 16);
+  // A select, not an early return, so that loops over it vectorize.
+  const uint32_t nearest = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet_nan = (u >> 16) | 0x40u;
+  return static_cast<bf16>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : nearest);
 }
 
 // Rounds a float32 value the way a tensor of type T would store it.
