@@ -96,6 +96,8 @@ def _transposed(k_cache: torch.Tensor) -> torch.Tensor:
         # the register-tiled path: head size 64 or 128, blocks of a multiple of 16 tokens
         (8, 2, 128, 32, [(1, 1), (1, 70), (20, 45), (3, 3)]),
         (6, 6, 64, 16, [(17, 40), (1, 33), (2, 2)]),
+        # with AMX, whole 16-row tiles of a bf16 item take its tiles, spans ending off a 32-key boundary
+        (9, 3, 64, 16, [(70, 75), (33, 33), (1, 50), (6, 90)]),
     ],
 )
 def test_paged_attention_matches_gathered_reference(dtype, shape):

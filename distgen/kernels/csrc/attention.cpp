@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "amx.h"
 #include "common.h"
 
 namespace {

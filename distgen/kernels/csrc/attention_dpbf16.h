@@ -140,6 +140,53 @@ inline void pv_tail(int64_t n, float* acc, const float* corr, const uint32_t* p,
   }
 }
 
+#if defined(DG_AMX)
+// With AMX (amx.h), whole 16-row tiles of an item's rows score and sum V on tiles: tdpbf16ps takes the
+// same pair layouts as vdpbf16ps (q rows of dimension pairs; K spans as [D/2][keys][2]; probabilities as
+// key pairs; V spans as [keys/2][D][2]), 16 x 16 outputs per instruction. Rows past the last whole tile
+// take the vdpbf16ps functions above.
+
+// s[r][0 .. width) = scale * q_r . k_t for 16 rows; width a multiple of 16.
+template <int64_t kD>
+inline void amx_scores(const uint32_t* q, const uint32_t* kp, int64_t keys, int64_t width, float scale, float* s,
+                       int64_t ps) {
+  for (int64_t t0 = 0; t0 < width; t0 += 16) {
+    _tile_zero(0);
+    for (int64_t i = 0; i < kD / 2; i += 16) {  // 16 dimension pairs a step
+      _tile_loadd(4, q + i, kD * 2);
+      _tile_loadd(6, kp + i * keys + t0, keys * 4);
+      _tile_dpbf16ps(0, 4, 6);
+    }
+    _tile_stored(0, s + t0, ps * 4);
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < 16; ++r)
+    for (int64_t t0 = 0; t0 < width; t0 += 16)
+      _mm512_storeu_ps(s + r * ps + t0, _mm512_mul_ps(_mm512_loadu_ps(s + r * ps + t0), sc));
+}
+
+// acc[r] = acc[r] * corr[r] + sum_t p[r][t] v_t for 16 rows, over pairs16 (a multiple of 16) key pairs
+// whose probabilities and V rows past the span are zero.
+template <int64_t kD>
+inline void amx_pv(float* acc, const float* corr, const uint32_t* p, int64_t pstride, const uint32_t* vp,
+                   int64_t pairs16) {
+  alignas(64) float pv[16][16];
+  for (int64_t j = 0; j < kD; j += 16) {
+    _tile_zero(0);
+    for (int64_t t = 0; t < pairs16; t += 16) {
+      _tile_loadd(4, p + t, pstride * 4);
+      _tile_loadd(6, vp + t * kD + j, kD * 4);
+      _tile_dpbf16ps(0, 4, 6);
+    }
+    _tile_stored(0, &pv[0][0], 64);
+    for (int r = 0; r < 16; ++r) {
+      float* ar = acc + r * kD + j;
+      _mm512_storeu_ps(ar, _mm512_fmadd_ps(_mm512_loadu_ps(ar), _mm512_set1_ps(corr[r]), _mm512_loadu_ps(pv[r])));
+    }
+  }
+}
+#endif
+
 // One span for every row of a bf16 item (see span_all_rows for the fp32 order of work).
 template <int64_t kD>
 inline void span_all_rows_dp(Scratch& w, const AttnArgs& a, int64_t rows, int64_t bs, const Span<bf16>& sp,
@@ -151,7 +198,14 @@ inline void span_all_rows_dp(Scratch& w, const AttnArgs& a, int64_t rows, int64_
   pack_k_span<kD>(sp, bs, kp, keys);
   pack_v_span<kD>(sp, bs, vp);
   constexpr int kS = 6;  // score rows per register tile: 12 accumulators, each K load feeding 6 products
-  int64_t r = 0;
+  int64_t r = 0, amx_rows = 0;
+#if defined(DG_AMX)
+  if (rows >= 16 && keys % 32 == 0 && amx_permitted()) {
+    amx_rows = rows / 16 * 16;
+    amx_configure();
+    for (; r < amx_rows; r += 16) amx_scores<kD>(q + r * kD / 2, kp, keys, width, a.scale, &w.s[r * ps], ps);
+  }
+#endif
   for (; r + kS <= rows; r += kS)
     dp_score_rows<kS, kD>(q + r * kD / 2, kp, keys, width, a.scale, &w.s[r * ps], ps);
   score_tail<kS - 1, kD>(rows - r, q + r * kD / 2, kp, keys, width, a.scale, &w.s[r * ps], ps);
@@ -171,7 +225,20 @@ inline void span_all_rows_dp(Scratch& w, const AttnArgs& a, int64_t rows, int64_
   // The accumulators of kP rows (kP * kD / 16) plus one V pair-row (kD / 16) fill the 32 registers.
   constexpr int kP = kD <= 64 ? 6 : kD <= 128 ? 3 : 1;
   const int64_t pairs = (sp.n + 1) / 2;
-  for (r = 0; r + kP <= rows; r += kP)
+  r = 0;
+#if defined(DG_AMX)
+  if (amx_rows) {
+    // Whole tiles of 16 key pairs: the pairs past the span get zero V rows and zero probabilities (the
+    // buffers may hold anything there, a NaN included).
+    const int64_t pairs16 = (pairs + 15) / 16 * 16;
+    std::fill(vp + pairs * kD, vp + pairs16 * kD, 0u);
+    if (pairs16 > width / 2)
+      for (int64_t i = 0; i < amx_rows; ++i) std::fill(p + i * pstride + width / 2, p + i * pstride + pairs16, 0u);
+    for (; r < amx_rows; r += 16) amx_pv<kD>(&w.acc[r * kD], &w.corr[r], p + r * pstride, pstride, vp, pairs16);
+    _tile_release();
+  }
+#endif
+  for (; r + kP <= rows; r += kP)
     dp_pv<kP, kD>(&w.acc[r * kD], &w.corr[r], p + r * pstride, pstride, vp, pairs);
   pv_tail<kP - 1, kD>(rows - r, &w.acc[r * kD], &w.corr[r], p + r * pstride, pstride, vp, pairs);
 }

@@ -25,10 +25,7 @@
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
-#if defined(__AMX_TILE__)
-#include <sys/syscall.h>  // for gemm_amx.h, which this file includes inside its namespace
-#include <unistd.h>
-#endif
+#include "amx.h"
 
 namespace {
 

@@ -9,40 +9,19 @@
 // from a zero-padded copy. Each output is its own row's sum over k in 32-k steps, in the same order for
 // any M, so a row's result does not depend on its batch here either. K must be a multiple of 32 (the
 // model shapes are); other K take the vdpbf16ps path.
-//
-// Linux grants a process the AMX register state only on request (arch_prctl ARCH_REQ_XCOMP_PERM); where
-// it refuses, the vdpbf16ps path runs.
+// Where Linux withholds the tiles (amx.h), the vdpbf16ps path runs.
 #pragma once
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(DG_AMX)
 #define DG_GEMM_AMX 1
 
 constexpr int64_t kAmxRows = 32;        // rows per work item: two 16-row x tiles
 constexpr int64_t kAmxBlockRows = 256;  // rows whose x stays in L2 while every panel passes (as kBlockRows)
 
-inline bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
 inline bool amx_takes(int64_t k) { return k % 32 == 0 && k > 0 && amx_permitted(); }
 
-// Tiles 0-3: the sums (16 rows x 16 floats) of x tile 0/1 by panel 0/1; 4-5: two x tiles (16 rows x 32
-// bf16); 6-7: two weight tiles (16 k pairs x 16 features x 2). All 16 rows of 64 bytes.
-inline void amx_configure() {
-  struct alignas(64) {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-  } cfg = {};
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-  _tile_loadconfig(&cfg);
-}
-
+// The tiles (amx.h's configuration): 0-3 the sums (16 rows x 16 floats) of x tile 0/1 by panel 0/1; 4-5
+// two x tiles (16 rows x 32 bf16); 6-7 two weight tiles (16 k pairs x 16 features x 2).
 // sums [32][32]: rows of x tiles 0 and 1 (a0, a1, each read with lda elements between rows) by panels 0
 // and 1 (w, w + stride), over k in steps of 32.
 template <int kRT, int kCT>
