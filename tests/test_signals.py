@@ -14,6 +14,18 @@ import pytest
 from distgen.signals import catchable_ctrl_c, held_signals
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_a_terminal_delivers_it():
+    """Python's own SIGINT handler in this process, so its children start with SIGINT at its default: a
+    runner that started the tests with SIGINT ignored (a background job of a non-interactive shell does)
+    would otherwise pass the ignoring on to every child, and these tests are about Ctrl-C itself."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_a_signal_in_the_block_is_delivered_after_it():
     seen: list[str] = []
     before = signal.signal(signal.SIGTERM, lambda *_: seen.append("handler"))
