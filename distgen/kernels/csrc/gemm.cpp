@@ -244,21 +244,32 @@ inline void tile_rows(int64_t rows, const T* x, int64_t k, const T* wp, const T*
 // panel-major order itself.
 constexpr int64_t kBlockRows = 8 * kRowsMax;
 
-// Work item i of a product: the row tile and panel group it computes. Items run block by block, panel
-// group by panel group, row tile by row tile; a last, shorter block has fewer row tiles, so items are
-// counted rather than laid on a grid, and an even static split of them gives each thread equal work.
+// One work item's share of a product: rows r0 .. r0 + rows of x against the panels from p0, which write
+// output columns col0 .. col0 + cols; two_panels says whether the item has a second panel.
+struct Tile {
+  int64_t r0, rows, p0, col0, cols;
+  bool two_panels;
+};
+
+// The work items of a product. Items run block by block, panel group by panel group, row tile by row
+// tile; a last, shorter block has fewer row tiles, so items are counted rather than laid on a grid, and
+// an even static split of them gives each thread equal work. kSilu: the panels are gate and up in turns,
+// so a group of two is one 16-feature output slice.
+template <bool kSilu>
 struct TileItems {
-  int64_t groups, tile_rows, block_rows, full_blocks, tiles_per_block, last_tiles;
-  TileItems(int64_t m, int64_t groups, int64_t tile_rows = kRowsMax, int64_t block_rows = kBlockRows)
-      : groups(groups), tile_rows(tile_rows), block_rows(block_rows), full_blocks(m / block_rows),
+  int64_t m, n, np, groups, tile_rows, block_rows, full_blocks, tiles_per_block, last_tiles;
+  TileItems(int64_t m, int64_t n, int64_t tile_rows = kRowsMax, int64_t block_rows = kBlockRows)
+      : m(m), n(n), np(kSilu ? 2 * panels(n) : panels(n)), groups((np + kPanelsMax - 1) / kPanelsMax),
+        tile_rows(tile_rows), block_rows(block_rows), full_blocks(m / block_rows),
         tiles_per_block(block_rows / tile_rows), last_tiles((m % block_rows + tile_rows - 1) / tile_rows) {}
   int64_t items() const { return (full_blocks * tiles_per_block + last_tiles) * groups; }
-  // First row and panel group of item i.
-  void at(int64_t i, int64_t& r0, int64_t& g) const {
+  Tile at(int64_t i) const {
     const int64_t per_block = tiles_per_block * groups, b = i / per_block;
     const int64_t tiles = b < full_blocks ? tiles_per_block : last_tiles, j = i - b * per_block;
-    g = j / tiles;
-    r0 = b * block_rows + (j % tiles) * tile_rows;
+    const int64_t g = j / tiles, r0 = b * block_rows + (j % tiles) * tile_rows, p0 = g * kPanelsMax;
+    const int64_t col0 = (kSilu ? g : p0) * kPanel;
+    const int64_t cols = std::min<int64_t>((kSilu ? 1 : kPanelsMax) * kPanel, n - col0);
+    return {r0, std::min(tile_rows, m - r0), p0, col0, cols, kSilu || np - p0 >= 2};
   }
 };
 
@@ -272,22 +283,18 @@ void linear(T* out, const T* x, const T* wp, const T* bias, int64_t m, int64_t n
   if constexpr (std::is_same_v<T, bf16>)
     if (amx_takes(k)) return linear_amx<kSilu>(out, x, wp, bias, m, n, k);
 #endif
-  const int64_t np = kSilu ? 2 * panels(n) : panels(n);
-  const TileItems work(m, (np + kPanelsMax - 1) / kPanelsMax);
+  const TileItems<kSilu> work(m, n);
   const int64_t stride = panel_stride<T>(k), items = work.items();
 #pragma omp parallel for schedule(static) if (items > 1)
   for (int64_t i = 0; i < items; ++i) {
-    int64_t r0, g;
-    work.at(i, r0, g);
-    const int64_t rows = std::min<int64_t>(kRowsMax, m - r0);
-    const int64_t p0 = g * kPanelsMax, col0 = (kSilu ? g : p0) * kPanel;
-    const int64_t cols = std::min<int64_t>((kSilu ? 1 : kPanelsMax) * kPanel, n - col0);
-    const T* w = wp + p0 * stride;
-    const T* b = bias ? bias + col0 : nullptr;
-    if (kSilu || np - p0 >= 2)
-      tile_rows<2, kSilu>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
+    const Tile t = work.at(i);
+    const T* w = wp + t.p0 * stride;
+    const T* b = bias ? bias + t.col0 : nullptr;
+    T* o = out + t.r0 * n + t.col0;
+    if (t.two_panels)
+      tile_rows<2, kSilu>(t.rows, x + t.r0 * k, k, w, b, o, n, t.cols);
     else
-      tile_rows<1, false>(rows, x + r0 * k, k, w, b, out + r0 * n + col0, n, cols);
+      tile_rows<1, false>(t.rows, x + t.r0 * k, k, w, b, o, n, t.cols);
   }
 }
 

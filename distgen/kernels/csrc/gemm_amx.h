@@ -54,8 +54,7 @@ inline void amx_block(const bf16* a0, const bf16* a1, int64_t lda, const bf16* w
 
 template <bool kSilu>
 void linear_amx(bf16* out, const bf16* x, const bf16* wp, const bf16* bias, int64_t m, int64_t n, int64_t k) {
-  const int64_t np = kSilu ? 2 * panels(n) : panels(n);
-  const TileItems work(m, (np + kPanelsMax - 1) / kPanelsMax, kAmxRows, kAmxBlockRows);
+  const TileItems<kSilu> work(m, n, kAmxRows, kAmxBlockRows);
   const int64_t stride = panel_stride<bf16>(k), items = work.items();
 #pragma omp parallel if (items > 1)
   {
@@ -65,12 +64,9 @@ void linear_amx(bf16* out, const bf16* x, const bf16* wp, const bf16* bias, int6
     alignas(64) float sums[32][32];
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
-      int64_t r0, g;
-      work.at(i, r0, g);
-      const int64_t rows = std::min<int64_t>(kAmxRows, m - r0);
-      const int64_t p0 = g * kPanelsMax, col0 = (kSilu ? g : p0) * kPanel;
-      const int64_t cols = std::min<int64_t>((kSilu ? 1 : kPanelsMax) * kPanel, n - col0);
-      const bf16* w = wp + p0 * stride;
+      const Tile t = work.at(i);
+      const int64_t r0 = t.r0, rows = t.rows;
+      const bf16* w = wp + t.p0 * stride;
       const bf16 *a = x + r0 * k, *a0 = a, *a1 = a + 16 * k;
       if (rows % 16) {  // the short tile from the zero-padded copy, made once per row tile
         const int64_t full = rows / 16 * 16;
@@ -81,18 +77,18 @@ void linear_amx(bf16* out, const bf16* x, const bf16* wp, const bf16* bias, int6
         }
         (full ? a1 : a0) = padded.data();
       }
-      const bool two_rows = rows > 16, two_panels = kSilu || np - p0 >= 2;
+      const bool two_rows = rows > 16, two_panels = t.two_panels;
       if (two_rows && two_panels) amx_block<2, 2>(a0, a1, k, w, stride, k, sums);
       else if (two_rows) amx_block<2, 1>(a0, a1, k, w, stride, k, sums);
       else if (two_panels) amx_block<1, 2>(a0, a1, k, w, stride, k, sums);
       else amx_block<1, 1>(a0, a1, k, w, stride, k, sums);
-      const bf16* b = bias ? bias + col0 : nullptr;
+      const bf16* b = bias ? bias + t.col0 : nullptr;
       for (int64_t r = 0; r < rows; ++r) {
-        bf16* o = out + (r0 + r) * n + col0;
+        bf16* o = out + (r0 + r) * n + t.col0;
         if (two_panels)
-          store_tile<1, 2, kSilu>(*reinterpret_cast<const float(*)[1][2][16]>(&sums[r][0]), b, o, n, cols);
+          store_tile<1, 2, kSilu>(*reinterpret_cast<const float(*)[1][2][16]>(&sums[r][0]), b, o, n, t.cols);
         else
-          store_tile<1, 1, false>(*reinterpret_cast<const float(*)[1][1][16]>(&sums[r][0]), b, o, n, cols);
+          store_tile<1, 1, false>(*reinterpret_cast<const float(*)[1][1][16]>(&sums[r][0]), b, o, n, t.cols);
       }
     }
     _tile_release();
