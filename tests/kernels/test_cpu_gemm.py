@@ -61,6 +61,26 @@ def test_leading_dims_and_a_wrong_width():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [576, 1536])
+def test_a_prefill_sized_batch(dtype, k):
+    """Several row blocks (512 rows of k = 576 on AMX, 192 of k = 1536), each thread finishing one work
+    item while it computes the next, a ragged last tile: right against float64, and each row as it
+    comes out alone or in a small batch."""
+    torch.manual_seed(k)
+    w, x, b = torch.randn(100, k).to(dtype), torch.randn(1100, k).to(dtype), torch.randn(100).to(dtype)
+    packed = cpu_gemm.pack(w)
+    got = cpu_gemm.linear(x, packed, b)
+    _check(got, x, w, b)
+    for i in (0, 511, 512, 1099):
+        assert torch.equal(cpu_gemm.linear(x[i : i + 1], packed, b)[0], got[i])
+    assert torch.equal(cpu_gemm.linear(x[1090:], packed, b), got[1090:])
+    turns = cpu_gemm.pack_gate_up(torch.randn(2 * 48, k).to(dtype))
+    fused = cpu_gemm.linear_silu(x, turns)
+    assert torch.equal(fused, cpu_ops.silu_and_mul(cpu_gemm.linear(x, turns, None)))
+    assert torch.equal(cpu_gemm.linear_silu(x[1099:], turns)[0], fused[1099])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inter, k", [(1, 1), (17, 7), (40, 33), (64, 64), (1536, 576)])
 def test_the_fused_gate_up_silu_is_the_unfused_pair_bit_for_bit(dtype, inter, k):
     torch.manual_seed(inter + k)

@@ -20,8 +20,10 @@ using namespace dg;
 // A work item is (sequence, KV head, tile of up to kQueryTile queries); its rows are every query of
 // the tile times the query heads that share the KV head (GQA), so each key is read once per item.
 // Keys are visited a block at a time with an online softmax.
-
-constexpr int64_t kQueryTile = 16;
+// Each item reads (and on the bf16 path repacks) its keys once for all its rows: 32 queries a tile read
+// them half as often as 16 did, which made bf16 prefill attention 1.4x faster (fp32 1.05x), where 64 gained
+// nothing more and widens the causal diagonal's masked work.
+constexpr int64_t kQueryTile = 32;
 
 struct AttnArgs {
   int64_t num_seqs, num_heads, num_kv_heads, head_dim, block_size;
@@ -47,12 +49,14 @@ struct Item {
 // queries as bf16 pairs (qh), the span's K and V repacked in pairs (kp, vp) and the probabilities in bf16
 // (ph), each as 32-bit words holding one pair.
 // The tiled path keeps each row's softmax denominator as sixteen lane sums (lv), added up once per item.
+// m and corr hold whole vectors of rows (the bf16 softmax reads them sixteen rows at a time).
 struct Scratch {
   std::vector<float> q, acc, m, l, lv, corr, s;
   std::vector<uint32_t> qh, kp, vp, ph;
-  int64_t keys;  // score row stride: a block or a span (kSpanKeys), whichever is longer
+  int64_t keys;                 // score row stride: a block or a span (kSpanKeys), whichever is longer
+  bool amx_configured = false;  // this thread loaded the tile configuration (amx.h) during the call
   Scratch(int64_t rows, int64_t d, int64_t keys)
-      : q(rows * d), acc(rows * d), m(rows), l(rows), lv(rows * 16), corr(rows), s(rows * keys),
+      : q(rows * d), acc(rows * d), m(rows + 16), l(rows), lv(rows * 16), corr(rows + 16), s(rows * keys),
         qh(rows * d / 2 + 1), kp(d * keys / 2 + 8), vp(d * keys / 2 + 8), ph(rows * keys / 2 + 8), keys(keys) {}
 };
 
@@ -462,6 +466,9 @@ void paged_attention(const AttnArgs& a, const T* q, const T* k_cache, const T* v
       else
         attend_item<T, 0>(a, items[i], q, k_cache, v_cache, out, w);
     }
+#if defined(DG_AMX)
+    if (w.amx_configured) _tile_release();
+#endif
   }
 }
 

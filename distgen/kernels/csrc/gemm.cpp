@@ -125,14 +125,29 @@ inline void store_tile(const float (&acc)[kR][kC][16], const T* bias, T* out, in
     }
     return;
   }
-  for (int r = 0; r < kR; ++r)
-    for (int c = 0; c < kC; ++c) {
-      const int64_t lim = std::min<int64_t>(kPanel, cols - c * kPanel);
-      for (int64_t l = 0; l < lim; ++l) {
-        const float b = bias ? to_f(bias[c * kPanel + l]) : 0.0f;
-        out[r * ldo + c * kPanel + l] = from_f<T>(acc[r][c][l] + b);
+  // Sixteen lanes at a time (a scalar loop here costs as much as the AMX products of a 576-k tile); a
+  // panel cut at n goes through a buffer. A bias-less sum adds +0, so a -0 is stored as +0.
+  for (int c = 0; c < kC; ++c) {
+    const int64_t lim = std::min<int64_t>(kPanel, cols - c * kPanel);
+    if (lim <= 0) continue;
+    vf16 b = {};
+    if (bias) {
+      T part[kPanel] = {};
+      std::memcpy(part, bias + c * kPanel, lim * sizeof(T));
+      b = load16(part);
+    }
+    for (int r = 0; r < kR; ++r) {
+      const vf16 v = round16<T>(load16(acc[r][c]) + b);
+      T* o = out + r * ldo + c * kPanel;
+      if (lim == kPanel) {
+        store_rounded16(o, v);
+      } else {
+        T part[kPanel];
+        store_rounded16(part, v);
+        std::memcpy(o, part, lim * sizeof(T));
       }
     }
+  }
 }
 
 // float32, and bfloat16 where the CPU lacks vdpbf16ps (each pair then becomes two float32 FMAs).
