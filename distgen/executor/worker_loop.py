@@ -37,6 +37,7 @@ from distgen.executor.messages import (
 from distgen.orphan_watch import start_orphan_watch
 from distgen.signals import ignore_ctrl_c
 from distgen.workers.cpu_threads import configure
+from distgen.workers.heap import keep_freed_memory
 
 if TYPE_CHECKING:
     from distgen.workers.worker import Worker
@@ -58,7 +59,8 @@ class WorkerArgs:
 
 
 def setup_cpu_threads(config: EngineConfig, local_rank: int, local_size: int) -> None:
-    """A CPU worker takes its share of this machine's cores (workers/cpu_threads.py); a GPU worker
+    """A CPU worker takes its share of this machine's cores (workers/cpu_threads.py) and keeps its freed
+    step memory for the next step (workers/heap.py); a GPU worker
     keeps its share of torch's threads for host work. The ranks of every data-parallel replica on
     this host count as one set (replica r's ranks come after the r replicas before it), so replicas
     split the cores instead of each taking all of them."""
@@ -69,6 +71,7 @@ def setup_cpu_threads(config: EngineConfig, local_rank: int, local_size: int) ->
     local_size *= par.data_parallel_size
     if config.device == "cpu":
         configure(config.parallel.cpu_omp_threads_bind, local_rank, local_size)
+        keep_freed_memory()
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
 
