@@ -218,21 +218,27 @@ inline void cap_scores(float* s, int64_t lo, int64_t hi, float softcap) {
 // that rescales the row's accumulator. Masking is by selects, so whatever the cache holds outside a
 // row's visible keys or past the span's end (even NaN) never reaches the row. The row's denominator
 // stays sixteen lane sums (lsum), so no span pays a horizontal add.
-inline float softmax_span_row(float* sr, int32_t width, int32_t first, int32_t visible, float softcap, float& m,
-                              float* lsum) {
+// The largest of a score row's values at its visible keys [first, visible) of [0, width); -inf where
+// none is. 16-key chunks visible in full take no masks.
+inline float visible_max(const float* sr, int32_t width, int32_t first, int32_t visible) {
   const vi16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  cap_scores(sr, first, visible, softcap);
-  // 16-key chunks visible in full take no masks.
-  auto whole = [&](int32_t t0) { return t0 >= first && t0 + 16 <= visible; };
   vf16 mv = splat16(-INFINITY);
   for (int32_t t0 = 0; t0 < width; t0 += 16) {
     const vf16 x = load16(sr + t0);
-    if (whole(t0))
+    if (t0 >= first && t0 + 16 <= visible)
       mv = x > mv ? x : mv;
     else
       mv = ((lanes + t0 >= first) & (lanes + t0 < visible) & (x > mv)) ? x : mv;
   }
-  const float mx = max_f(m, hmax16(mv));
+  return hmax16(mv);
+}
+
+inline float softmax_span_row(float* sr, int32_t width, int32_t first, int32_t visible, float softcap, float& m,
+                              float* lsum) {
+  const vi16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  cap_scores(sr, first, visible, softcap);
+  auto whole = [&](int32_t t0) { return t0 >= first && t0 + 16 <= visible; };
+  const float mx = max_f(m, visible_max(sr, width, first, visible));
   const float corr = visible > first ? exp_f(m - mx) : 1.0f;
   const vf16 mxv = splat16(mx);
   vf16 sum = {};

@@ -201,14 +201,9 @@ inline void softmax_rows_bf16(Scratch& w, const AttnArgs& a, int64_t rows, int64
       cap_scores(sr, first, visible, a.softcap);
     }
     const int32_t lo = static_cast<int32_t>(first), hi = static_cast<int32_t>(visible);
-    vf16 mv = splat16(-INFINITY);
-    for (int32_t t0 = 0; t0 < width; t0 += 16) {
-      const vf16 x = load16(sr + t0);
-      mv = ((lanes + t0 >= lo) & (lanes + t0 < hi) & (x > mv)) ? x : mv;
-    }
     w.corr[r] = w.m[r];  // the old maximum until the factors below replace it
     // scale > 0 and rounding is monotonic, so the largest scaled score is the largest score scaled.
-    if (visible > first) w.m[r] = max_f(w.m[r], hmax16(mv) * mul);
+    if (visible > first) w.m[r] = max_f(w.m[r], visible_max(sr, static_cast<int32_t>(width), lo, hi) * mul);
   }
   for (int64_t r = 0; r < rows; r += 16) {  // m and corr hold whole vectors of rows (Scratch)
     const vf16 old = load16(&w.corr[r]), now = load16(&w.m[r]);

@@ -100,6 +100,18 @@ inline void store_rounded16(T* out, vf16 v) {
   }
 }
 
+// The first lim (<= 16) lanes of store_rounded16: a panel cut at n goes through a buffer.
+template <typename T>
+inline void store_rounded_part(T* out, vf16 v, int64_t lim) {
+  if (lim == kPanel) {
+    store_rounded16(out, v);
+  } else {
+    T part[kPanel];
+    store_rounded16(part, v);
+    std::memcpy(out, part, lim * sizeof(T));
+  }
+}
+
 // Rounds the accumulators of one tile (plus the bias) into the output, the last panel cut at n. With
 // kSilu the tile's two panels are a gate panel and its up panel, and it stores silu(gate) * up: each
 // value rounded as the unfused GEMM and SiLU-and-mul kernels round it, so the result is theirs bit
@@ -114,19 +126,12 @@ inline void store_tile(const float (&acc)[kR][kC][16], const T* bias, T* out, in
       const vf16 g = round16<T>(load16(acc[r][0]) + 0.0f), u = round16<T>(load16(acc[r][1]) + 0.0f);
       // exp16: exp_f's steps in every lane.
       const vf16 v = round16<T>(round16<T>(g / (splat16(1.0f) + exp16(-g))) * u);
-      T* o = out + r * ldo;
-      if (lim == kPanel) {
-        store_rounded16(o, v);
-      } else {
-        T t[16];
-        store_rounded16(t, v);
-        std::memcpy(o, t, lim * sizeof(T));
-      }
+      store_rounded_part(out + r * ldo, v, lim);
     }
     return;
   }
-  // Sixteen lanes at a time (a scalar loop here costs as much as the AMX products of a 576-k tile); a
-  // panel cut at n goes through a buffer. A bias-less sum adds +0, so a -0 is stored as +0.
+  // Sixteen lanes at a time (a scalar loop here costs as much as the AMX products of a 576-k tile). A
+  // bias-less sum adds +0, so a -0 is stored as +0.
   for (int c = 0; c < kC; ++c) {
     const int64_t lim = std::min<int64_t>(kPanel, cols - c * kPanel);
     if (lim <= 0) continue;
@@ -137,15 +142,7 @@ inline void store_tile(const float (&acc)[kR][kC][16], const T* bias, T* out, in
       b = load16(part);
     }
     for (int r = 0; r < kR; ++r) {
-      const vf16 v = round16<T>(load16(acc[r][c]) + b);
-      T* o = out + r * ldo + c * kPanel;
-      if (lim == kPanel) {
-        store_rounded16(o, v);
-      } else {
-        T part[kPanel];
-        store_rounded16(part, v);
-        std::memcpy(o, part, lim * sizeof(T));
-      }
+      store_rounded_part(out + r * ldo + c * kPanel, round16<T>(load16(acc[r][c]) + b), lim);
     }
   }
 }
