@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from distgen.kernels.cpu_record import call_recorded
+
 logger = logging.getLogger("distgen")
 
 
@@ -140,9 +142,14 @@ def _pp() -> _Pipeline:
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over the TP group, in place."""
     g = _tp()
-    if g.group is not None:
-        dist.all_reduce(x, group=g.group)
+    if g.group is not None:  # a recorded CPU decode step replays it (kernels/cpu_record.py)
+        call_recorded(_all_reduce_tp, x)
     return x
+
+
+def _all_reduce_tp(x: torch.Tensor) -> None:
+    # The group is looked up at each call: a replay outlives a group rebuilt when a worker is replaced.
+    dist.all_reduce(x, group=_tp().group)
 
 
 def gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:

@@ -14,8 +14,11 @@ compare them against.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -70,8 +73,33 @@ def linear_bf16_on_amx() -> bool:
     return bool(fn())
 
 
-def _fn(name: str, x: torch.Tensor) -> ctypes._CFuncPtr:
-    return _functions()[(name, x.dtype)]
+# The list a recording on this thread appends each kernel call to (:mod:`distgen.kernels.cpu_record`).
+_recording = threading.local()
+
+
+def _fn(name: str, x: torch.Tensor) -> Callable:
+    fn = _functions()[(name, x.dtype)]
+    calls = getattr(_recording, "calls", None)
+    if calls is None:
+        return fn
+    return functools.partial(_call_and_record, calls, fn)
+
+
+def _call_and_record(calls: list, fn: ctypes._CFuncPtr, *args: object) -> object:
+    calls.append((fn, args))
+    return fn(*args)
+
+
+@contextlib.contextmanager
+def recording_calls(calls: list) -> Iterator[None]:
+    """Append every kernel call this thread makes inside to ``calls``, as (C function, arguments),
+    still making it."""
+    assert getattr(_recording, "calls", None) is None, "recordings do not nest"
+    _recording.calls = calls
+    try:
+        yield
+    finally:
+        _recording.calls = None
 
 
 def _ptr(x: torch.Tensor | None) -> int | None:

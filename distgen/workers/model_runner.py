@@ -5,8 +5,9 @@ chunks, build its inputs and attention metadata once for all layers (:mod:`distg
 run the forward, compute logits only for the rows that sample (and prompt-logprob positions), and
 sample them in one batched call.
 
-On CUDA a decode-only step instead replays the CUDA graph of its batch-size bucket
-(:mod:`distgen.workers.cuda_graphs`) unless ``enforce_eager`` is set.
+A decode-only step instead replays its batch-size bucket unless ``enforce_eager`` is set: on CUDA
+its CUDA graph (:mod:`distgen.workers.cuda_graphs`), on the CPU kernels the recording of its kernel
+calls (:mod:`distgen.workers.cpu_decode`, up to 16 sequences).
 
 :meth:`ModelRunner.submit` returns as soon as the step is launched, its tokens still on their way to
 the host (:class:`~distgen.workers.sampled_output.SampledOutput`). With async scheduling the next step
@@ -28,6 +29,7 @@ from distgen.kernels.dispatch import attention_path, use_triton_on
 from distgen.layers.sampler import Sampler
 from distgen.layers.sampling_metadata import SamplingMetadata, build_sampling_metadata
 from distgen.model_loader.loader import build_model
+from distgen.workers.cpu_decode import CpuDecodeReplay
 from distgen.workers.cuda_graphs import DecodeGraphs
 from distgen.workers.grammar_matchers import GrammarMatchers
 from distgen.workers.input_batch import CachedRequestState, RequestStates
@@ -67,7 +69,7 @@ class ModelRunner:
         )
         self.is_driver = ps.is_driver()
         self.hidden_size = config.model.arch.hidden_size
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: DecodeGraphs | CpuDecodeReplay | None = None  # decode-only steps replay these
         self._meta_cache: tuple[tuple[int, list[str]], SamplingMetadata] | None = None
         # Structured outputs: rank 0 loads the tokenizer only when a request first asks for them.
         self.grammars = GrammarMatchers(
@@ -84,6 +86,11 @@ class ModelRunner:
         eager = self.config.model.enforce_eager
         cuda = self.device.type == "cuda" and use_triton_on(self.device)
         return cuda and not eager and ps.pp_size() == 1
+
+    def _use_cpu_replay(self) -> bool:
+        eager = self.config.model.enforce_eager
+        cpu = attention_path(self.device, self.dtype) == "cpu"
+        return cpu and not eager and ps.pp_size() == 1
 
     # -- KV cache -------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -111,9 +118,9 @@ class ModelRunner:
         return int(n)
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        graphs = self._use_graphs()
-        # CUDA graphs pad a decode batch to its bucket; the padding rows write to one spare block.
-        allocated = num_blocks + 1 if graphs else num_blocks
+        graphs, cpu_replay = self._use_graphs(), self._use_cpu_replay()
+        # Decode replays pad a batch to its bucket; the padding rows write to one spare block.
+        allocated = num_blocks + 1 if graphs or cpu_replay else num_blocks
         layers = self.model.attention_layers()
         a = layers[0]
         # One tensor for every layer's cache, so one launch zeroes a block in all of them.
@@ -132,11 +139,13 @@ class ModelRunner:
             self.block_size,
             num_blocks * self.kv_bytes_per_block() / 2**20,
         )
+        max_blocks = min(-(-self.config.model.max_model_len // self.block_size), num_blocks)
+        max_batch = self.config.scheduler.max_num_seqs
         if graphs:
-            max_blocks = min(-(-self.config.model.max_model_len // self.block_size), num_blocks)
-            max_batch = self.config.scheduler.max_num_seqs
             self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, num_blocks, self.device)
             self.graphs.capture()
+        elif cpu_replay:  # recorded lazily, from the first step of each bucket
+            self.graphs = CpuDecodeReplay(self.model, max_batch, max_blocks, num_blocks)
 
     # -- the step ------------------------------------------------------------------------------
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
@@ -229,7 +238,7 @@ class ModelRunner:
         return to_device(np.asarray(dst), dev), self._last_sampled[to_device(np.asarray(src), dev)]
 
     def _replay_decode(self, rows: list[CachedRequestState]) -> tuple[torch.Tensor, np.ndarray]:
-        """A decode-only step through the CUDA graph of its bucket."""
+        """A decode-only step through its bucket's CUDA graph or CPU recording."""
         assert self.graphs is not None
         bs = self.block_size
         n = len(rows)
