@@ -1,9 +1,9 @@
 """Recorded CPU forwards: a function run once while its kernel calls and torch ops are written down,
 then replayed as that list, without the Python that chose them.
 
-A decode step of a few sequences spends a sizeable share of its time in the Python between the C
-kernels (module calls, wrappers, checks, allocations): on one stream of the default model about 4 ms of
-29 a token. When the function's inputs live in fixed buffers, every call it makes has the same
+A decode step of a few sequences spends a large share of its time in the Python between the C
+kernels (module calls, wrappers, checks, allocations): on one stream of the default model in float32 a
+third of the forward (28 ms eager, 19.5 ms replayed). When the function's inputs live in fixed buffers, every call it makes has the same
 arguments each time (pointers into those buffers, the weights, the KV cache and the tensors the run
 allocates, and sizes), so the list can be replayed instead, as CUDA graphs replay a GPU forward.
 

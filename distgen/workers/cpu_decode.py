@@ -2,8 +2,8 @@
 (:mod:`distgen.kernels.cpu_record`): the CPU's counterpart of :mod:`distgen.workers.cuda_graphs`.
 
 Batches of up to 16 sequences replay: there the Python between kernels is a large share of a step
-(about a seventh of a one-stream token on the default model), and a bucket's recording holds that
-many rows of every layer's activations. A batch of ``n`` runs the recording of the smallest bucket
+(a third of a one-stream forward on the default model), and a bucket's recording holds that many rows
+of every layer's activations. A batch of ``n`` runs the recording of the smallest bucket
 ``>= n`` (1, 2, 3, 4, 6, 8, 12, 16): rows ``n ..`` are padding that reads and writes only a spare KV
 block no request ever owns, and their outputs are dropped. A decode row's GEMM cost is mostly the weights
 streaming past, so a padded row costs little. Inputs live in static buffers that every bucket reads
