@@ -1,11 +1,12 @@
 """Recorded CPU forwards: a function run once while its kernel calls and torch ops are written down,
 then replayed as that list, without the Python that chose them.
 
-A decode step of a few sequences spends a large share of its time in the Python between the C
-kernels (module calls, wrappers, checks, allocations): on one stream of the default model in float32 a
-third of the forward (28 ms eager, 19.5 ms replayed). When the function's inputs live in fixed buffers, every call it makes has the same
-arguments each time (pointers into those buffers, the weights, the KV cache and the tensors the run
-allocates, and sizes), so the list can be replayed instead, as CUDA graphs replay a GPU forward.
+A decode step spends a large share of its time in the Python between the C kernels (module calls,
+wrappers, checks, allocations): on one stream of the default model in float32, a third of the forward
+(28 ms eager, 19.5 ms replayed). When the function's inputs live in fixed buffers, every call it makes
+has the same arguments each time (pointers into those buffers, the weights, the KV cache and the
+tensors the run allocates, and sizes), so the list can be replayed instead, as CUDA graphs replay a
+GPU forward.
 
 What a recording holds, in program order:
 
@@ -13,8 +14,10 @@ What a recording holds, in program order:
 - each torch op that computes (an embedding lookup, a bias add), re-run on replay with the same
   arguments, its result copied into the tensor the recording saw (in-place ops just re-run).
 
-Views and uninitialized allocations need no replay, but every tensor the run creates is kept alive with
-the recording, as the calls point at their memory. A run that does something a replay cannot repeat
+Views and uninitialized allocations need no replay, but the calls point at the memory of the tensors
+the run allocates, so the recording keeps it: uninitialized allocations come from an arena that reuses a
+storage once the run holds no tensor on it (a recording keeps about one layer's activations), and
+the re-run ops hold their own inputs and outputs. A run that does something a replay cannot repeat
 faithfully is not replayable (``Recording.refused`` says what): an op whose output shape or Python
 result depends on tensor values (``item``, ``nonzero``), a random op, a tensor made from Python data (it
 could hold per-step values), or an op outside aten. A collective is recorded where its caller goes
@@ -57,12 +60,39 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class _Arena:
+    """The memory of the recorded run's uninitialized allocations (``torch.empty`` and kin). An
+    allocation takes the smallest storage that no live tensor uses any more, so a recording keeps about
+    the run's largest live set, not every activation of every layer. A replay repeats the same
+    allocations in the same order, so it reuses the storages just as the recorded run did."""
+
+    def __init__(self) -> None:
+        self.storages: list[torch.UntypedStorage] = []
+
+    def place(self, fresh: torch.Tensor) -> torch.Tensor:
+        """``fresh`` (just allocated, uninitialized), or a tensor of its shape on a free storage."""
+        need = fresh.untyped_storage().nbytes()
+        best = None
+        if _use_count is not None:
+            for s in self.storages:  # free: held by this list only
+                if s.nbytes() >= need and _use_count(s._cdata) == 1:
+                    if best is None or s.nbytes() < best.nbytes():
+                        best = s
+        if best is None:
+            self.storages.append(fresh.untyped_storage())
+            return fresh
+        return fresh.new_empty(0).set_(best, 0, fresh.shape, fresh.stride())
+
+
 @dataclass
 class Recording:
     """A function's recorded steps and what they need alive; :meth:`replay` runs them again."""
 
     steps: list[tuple[Callable, tuple]] = field(default_factory=list)
-    keep: list[torch.Tensor] = field(default_factory=list)
+    memory: list[torch.UntypedStorage] = field(default_factory=list)  # its allocations' storages
     result: Any = None
     inference: bool = False  # recorded in inference mode
     refused: str | None = None  # the first op a replay could not repeat (then it must not replay)
@@ -86,12 +116,14 @@ def _rerun_into(func: torch._ops.OpOverload, args: tuple, kwargs: dict, outs: li
 
 
 class _Recorder(TorchDispatchMode):
-    """Sees every torch op the function runs: records those that compute, keeps every tensor alive,
-    and notes the first op a replay could not repeat (``refused``); the run itself goes on as usual."""
+    """Sees every torch op the function runs: records those that compute, places allocations in the
+    arena, and notes the first op a replay could not repeat (``refused``); the run goes on as usual."""
 
     def __init__(self, rec: Recording) -> None:
         super().__init__()
         self.rec = rec
+        self.arena = _Arena()
+        rec.memory = self.arena.storages
         self.refused: str | None = None
 
     @classmethod
@@ -103,19 +135,19 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        outs = _tensors(out)
-        self.rec.keep.extend(outs)
         if self.refused is not None:
             return out
         unrepeatable = _UNREPEATABLE_TAGS.intersection(func.tags)
         if func.namespace != "aten" or func in _FROM_PYTHON_DATA or unrepeatable:
             self.refused = str(func)
-        elif func in _UNINITIALIZED or func.is_view:
+        elif func in _UNINITIALIZED:
+            out = self.arena.place(out)
+        elif func.is_view:  # its memory is its base's
             pass
-        elif func._schema.is_mutable:
+        elif func._schema.is_mutable:  # the step holds the tensors it writes
             self.rec.steps.append((_rerun, (func, args, kwargs)))
-        else:
-            self.rec.steps.append((_rerun_into, (func, args, kwargs, outs)))
+        else:  # the step holds its inputs and outputs
+            self.rec.steps.append((_rerun_into, (func, args, kwargs, _tensors(out))))
         return out
 
 

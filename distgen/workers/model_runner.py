@@ -5,9 +5,9 @@ chunks, build its inputs and attention metadata once for all layers (:mod:`distg
 run the forward, compute logits only for the rows that sample (and prompt-logprob positions), and
 sample them in one batched call.
 
-A decode-only step instead replays its batch-size bucket unless ``enforce_eager`` is set: on CUDA
-its CUDA graph (:mod:`distgen.workers.cuda_graphs`), on the CPU kernels the recording of its kernel
-calls (:mod:`distgen.workers.cpu_decode`, up to 16 sequences).
+A decode-only step instead replays unless ``enforce_eager`` is set: on CUDA the CUDA graph of its
+batch-size bucket (:mod:`distgen.workers.cuda_graphs`), on the CPU kernels the recording of its
+kernel calls for its batch size (:mod:`distgen.workers.cpu_decode`).
 
 :meth:`ModelRunner.submit` returns as soon as the step is launched, its tokens still on their way to
 the host (:class:`~distgen.workers.sampled_output.SampledOutput`). With async scheduling the next step
@@ -118,9 +118,9 @@ class ModelRunner:
         return int(n)
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        graphs, cpu_replay = self._use_graphs(), self._use_cpu_replay()
-        # Decode replays pad a batch to its bucket; the padding rows write to one spare block.
-        allocated = num_blocks + 1 if graphs or cpu_replay else num_blocks
+        graphs = self._use_graphs()
+        # CUDA graphs pad a decode batch to its bucket; the padding rows write to one spare block.
+        allocated = num_blocks + 1 if graphs else num_blocks
         layers = self.model.attention_layers()
         a = layers[0]
         # One tensor for every layer's cache, so one launch zeroes a block in all of them.
@@ -144,8 +144,8 @@ class ModelRunner:
         if graphs:
             self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, num_blocks, self.device)
             self.graphs.capture()
-        elif cpu_replay:  # recorded lazily, from the first step of each bucket
-            self.graphs = CpuDecodeReplay(self.model, max_batch, max_blocks, num_blocks)
+        elif self._use_cpu_replay():  # recorded from the steps themselves
+            self.graphs = CpuDecodeReplay(self.model, max_batch, max_blocks)
 
     # -- the step ------------------------------------------------------------------------------
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
@@ -238,7 +238,7 @@ class ModelRunner:
         return to_device(np.asarray(dst), dev), self._last_sampled[to_device(np.asarray(src), dev)]
 
     def _replay_decode(self, rows: list[CachedRequestState]) -> tuple[torch.Tensor, np.ndarray]:
-        """A decode-only step through its bucket's CUDA graph or CPU recording."""
+        """A decode-only step through its bucket's CUDA graph or its batch size's CPU recording."""
         assert self.graphs is not None
         bs = self.block_size
         n = len(rows)

@@ -1,6 +1,6 @@
 """Decode steps replayed from their recordings on the CPU kernels: the same tokens and the same KV cache
-as the eager forward at every batch size, one recording per bucket, the padding rows kept to their
-spare block, and a forward that cannot replay running eagerly."""
+as the eager forward at every batch size, a size recorded when it comes back, the recent recordings
+kept, each holding little memory, and a forward that cannot replay running eagerly."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from distgen.frontend.args import EngineArgs
 from distgen.kernels import cpu_build
 from distgen.workers import cpu_decode
-from distgen.workers.cpu_decode import CpuDecodeReplay, cpu_buckets
+from distgen.workers.cpu_decode import CpuDecodeReplay
 from distgen.workers.model_runner import ModelRunner
 from tests.conftest import random_prompts
 from tests.workers.test_model_runner import GREEDY, Driver
@@ -36,15 +36,16 @@ def _runner(model_dir: str, eager: bool, dtype: str = "float32", max_num_seqs: i
     return r
 
 
-def _generate(runner: ModelRunner, batches: list[int], steps: int = 6) -> dict[str, list[int]]:
+def _generate(runner: ModelRunner, batches: list[int], steps: int | list[int] = 6) -> dict[str, list[int]]:
     """Requests joining in waves of ``batches`` (a prompt step, then ``steps`` decode-only steps each);
     every request's sampled tokens. The cache blocks handed out are ``0 .. runner.blocks_used``."""
     d, prompts = Driver(runner), random_prompts(sum(batches), seed=3, lo=3, hi=14)
     tokens: dict[str, list[int]] = {}
-    for wave, n in enumerate(batches):
+    steps = steps if isinstance(steps, list) else [steps] * len(batches)
+    for wave, (n, decodes) in enumerate(zip(batches, steps)):
         new = {f"r{wave}-{i}": (prompts.pop(), GREEDY) for i in range(n)}
         d.step(new)
-        for _ in range(steps):
+        for _ in range(decodes):
             d.step()
             for rid in d.computed:
                 tokens.setdefault(rid, []).append(d.last[rid])
@@ -52,30 +53,20 @@ def _generate(runner: ModelRunner, batches: list[int], steps: int = 6) -> dict[s
     return tokens
 
 
-def test_buckets():
-    assert cpu_buckets(256) == [1, 2, 3, 4, 6, 8, 12, 16]
-    assert cpu_buckets(5) == [1, 2, 3, 4, 5]
-    assert cpu_buckets(1) == [1]
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_replayed_decode_matches_eager(tiny_model_dir, dtype):
-    # Waves bring the batch to 1, 6, 11 (bucket 12: one padding row) and 18 sequences (past the
-    # largest bucket: eager).
-    batches = [1, 5, 5, 7]
+    batches = [1, 5, 5, 7]  # decode batches of 1, 6, 11 and 18 sequences
     model = tiny_model_dir("llama")
     eager, replay = _runner(model, True, dtype), _runner(model, False, dtype)
     assert eager.graphs is None and isinstance(replay.graphs, CpuDecodeReplay)
     assert _generate(replay, batches) == _generate(eager, batches)
-    assert sorted(replay.graphs._recordings) == [1, 6, 12]
-    assert all(r is not None for r in replay.graphs._recordings.values())
-    # The padding rows wrote only to the spare block: every request's cache is the eager one's.
+    assert sorted(replay.graphs._recordings) == [1, 6, 11, 18]
     used = replay.blocks_used
     assert used == eager.blocks_used and used < BLOCKS
     assert torch.equal(replay.kv_cache[:, :, :used], eager.kv_cache[:, :, :used])
 
 
-def test_each_bucket_is_recorded_once(tiny_model_dir, monkeypatch):
+def test_a_size_is_recorded_when_it_comes_back_and_the_recent_ones_are_kept(tiny_model_dir, monkeypatch):
     calls = []
     record = cpu_decode.record
 
@@ -84,10 +75,24 @@ def test_each_bucket_is_recorded_once(tiny_model_dir, monkeypatch):
         return record(fn)
 
     monkeypatch.setattr(cpu_decode, "record", counting)
-    runner = _runner(tiny_model_dir("llama-gqa3"), False, max_num_seqs=3)
-    assert runner.graphs.buckets == [1, 2, 3]
-    _generate(runner, [2, 1], steps=5)  # 2 rows, then 3
-    assert len(calls) == 2 and sorted(runner.graphs._recordings) == [2, 3]
+    monkeypatch.setattr(cpu_decode, "KEPT", 2)
+    runner = _runner(tiny_model_dir("llama-gqa3"), False)
+    # One decode step of 2 sequences (not recorded), then four steps each of 3, 4 and 5 (each recorded
+    # on its second step, then replayed).
+    _generate(runner, [2, 1, 1, 1], steps=[1, 4, 4, 4])
+    assert len(calls) == 3
+    assert list(runner.graphs._recordings) == [4, 5]  # 3 made way for them
+
+
+def test_a_recordings_memory_does_not_grow_with_the_layers(tiny_model_dir):
+    held = {}
+    for arch in ("llama", "llama-4l"):  # the same model with 2 and 4 layers
+        runner = _runner(tiny_model_dir(arch), False)
+        _generate(runner, [12], steps=3)
+        rec = runner.graphs._recordings[12]
+        held[len(runner.model.layers)] = sum(s.nbytes() for s in rec.memory)
+    assert held[4] == held[2]  # each layer's activations reuse the last one's memory
+    assert held[2] < 8 * 12 * runner.hidden_size * 4  # a few float32 activations of the batch
 
 
 def test_a_forward_that_cannot_replay_runs_eagerly(tiny_model_dir, caplog):
@@ -100,7 +105,6 @@ def test_a_forward_that_cannot_replay_runs_eagerly(tiny_model_dir, caplog):
         r.model.layers[0].register_forward_hook(reads_a_value)
     with caplog.at_level(logging.INFO, logger="distgen"):
         assert _generate(replay, [2, 2]) == _generate(eager, [2, 2])
-    assert sorted(replay.graphs._recordings) == [2, 4]
-    assert all(r is None for r in replay.graphs._recordings.values())
+    assert not replay.graphs._recordings and "aten.item" in replay.graphs.eager_reason
     told = [m for m in caplog.messages if "run eagerly" in m]
     assert len(told) == 1 and "aten.item" in told[0]
