@@ -27,7 +27,6 @@ constants; the caller keeps every input in the same buffers, with the same shape
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,8 +37,6 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 from distgen.kernels import cpu_ops
-
-logger = logging.getLogger("distgen")
 
 _UNINITIALIZED = frozenset(
     {
