@@ -98,6 +98,9 @@ def _transposed(k_cache: torch.Tensor) -> torch.Tensor:
         (6, 6, 64, 16, [(17, 40), (1, 33), (2, 2)]),
         # with AMX, whole 16-row tiles of a bf16 item take its tiles, spans ending off a 32-key boundary
         (9, 3, 64, 16, [(70, 75), (33, 33), (1, 50), (6, 90)]),
+        # prefill items over several of the bf16 path's longer spans, the last one partial
+        (9, 3, 64, 16, [(40, 600), (37, 300), (1, 520)]),
+        (8, 2, 128, 32, [(20, 530), (5, 257)]),
     ],
 )
 def test_paged_attention_matches_gathered_reference(dtype, shape):

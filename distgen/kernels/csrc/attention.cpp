@@ -53,7 +53,7 @@ struct Item {
 struct Scratch {
   std::vector<float> q, acc, m, l, lv, corr, s;
   std::vector<uint32_t> qh, kp, vp, ph;
-  int64_t keys;                 // score row stride: a block or a span (kSpanKeys), whichever is longer
+  int64_t keys;                 // score row stride: a block or the call's longest span, whichever is longer
   bool amx_configured = false;  // this thread loaded the tile configuration (amx.h) during the call
   Scratch(int64_t rows, int64_t d, int64_t keys)
       : q(rows * d), acc(rows * d), m(rows + 16), l(rows), lv(rows * 16), corr(rows + 16), s(rows * keys),
@@ -133,12 +133,20 @@ inline void score_tile(const float* q, const T* kb, int64_t bs, int64_t t0, floa
 
 // Up to kSpanKeys consecutive keys of a row's context, in the blocks that hold them: the unit of one
 // online-softmax update. A span of several blocks pays the update (max, rescale) once for all of them.
+// The FMA path keeps a span's scores of six rows in L1 (64 keys); the vdpbf16ps/AMX path of prefill
+// items (attention_dpbf16.h) takes DG_SPAN_DP keys, so that the per-span work that does not scale with
+// the keys (each row's maximum and rescale factor, the rescale of its accumulators, the tile stores of the
+// weighted V sums) is paid once for four times the keys.
 constexpr int64_t kSpanKeys = 64;
+#ifndef DG_SPAN_DP
+#define DG_SPAN_DP 256
+#endif
+constexpr int64_t kSpanKeysDp = DG_SPAN_DP;
 
 template <typename T>
 struct Span {
-  const T* k[kSpanKeys / 16];  // transposed K blocks [d, bs]
-  const T* v[kSpanKeys / 16];  // V blocks [bs, d]
+  const T* k[kSpanKeysDp / 16];  // transposed K blocks [d, bs]
+  const T* v[kSpanKeysDp / 16];  // V blocks [bs, d]
   int64_t blocks, n;           // blocks in the span, keys in it (the last block may be partial)
 };
 
@@ -408,7 +416,7 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
   // Blocks wholly before the first row's window (and so before every row's) are never read.
   const int64_t key0 = a.window > 0 ? std::max<int64_t>(0, first_limit - a.window + 1) / bs * bs : 0;
   if (tiled) {
-    const int64_t per = std::max<int64_t>(1, kSpanKeys / bs);  // blocks per span
+    const int64_t per = std::max<int64_t>(1, (use_dp ? kSpanKeysDp : kSpanKeys) / bs);  // blocks per span
     for (int64_t j0 = key0; j0 < num_keys; j0 += per * bs) {
       Span<T> sp{};
       for (; sp.blocks < per && j0 + sp.blocks * bs < num_keys; ++sp.blocks) {
@@ -462,9 +470,12 @@ void paged_attention(const AttnArgs& a, const T* q, const T* k_cache, const T* v
   int64_t tile = 1;
   for (const Item& it : items) tile = std::max(tile, it.q1 - it.q0);
   const int64_t rows = tile * a.group;
+  // Spans as long as the longest path of this call takes (an item's path depends on its query count).
+  const bool dp_spans = std::is_same_v<T, bf16> && kDpAvailable && tile >= kDpMinQueries;
+  const int64_t span_keys = std::max(a.block_size, dp_spans ? kSpanKeysDp : kSpanKeys);
 #pragma omp parallel if (n > 1)
   {
-    Scratch w(rows, a.head_dim, std::max(a.block_size, kSpanKeys));
+    Scratch w(rows, a.head_dim, span_keys);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n; ++i) {
       if (a.head_dim == 64)
