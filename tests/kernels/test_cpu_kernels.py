@@ -26,18 +26,24 @@ def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, atol: float = 1
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 7, 300])
-def test_rms_norm_and_fused_add(dtype, rows):
+@pytest.mark.parametrize("hidden", [576, 100])  # sixteen lanes at a time, and the general loop
+def test_rms_norm_and_fused_add(dtype, rows, hidden):
     torch.manual_seed(rows)
-    norm = RMSNorm(576, 1e-5, dtype)
-    norm.weight.data = torch.randn(576).to(dtype)
-    x, res = torch.randn(rows, 576).to(dtype), torch.randn(rows, 576).to(dtype)
+    norm = RMSNorm(hidden, 1e-5, dtype)
+    norm.weight.data = torch.randn(hidden).to(dtype)
+    x, res = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
+    # Sums that round in every way: ties to even, halfway up, NaN, infinities, float32 subnormals.
+    x[0, :8] = torch.tensor([1.0, 1.0, float("nan"), float("inf"), -float("inf"), 3e-39, 1e-38, 65504.0])
+    res[0, :8] = torch.tensor([2**-8, 3 * 2**-8, 1.0, 1.0, 2.0, 1e-39, -3e-39, 1.0])
     with dispatch.kernel_mode("torch"):  # the layer's reference path, not the kernel under test
         want = norm(x)
         want_x, want_res = norm(x, res)
-    _close(cpu_ops.rms_norm(x, norm.weight, norm.eps), want, dtype)
+    _close(cpu_ops.rms_norm(x[1:], norm.weight, norm.eps), want[1:], dtype)
     got_x, got_res = cpu_ops.fused_add_rms_norm(x.clone(), res.clone(), norm.weight, norm.eps)
-    assert torch.equal(got_res, want_res)  # the add rounds exactly as torch's
-    _close(got_x, want_x, dtype)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got_res.view(bits), want_res.view(bits))  # the add rounds exactly as torch's
+    assert got_x[0].isnan().all() and want_x[0].isnan().all()  # the row that met a NaN
+    _close(got_x[1:], want_x[1:], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -98,12 +99,17 @@ inline vf16 load16(const float* p) {
   return v;
 }
 inline vf16 load16(const bf16* p) {
+#if defined(__AVX512F__)  // one widening load and a shift (GCC's tuning may split the generic form)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (vf16)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
   vh16 h;
   std::memcpy(&h, p, sizeof h);
   const vu16 u = __builtin_convertvector(h, vu16) << 16;
   vf16 v;
   std::memcpy(&v, &u, sizeof v);
   return v;
+#endif
 }
 inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
 // a * b + c lane by lane, fused (ISO C++ mode does not contract a * b + c on its own).
@@ -228,6 +234,50 @@ inline __m512 exp2_16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 #endif
+
+// Each lane rounded as a tensor of type T stores it (from_f's rounding, on sixteen lanes at once).
+template <typename T>
+inline vf16 round16(vf16 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+#if defined(__AVX512F__)  // the same integer steps in 512-bit intrinsics (see load16)
+    const __m512i u = _mm512_castps_si512((__m512)v), hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i nearest = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), hi);
+    const __m512i quiet = _mm512_or_si512(_mm512_and_si512(u, hi), _mm512_set1_epi32(0x400000));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return (vf16)_mm512_castsi512_ps(_mm512_mask_mov_epi32(nearest, nan, quiet));
+#else
+    vu16 u;
+    std::memcpy(&u, &v, sizeof u);
+    const vu16 nearest = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    const vu16 quiet = (u & 0xffff0000u) | 0x400000u;  // a NaN stays a NaN
+    const vu16 r = (u & 0x7fffffffu) > 0x7f800000u ? quiet : nearest;
+    std::memcpy(&v, &r, sizeof v);
+    return v;
+#endif
+  }
+}
+
+// Stores sixteen lanes that round16<T> rounded (so the narrowing is exact).
+template <typename T>
+inline void store_rounded16(T* out, vf16 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    store16(out, v);
+  } else {
+#if defined(__AVX512F__)
+    const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512((__m512)v), 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), h);
+#else
+    vu16 u;
+    std::memcpy(&u, &v, sizeof u);
+    const vh16 h = __builtin_convertvector(u >> 16, vh16);
+    std::memcpy(out, &h, sizeof h);
+#endif
+  }
+}
 
 // The largest lane (max is exact in any order, so a shuffle tree gives what the loop gives).
 inline float hmax16(vf16 v) {

@@ -22,10 +22,33 @@ inline void norm_row(T* out, const T* x, const T* w, int64_t h, float eps) {
   for (int64_t i = 0; i < h; ++i) out[i] = from_f<T>(to_f(w[i]) * round_to<T>(to_f(x[i]) * r));
 }
 
+// norm_row for h a multiple of 16, sixteen lanes at a time with the same roundings. GCC's tuning for some
+// Xeons leaves norm_row's bfloat16 conversions scalar: add + norm of a 2048 x 576 bf16 prefill chunk took
+// 650 us there, against 400 us for float32's twice the bytes. The square sum runs in sixteen lanes
+// added up at the end, another order than norm_row's (both are float32 sums of the same squares).
+template <typename T>
+inline void norm_row16(T* out, const T* x, const T* w, int64_t h, float eps) {
+  vf16 ss = {};
+  for (int64_t i = 0; i < h; i += 16) {
+    const vf16 v = load16(x + i);
+    ss += v * v;
+  }
+  float sum = 0.0f;
+  for (int l = 0; l < 16; ++l) sum += ss[l];
+  const vf16 r = splat16(1.0f / std::sqrt(sum / static_cast<float>(h) + eps));
+  for (int64_t i = 0; i < h; i += 16)
+    store_rounded16(out + i, round16<T>(load16(w + i) * round16<T>(load16(x + i) * r)));
+}
+
 template <typename T>
 void rms_norm(T* out, const T* x, const T* w, int64_t rows, int64_t h, float eps) {
 #pragma omp parallel for if (worth_threads(rows * h))
-  for (int64_t t = 0; t < rows; ++t) norm_row(out + t * h, x + t * h, w, h, eps);
+  for (int64_t t = 0; t < rows; ++t) {
+    if (h % 16 == 0)
+      norm_row16(out + t * h, x + t * h, w, h, eps);
+    else
+      norm_row(out + t * h, x + t * h, w, h, eps);
+  }
 }
 
 // residual <- x + residual (rounded to T); x <- norm(residual). Both in place.
@@ -35,6 +58,11 @@ void add_rms_norm(T* x, T* residual, const T* w, int64_t rows, int64_t h, float 
   for (int64_t t = 0; t < rows; ++t) {
     T* xr = x + t * h;
     T* rr = residual + t * h;
+    if (h % 16 == 0) {
+      for (int64_t i = 0; i < h; i += 16) store_rounded16(rr + i, round16<T>(load16(xr + i) + load16(rr + i)));
+      norm_row16(xr, rr, w, h, eps);
+      continue;
+    }
 #pragma omp simd
     for (int64_t i = 0; i < h; ++i) rr[i] = from_f<T>(to_f(xr[i]) + to_f(rr[i]));
     norm_row(xr, rr, w, h, eps);

@@ -71,35 +71,6 @@ void pack(bf16* dst, const bf16* w, int64_t n, int64_t k) {
         }
 }
 
-// Each lane rounded as a tensor of type T stores it (from_f's rounding, on sixteen lanes at once).
-template <typename T>
-inline vf16 round16(vf16 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    vu16 u;
-    std::memcpy(&u, &v, sizeof u);
-    const vu16 nearest = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    const vu16 quiet = (u & 0xffff0000u) | 0x400000u;  // a NaN stays a NaN
-    const vu16 r = (u & 0x7fffffffu) > 0x7f800000u ? quiet : nearest;
-    std::memcpy(&v, &r, sizeof v);
-    return v;
-  }
-}
-
-// Stores sixteen lanes that round16<T> rounded (so the narrowing is exact).
-template <typename T>
-inline void store_rounded16(T* out, vf16 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    store16(out, v);
-  } else {
-    vu16 u;
-    std::memcpy(&u, &v, sizeof u);
-    const vh16 h = __builtin_convertvector(u >> 16, vh16);
-    std::memcpy(out, &h, sizeof h);
-  }
-}
-
 // The first lim (<= 16) lanes of store_rounded16: a panel cut at n goes through a buffer.
 template <typename T>
 inline void store_rounded_part(T* out, vf16 v, int64_t lim) {
