@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
+import mmap
 import os
 import platform
+
+import torch
 
 logger = logging.getLogger("distgen")
 
@@ -41,3 +45,12 @@ def keep_freed_memory() -> bool:
     if not done:
         logger.debug("mallopt refused the heap thresholds; freed step memory goes back to the OS")
     return done
+
+
+def zeroed_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor on a fresh anonymous mapping of its own: it reads as zeros until written, and the
+    kernel supplies each page (zeroed) on first touch, so no pass over it is needed up front or later.
+    The mapping is unmapped when the tensor is freed."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)

@@ -29,6 +29,7 @@ from distgen.kernels.dispatch import attention_path, use_triton_on
 from distgen.layers.sampler import Sampler
 from distgen.layers.sampling_metadata import SamplingMetadata, build_sampling_metadata
 from distgen.model_loader.loader import build_model
+from distgen.workers import heap
 from distgen.workers.cpu_decode import CpuDecodeReplay
 from distgen.workers.cuda_graphs import DecodeGraphs
 from distgen.workers.grammar_matchers import GrammarMatchers
@@ -125,14 +126,21 @@ class ModelRunner:
         a = layers[0]
         # One tensor for every layer's cache, so one launch zeroes a block in all of them.
         shape = (len(layers), 2, allocated, a.num_kv_heads, self.block_size, a.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.kv_cache[:, :, num_blocks:].zero_()
+        # Attention reads whole blocks and masks the slots past a sequence's end, but a NaN left in
+        # never-written memory would still poison the weighted sum (0 * NaN). On the CPU the cache is a
+        # fresh mapping, zeros until written, whose pages the kernel supplies as the steps first write
+        # them (a separate zeroing pass faulted them in from one thread, 2.5% of a bf16 prefill step).
+        # Elsewhere each block is zeroed the first time it is handed out (cheaper at start than zeroing
+        # gigabytes up front).
+        self._zero_on_first_use = self.device.type != "cpu"
+        if self._zero_on_first_use:
+            self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.kv_cache[:, :, num_blocks:].zero_()
+        else:
+            self.kv_cache = heap.zeroed_tensor(shape, self.dtype)
+        self._never_used = np.full(num_blocks, self._zero_on_first_use)
         for attn, cache in zip(layers, self.kv_cache):
             attn.kv_cache = cache
-        # Attention reads whole blocks and masks the slots past a sequence's end, but a NaN left in
-        # never-written memory would still poison the weighted sum (0 * NaN): each block is zeroed the
-        # first time it is handed out (cheaper at start than zeroing gigabytes up front).
-        self._never_used = np.ones(num_blocks, dtype=bool)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB per rank)",
             num_blocks,
@@ -256,6 +264,8 @@ class ModelRunner:
         return hidden, cu
 
     def _zero_fresh_blocks(self, sched: SchedulerOutput) -> None:
+        if not self._zero_on_first_use:  # born zero (init_kv_cache)
+            return
         ids = [b for r in sched.new_reqs for b in r.block_ids]
         ids += [b for r in sched.cached_reqs for b in r.new_block_ids]
         if not ids:

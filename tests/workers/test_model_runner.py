@@ -175,14 +175,35 @@ def _slots(cache, runner):
     return torch.stack([k, cache[:, 1]], 1)
 
 
+def test_a_cpu_kv_cache_is_born_zero_on_a_mapping_of_its_own(runner):
+    """On the CPU the cache is a fresh anonymous mapping: zeros everywhere before any step, even where
+    the allocator has just freed memory full of NaN, with no zeroing pass when blocks are handed out."""
+    import torch
+
+    from distgen.workers import heap
+
+    assert not runner._zero_on_first_use and not runner._never_used.any()
+    assert (runner.kv_cache == 0).all()
+    nbytes = 8 << 20
+    poisoned = torch.full((nbytes // 4,), float("nan"))
+    del poisoned
+    fresh = heap.zeroed_tensor((nbytes // 2 // 64, 64), torch.bfloat16)
+    assert fresh.dtype == torch.bfloat16 and fresh.shape == (nbytes // 2 // 64, 64) and (fresh == 0).all()
+    fresh[3, 5] = 2.0  # writable, and only where written
+    assert fresh.sum().item() == 2.0
+
+
 def test_a_block_is_zeroed_in_every_layer_when_first_handed_out(runner):
     """Fresh device memory may hold NaN, and attention reads whole blocks (masking the slots past a
-    sequence's end: 0 x NaN is still NaN). So a block is zeroed, in all layers at once, the first
-    time a step hands it out, and only then."""
+    sequence's end: 0 x NaN is still NaN). So on a device whose memory is not born zero (a GPU; the CPU
+    cache is, see above), a block is zeroed, in all layers at once, the first time a step hands it
+    out, and only then. The CPU runner is told to act as such a device here."""
     import math
 
     import torch
 
+    runner._zero_on_first_use = True
+    runner._never_used[:] = True
     cache = runner.kv_cache
     assert all(
         attn.kv_cache.data_ptr() == cache[i].data_ptr()
