@@ -165,7 +165,7 @@ class ModelRunner:
     def submit(self, sched: SchedulerOutput) -> SampledOutput | None:
         """Launch one step; rank 0 returns its output on the way to the host."""
         self.states.apply(sched)
-        self._zero_fresh_blocks(sched)
+        self._take_new_blocks(sched)
         if sched.is_empty:
             return SampledOutput([], None) if self.is_driver else None
         rows = [self.states[rid] for rid in sched.num_scheduled_tokens]
@@ -263,14 +263,21 @@ class ModelRunner:
         hidden = self.graphs.run(ids, positions, slot_block, positions + 1, table, bs, fill, rope_pos)
         return hidden, cu
 
-    def _zero_fresh_blocks(self, sched: SchedulerOutput) -> None:
-        if not self._zero_on_first_use:  # born zero (init_kv_cache)
-            return
+    def _take_new_blocks(self, sched: SchedulerOutput) -> None:
+        """Checks the blocks a step hands out and zeroes those never used before (where the cache is
+        not born zero). A block id past the cache would have the kernels write outside it: it raises
+        here, in this rank's step, instead."""
         ids = [b for r in sched.new_reqs for b in r.block_ids]
         ids += [b for r in sched.cached_reqs for b in r.new_block_ids]
         if not ids:
             return
         ids_np = np.unique(np.asarray(ids, dtype=np.int64))
+        n = len(self._never_used)
+        if ids_np[0] < 0 or ids_np[-1] >= n:
+            bad = ids_np[(ids_np < 0) | (ids_np >= n)][:4].tolist()
+            raise IndexError(f"block ids {bad} are outside the KV cache's {n} blocks")
+        if not self._zero_on_first_use:  # born zero (init_kv_cache)
+            return
         fresh = ids_np[self._never_used[ids_np]]
         if len(fresh):
             self._never_used[fresh] = False

@@ -4,6 +4,7 @@ sample in the same order and nothing in it changes per step; anything else rebui
 from __future__ import annotations
 
 import pytest
+import torch
 
 from distgen.frontend.args import EngineArgs
 from distgen.sampling_spec import SamplingSpec
@@ -191,6 +192,18 @@ def test_a_cpu_kv_cache_is_born_zero_on_a_mapping_of_its_own(runner):
     assert fresh.dtype == torch.bfloat16 and fresh.shape == (nbytes // 2 // 64, 64) and (fresh == 0).all()
     fresh[3, 5] = 2.0  # writable, and only where written
     assert fresh.sum().item() == 2.0
+
+
+def test_a_block_id_past_the_cache_raises_before_any_kernel_writes(runner):
+    """A step naming a block outside the cache (a scheduler bug, a hand-made request) is refused with
+    the ids, where the CPU kernels would otherwise write past the cache's mapping and crash the rank."""
+    params = SamplingSpec(temperature=0.0, max_tokens=4)
+    before = runner.kv_cache.clone()
+    for bad in (64, 10**6, -1):
+        step = SchedulerOutput([NewRequestData("x", [5, 6, 7], 3, params, [2, bad], 0)], [], {"x": 3}, 3)
+        with pytest.raises(IndexError, match=rf"block ids \[{bad}\] are outside the KV cache's 64 blocks"):
+            runner.execute_model(step)
+    assert torch.equal(runner.kv_cache, before)
 
 
 def test_a_block_is_zeroed_in_every_layer_when_first_handed_out(runner):
