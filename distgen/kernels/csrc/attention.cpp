@@ -134,14 +134,11 @@ inline void score_tile(const float* q, const T* kb, int64_t bs, int64_t t0, floa
 // Up to kSpanKeys consecutive keys of a row's context, in the blocks that hold them: the unit of one
 // online-softmax update. A span of several blocks pays the update (max, rescale) once for all of them.
 // The FMA path keeps a span's scores of six rows in L1 (64 keys); the vdpbf16ps/AMX path of prefill
-// items (attention_dpbf16.h) takes DG_SPAN_DP keys, so that the per-span work that does not scale with
-// the keys (each row's maximum and rescale factor, the rescale of its accumulators, the tile stores of the
+// items (attention_dpbf16.h) takes 256, so that the per-span work that does not scale with the keys
+// (each row's maximum and rescale factor, the rescale of its accumulators, the tile stores of the
 // weighted V sums) is paid once for four times the keys.
 constexpr int64_t kSpanKeys = 64;
-#ifndef DG_SPAN_DP
-#define DG_SPAN_DP 256
-#endif
-constexpr int64_t kSpanKeysDp = DG_SPAN_DP;
+constexpr int64_t kSpanKeysDp = 256;
 
 template <typename T>
 struct Span {
