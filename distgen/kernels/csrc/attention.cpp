@@ -314,6 +314,13 @@ constexpr bool kDpAvailable = false;
 #endif
 constexpr int64_t kDpMinQueries = 4;
 
+// Whether a bf16 item of this many queries takes the vdpbf16ps path (on the tiled path only), and with
+// it the longer spans: the one rule for an item (attend_item) and for the scratch of a call.
+template <typename T>
+constexpr bool dp_queries(int64_t queries) {
+  return std::is_same_v<T, bf16> && kDpAvailable && queries >= kDpMinQueries;
+}
+
 // Blocks are scattered through the cache, each one or two pages of its own, so the hardware prefetcher
 // (which stops at page boundaries) finds every block cold. The next block's K and V are requested while
 // this one is scored: the loads then overlap the arithmetic instead of stalling it.
@@ -392,7 +399,7 @@ void attend_item(const AttnArgs& a, const Item& it, const T* q, const T* k_cache
   // queries only, so a tensor-parallel rank's heads get exactly their part of the whole result.
   // Only the tiled path has a vdpbf16ps span; each path reads its own copy of the queries (qh or q).
   const bool tiled = kD > 0 && bs % 16 == 0;
-  const bool use_dp = std::is_same_v<T, bf16> && kDpAvailable && tiled && it.q1 - it.q0 >= kDpMinQueries;
+  const bool use_dp = tiled && dp_queries<T>(it.q1 - it.q0);
   // Row r = (query q0 + r / group, head h0 + r % group): its last visible key is first_limit + r / group.
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = q + (q_begin + it.q0 + r / group) * a.q_stride + (it.h0 + r % group) * d;
@@ -468,8 +475,7 @@ void paged_attention(const AttnArgs& a, const T* q, const T* k_cache, const T* v
   for (const Item& it : items) tile = std::max(tile, it.q1 - it.q0);
   const int64_t rows = tile * a.group;
   // Spans as long as the longest path of this call takes (an item's path depends on its query count).
-  const bool dp_spans = std::is_same_v<T, bf16> && kDpAvailable && tile >= kDpMinQueries;
-  const int64_t span_keys = std::max(a.block_size, dp_spans ? kSpanKeysDp : kSpanKeys);
+  const int64_t span_keys = std::max(a.block_size, dp_queries<T>(tile) ? kSpanKeysDp : kSpanKeys);
 #pragma omp parallel if (n > 1)
   {
     Scratch w(rows, a.head_dim, span_keys);
