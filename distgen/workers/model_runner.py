@@ -164,8 +164,8 @@ class ModelRunner:
     @torch.inference_mode()
     def submit(self, sched: SchedulerOutput) -> SampledOutput | None:
         """Launch one step; rank 0 returns its output on the way to the host."""
+        self._take_new_blocks(sched)  # first: a bad block id leaves the runner's state as it was
         self.states.apply(sched)
-        self._take_new_blocks(sched)
         if sched.is_empty:
             return SampledOutput([], None) if self.is_driver else None
         rows = [self.states[rid] for rid in sched.num_scheduled_tokens]

@@ -128,7 +128,6 @@ def test_block_table_rows_follow_joins_growth_preemption_and_exits():
 def test_plain_greedy_sampling_reads_the_logits_in_the_models_dtype(tiny_model_dir):
     """No float32 copy of the logits for plain greedy steps: on a GPU that is a launch and B x V x 6
     bytes of traffic every step (80 us at batch 256 of a 128k vocabulary on an H100)."""
-    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     config = EngineArgs(
@@ -165,8 +164,6 @@ def test_plain_greedy_sampling_reads_the_logits_in_the_models_dtype(tiny_model_d
 def _slots(cache, runner):
     """The cache as [layers, K/V, blocks, heads, slot, dim] whatever the path's layout (the CPU
     kernels store each K block transposed)."""
-    import torch
-
     from distgen.kernels.dispatch import attention_path
 
     if attention_path(runner.device, runner.dtype) != "cpu":
@@ -179,8 +176,6 @@ def _slots(cache, runner):
 def test_a_cpu_kv_cache_is_born_zero_on_a_mapping_of_its_own(runner):
     """On the CPU the cache is a fresh anonymous mapping: zeros everywhere before any step, even where
     the allocator has just freed memory full of NaN, with no zeroing pass when blocks are handed out."""
-    import torch
-
     from distgen.workers import heap
 
     assert not runner._zero_on_first_use and not runner._never_used.any()
@@ -196,13 +191,15 @@ def test_a_cpu_kv_cache_is_born_zero_on_a_mapping_of_its_own(runner):
 
 def test_a_block_id_past_the_cache_raises_before_any_kernel_writes(runner):
     """A step naming a block outside the cache (a scheduler bug, a hand-made request) is refused with
-    the ids, where the CPU kernels would otherwise write past the cache's mapping and crash the rank."""
+    the ids, where the CPU kernels would otherwise write past the cache's mapping and crash the rank;
+    the runner's requests and cache stay as they were."""
     params = SamplingSpec(temperature=0.0, max_tokens=4)
     before = runner.kv_cache.clone()
     for bad in (64, 10**6, -1):
         step = SchedulerOutput([NewRequestData("x", [5, 6, 7], 3, params, [2, bad], 0)], [], {"x": 3}, 3)
         with pytest.raises(IndexError, match=rf"block ids \[{bad}\] are outside the KV cache's 64 blocks"):
             runner.execute_model(step)
+        assert "x" not in runner.states  # refused before the step touched the runner's requests
     assert torch.equal(runner.kv_cache, before)
 
 
@@ -212,8 +209,6 @@ def test_a_block_is_zeroed_in_every_layer_when_first_handed_out(runner):
     cache is, see above), a block is zeroed, in all layers at once, the first time a step hands it
     out, and only then. The CPU runner is told to act as such a device here."""
     import math
-
-    import torch
 
     runner._zero_on_first_use = True
     runner._never_used[:] = True
